@@ -1,0 +1,252 @@
+"""Validated run configuration: one pydantic model per stage of the data flow.
+
+A run is described by one YAML file plus ``section.field=value`` overrides. Every section forbids
+unknown fields, so a typo such as ``optim.lr_rate`` is an error naming the field, not a silently
+ignored key. Sections map onto the data flow: data -> augment -> model/loss/optim -> train ->
+eval -> tracking (and tune for sweeps).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """A configuration problem, with the offending field named in the message."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(Section):
+    """Where the images come from and how the CPU stage that decodes and crops them is sized."""
+
+    path: str | list[str] = Field(
+        "demo", description="Folder tree, Parquet file/folder, glob or list; any pyarrow URI. "
+        "'demo' means the built-in digits corpus.")
+    format: Literal["auto", "folder", "parquet"] = "auto"
+    image_column: str = "image"
+    label_column: str | None = "label"
+    num_actors: int = Field(1, ge=1, description="size of the decode+crop actor pool")
+    cpus_per_actor: float = Field(1.0, gt=0)
+    map_batch_size: int = Field(32, ge=1, description="images per decode+crop call")
+    shuffle_files: bool = True
+    local_shuffle_buffer: int = Field(0, ge=0, description="rows in the trainer-side shuffle buffer")
+    limit: int | None = Field(None, ge=1, description="use only the first N images (after listing)")
+    data_cpu_limit: float | None = Field(
+        None, gt=0, description="cap on CPUs Ray Data may hold; None = plan from the cluster")
+
+
+class AugmentConfig(Section):
+    """The official DINO multi-crop recipe; every number is configurable."""
+
+    global_size: int = Field(224, ge=8)
+    global_scale: tuple[float, float] = (0.4, 1.0)
+    local_size: int = Field(96, ge=4)
+    local_scale: tuple[float, float] = (0.05, 0.4)
+    num_local: int = Field(8, ge=0)
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    interpolation: Literal["bicubic", "bilinear"] = "bicubic"
+    flip_p: float = Field(0.5, ge=0, le=1)
+    jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.2, 0.1)
+    jitter_p: float = Field(0.8, ge=0, le=1)
+    grayscale_p: float = Field(0.2, ge=0, le=1)
+    blur_sigma: tuple[float, float] = (0.1, 2.0)
+    blur_p_global1: float = Field(1.0, ge=0, le=1)
+    blur_p_global2: float = Field(0.1, ge=0, le=1)
+    blur_p_local: float = Field(0.5, ge=0, le=1)
+    solarize_p_global2: float = Field(0.2, ge=0, le=1)
+    solarize_threshold: int = Field(128, ge=0, le=256)
+
+    @field_validator("global_scale", "local_scale", "ratio", "blur_sigma")
+    @classmethod
+    def _ordered(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not (0 < v[0] <= v[1]):
+            raise ValueError(f"expected 0 < low <= high, got {v}")
+        return v
+
+
+class ModelConfig(Section):
+    """Backbone and DINO head. ``arch`` is a short name (vit_tiny, vit_small, vit_base, resnet50)
+    or any timm model name."""
+
+    arch: str = "vit_small"
+    patch_size: int | None = Field(16, ge=1, description="ViT patch size (None keeps timm's)")
+    drop_path_rate: float = Field(0.1, ge=0, lt=1)
+    out_dim: int = Field(65536, ge=2, description="K, the number of prototypes")
+    head_hidden_dim: int = Field(2048, ge=1)
+    head_bottleneck_dim: int = Field(256, ge=1)
+    head_layers: int = Field(3, ge=1)
+    head_use_bn: bool = False
+    norm_last_layer: bool = True
+
+
+class LossConfig(Section):
+    student_temp: float = Field(0.1, gt=0)
+    teacher_temp: float = Field(0.04, gt=0)
+    warmup_teacher_temp: float = Field(0.04, gt=0)
+    warmup_teacher_temp_epochs: int = Field(0, ge=0)
+    center_momentum: float = Field(0.9, ge=0, lt=1)
+    koleo_weight: float = Field(0.0, ge=0)
+
+
+class OptimConfig(Section):
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    lr: float = Field(5e-4, gt=0, description="base lr for a global batch of 256 (scaled linearly)")
+    min_lr: float = Field(1e-6, ge=0)
+    warmup_epochs: float = Field(10, ge=0)
+    weight_decay: float = Field(0.04, ge=0)
+    weight_decay_end: float = Field(0.4, ge=0)
+    clip_grad: float = Field(3.0, ge=0, description="0 disables clipping")
+    freeze_last_layer_epochs: int = Field(1, ge=0)
+    momentum_teacher: float = Field(0.996, ge=0, le=1)
+    momentum_teacher_end: float = Field(1.0, ge=0, le=1)
+
+
+class TrainConfig(Section):
+    name: str = Field("dino", pattern=r"^[A-Za-z0-9_.\-]+$")
+    storage_path: str = "./runs"
+    epochs: int = Field(100, ge=1)
+    batch_size_per_worker: int = Field(64, ge=1)
+    num_workers: int = Field(1, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0)
+    precision: Literal["fp32", "bf16"] = "fp32"
+    seed: int = 0
+    max_steps_per_epoch: int | None = Field(None, ge=1)
+    max_wall_seconds: float | None = Field(None, gt=0, description="stop after this budget")
+    checkpoint_every_epochs: int = Field(1, ge=1)
+    keep_checkpoints: int = Field(2, ge=1)
+    max_failures: int = Field(0, ge=-1)
+    log_every_steps: int = Field(10, ge=1)
+    fail_at_step: int | None = Field(
+        None, ge=0, description="fault injection: rank 1 (or 0) dies once at this global step")
+
+
+class EvalConfig(Section):
+    """k-NN evaluation of the teacher backbone on a labelled train (bank) and val set."""
+
+    train_path: str | list[str] | None = None
+    val_path: str | list[str] | None = None
+    val_fraction: float = Field(0.2, gt=0, lt=1, description="split of data.path when val_path is unset")
+    every_epochs: int = Field(0, ge=0, description="0 = only after training")
+    k: list[int] = [10, 20, 100, 200]
+    temperature: float = Field(0.07, gt=0)
+    resize: int | None = Field(None, ge=1, description="shorter side before centre crop (default: global_size*8/7)")
+    batch_size: int = Field(256, ge=1)
+    limit: int | None = Field(None, ge=1)
+
+
+class TrackingConfig(Section):
+    enabled: bool = True
+    tracking_uri: str = "sqlite:///mlflow.db"
+    experiment: str = "dino-ray"
+    registered_model: str | None = "dino-teacher"
+    run_name: str | None = None
+
+
+class TuneConfig(Section):
+    num_samples: int = Field(4, ge=1)
+    metric: str = "knn_top1"
+    mode: Literal["max", "min"] = "max"
+    search_space: dict[str, list[Any]] = Field(
+        default_factory=lambda: {
+            "loss.teacher_temp": [0.04, 0.07],
+            "optim.momentum_teacher": [0.99, 0.996],
+            "augment.num_local": [2, 6],
+        },
+        description="dotted field -> list of choices",
+    )
+    grace_period: int = Field(1, ge=1)
+    reduction_factor: int = Field(2, ge=2)
+    max_concurrent_trials: int | None = Field(None, ge=1)
+
+
+class DinoConfig(Section):
+    data: DataConfig = DataConfig()
+    augment: AugmentConfig = AugmentConfig()
+    model: ModelConfig = ModelConfig()
+    loss: LossConfig = LossConfig()
+    optim: OptimConfig = OptimConfig()
+    train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
+    tracking: TrackingConfig = TrackingConfig()
+    tune: TuneConfig = TuneConfig()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> DinoConfig:
+        if self.loss.warmup_teacher_temp_epochs > self.train.epochs:
+            raise ValueError("loss.warmup_teacher_temp_epochs must not exceed train.epochs")
+        return self
+
+    # --- loading -------------------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> DinoConfig:
+        try:
+            return cls.model_validate(raw)
+        except ValidationError as exc:
+            raise ConfigError(_describe(exc)) from None
+
+    @classmethod
+    def load(cls, path: str | Path | None = None, overrides: list[str] | None = None) -> DinoConfig:
+        """Read a YAML file (or start from defaults) and apply ``a.b=value`` overrides."""
+        raw: dict[str, Any] = {}
+        if path is not None:
+            p = Path(path)
+            if not p.is_file():
+                raise ConfigError(f"config file not found: {p}")
+            loaded = yaml.safe_load(p.read_text()) or {}
+            if not isinstance(loaded, dict):
+                raise ConfigError(f"{p}: top level must be a mapping of sections")
+            raw = loaded
+        for item in overrides or []:
+            apply_override(raw, item)
+        return cls.from_dict(raw)
+
+    def with_overrides(self, updates: dict[str, Any]) -> DinoConfig:
+        """A copy with dotted-key updates applied (used by sweeps)."""
+        raw = self.model_dump(mode="json")
+        for key, value in updates.items():
+            _set_dotted(raw, key, value)
+        return DinoConfig.from_dict(raw)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+    def flat(self) -> dict[str, Any]:
+        """``section.field -> value`` for logging as MLflow params."""
+        out: dict[str, Any] = {}
+        for section, values in self.model_dump(mode="json").items():
+            for key, value in values.items():
+                out[f"{section}.{key}"] = value
+        return out
+
+
+def apply_override(raw: dict[str, Any], item: str) -> None:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} is not of the form section.field=value")
+    key, text = item.split("=", 1)
+    _set_dotted(raw, key.strip(), yaml.safe_load(text) if text.strip() else None)
+
+
+def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    if len(parts) != 2 or not all(parts):
+        raise ConfigError(f"override key {key!r} must be section.field (e.g. train.epochs)")
+    section = raw.setdefault(parts[0], {})
+    if not isinstance(section, dict):
+        raise ConfigError(f"{parts[0]}: expected a mapping")
+    section[parts[1]] = value
+
+
+def _describe(exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err["loc"]) or "config"
+        lines.append(f"{where}: {err['msg']}")
+    return "invalid config: " + "; ".join(lines)

@@ -1,0 +1,1 @@
+"""The data stage: list a corpus, decode + multi-crop on CPU actors, stream to train workers."""

@@ -1,0 +1,34 @@
+"""Starting or joining Ray with a CPU budget that cannot deadlock Ray Data against Ray Train.
+
+Ray Data hangs when its actors and the Train workers hold every CPU (ray-project/ray#44687). On an
+embedded (local) cluster we therefore advertise more logical CPUs than the machine has cores: the
+workers and the data actors are mostly waiting on each other, so a modest over-subscription keeps
+both sides schedulable. On a real cluster we join it as it is and cap Ray Data instead
+(see ``pipeline.data.resources``).
+"""
+
+from __future__ import annotations
+
+import os
+
+import ray
+
+OVERSUBSCRIBE = 2  # logical CPUs per physical core on an embedded cluster
+
+
+def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
+    """Join ``address`` (or $RAY_ADDRESS), else start an embedded local Ray."""
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    runtime_env = {"env_vars": {"PYTHONWARNINGS": "ignore::DeprecationWarning"}}
+    if address:
+        ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
+        return
+    cores = os.cpu_count() or 1
+    ray.init(
+        num_cpus=num_cpus or max(4, OVERSUBSCRIBE * cores),
+        include_dashboard=False,
+        runtime_env=runtime_env,
+        log_to_driver=True,
+    )

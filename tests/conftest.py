@@ -1,0 +1,31 @@
+"""Shared fixtures: one local Ray session for the whole test run, tiny real image corpora."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """A local Ray with more logical CPUs than cores (see pipeline.ray_runtime), shared by tests."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=6, include_dashboard=False, log_to_driver=True,
+                 runtime_env={"env_vars": {"PYTHONWARNINGS": "ignore::DeprecationWarning"}})
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def digits_dir(tmp_path_factory) -> Path:
+    """The scikit-learn digits as PNG class folders (real images, no download)."""
+    from pipeline.data.demo_corpus import build_digits_corpus
+
+    return build_digits_corpus(tmp_path_factory.mktemp("digits"), size=32)
