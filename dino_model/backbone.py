@@ -1,0 +1,55 @@
+"""Backbone factory over timm: one name in, a module that maps images to one embedding out.
+
+ViTs return the CLS token and interpolate their position embeddings, so one model takes global
+and local crops of different resolutions; CNNs return the globally pooled feature.
+"""
+
+from __future__ import annotations
+
+import timm
+import torch.nn as nn
+
+# short names -> timm model names (patch size and image size are set separately)
+ALIASES: dict[str, str] = {
+    "vit_tiny": "vit_tiny_patch16_224",
+    "vit_small": "vit_small_patch16_224",
+    "vit_base": "vit_base_patch16_224",
+    "resnet50": "resnet50",
+    "resnet18": "resnet18",
+}
+
+
+def is_vit(name: str) -> bool:
+    return timm_name(name).startswith(("vit_", "deit_"))
+
+
+def timm_name(name: str) -> str:
+    return ALIASES.get(name, name)
+
+
+def build_backbone(
+    name: str,
+    *,
+    img_size: int = 224,
+    patch_size: int | None = None,
+    drop_path_rate: float = 0.0,
+    pretrained: bool = False,
+) -> nn.Module:
+    """A timm backbone without classifier; ``module.embed_dim`` is the embedding width.
+
+    ``patch_size`` overrides a ViT's patch (e.g. 4 for 32 px CIFAR-size crops); ``img_size`` sets
+    the size the position embeddings are created for (other sizes are interpolated).
+    """
+    full = timm_name(name)
+    if full not in timm.list_models() and full not in timm.list_models(pretrained=True):
+        raise ValueError(f"model.arch: unknown backbone {name!r} (not a timm model name)")
+    kwargs: dict = {"num_classes": 0, "pretrained": pretrained}
+    if drop_path_rate:
+        kwargs["drop_path_rate"] = drop_path_rate
+    if is_vit(full):
+        kwargs.update(img_size=img_size, dynamic_img_size=True, global_pool="token")
+        if patch_size is not None:
+            kwargs["patch_size"] = patch_size
+    model = timm.create_model(full, **kwargs)
+    model.embed_dim = int(model.num_features)
+    return model

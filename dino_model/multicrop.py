@@ -1,0 +1,37 @@
+"""Multi-crop forward: one backbone pass per resolution, one head pass for all crops."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+
+def resolution_groups(crops: list[torch.Tensor]) -> list[tuple[int, int]]:
+    """[start, end) index ranges of consecutive crops sharing a spatial size."""
+    groups: list[tuple[int, int]] = []
+    start = 0
+    for i in range(1, len(crops) + 1):
+        if i == len(crops) or crops[i].shape[-2:] != crops[start].shape[-2:]:
+            groups.append((start, i))
+            start = i
+    return groups
+
+
+class MultiCropWrapper(nn.Module):
+    """backbone + head over a list of crops; output rows are ordered crop by crop."""
+
+    def __init__(self, backbone: nn.Module, head: nn.Module) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+
+    def forward(
+        self, crops: list[torch.Tensor] | torch.Tensor, return_features: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        if isinstance(crops, torch.Tensor):
+            crops = [crops]
+        features = torch.cat(
+            [self.backbone(torch.cat(crops[s:e])) for s, e in resolution_groups(crops)]
+        )
+        logits = self.head(features)
+        return (logits, features) if return_features else logits

@@ -1,0 +1,49 @@
+"""Configs are validated data; the CLI lists every verb."""
+
+import subprocess
+import sys
+
+import pytest
+
+from pipeline.cli import VERBS
+from pipeline.config import ConfigError, DinoConfig
+
+
+def test_defaults_are_the_official_recipe():
+    cfg = DinoConfig()
+    assert cfg.augment.global_scale == (0.4, 1.0) and cfg.augment.local_scale == (0.05, 0.4)
+    assert cfg.loss.student_temp == 0.1 and cfg.loss.center_momentum == 0.9
+    assert cfg.optim.momentum_teacher == 0.996 and cfg.optim.weight_decay_end == 0.4
+
+
+def test_unknown_field_is_named(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("optim:\n  lr_rate: 0.1\n")
+    with pytest.raises(ConfigError, match=r"optim\.lr_rate"):
+        DinoConfig.load(path)
+
+
+def test_ill_typed_field_and_override_are_named():
+    with pytest.raises(ConfigError, match=r"train\.epochs"):
+        DinoConfig.load(None, ["train.epochs=many"])
+    with pytest.raises(ConfigError, match=r"augment\.local_scale"):
+        DinoConfig.load(None, ["augment.local_scale=[0.5, 0.1]"])
+    with pytest.raises(ConfigError, match="section.field"):
+        DinoConfig.load(None, ["epochs=3"])
+
+
+def test_overrides_and_round_trip(tmp_path):
+    cfg = DinoConfig.load(None, ["train.epochs=3", "model.arch=vit_tiny", "augment.num_local=4"])
+    assert (cfg.train.epochs, cfg.model.arch, cfg.augment.num_local) == (3, "vit_tiny", 4)
+    path = tmp_path / "cfg.yaml"
+    path.write_text(cfg.to_yaml())
+    assert DinoConfig.load(path) == cfg
+    assert cfg.with_overrides({"loss.teacher_temp": 0.07}).loss.teacher_temp == 0.07
+    assert cfg.flat()["train.epochs"] == 3
+
+
+def test_help_lists_every_verb():
+    out = subprocess.run([sys.executable, "-m", "pipeline.cli", "--help"], capture_output=True,
+                         text=True, check=True).stdout
+    for verb in VERBS:
+        assert verb in out
