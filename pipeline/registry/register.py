@@ -1,0 +1,221 @@
+"""Register a DINO teacher backbone (not the head) in the MLflow model registry.
+
+The model version carries: the safetensors weights + ``arch.json`` (see ``package.py``), an input
+signature ``(-1, 3, -1, -1) float32 -> (-1, D) float32`` (any batch size, any resolution the ViT
+takes), tags (data, epochs, knn_top1 and the other k-NN figures, code_version = package version +
+git sha) and the alias ``champion`` on the version with the best k-NN top-1.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch.nn as nn
+
+from pipeline.config import DinoConfig
+from pipeline.registry import package
+
+CHAMPION = "champion"
+MODEL_ARTIFACT = "teacher_backbone"
+KNN_TAG = "knn_top1"
+
+
+def code_version() -> str:
+    """``<package version>+g<git sha>`` ($DINO_RAY_GIT_SHA wins: jobs ship without .git)."""
+    try:
+        from importlib.metadata import version
+
+        ver = version("dino-ray")
+    except Exception:  # noqa: BLE001 - not installed
+        ver = "0+unknown"
+    sha = os.environ.get("DINO_RAY_GIT_SHA") or git_sha()
+    return f"{ver}+g{sha}" if sha else ver
+
+
+def git_sha(cwd: str | Path | None = None) -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], capture_output=True,
+                             text=True, timeout=5, cwd=cwd or Path(__file__).resolve().parent)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def arch_description(cfg: DinoConfig, embed_dim: int) -> dict[str, Any]:
+    """How to rebuild the teacher backbone with timm alone (mirrors dino_model.build_backbone)."""
+    from dino_model.backbone import is_vit, timm_name
+    from dino_model.normalize import IMAGENET_MEAN, IMAGENET_STD
+
+    name = timm_name(cfg.model.arch)
+    kwargs: dict[str, Any] = {"num_classes": 0}
+    if is_vit(name):
+        kwargs.update(img_size=cfg.augment.global_size, dynamic_img_size=True, global_pool="token")
+        if cfg.model.patch_size is not None:
+            kwargs["patch_size"] = cfg.model.patch_size
+    resolutions = sorted({cfg.augment.global_size, cfg.augment.local_size}, reverse=True)
+    return {
+        "arch": cfg.model.arch,
+        "timm_name": name,
+        "timm_kwargs": kwargs,
+        "embed_dim": int(embed_dim),
+        "resolutions": resolutions,
+        "eval_size": cfg.augment.global_size,
+        "eval_resize": cfg.eval.resize or round(cfg.augment.global_size * 8 / 7),
+        "input": {"layout": "NCHW", "dtype": "float32", "mean": list(IMAGENET_MEAN),
+                  "std": list(IMAGENET_STD), "scale": "x / 255, then (x - mean) / std"},
+        "model": cfg.model.model_dump(mode="json"),
+    }
+
+
+def signature(embed_dim: int):
+    import numpy as np
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import Schema, TensorSpec
+
+    return ModelSignature(
+        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 3, -1, -1))]),
+        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, embed_dim))]),
+    )
+
+
+def _resolve_backbone(backbone_or_checkpoint_dir, cfg: DinoConfig | None):
+    if isinstance(backbone_or_checkpoint_dir, nn.Module):
+        if cfg is None:
+            raise ValueError("register_teacher: a module needs its DinoConfig (cfg=...)")
+        return backbone_or_checkpoint_dir, cfg, {}
+    from pipeline.train.checkpoint import load_teacher_backbone, read_meta
+
+    backbone, ckpt_cfg = load_teacher_backbone(backbone_or_checkpoint_dir)
+    meta = {}
+    with contextlib.suppress(Exception):
+        meta = read_meta(backbone_or_checkpoint_dir)
+    return backbone, cfg or ckpt_cfg, meta
+
+
+def _pip_requirements() -> list[str]:
+    from importlib.metadata import version
+
+    reqs = []
+    for dist in ("torch", "timm", "safetensors", "numpy", "mlflow"):
+        with contextlib.suppress(Exception):
+            v = version(dist).split("+")[0]
+            reqs.append(f"{dist}=={v}")
+    return reqs
+
+
+def register_teacher(
+    backbone_or_checkpoint_dir: nn.Module | str | Path,
+    cfg: DinoConfig | None = None,
+    *,
+    metrics: dict[str, Any] | None = None,
+    run_id: str | None = None,
+    tracking_uri: str | None = None,
+    name: str | None = None,
+    set_champion: bool = True,
+    aliases: list[str] | tuple[str, ...] = (),
+    extra_tags: dict[str, str] | None = None,
+) -> int:
+    """Log the teacher backbone as an MLflow pyfunc model, register it under ``name`` and return
+    the new version number.
+
+    ``backbone_or_checkpoint_dir``: the teacher backbone module (then ``cfg`` is required) or a
+    training checkpoint directory/URI (its config.yaml is used when ``cfg`` is None).
+    ``run_id``: log into that run (e.g. the training run); None starts a run in
+    ``cfg.tracking.experiment``. ``set_champion``: afterwards point ``champion`` at the version
+    with the highest ``knn_top1`` tag (this one if it is the best or the only one with the tag).
+    """
+    import mlflow
+    from mlflow import MlflowClient
+
+    backbone, cfg, meta = _resolve_backbone(backbone_or_checkpoint_dir, cfg)
+    metrics = dict(metrics or meta.get("metrics") or {})
+    tracking_uri = tracking_uri or cfg.tracking.tracking_uri
+    name = name or cfg.tracking.registered_model or "dino-teacher"
+    embed_dim = int(getattr(backbone, "embed_dim", 0) or backbone.num_features)
+
+    tags = {
+        "data": _short(cfg.data.path),
+        "epochs": str(meta.get("epoch", cfg.train.epochs)),
+        "arch": cfg.model.arch,
+        "patch_size": str(cfg.model.patch_size),
+        "resolutions": ",".join(str(r) for r in
+                                sorted({cfg.augment.global_size, cfg.augment.local_size})),
+        "code_version": code_version(),
+    }
+    for key, value in metrics.items():
+        if key.startswith("knn") and isinstance(value, (int, float)):
+            tags[key] = f"{float(value):.6g}"
+    tags.update(extra_tags or {})
+
+    with _tracking(tracking_uri), tempfile.TemporaryDirectory(prefix="dino-pkg-") as tmp:
+        pkg = package.save_package(backbone, arch_description(cfg, embed_dim), tmp)
+        client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+        if run_id is None:
+            mlflow.set_experiment(cfg.tracking.experiment)
+            run_ctx = mlflow.start_run(run_name=f"register-{name}")
+        else:
+            run_ctx = mlflow.start_run(run_id=run_id)
+        with run_ctx as run:
+            info = mlflow.pyfunc.log_model(
+                name=MODEL_ARTIFACT,
+                python_model=package.__file__,
+                artifacts={"weights": str(pkg / package.WEIGHTS_FILE),
+                           "arch": str(pkg / package.ARCH_FILE)},
+                signature=signature(embed_dim),
+                pip_requirements=_pip_requirements(),
+                registered_model_name=name,
+                await_registration_for=60,
+            )
+            run_id = run.info.run_id
+        version = int(info.registered_model_version)
+        tags["run_id"] = run_id
+        for key, value in tags.items():
+            client.set_model_version_tag(name, str(version), key, value)
+        for alias in aliases:
+            client.set_registered_model_alias(name, alias, str(version))
+        if set_champion:
+            update_champion(client, name)
+    return version
+
+
+def update_champion(client, name: str) -> int | None:
+    """Point ``champion`` at the version with the highest knn_top1 tag; return that version."""
+    best: tuple[float, int] | None = None
+    for mv in client.search_model_versions(f"name='{name}'"):
+        value = (mv.tags or {}).get(KNN_TAG)
+        try:
+            score = float(value)
+        except (TypeError, ValueError):
+            continue
+        key = (score, int(mv.version))  # ties: the newer version
+        if best is None or key > best:
+            best = key
+    if best is None:
+        return None
+    client.set_registered_model_alias(name, CHAMPION, str(best[1]))
+    return best[1]
+
+
+def _short(value: Any, limit: int = 250) -> str:
+    text = value if isinstance(value, str) else ",".join(map(str, value))
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+@contextlib.contextmanager
+def _tracking(uri: str):
+    """Temporarily point the global MLflow client at ``uri`` (registry too)."""
+    import mlflow
+
+    prev_t, prev_r = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(prev_t)
+        mlflow.set_registry_uri(prev_r)
