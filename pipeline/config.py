@@ -62,6 +62,9 @@ class AugmentConfig(Section):
     blur_p_local: float = Field(0.5, ge=0, le=1)
     solarize_p_global2: float = Field(0.2, ge=0, le=1)
     solarize_threshold: int = Field(128, ge=0, le=256)
+    draft_decode: bool = Field(
+        True, description="decode JPEGs at 1/2..1/8 scale when every crop stays at full output "
+        "resolution (same crop geometry, much faster on large images)")
 
     @field_validator("global_scale", "local_scale", "ratio", "blur_sigma")
     @classmethod
@@ -126,6 +129,10 @@ class TrainConfig(Section):
     log_every_steps: int = Field(10, ge=1)
     fail_at_step: int | None = Field(
         None, ge=0, description="fault injection: rank 1 (or 0) dies once at this global step")
+    nan_at_step: int | None = Field(
+        None, ge=0, description="fault injection: the crops become NaN at this global step")
+    deterministic_data: bool = Field(
+        False, description="preserve Ray Data order (reproducible runs; slower streaming)")
 
 
 class EvalConfig(Section):
@@ -140,6 +147,8 @@ class EvalConfig(Section):
     resize: int | None = Field(None, ge=1, description="shorter side before centre crop (default: global_size*8/7)")
     batch_size: int = Field(256, ge=1)
     limit: int | None = Field(None, ge=1)
+    at_end: bool = Field(True, description="k-NN of the final teacher (and random init) after training")
+    num_actors: int = Field(1, ge=1, description="actor pool size of the feature batch inference")
 
 
 class TrackingConfig(Section):
@@ -148,6 +157,7 @@ class TrackingConfig(Section):
     experiment: str = "dino-ray"
     registered_model: str | None = "dino-teacher"
     run_name: str | None = None
+    http_timeout_s: float = Field(5.0, gt=0, description="per-request timeout of a remote server")
 
 
 class TuneConfig(Section):

@@ -1,0 +1,118 @@
+"""Encoded bytes -> RGB uint8 array, robust to the files real corpora contain.
+
+Two steps so the caller can plan crops between them: ``open_image`` reads only the header (size,
+EXIF orientation), ``decode_rgb`` decodes, optionally at a reduced JPEG scale, applies the EXIF
+orientation and converts any mode (L, LA, P, RGBA, CMYK, 16-bit, 1-bit, float) to 8-bit RGB.
+Anything that cannot be converted raises ``BadImage`` with a short ``reason`` that is counted.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import warnings
+
+import cv2
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+EXIF_ORIENTATION = 0x0112
+# EXIF orientation -> PIL transpose (as PIL.ImageOps.exif_transpose)
+_TRANSPOSE = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
+              4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE,
+              6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+              8: Image.Transpose.ROTATE_90}
+
+SKIP_REASONS = ("empty", "not_image", "truncated", "corrupt", "too_large", "unreadable", "error")
+
+
+class BadImage(Exception):
+    """A file that is skipped; ``reason`` is one of ``SKIP_REASONS``."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+
+
+def open_image(data: bytes) -> Image.Image:
+    """Parse the header only (cheap); raises BadImage for empty / non-image bytes."""
+    if data is None or len(data) == 0:
+        raise BadImage("empty")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            img = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as exc:
+        raise BadImage("too_large", str(exc)) from None
+    except (UnidentifiedImageError, SyntaxError) as exc:
+        raise BadImage("not_image", str(exc)) from None
+    except Exception as exc:  # noqa: BLE001 - any parser failure is a bad file, not a crash
+        raise BadImage("corrupt", str(exc)) from None
+    if img.width <= 0 or img.height <= 0:
+        raise BadImage("corrupt", "zero-sized image")
+    return img
+
+
+def orientation(img: Image.Image) -> int:
+    try:
+        value = img.getexif().get(EXIF_ORIENTATION, 1)
+        return int(value) if int(value) in _TRANSPOSE else 1
+    except Exception:  # noqa: BLE001 - broken EXIF: keep pixels as stored
+        return 1
+
+
+def oriented_size(img: Image.Image) -> tuple[int, int]:
+    """(height, width) of the image as displayed, i.e. after the EXIF rotation."""
+    w, h = img.size
+    return (w, h) if orientation(img) in (5, 6, 7, 8) else (h, w)
+
+
+def _to_rgb_array(img: Image.Image) -> np.ndarray:
+    mode = img.mode
+    if mode == "RGB":
+        return np.asarray(img)
+    if mode == "L":
+        return cv2.cvtColor(np.asarray(img), cv2.COLOR_GRAY2RGB)
+    if mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        arr = np.asarray(img).astype(np.float32)
+        top = float(arr.max()) if arr.size else 0.0
+        if top > 255:  # 16-bit (or wider) data: map the 16-bit range onto 8 bits
+            arr = arr / 257.0
+        gray = np.clip(np.rint(arr), 0, 255).astype(np.uint8)
+        return cv2.cvtColor(gray, cv2.COLOR_GRAY2RGB)
+    # P, PA, LA, RGBA, RGBX, CMYK, YCbCr, 1, LAB, HSV ...: PIL knows the conversion. Alpha is
+    # dropped, as the official loader's ``convert('RGB')`` does.
+    return np.asarray(img.convert("RGB"))
+
+
+def decode_rgb(img: Image.Image, reduce: float = 1.0) -> np.ndarray:
+    """Decode ``img`` (from ``open_image``) to an oriented HxWx3 uint8 array. With ``reduce`` > 1 a
+    JPEG may be decoded at 1/2, 1/4 or 1/8 scale, never below ``size / reduce``."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            orient = orientation(img)
+            if reduce >= 2 and img.format == "JPEG":
+                w, h = img.size
+                img.draft(img.mode, (max(1, math.ceil(w / reduce)), max(1, math.ceil(h / reduce))))
+            img.load()
+            if orient != 1:
+                img = img.transpose(_TRANSPOSE[orient])
+            arr = _to_rgb_array(img)
+    except BadImage:
+        raise
+    except Image.DecompressionBombError as exc:
+        raise BadImage("too_large", str(exc)) from None
+    except OSError as exc:
+        reason = "truncated" if "truncated" in str(exc).lower() else "corrupt"
+        raise BadImage(reason, str(exc)) from None
+    except Exception as exc:  # noqa: BLE001 - a broken file never kills the run
+        raise BadImage("corrupt", str(exc)) from None
+    if arr.ndim != 3 or arr.shape[2] != 3 or arr.shape[0] == 0 or arr.shape[1] == 0:
+        raise BadImage("corrupt", f"unexpected decoded shape {arr.shape}")
+    return arr
+
+
+def decode_bytes(data: bytes) -> np.ndarray:
+    """Full-resolution oriented RGB decode (inspect, eval)."""
+    return decode_rgb(open_image(data))

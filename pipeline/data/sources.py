@@ -1,0 +1,227 @@
+"""List a corpus (paths + sizes + labels) without reading any image.
+
+A corpus is either a tree of image files (class sub-folders -> labels, sorted name -> index; no
+labels when images sit at the top level) or Parquet shards with an encoded-image column and an
+optional label column. Paths may be local paths, ``file://``, ``s3://``, ``gs://`` ... (anything
+``pyarrow.fs.FileSystem.from_uri`` understands), globs, or lists of those. Listing uses one
+recursive ``FileSelector`` per root, so a million-file corpus costs one listing, not a million
+opens; for Parquet only the footers (row-group sizes) and the label columns are read.
+
+The listing is a ``pyarrow.Table`` (compact for millions of rows) that the Ray datasource slices.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff",
+                              ".ppm", ".pgm", ".pbm", ".jfif"})
+CLASS_NAMES_KEY = b"dino_ray.class_names"  # Parquet schema metadata written by ``to-parquet``
+_GLOB = re.compile(r"[*?\[]")
+
+
+class CorpusError(ValueError):
+    """The corpus cannot be used (missing path, empty, wrong columns); names the path."""
+
+
+@dataclass
+class Corpus:
+    """What to read. ``kind == "files"``: ``entries`` has ``path`` (full path on ``filesystem``),
+    ``size`` and maybe ``label``. ``kind == "parquet"``: ``entries`` has one row per row group
+    (``path``, ``row_group``, ``num_rows``); ``labels`` holds the per-image labels in row order."""
+
+    kind: str
+    filesystem: pafs.FileSystem
+    entries: pa.Table
+    class_names: list[str] = field(default_factory=list)
+    labelled: bool = False
+    image_column: str = "image"
+    label_column: str | None = None
+    num_images: int = 0
+    ignored_files: int = 0  # files listed but not images (wrong extension)
+    description: str = ""
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+
+def resolve_filesystem(path: str) -> tuple[pafs.FileSystem, str]:
+    """``(filesystem, path on it)`` for a local path or any URI pyarrow understands."""
+    if "://" in path:
+        try:
+            return pafs.FileSystem.from_uri(path)
+        except Exception as exc:  # noqa: BLE001
+            raise CorpusError(f"cannot open {path!r}: {exc}") from None
+    return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(path))
+
+
+def _ext(path: str) -> str:
+    return os.path.splitext(path)[1].lower()
+
+
+def _expand(fs: pafs.FileSystem, path: str, original: str) -> tuple[list[pafs.FileInfo], str]:
+    """All files under ``path`` (a file, a folder or a glob) and the root labels are relative to."""
+    if _GLOB.search(path):
+        parts = path.split("/")
+        first = next(i for i, part in enumerate(parts) if _GLOB.search(part))
+        base = "/".join(parts[:first]) or "/"
+        info = fs.get_file_info(base)
+        if info.type != pafs.FileType.Directory:
+            raise CorpusError(f"data.path {original!r}: glob base {base!r} not found")
+        files = [f for f in fs.get_file_info(pafs.FileSelector(base, recursive=True))
+                 if f.type == pafs.FileType.File and fnmatch.fnmatchcase(f.path, path)]
+        return files, base.rstrip("/")
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.NotFound:
+        raise CorpusError(f"data.path not found: {original!r}")
+    if info.type == pafs.FileType.File:
+        return [info], os.path.dirname(path)
+    files = [f for f in fs.get_file_info(pafs.FileSelector(path, recursive=True))
+             if f.type == pafs.FileType.File]
+    return files, path.rstrip("/")
+
+
+def _hidden(rel: str) -> bool:
+    return any(part.startswith(".") for part in rel.split("/"))
+
+
+def demo_path() -> str:
+    """The built-in digits corpus (written once into a cache folder)."""
+    from pipeline.data.demo_corpus import build_digits_corpus
+
+    root = Path(os.environ.get("DINO_RAY_CACHE", Path.home() / ".cache" / "dino-ray")) / "digits"
+    return str(build_digits_corpus(root, size=32))
+
+
+def list_corpus(path: str | list[str], format: str = "auto", image_column: str = "image",
+                label_column: str | None = "label", limit: int | None = None) -> Corpus:
+    """List ``path``; raise ``CorpusError`` naming the path when it is missing or empty."""
+    paths = [path] if isinstance(path, str) else list(path)
+    if not paths:
+        raise CorpusError("data.path is an empty list")
+    paths = [demo_path() if p == "demo" else p for p in paths]
+    listed: list[tuple[pafs.FileSystem, list[pafs.FileInfo], str, str]] = []
+    for p in paths:
+        fs, local = resolve_filesystem(p)
+        files, root = _expand(fs, local, p)
+        files = [f for f in files if not _hidden(f.path[len(root):].lstrip("/"))]
+        listed.append((fs, files, root, p))
+    if format == "auto":
+        all_files = [f for _, files, _, _ in listed for f in files]
+        n_parquet = sum(_ext(f.path) == ".parquet" for f in all_files)
+        format = "parquet" if n_parquet and n_parquet >= sum(
+            _ext(f.path) in IMAGE_EXTENSIONS for f in all_files) else "folder"
+    corpus = (_list_parquet(listed, image_column, label_column, limit) if format == "parquet"
+              else _list_folder(listed, limit))
+    if corpus.num_images == 0:
+        raise CorpusError(f"empty corpus: no {'Parquet rows' if format == 'parquet' else 'images'}"
+                          f" under {', '.join(map(repr, paths))}")
+    return corpus
+
+
+def _list_folder(listed, limit: int | None) -> Corpus:
+    fs = listed[0][0]
+    rows: list[tuple[str, int, str | None]] = []
+    ignored = 0
+    for _, files, root, _ in listed:
+        for f in files:
+            if _ext(f.path) not in IMAGE_EXTENSIONS:
+                ignored += 1
+                continue
+            rel = f.path[len(root):].lstrip("/")
+            cls = rel.split("/", 1)[0] if "/" in rel else None
+            rows.append((f.path, int(f.size or 0), cls))
+    rows.sort(key=lambda r: r[0])  # listing order differs by filesystem; fix it
+    if limit is not None:
+        rows = rows[:limit]
+    labelled = bool(rows) and all(r[2] is not None for r in rows)
+    columns: dict[str, pa.Array] = {
+        "path": pa.array([r[0] for r in rows], pa.string()),
+        "size": pa.array([r[1] for r in rows], pa.int64()),
+    }
+    class_names: list[str] = []
+    if labelled:
+        class_names = sorted({r[2] for r in rows})
+        index = {c: i for i, c in enumerate(class_names)}
+        columns["label"] = pa.array([index[r[2]] for r in rows], pa.int64())
+    return Corpus("files", fs, pa.table(columns), class_names, labelled, num_images=len(rows),
+                  ignored_files=ignored, description=", ".join(r for *_, r in listed))
+
+
+def _list_parquet(listed, image_column: str, label_column: str | None,
+                  limit: int | None) -> Corpus:
+    fs = listed[0][0]
+    files = sorted((f.path for _, fs_files, _, _ in listed for f in fs_files
+                    if _ext(f.path) == ".parquet"))
+    paths, groups, counts = [], [], []
+    labels: list[np.ndarray] = []
+    labelled: bool | None = None
+    names_meta: list[str] | None = None
+    name_pairs: dict[int, str] = {}
+    total = 0
+    for path in files:
+        if limit is not None and total >= limit:
+            break
+        pf = pq.ParquetFile(fs.open_input_file(path))
+        schema = pf.schema_arrow
+        if image_column not in schema.names:
+            raise CorpusError(f"{path}: no image column {image_column!r} (columns: {schema.names})")
+        has_label = bool(label_column) and label_column in schema.names
+        if labelled is None:
+            labelled = has_label
+        elif labelled != has_label:
+            raise CorpusError(f"{path}: label column {label_column!r} present in some shards only")
+        if schema.metadata and CLASS_NAMES_KEY in schema.metadata:
+            names_meta = json.loads(schema.metadata[CLASS_NAMES_KEY])
+        for rg in range(pf.metadata.num_row_groups):
+            n = pf.metadata.row_group(rg).num_rows
+            if limit is not None:
+                n = min(n, limit - total)
+            if n <= 0:
+                break
+            paths.append(path)
+            groups.append(rg)
+            counts.append(n)
+            total += n
+        if has_label:
+            cols = [label_column] + (["class_name"] if "class_name" in schema.names
+                                     and names_meta is None else [])
+            table = pf.read(columns=cols)
+            table = table.slice(0, sum(c for p, c in zip(paths, counts) if p == path))
+            labels.append(table.column(label_column).to_numpy().astype(np.int64))
+            if "class_name" in cols:
+                pairs = pc.unique(pc.binary_join_element_wise(
+                    pc.cast(table.column(label_column), pa.string()), table.column("class_name"),
+                    "\x00"))
+                for item in pairs.to_pylist():
+                    if item is not None:
+                        idx, name = item.split("\x00", 1)
+                        name_pairs[int(idx)] = name
+    entries = pa.table({"path": pa.array(paths, pa.string()),
+                        "row_group": pa.array(groups, pa.int64()),
+                        "num_rows": pa.array(counts, pa.int64())})
+    class_names: list[str] = []
+    if labelled and labels:
+        all_labels = np.concatenate(labels)
+        if all_labels.size and all_labels.min() < 0:
+            raise CorpusError(f"negative labels in {label_column!r}")
+        n_classes = int(all_labels.max()) + 1 if all_labels.size else 0
+        if names_meta is not None:
+            class_names = list(names_meta)
+        else:
+            class_names = [name_pairs.get(i, str(i)) for i in range(n_classes)]
+    return Corpus("parquet", fs, entries, class_names, bool(labelled), image_column,
+                  label_column if labelled else None, num_images=total,
+                  description=", ".join(r for *_, r in listed))
