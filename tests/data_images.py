@@ -85,3 +85,31 @@ def write(path: Path, data: bytes) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(data)
     return path
+
+
+def write_parquet(root: Path, n_files: int = 2, rows: int = 10, row_group: int = 4,
+                  label: bool = True, extra: dict[str, bytes] | None = None) -> Path:
+    """Shards whose row ``k`` is a solid ``id_color(k)`` PNG (label ``k % 3``); ``extra`` rows
+    (name -> bytes, label 0) are appended to the last shard."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    root.mkdir(parents=True, exist_ok=True)
+    k = 0
+    for f in range(n_files):
+        images, labels = [], []
+        for r in range(rows):
+            buf = io.BytesIO()
+            Image.new("RGB", (8, 8), id_color(k + r)).save(buf, "PNG")
+            images.append(buf.getvalue())
+            labels.append((k + r) % 3)
+        if f == n_files - 1 and extra:
+            images += list(extra.values())
+            labels += [0] * len(extra)
+        cols = {"image": pa.array(images, pa.binary())}
+        if label:
+            cols["label"] = pa.array(labels, pa.int16())
+            cols["class_name"] = pa.array([f"c{x}" for x in labels])
+        pq.write_table(pa.table(cols), root / f"part-{f:05d}.parquet", row_group_size=row_group)
+        k += rows
+    return root

@@ -2,15 +2,9 @@
 
 from __future__ import annotations
 
-import io
-
-import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
-from PIL import Image
 
-from data_images import solid_png, write
+from data_images import solid_png, write, write_parquet
 from pipeline.data.sources import CorpusError, list_corpus
 
 
@@ -56,25 +50,6 @@ def test_missing_and_empty_are_clear_errors(tmp_path):
     write(tmp_path / "empty" / "a.txt", b"x")
     with pytest.raises(CorpusError, match="empty corpus.*empty"):
         list_corpus(str(tmp_path / "empty"))
-
-
-def _png(i: int) -> bytes:
-    buf = io.BytesIO()
-    Image.new("RGB", (8, 8), (i, i, i)).save(buf, "PNG")
-    return buf.getvalue()
-
-
-def write_parquet(root, n_files=2, rows=10, row_group=4, label=True):
-    root.mkdir(parents=True, exist_ok=True)
-    k = 0
-    for f in range(n_files):
-        cols = {"image": pa.array([_png(k + r) for r in range(rows)], pa.binary())}
-        if label:
-            cols["label"] = pa.array([(k + r) % 3 for r in range(rows)], pa.int16())
-            cols["class_name"] = pa.array([f"c{(k + r) % 3}" for r in range(rows)])
-        pq.write_table(pa.table(cols), root / f"part-{f:05d}.parquet", row_group_size=row_group)
-        k += rows
-    return root
 
 
 def test_parquet_with_labels(tmp_path):

@@ -1,0 +1,151 @@
+"""The Ray Data pipeline on the local cluster: every good image exactly once per epoch, bad files
+skipped and counted, crops a function of (seed, epoch, image), per-epoch file order."""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import pytest
+import ray
+
+from data_images import bad_files, converted_files, id_color, solid_png, write, write_parquet
+from pipeline.config import AugmentConfig, DataConfig
+from pipeline.data.datasource import CorpusDatasource
+from pipeline.data.dataset import build_eval_datasets, build_train_dataset
+from pipeline.data.sources import CorpusError, list_corpus
+from pipeline.data.state import DataHandle
+
+pytestmark = pytest.mark.ray
+
+# photometric ops off: a solid-colour image gives solid crops of its own colour (its id)
+PLAIN = AugmentConfig(global_size=8, local_size=4, num_local=1, jitter_p=0, grayscale_p=0,
+                      blur_p_global1=0, blur_p_global2=0, blur_p_local=0, solarize_p_global2=0)
+COLOR_TO_ID = {id_color(i): i for i in range(200)}
+
+
+def _epoch(td, epoch: int) -> dict[str, np.ndarray]:
+    td.set_epoch(epoch)
+    batches = list(td.dataset.iter_torch_batches(batch_size=16))
+    return {k: np.concatenate([b[k].numpy() for b in batches]) for k in batches[0]}
+
+
+@pytest.fixture(scope="module")
+def mixed_tree(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mixed")
+    for i in range(30):
+        solid_png(root / "a" / f"{i:03d}.png", i)
+        solid_png(root / "b" / f"{i:03d}.png", 30 + i)
+    for name, data in converted_files().items():
+        write(root / "b" / name, data)
+    for name, (data, _) in bad_files().items():
+        write(root / "a" / name, data)
+    return root
+
+
+@pytest.fixture(scope="module")
+def mixed_td(ray_session, mixed_tree):
+    return build_train_dataset(DataConfig(path=str(mixed_tree), num_actors=2, map_batch_size=8),
+                               PLAIN, seed=3)
+
+
+def test_every_good_image_once_per_epoch_and_bad_ones_counted(mixed_td):
+    td = mixed_td
+    n_conv, n_bad = len(converted_files()), len(bad_files())
+    assert td.num_images == 60 + n_conv + n_bad and td.class_names == ["a", "b"]
+    for epoch in (0, 1):
+        out = _epoch(td, epoch)
+        assert set(out) == {"global_0", "global_1", "local_0", "label"}
+        assert out["global_0"].shape == (60 + n_conv, 8, 8, 3) and out["global_0"].dtype == np.uint8
+        assert out["local_0"].shape[1:] == (4, 4, 3) and out["label"].dtype == np.int64
+        ids = [COLOR_TO_ID.get(tuple(int(v) for v in px)) for px in out["global_0"][:, 0, 0]]
+        got = sorted(i for i in ids if i is not None)
+        assert got == list(range(60)), "every good image exactly once"
+        for i, label in zip(ids, out["label"]):
+            if i is not None:
+                assert label == (0 if i < 30 else 1)
+        counts = td.skip_counts()
+        assert sum(counts.values()) == n_bad * (epoch + 1)
+        for name, (_, reasons) in bad_files().items():
+            assert any(counts.get(r, 0) > 0 for r in reasons), name
+        assert counts.get("empty") == epoch + 1 and counts.get("truncated") == epoch + 1
+    stats = td.stats()
+    assert stats["decoded"] == 2 * (60 + n_conv) and stats["converted"]["exif_rotated"] == 2
+
+
+@ray.remote(num_cpus=0)
+def _in_worker(handle: DataHandle, epoch: int) -> tuple[int, dict]:
+    handle.set_epoch(epoch)
+    return handle.epoch(), handle.skip_counts()
+
+
+def test_set_epoch_and_counts_from_another_process(mixed_td):
+    epoch, counts = ray.get(_in_worker.remote(mixed_td.handle, 7))
+    assert epoch == 7 and mixed_td.handle.epoch() == 7
+    assert counts == mixed_td.skip_counts()
+
+
+def _signature(out: dict[str, np.ndarray]) -> list[str]:
+    return sorted(hashlib.md5(g0.tobytes() + l0.tobytes()).hexdigest()
+                  for g0, l0 in zip(out["global_0"], out["local_0"]))
+
+
+def test_crops_depend_on_seed_and_epoch_only(ray_session, digits_dir):
+    aug = AugmentConfig(global_size=16, local_size=8, num_local=1)
+    td = build_train_dataset(DataConfig(path=str(digits_dir), num_actors=2, map_batch_size=8,
+                                        limit=40), aug, seed=11)
+    e0, e0_again, e1 = _signature(_epoch(td, 0)), _signature(_epoch(td, 0)), _signature(_epoch(td, 1))
+    assert len(e0) == 40
+    assert e0 == e0_again
+    assert len(set(e0) & set(e1)) < 4  # a new epoch: new crops
+
+
+def test_file_order_changes_per_epoch_and_is_reproducible(ray_session, mixed_tree):
+    corpus = list_corpus(str(mixed_tree))
+    handle = DataHandle()
+    src = CorpusDatasource(corpus, seed=5, state=handle, rows_per_task=8)
+
+    def order(epoch: int) -> list[str]:
+        handle.set_epoch(epoch)
+        tasks = src.get_read_tasks(4)
+        keys = [k for t in tasks for block in t() for k in block.column("key").to_pylist()]
+        epochs = {e for t in tasks for block in t() for e in block.column("epoch").to_pylist()}
+        assert epochs == {epoch}
+        return keys
+
+    o0, o0b, o1 = order(0), order(0), order(1)
+    assert o0 == o0b and o0 != o1 and sorted(o0) == sorted(o1)
+    assert len(o0) == corpus.num_images
+    unshuffled = CorpusDatasource(corpus, shuffle=False, rows_per_task=8).get_read_tasks(4)
+    assert [k for t in unshuffled for b in t() for k in b.column("key").to_pylist()] == \
+        corpus.entries.column("path").to_pylist()
+
+
+def test_parquet_pipeline_with_bad_rows(ray_session, tmp_path):
+    extra = {name: data for name, (data, _) in bad_files().items()}
+    root = write_parquet(tmp_path / "pq", n_files=2, rows=12, row_group=5, extra=extra)
+    td = build_train_dataset(DataConfig(path=str(root), num_actors=1, map_batch_size=8), PLAIN,
+                             seed=0)
+    assert td.num_images == 24 + len(extra) and td.class_names == ["c0", "c1", "c2"]
+    out = _epoch(td, 0)
+    ids = sorted(COLOR_TO_ID[tuple(int(v) for v in px)] for px in out["global_0"][:, 0, 0])
+    assert ids == list(range(24))
+    assert sorted(out["label"].tolist()) == sorted(i % 3 for i in range(24))
+    assert sum(td.skip_counts().values()) == len(extra)
+
+
+def test_eval_split_is_disjoint_and_complete(ray_session, mixed_tree):
+    cfg = DataConfig(path=str(mixed_tree))
+    bank, val = build_eval_datasets(cfg, val_fraction=0.3, seed=0, image_size=8)
+    b, v = bank.take_all(), val.take_all()
+    assert b[0]["image"].shape == (8, 8, 3) and b[0]["image"].dtype == np.uint8
+    assert isinstance(b[0]["label"], (int, np.integer))
+    ids_b = {COLOR_TO_ID.get(tuple(int(x) for x in r["image"][0, 0])) for r in b} - {None}
+    ids_v = {COLOR_TO_ID.get(tuple(int(x) for x in r["image"][0, 0])) for r in v} - {None}
+    assert not ids_b & ids_v and ids_b | ids_v == set(range(60))
+    assert 8 <= len(ids_v) <= 30
+
+
+def test_missing_path_fails_before_any_worker(ray_session, tmp_path):
+    with pytest.raises(CorpusError, match="not found"):
+        build_train_dataset(DataConfig(path=str(tmp_path / "missing")), PLAIN)
