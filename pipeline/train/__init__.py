@@ -1,0 +1,1 @@
+"""Distributed DINO training on Ray Train: the per-worker loop, the trainer, checkpoints, metrics."""

@@ -1,0 +1,280 @@
+"""``train_loop_per_worker``: what every Ray Train worker runs. Read it top to bottom.
+
+1. seed, build student + EMA teacher + loss, restore the last checkpoint if Ray hands one back
+2. wrap the student for DDP (``prepare_model``); the teacher is only moved to the device
+3. per epoch: ``td.set_epoch``; stream the shard; per step normalise crops on the device and run
+   ``dino_step`` (teacher on globals, loss, backward, clip, frozen last layer, scheduled lr/wd, EMA,
+   centre all-reduced); every ``log_every_steps`` report step metrics
+4. end of epoch: (optional) k-NN on rank 0, checkpoint from rank 0, ``ray.train.report`` from all
+5. stop early on the wall-clock budget (all ranks agree through an all-reduce)
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import ray
+import ray.train
+import ray.train.torch
+import torch
+import torch.distributed as dist
+
+from dino_model import DINOLoss
+from dino_model.model import unwrap
+from dino_model.normalize import normalize_uint8
+from dino_model.optim import build_optimizer
+from dino_model.schedules import Schedules, scaled_lr
+from dino_model.step import NonFiniteLossError, dino_step
+from pipeline.config import DinoConfig
+from pipeline.train.checkpoint import load_state, save_checkpoint
+from pipeline.train.metrics import AVERAGED, EpochMeter, collapse_check, finite
+from pipeline.train.model import build_models
+
+log = logging.getLogger("dino_ray.train")
+
+
+def iters_per_epoch(cfg: DinoConfig, num_images: int, world_size: int) -> int:
+    global_batch = cfg.train.batch_size_per_worker * world_size
+    iters = num_images // global_batch
+    if cfg.train.max_steps_per_epoch:
+        iters = min(iters, cfg.train.max_steps_per_epoch)
+    if iters < 1:
+        raise ValueError(f"train.batch_size_per_worker x num_workers = {global_batch} exceeds the "
+                         f"{num_images} images of the corpus: no full step per epoch")
+    return iters
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    cfg = DinoConfig.from_dict(config["cfg"])
+    td = config["train_data"]
+    tc = cfg.train
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    if device.type == "cuda":
+        autocast = torch.bfloat16  # bf16 autocast on GPU, no grad scaler needed
+    else:
+        autocast = torch.bfloat16 if tc.precision == "bf16" else None
+    if device.type == "cpu":
+        torch.set_num_threads(max(1, int(tc.cpus_per_worker)))
+
+    # 1. model, loss, schedules -----------------------------------------------------------------
+    student, teacher = build_models(cfg, seed=tc.seed)  # identical on every rank
+    loss_fn = DINOLoss(cfg.model.out_dim, student_temp=cfg.loss.student_temp,
+                       center_momentum=cfg.loss.center_momentum)
+    ipe = iters_per_epoch(cfg, config["num_images"], world)
+    global_batch = tc.batch_size_per_worker * world
+    sched = Schedules(
+        lr=scaled_lr(cfg.optim.lr, global_batch), min_lr=cfg.optim.min_lr,
+        warmup_epochs=cfg.optim.warmup_epochs, weight_decay=cfg.optim.weight_decay,
+        weight_decay_end=cfg.optim.weight_decay_end, momentum=cfg.optim.momentum_teacher,
+        momentum_end=cfg.optim.momentum_teacher_end, warmup_teacher_temp=cfg.loss.warmup_teacher_temp,
+        teacher_temp=cfg.loss.teacher_temp,
+        warmup_teacher_temp_epochs=cfg.loss.warmup_teacher_temp_epochs, epochs=tc.epochs,
+        iters_per_epoch=ipe)
+
+    start_step = 0
+    optim_state = None
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            state = load_state(d)
+        student.load_state_dict(state["student"])
+        teacher.load_state_dict(state["teacher"])
+        loss_fn.center.copy_(state["center"])
+        optim_state = state["optimizer"]
+        start_step = int(state["global_step"])
+        if int(state["iters_per_epoch"]) != ipe:
+            raise ValueError(f"checkpoint has {state['iters_per_epoch']} iterations per epoch, this "
+                             f"run {ipe}: resume with the same batch size, workers and data")
+        if rank == 0:
+            log.warning("resuming from %s at global step %d (epoch %d)", ckpt.path, start_step,
+                        start_step // ipe)
+
+    # 2. DDP for the student only; the EMA teacher just lives on the device ----------------------
+    student = ray.train.torch.prepare_model(student)
+    teacher.to(device)
+    loss_fn.to(device)
+    optimizer = build_optimizer(unwrap(student), cfg.optim.optimizer)
+    if optim_state is not None:
+        optimizer.load_state_dict(optim_state)
+    backend = dist.get_backend() if dist.is_initialized() else "none"
+
+    eval_data = _fetch_eval_data(config.get("eval_refs")) if rank == 0 else None
+    shard = ray.train.get_dataset_shard("train")
+    storage_dir = Path(config["run_dir"]) if config.get("run_dir") else None
+    t_start = time.monotonic()
+    global_step = start_step
+    history: list[dict] = []
+
+    if rank == 0 and eval_data is not None and start_step == 0:
+        init_knn = _knn_rank0(teacher, eval_data, cfg, device, prefix="knn_init")
+        log.warning("k-NN of the random-init teacher: top-1 %.2f", init_knn["knn_init_top1"])
+        history.append(init_knn)
+
+    # 3. epochs ---------------------------------------------------------------------------------
+    stop = False
+    for epoch in range(start_step // ipe, tc.epochs):
+        if hasattr(td, "set_epoch"):
+            td.set_epoch(epoch)
+        torch.manual_seed(tc.seed * 100_003 + rank * 1009 + epoch)  # drop-path etc., per rank
+        skip = global_step - epoch * ipe  # > 0 only when resuming a mid-epoch checkpoint
+        meter = EpochMeter()
+        batches = iter(shard.iter_torch_batches(
+            batch_size=tc.batch_size_per_worker, drop_last=True, prefetch_batches=2,
+            local_shuffle_buffer_size=cfg.data.local_shuffle_buffer or None,
+            local_shuffle_seed=(tc.seed + epoch) if cfg.data.local_shuffle_buffer else None))
+        for i in range(ipe):
+            t0 = time.perf_counter()
+            batch = next(batches, None)
+            wait = time.perf_counter() - t0
+            # every rank must take the same number of steps; stop when any rank runs dry or the
+            # wall-clock budget is spent
+            over_time = bool(tc.max_wall_seconds and time.monotonic() - t_start > tc.max_wall_seconds)
+            if _any_rank(batch is None or over_time):
+                stop = over_time
+                if batch is None and rank == 0:
+                    log.warning("epoch %d: a shard ran out after %d of %d steps", epoch, i, ipe)
+                break
+            if i < skip:
+                continue
+            _maybe_die(tc, rank, world, global_step, storage_dir)
+            crops = _crops(batch, device)
+            if tc.nan_at_step is not None and global_step == tc.nan_at_step:
+                crops = [c * float("nan") for c in crops]  # fault injection: non-finite loss
+            t1 = time.perf_counter()
+            try:
+                res = dino_step(
+                    student=student, teacher=teacher, loss_fn=loss_fn, optimizer=optimizer,
+                    crops=crops, schedule=sched.at(global_step), epoch=epoch, n_global=2,
+                    clip_grad=cfg.optim.clip_grad,
+                    freeze_last_layer_epochs=cfg.optim.freeze_last_layer_epochs,
+                    koleo_weight=cfg.loss.koleo_weight, autocast_dtype=autocast)
+            except NonFiniteLossError as exc:
+                raise NonFiniteLossError(
+                    f"rank {rank}: {exc} (global step {global_step}); the last checkpoint is "
+                    f"untouched - lower optim.lr or check the data") from None
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            compute = time.perf_counter() - t1
+            step_metrics = res.metrics()
+            meter.add(step_metrics, images=crops[0].shape[0], wait_s=wait, compute_s=compute)
+            global_step += 1
+            if global_step % tc.log_every_steps == 0:
+                m = _mean_over_ranks({k: step_metrics[k] for k in AVERAGED if k in step_metrics})
+                mode = collapse_check(res.stats, where=f"step {global_step}") if rank == 0 else None
+                m.update(sched.at(global_step - 1))
+                m.update(kind="step", epoch=epoch, step=global_step, collapse=mode or "none",
+                         images_per_s=crops[0].shape[0] * world / max(wait + compute, 1e-9),
+                         data_wait_fraction=wait / max(wait + compute, 1e-9))
+                ray.train.report(finite(m))
+        # 4. end of epoch: metrics, k-NN, checkpoint ---------------------------------------------
+        finished_epoch = global_step == (epoch + 1) * ipe
+        summary = meter.summary(world)
+        summary.update(kind="epoch", epoch=epoch, step=global_step, backend=backend,
+                       world_size=world, iters_per_epoch=ipe, global_batch=global_batch,
+                       wall_s=time.monotonic() - t_start, stopped_early=stop)
+        summary.update({f"sched_{k}": v for k, v in sched.at(max(global_step - 1, 0)).items()})
+        if hasattr(td, "skip_counts"):
+            try:
+                summary.update({f"skipped_{k}": int(v) for k, v in td.skip_counts().items()})
+            except Exception:  # noqa: BLE001 - counters are best effort
+                pass
+        last = epoch == tc.epochs - 1 or stop
+        if (rank == 0 and eval_data is not None and cfg.eval.every_epochs
+                and ((epoch + 1) % cfg.eval.every_epochs == 0 or last) and meter.steps):
+            summary.update(_knn_rank0(teacher, eval_data, cfg, device, prefix="knn"))
+        if history:
+            summary.update(history.pop())  # the random-init k-NN rides along with epoch 0
+        want_ckpt = meter.steps > 0 and (last or (finished_epoch and
+                                                  (epoch + 1) % tc.checkpoint_every_epochs == 0))
+        _report_epoch(summary, want_ckpt, rank, cfg, student, teacher, loss_fn, optimizer,
+                      epoch=global_step // ipe, global_step=global_step, ipe=ipe)
+        if stop:
+            break
+
+
+# --- helpers ----------------------------------------------------------------------------------
+
+def _crops(batch: dict[str, torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+    names = sorted((k for k in batch if k.startswith("global_")), key=_index)
+    names += sorted((k for k in batch if k.startswith("local_")), key=_index)
+    if len(names) < 3 or not names[0].startswith("global_"):
+        raise ValueError(f"train batches need global_0, global_1 and local_* columns, got {list(batch)}")
+    return [normalize_uint8(batch[n], device) for n in names]
+
+
+def _index(name: str) -> int:
+    return int(name.rsplit("_", 1)[1])
+
+
+def _any_rank(flag: bool) -> bool:
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0],
+                     device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
+def _mean_over_ranks(values: dict[str, float]) -> dict[str, float]:
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return dict(values)
+    keys = sorted(values)
+    t = torch.tensor([values[k] for k in keys], dtype=torch.float64,
+                     device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(t)
+    t /= dist.get_world_size()
+    return dict(zip(keys, t.tolist()))
+
+
+def _maybe_die(tc, rank: int, world: int, global_step: int, storage_dir: Path | None) -> None:
+    """Fault injection: one rank dies (once: a marker file in the run dir) at train.fail_at_step."""
+    if tc.fail_at_step is None or global_step != tc.fail_at_step:
+        return
+    if rank != (1 if world > 1 else 0) or storage_dir is None:
+        return
+    marker = storage_dir / f".fault_injected_step_{global_step}"
+    if marker.exists():
+        return
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text(f"rank {rank} died at step {global_step}\n")
+    log.warning("fault injection: rank %d exits at global step %d", rank, global_step)
+    os._exit(1)
+
+
+def _report_epoch(summary, want_ckpt, rank, cfg, student, teacher, loss_fn, optimizer, *,
+                  epoch, global_step, ipe) -> None:
+    summary = finite(summary)
+    if want_ckpt and rank == 0:
+        with tempfile.TemporaryDirectory(prefix="dino-ckpt-") as d:
+            save_checkpoint(d, student=unwrap(student), teacher=teacher, center=loss_fn.center,
+                            optimizer=optimizer, epoch=epoch, global_step=global_step,
+                            iters_per_epoch=ipe, cfg=cfg, metrics=summary)
+            ray.train.report(summary, checkpoint=ray.train.Checkpoint.from_directory(d),
+                             checkpoint_dir_name=f"checkpoint_step_{global_step:08d}")
+    else:
+        ray.train.report(summary)
+
+
+def _fetch_eval_data(refs: dict | None) -> dict | None:
+    if not refs:
+        return None
+    return {k: ray.get(v) for k, v in refs.items()}
+
+
+def _knn_rank0(teacher, eval_data: dict, cfg: DinoConfig, device, *, prefix: str) -> dict:
+    from pipeline.evaluate.features import embed, knn_metrics
+
+    backbone = teacher.backbone
+    bank = embed(backbone, eval_data["bank_images"], device=device, batch_size=cfg.eval.batch_size)
+    val = embed(backbone, eval_data["val_images"], device=device, batch_size=cfg.eval.batch_size)
+    return knn_metrics(bank, eval_data["bank_labels"], val, eval_data["val_labels"],
+                       ks=cfg.eval.k, temperature=cfg.eval.temperature, prefix=prefix)
+
+

@@ -1,0 +1,65 @@
+"""Per-step / per-epoch training metrics and the collapse monitor."""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import defaultdict
+
+from dino_model.loss import LossStats
+
+log = logging.getLogger("dino_ray.train")
+
+# metric names averaged over the steps of an epoch (and over ranks at log steps)
+AVERAGED = ("loss", "dino_loss", "koleo", "teacher_entropy", "teacher_batch_entropy", "kl",
+            "grad_norm_max")
+
+
+class EpochMeter:
+    """Accumulates step results and timings; ``summary()`` gives the epoch means."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = defaultdict(float)
+        self.steps = 0
+        self.images = 0
+        self.wait_s = 0.0
+        self.compute_s = 0.0
+
+    def add(self, step_metrics: dict[str, float], *, images: int, wait_s: float,
+            compute_s: float) -> None:
+        for key in AVERAGED:
+            if key in step_metrics:
+                self.sums[key] += float(step_metrics[key])
+        self.steps += 1
+        self.images += images
+        self.wait_s += wait_s
+        self.compute_s += compute_s
+
+    def summary(self, world_size: int) -> dict[str, float]:
+        n = max(self.steps, 1)
+        out = {f"epoch_{k}": v / n for k, v in self.sums.items()}
+        total = self.wait_s + self.compute_s
+        out["epoch_images_per_s"] = self.images * world_size / total if total > 0 else 0.0
+        out["epoch_data_wait_fraction"] = self.wait_s / total if total > 0 else 0.0
+        out["epoch_steps"] = self.steps
+        return out
+
+
+def collapse_check(stats: LossStats, *, where: str) -> str | None:
+    """Warn loudly (once per call) when the teacher output collapses; returns the mode."""
+    mode = stats.collapse()
+    if mode == "uniform":
+        log.warning("COLLAPSE WARNING (%s): teacher output is ~uniform (entropy %.3f of ln K = %.3f)"
+                    " - lower loss.teacher_temp or raise the centre momentum", where,
+                    stats.teacher_entropy, stats.log_k)
+    elif mode == "one-prototype":
+        log.warning("COLLAPSE WARNING (%s): teacher output collapsed to one prototype (batch "
+                    "entropy %.3f) - raise loss.teacher_temp / centring", where,
+                    stats.teacher_batch_entropy)
+    return mode
+
+
+def finite(metrics: dict) -> dict:
+    """Drop non-finite floats (MLflow and JSON reject them)."""
+    return {k: v for k, v in metrics.items()
+            if not (isinstance(v, float) and not math.isfinite(v))}
