@@ -1,13 +1,93 @@
-"""`dino-ray register`."""
+"""`dino-ray register`: register a checkpoint's teacher backbone in the MLflow model registry.
+
+    dino-ray register --checkpoint runs/dino/checkpoint_000003 [--config cfg.yaml] [overrides]
+    dino-ray register --run-name dino [--config cfg.yaml] [overrides]
+
+``--run-name`` finds the newest MLflow run of that name in ``tracking.experiment``: its metrics
+(knn_top1 ...) become tags, the model is logged into that run, and the checkpoint is the run's
+``checkpoint_path`` tag/param or else the newest one under ``train.storage_path/NAME``.
+"""
+
+from __future__ import annotations
 
 import argparse
+import sys
 
-from pipeline.commands import not_yet
+from pipeline.commands import add_config_arguments
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("rest", nargs=argparse.REMAINDER)
+    src = parser.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", help="checkpoint directory or URI")
+    src.add_argument("--run-name", help="MLflow run name (= train.name by default)")
+    parser.add_argument("--name", help="registered model name (default tracking.registered_model)")
+    parser.add_argument("--tracking-uri", help="MLflow URI (default tracking.tracking_uri)")
+    parser.add_argument("--alias", action="append", default=[], help="extra alias(es) to set")
+    parser.add_argument("--no-champion", action="store_true",
+                        help="do not move the 'champion' alias")
+    add_config_arguments(parser)
+
+
+def find_run(tracking_uri: str, experiment: str, run_name: str):
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return None
+    runs = client.search_runs([exp.experiment_id],
+                              filter_string=f"attributes.run_name = '{run_name}'",
+                              order_by=["attributes.start_time DESC"], max_results=1)
+    return runs[0] if runs else None
 
 
 def run(args: argparse.Namespace) -> int:
-    return not_yet("register", "open issue")
+    from pipeline.config import DinoConfig
+    from pipeline.registry.register import register_teacher
+
+    cfg = DinoConfig.load(args.config, args.overrides) if (args.config or args.overrides) else None
+    tracking_uri = args.tracking_uri or (cfg.tracking.tracking_uri if cfg else None)
+    metrics: dict = {}
+    run_id = None
+    checkpoint = args.checkpoint
+    if args.run_name:
+        base = cfg or DinoConfig()
+        tracking_uri = tracking_uri or base.tracking.tracking_uri
+        found = find_run(tracking_uri, base.tracking.experiment, args.run_name)
+        if found is None:
+            print(f"register: no MLflow run named {args.run_name!r} in experiment "
+                  f"{base.tracking.experiment!r} at {tracking_uri}", file=sys.stderr)
+            return 1
+        run_id = found.info.run_id
+        metrics = dict(found.data.metrics)
+        checkpoint = found.data.tags.get("checkpoint_path") or found.data.params.get(
+            "checkpoint_path")
+        if not checkpoint:
+            from pipeline.train.checkpoint import latest_checkpoint
+
+            checkpoint = latest_checkpoint(base.train.storage_path, args.run_name)
+        if not checkpoint:
+            print(f"register: run {args.run_name!r} has no checkpoint under "
+                  f"{base.train.storage_path}", file=sys.stderr)
+            return 1
+    from pipeline.train.checkpoint import load_teacher_backbone, read_meta
+
+    backbone, ckpt_cfg = load_teacher_backbone(checkpoint)
+    if not metrics:
+        try:
+            metrics = read_meta(checkpoint).get("metrics", {})
+        except Exception:  # noqa: BLE001 - remote checkpoint without readable meta
+            metrics = {}
+    use_cfg = ckpt_cfg
+    if cfg is not None:  # tracking/registry settings from the command line win
+        use_cfg = ckpt_cfg.with_overrides({"tracking." + k: v for k, v in
+                                           cfg.tracking.model_dump().items()})
+    version = register_teacher(
+        backbone, use_cfg, metrics=metrics, run_id=run_id,
+        tracking_uri=tracking_uri or use_cfg.tracking.tracking_uri,
+        name=args.name or use_cfg.tracking.registered_model, set_champion=not args.no_champion,
+        aliases=args.alias)
+    name = args.name or use_cfg.tracking.registered_model
+    print(f"registered {name} version {version} (knn_top1={metrics.get('knn_top1', 'n/a')})")
+    print(f"load it with: dino-ray models pull models:/{name}/{version} DIR")
+    return 0

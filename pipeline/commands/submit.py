@@ -1,13 +1,190 @@
-"""`dino-ray submit`."""
+"""`dino-ray submit VERB --address http://HEAD:8265 [--config FILE] [overrides] [job flags]`.
+
+Submits ``python jobs/VERB.py ...`` as a Ray job (``JobSubmissionClient``) with the repository as
+its working directory (minus .venv, .git, runs, mlruns, *.db ...), streams the job's logs and
+exits with the job's outcome: 0 on SUCCEEDED, 1 on FAILED, 2 on STOPPED; Ctrl-C stops the job.
+
+``--config`` inside the repository is passed as a relative path; a file elsewhere is inlined as
+``section.field=value`` overrides (the job cannot see the submitting machine's files). Every other
+argument after VERB that is not a submit option goes to the job unchanged.
+"""
+
+from __future__ import annotations
 
 import argparse
+import asyncio
+import json
+import os
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any
 
-from pipeline.commands import not_yet
+import yaml
+
+EXCLUDES = [".venv", ".git", ".tools", ".whl", ".gl", "runs", "mlruns", "*.db", ".dino-ray",
+            "demo_data", ".pytest_cache", "__pycache__", "*.pyc", "*.egg-info"]
+TERMINAL = {"SUCCEEDED": 0, "FAILED": 1, "STOPPED": 2}
+CONFIG_VERBS = {"train", "evaluate", "tune"}
+
+
+def repo_root() -> Path:
+    return Path(__file__).resolve().parents[2]
+
+
+def job_verbs(root: Path | None = None) -> list[str]:
+    root = root or repo_root()
+    return sorted(p.stem for p in (root / "jobs").glob("*.py") if not p.stem.startswith("_"))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("rest", nargs=argparse.REMAINDER)
+    parser.add_argument("verb", help="job to run: jobs/VERB.py (train, evaluate, tune, register)")
+    parser.add_argument("rest", nargs=argparse.REMAINDER, metavar="...",
+                        help="--address URL [--config FILE] [section.field=value ...] "
+                             "[submit options] [job options]")
+
+
+def submit_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dino-ray submit VERB", add_help=False, allow_abbrev=False)
+    p.add_argument("--address", default=os.environ.get("RAY_API_SERVER_ADDRESS")
+                   or os.environ.get("RAY_ADDRESS"),
+                   help="Ray dashboard address, e.g. http://HEAD:8265 (or $RAY_ADDRESS)")
+    p.add_argument("--config", "-c", help="YAML config file")
+    p.add_argument("--working-dir", help="directory shipped as the job's working dir "
+                                         "(default: this repository)")
+    p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
+                   help="environment variable for the job (repeatable)")
+    p.add_argument("--submission-id", help="job id (default: generated)")
+    p.add_argument("--no-wait", action="store_true", help="submit, print the id and return")
+    p.add_argument("--entrypoint-num-cpus", type=float, default=None,
+                   help="CPUs reserved for the driver process")
+    p.add_argument("--entrypoint-num-gpus", type=float, default=None)
+    p.add_argument("--entrypoint-resources", type=json.loads, default=None,
+                   help='custom resources for the driver, JSON, e.g. {"head": 1}')
+    p.add_argument("--help-submit", action="help", help="show the submit options")
+    return p
+
+
+def config_arguments(config: str | None, root: Path) -> list[str]:
+    """``--config rel/path`` when the file lies under ``root``; else the file as overrides."""
+    if not config:
+        return []
+    path = Path(config).resolve()
+    if not path.is_file():
+        raise FileNotFoundError(f"config file not found: {config}")
+    try:
+        return ["--config", path.relative_to(root.resolve()).as_posix()]
+    except ValueError:
+        raw = yaml.safe_load(path.read_text()) or {}
+        return [f"{section}.{key}={json.dumps(value)}"
+                for section, values in raw.items() for key, value in (values or {}).items()]
+
+
+def build_submission(verb: str, rest: list[str]) -> dict[str, Any]:
+    """The keyword arguments of ``JobSubmissionClient.submit_job`` plus ``address``/``wait``."""
+    from pipeline.registry.register import git_sha
+
+    opts, job_args = submit_parser().parse_known_args(rest)
+    root = Path(opts.working_dir).resolve() if opts.working_dir else repo_root()
+    verbs = job_verbs(root)
+    if verb not in verbs:
+        raise ValueError(f"unknown job {verb!r}: {root}/jobs has {', '.join(verbs)}")
+    if not opts.address:
+        raise ValueError("--address is required (the Ray dashboard, e.g. http://HEAD:8265)")
+    if verb in CONFIG_VERBS:  # fail on a typo here, not minutes later on the cluster
+        from pipeline.config import DinoConfig
+
+        overrides = [a for a in job_args if "=" in a and not a.startswith("-")]
+        cfg = DinoConfig.load(opts.config, overrides)
+        uri = cfg.tracking.tracking_uri
+        if cfg.tracking.enabled and not uri.startswith(("http://", "https://", "databricks")):
+            print(f"submit: note: tracking.tracking_uri={uri} is local to the cluster node that "
+                  "runs the job; use an MLflow server (http://...) to see the run from here",
+                  file=sys.stderr)
+    entry_args = config_arguments(opts.config, root) + job_args
+    env_vars = {"PYTHONUNBUFFERED": "1", "RAY_TRAIN_V2_ENABLED": "1",
+                "PYTHONWARNINGS": "ignore::DeprecationWarning"}
+    sha = os.environ.get("DINO_RAY_GIT_SHA") or git_sha(root)
+    if sha:
+        env_vars["DINO_RAY_GIT_SHA"] = sha
+    for item in opts.env:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--env {item!r}: expected KEY=VALUE")
+        env_vars[key] = value
+    kwargs: dict[str, Any] = {
+        "entrypoint": shlex.join(["python", f"jobs/{verb}.py", *entry_args]),
+        "runtime_env": {"working_dir": str(root), "excludes": EXCLUDES, "env_vars": env_vars},
+        "submission_id": opts.submission_id,
+        "metadata": {"dino_ray_verb": verb, **({"git_sha": sha} if sha else {})},
+    }
+    for key in ("entrypoint_num_cpus", "entrypoint_num_gpus", "entrypoint_resources"):
+        if getattr(opts, key) is not None:
+            kwargs[key] = getattr(opts, key)
+    return {"address": opts.address, "wait": not opts.no_wait, "submit": kwargs}
+
+
+async def _stream_logs(client, job_id: str) -> None:
+    async for chunk in client.tail_job_logs(job_id):
+        sys.stdout.write(chunk)
+        sys.stdout.flush()
+
+
+def wait_for_terminal(client, job_id: str, timeout: float = 60.0) -> str:
+    deadline = time.monotonic() + timeout
+    while True:
+        status = str(client.get_job_status(job_id).value)
+        if status in TERMINAL or time.monotonic() > deadline:
+            return status
+        time.sleep(0.5)
+
+
+def auth_headers() -> dict[str, str]:
+    """Ray token auth: $RAY_AUTH_TOKEN, else the file $RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token
+    (as ``ray job submit`` finds it), unless RAY_AUTH_MODE=disabled."""
+    if os.environ.get("RAY_AUTH_MODE", "").lower() == "disabled":
+        return {}
+    token = os.environ.get("RAY_AUTH_TOKEN", "").strip()
+    if not token:
+        path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
+        if path.is_file():
+            token = path.read_text().strip()
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
+def client_for(address: str):
+    from ray.job_submission import JobSubmissionClient
+
+    return JobSubmissionClient(address, headers=auth_headers())
+
+
+def submit_and_follow(address: str, submit: dict[str, Any], wait: bool = True) -> int:
+    client = client_for(address)
+    job_id = client.submit_job(**submit)
+    print(f"submitted job {job_id} to {address}: {submit['entrypoint']}", file=sys.stderr)
+    if not wait:
+        print(job_id)
+        return 0
+    try:
+        asyncio.run(_stream_logs(client, job_id))
+        status = wait_for_terminal(client, job_id, timeout=120.0)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: stopping job {job_id}", file=sys.stderr)
+        client.stop_job(job_id)
+        status = wait_for_terminal(client, job_id, timeout=60.0)
+        print(f"job {job_id}: {status}", file=sys.stderr)
+        return 130
+    info = client.get_job_info(job_id)
+    print(f"job {job_id}: {status}" + (f" ({info.message})" if info.message else ""),
+          file=sys.stderr)
+    return TERMINAL.get(status, 1)
 
 
 def run(args: argparse.Namespace) -> int:
-    return not_yet("submit", "open issue")
+    try:
+        plan = build_submission(args.verb, list(args.rest))
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"submit: {exc}", file=sys.stderr)
+        return 2
+    return submit_and_follow(plan["address"], plan["submit"], plan["wait"])

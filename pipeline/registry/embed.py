@@ -1,0 +1,124 @@
+"""Batch inference: embed an image folder or Parquet corpus with a registered backbone.
+
+Ray Data job: list the corpus (``pipeline.data.sources.list_corpus``), read rows of paths/encoded
+bytes (no pixels in the object store), then ``map_batches(Embedder, compute=ActorPoolStrategy)``:
+each actor rebuilds the backbone once from the package (safetensors bytes + arch, fetched once
+by the driver and shipped through the object store), decodes, resizes + centre-crops to the
+backbone's evaluation size and embeds. Output Parquet columns: ``id`` (file path, or
+``file#row`` for Parquet), ``label`` (int64) and ``label_name`` when the corpus is labelled,
+``embedding`` (list<float32>).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+
+class Embedder:
+    """Callable class for ``map_batches``: decode + resize/centre-crop + backbone forward."""
+
+    def __init__(self, package: Any, filesystem=None, image_size: int | None = None,
+                 resize: int | None = None, with_label: bool = False,
+                 class_names: list[str] | None = None, device: str = "cpu"):
+        import cv2
+        import ray
+        import torch
+
+        from pipeline.registry.pull import module_from_bytes
+
+        cv2.setNumThreads(1)
+        torch.set_num_threads(1)
+        if isinstance(package, ray.ObjectRef):
+            package = ray.get(package)
+        self.model = module_from_bytes(package).to(device)
+        arch = package["arch"]
+        self.device = device
+        self.image_size = int(image_size or arch.get("eval_size") or arch["resolutions"][0])
+        self.resize = int(resize or round(self.image_size * 8 / 7))
+        self.mean = tuple(arch.get("input", {}).get("mean", (0.485, 0.456, 0.406)))
+        self.std = tuple(arch.get("input", {}).get("std", (0.229, 0.224, 0.225)))
+        self.filesystem = filesystem
+        self.with_label = with_label
+        self.class_names = list(class_names or [])
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        import torch
+
+        from dino_model.normalize import normalize_uint8
+        from pipeline.data.dataset import _read_bytes, resize_center_crop
+        from pipeline.data.decode import decode_bytes
+
+        n = len(batch["key"])
+        images = np.empty((n, self.image_size, self.image_size, 3), np.uint8)
+        keep = np.zeros(n, bool)
+        for i in range(n):
+            try:
+                data = (batch["bytes"][i] if "bytes" in batch
+                        else _read_bytes(self.filesystem, str(batch["path"][i])))
+                images[i] = resize_center_crop(decode_bytes(data), self.image_size, self.resize)
+                keep[i] = True
+            except Exception:  # noqa: BLE001 - unreadable images are skipped, as in training
+                continue
+        x = normalize_uint8(torch.from_numpy(images[keep]), self.device, self.mean, self.std)
+        with torch.inference_mode():
+            emb = self.model(x).float().cpu().numpy() if len(x) else np.zeros((0, 1), np.float32)
+        dim = emb.shape[1]
+        flat = pa.array(emb.reshape(-1), pa.float32())
+        offsets = pa.array(np.arange(0, (len(emb) + 1) * dim, dim, dtype=np.int32)[: len(emb) + 1])
+        cols: dict[str, Any] = {"id": pa.array([str(k) for k in np.asarray(batch["key"])[keep]],
+                                               pa.string())}
+        if self.with_label and "label" in batch:
+            labels = np.asarray(batch["label"], np.int64)[keep]
+            cols["label"] = pa.array(labels, pa.int64())
+            if self.class_names:
+                cols["label_name"] = pa.array(
+                    [self.class_names[j] if 0 <= j < len(self.class_names) else str(j)
+                     for j in labels], pa.string())
+        cols["embedding"] = pa.ListArray.from_arrays(offsets, flat)
+        return pa.table(cols)
+
+
+@dataclass
+class EmbedResult:
+    output: str
+    num_rows: int
+    embed_dim: int
+
+
+def embed_corpus(model_uri: str, src: str | list[str], dst: str, *,
+                 tracking_uri: str | None = None, num_actors: int = 1,
+                 cpus_per_actor: float = 1.0, batch_size: int = 64,
+                 image_size: int | None = None, resize: int | None = None,
+                 format: str = "auto", image_column: str = "image",
+                 label_column: str | None = "label", limit: int | None = None,
+                 address: str | None = None) -> EmbedResult:
+    """Embed ``src`` (image folder tree or Parquet) with ``model_uri`` into Parquet at ``dst``."""
+    import ray
+
+    from pipeline.data.datasource import CorpusDatasource
+    from pipeline.data.sources import list_corpus
+    from pipeline.ray_runtime import ensure_ray
+    from pipeline.registry.pull import load_package_bytes
+
+    ensure_ray(address)
+    pkg = load_package_bytes(model_uri, tracking_uri)
+    corpus = list_corpus(src, format, image_column, label_column, limit)
+    source = CorpusDatasource(corpus, shuffle=False, rows_per_task=batch_size)
+    ds = ray.data.read_datasource(source, num_cpus=0.25)
+    ds = ds.map_batches(
+        Embedder,
+        fn_constructor_kwargs={
+            "package": ray.put(pkg), "filesystem": corpus.filesystem, "image_size": image_size,
+            "resize": resize, "with_label": corpus.labelled,
+            "class_names": list(corpus.class_names)},
+        batch_size=batch_size, batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=max(1, int(num_actors))),
+        num_cpus=cpus_per_actor,
+    )
+    ds.write_parquet(dst)
+    out = ray.data.read_parquet(dst)
+    return EmbedResult(dst, out.count(), int(pkg["arch"]["embed_dim"]))

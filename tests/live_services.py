@@ -1,0 +1,157 @@
+"""Real services for the registry / submit / tune tests: an ``mlflow server`` and a ``ray start
+--head`` process, each on free ports, each stopped by process id when done.
+
+The Ray head uses its own ``--temp-dir``, so its ``ray_current_cluster`` file is not the default
+one and the in-process ``ray_session`` fixture (tests/conftest.py) never attaches to it; the tests
+reach the head only through ``JobSubmissionClient`` (its dashboard URL). We stop the head by
+killing the process group we started (``ray stop`` would also stop other engineers' Ray
+processes on the same machine).
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_http(url: str, timeout: float, proc: subprocess.Popen, log: Path) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{proc.args[0]} exited {proc.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return
+        except urllib.error.HTTPError as exc:
+            if exc.code in (401, 403):  # up, but wants Ray's auth token (clients send it)
+                return
+        except Exception:  # noqa: BLE001 - not up yet
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"{url} not up after {timeout}s:\n{log.read_text()[-3000:]}")
+
+
+def _stop_group(proc: subprocess.Popen, grace: float = 5.0) -> None:
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)  # stragglers of our own group only
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+class MlflowServer:
+    def __init__(self) -> None:
+        self.dir = Path(tempfile.mkdtemp(prefix="mlflow-srv-"))
+        self.port = free_port()
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.log = self.dir / "server.log"
+        self.proc = subprocess.Popen(
+            [str(BIN / "mlflow"), "server",
+             "--backend-store-uri", f"sqlite:///{self.dir}/mlflow.db",
+             "--artifacts-destination", str(self.dir / "artifacts"),
+             "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1"],
+            stdout=self.log.open("w"), stderr=subprocess.STDOUT, start_new_session=True,
+            cwd=self.dir, env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
+        try:
+            _wait_http(self.uri + "/health", 300, self.proc, self.log)
+        except Exception:
+            self.stop()
+            raise
+
+    def stop(self) -> None:
+        _stop_group(self.proc)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class RayHead:
+    def __init__(self, num_cpus: int = 4) -> None:
+        self.dir = Path(tempfile.mkdtemp(prefix="rh", dir="/tmp"))  # short: socket path limits
+        self.gcs_port, self.dash_port = free_port(), free_port()
+        self.address = f"http://127.0.0.1:{self.dash_port}"
+        self.log = self.dir / "head.log"
+        env = dict(os.environ)
+        env.pop("RAY_ADDRESS", None)
+        env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"  # `python` in job entrypoints
+        env["RAY_TRAIN_V2_ENABLED"] = "1"
+        # token auth on, with a token of our own (clients send it as RAY_AUTH_TOKEN)
+        self.token = secrets.token_hex(32)
+        env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=self.token)
+        self.proc = subprocess.Popen(
+            [str(BIN / "ray"), "start", "--head", "--block", f"--port={self.gcs_port}",
+             "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dash_port}",
+             f"--num-cpus={num_cpus}", "--num-gpus=0", f"--temp-dir={self.dir}",
+             f"--ray-client-server-port={free_port()}",
+             f"--dashboard-agent-listen-port={free_port()}", "--include-dashboard=true",
+             "--disable-usage-stats"],
+            stdout=self.log.open("w"), stderr=subprocess.STDOUT, start_new_session=True,
+            env=env, cwd=REPO)
+        try:
+            _wait_http(self.address + "/api/version", 300, self.proc, self.log)
+        except Exception:
+            self.stop()
+            raise
+
+    def stop(self) -> None:
+        _stop_group(self.proc)
+        # workers re-parented away from our group still carry our temp dir in their command line
+        for pid in _pids_mentioning(str(self.dir)):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _pids_mentioning(text: str) -> list[int]:
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if text in cmd:
+            pids.append(int(entry.name))
+    return pids
+
+
+_MLFLOW: MlflowServer | None = None
+
+
+def shared_mlflow_server() -> MlflowServer:
+    """One server per pytest process, shared by the test modules, stopped at exit."""
+    global _MLFLOW
+    if _MLFLOW is None or _MLFLOW.proc.poll() is not None:
+        _MLFLOW = MlflowServer()
+        atexit.register(_MLFLOW.stop)
+    return _MLFLOW
