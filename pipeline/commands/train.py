@@ -1,13 +1,45 @@
-"""`dino-ray train`."""
+"""`dino-ray train --config configs/NAME.yaml [section.field=value ...]`."""
 
 import argparse
+import json
+import sys
 
-from pipeline.commands import not_yet
+from pipeline.commands import add_config_arguments
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("rest", nargs=argparse.REMAINDER)
+    add_config_arguments(parser)
+    parser.add_argument("--address", default=None,
+                        help="Ray cluster to join (default: $RAY_ADDRESS, else an embedded Ray)")
 
 
 def run(args: argparse.Namespace) -> int:
-    return not_yet("train", "open issue")
+    from pipeline.config import ConfigError, DinoConfig
+
+    try:
+        cfg = DinoConfig.load(args.config, args.overrides)
+    except ConfigError as exc:
+        print(f"dino-ray train: {exc}", file=sys.stderr)
+        return 2
+    import logging
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    from pipeline.train.trainer import TrainingError, run_training
+
+    try:
+        result = run_training(cfg, address=args.address, config_path=args.config)
+    except TrainingError as exc:
+        print(f"dino-ray train: {exc}", file=sys.stderr)
+        return 1
+    summary = {
+        "checkpoint_path": result.checkpoint_path,
+        "storage_path": result.storage_path,
+        "mlflow_run_id": result.mlflow_run_id,
+        "tracking_uri": cfg.tracking.tracking_uri if cfg.tracking.enabled else None,
+        "wall_s": round(result.wall_s, 1),
+        "metrics": {k: v for k, v in result.metrics.items()
+                    if k.startswith(("knn_top1", "knn_init_top1", "knn_gain", "epoch_loss"))
+                    or k in ("epoch", "step")},
+    }
+    print(json.dumps(summary, indent=1, default=str))
+    return 0

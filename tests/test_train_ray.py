@@ -1,0 +1,112 @@
+"""Ray Train DINO loop on the shared local Ray: 2 workers with a worker death + MLflow, resume
+equivalence, NaN stop, unreachable tracking server. Tiny ViT (patch 4, 32/16 px), K=256."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline.train.checkpoint import latest_checkpoint, load_state, load_teacher_backbone, read_meta
+from pipeline.train.presets import tiny_config
+from pipeline.train.trainer import TrainingError, run_training
+
+pytestmark = pytest.mark.ray
+
+
+def test_two_workers_survive_a_worker_death_and_log_to_mlflow(ray_session, digits_dir, tmp_path):
+    db = tmp_path / "mlflow.db"
+    cfg = tiny_config(digits_dir, tmp_path / "runs", "ft", train__num_workers=2,
+                      train__fail_at_step=4, train__max_failures=1,
+                      tracking__enabled=True, tracking__tracking_uri=f"sqlite:///{db}")
+    steps: list[dict] = []
+    epochs: list[dict] = []
+    result = run_training(cfg, on_step_metrics=steps.append, on_epoch_metrics=epochs.append)
+
+    # rank 1 died once at step 4 (marker), the group restarted from the step-3 checkpoint
+    assert (Path(result.storage_path) / ".fault_injected_step_4").is_file()
+    assert result.metrics["step"] == 6 and result.metrics["epoch"] == 1
+    assert result.metrics["backend"] == "gloo" and result.metrics["world_size"] == 2
+    assert result.metrics["global_batch"] == 32
+    assert [e["epoch"] for e in epochs][-2:] == [0, 1]
+    assert all(math.isfinite(s["loss"]) for s in steps)
+    for key in ("lr", "weight_decay", "teacher_momentum", "teacher_temp", "teacher_entropy", "kl",
+                "images_per_s", "data_wait_fraction"):
+        assert key in steps[-1], key
+    assert "epoch_images_per_s" in epochs[-1]
+    ckpt = result.checkpoint_path
+    assert ckpt and Path(ckpt, "state.pt").is_file()
+    assert latest_checkpoint(cfg.train.storage_path, "ft") == ckpt
+    state = load_state(ckpt)
+    assert state["global_step"] == 6 and state["epoch"] == 2 and state["iters_per_epoch"] == 3
+    assert set(state) >= {"student", "teacher", "center", "optimizer", "epoch", "global_step"}
+    assert read_meta(ckpt)["global_step"] == 6
+    backbone, ckpt_cfg = load_teacher_backbone(ckpt)
+    assert not backbone.training and ckpt_cfg.model.out_dim == 256
+    with torch.no_grad():
+        assert backbone(torch.randn(2, 3, 32, 32)).shape == (2, 192)
+
+    # MLflow: params, metrics, artifacts in the run whose id came back
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{db}")
+    run = client.get_run(result.mlflow_run_id)
+    assert run.data.params["train.num_workers"] == "2"
+    assert run.data.params["model.out_dim"] == "256"
+    assert {"loss", "epoch_loss", "lr", "teacher_entropy"} <= set(run.data.metrics)
+    assert run.info.status == "FINISHED"
+    artifacts = {a.path for a in client.list_artifacts(result.mlflow_run_id)}
+    assert {"resolved_config.yaml", "training.png"} <= artifacts
+
+
+def _final_teacher(result) -> dict[str, torch.Tensor]:
+    return load_state(result.checkpoint_path)["teacher"]
+
+
+def test_resume_after_interruption_matches_uninterrupted_run(ray_session, digits_dir, tmp_path):
+    common = dict(train__epochs=3, train__max_steps_per_epoch=2, train__deterministic_data=True,
+                  model__drop_path_rate=0.1)
+    full = run_training(tiny_config(digits_dir, tmp_path / "runs", "full", **common))
+
+    interrupted = tiny_config(digits_dir, tmp_path / "runs", "cut", train__fail_at_step=3,
+                              train__max_failures=0, **common)
+    with pytest.raises(TrainingError) as info:
+        run_training(interrupted)
+    assert info.value.last_checkpoint is not None
+    assert load_state(info.value.last_checkpoint)["global_step"] == 2
+
+    resumed = run_training(interrupted)  # same name + storage: Ray Train hands back the checkpoint
+    assert resumed.metrics["step"] == 6
+    assert [h["epoch"] for h in resumed.history] == [1, 2]  # it did not start over
+    a, b = _final_teacher(full), _final_teacher(resumed)
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
+    sa, sb = load_state(full.checkpoint_path), load_state(resumed.checkpoint_path)
+    torch.testing.assert_close(sa["center"], sb["center"], rtol=1e-5, atol=1e-6)
+
+
+def test_nan_loss_stops_with_clear_error_and_keeps_last_checkpoint(ray_session, digits_dir,
+                                                                   tmp_path):
+    cfg = tiny_config(digits_dir, tmp_path / "runs", "nan", train__epochs=3,
+                      train__max_steps_per_epoch=2, train__nan_at_step=3)
+    with pytest.raises(TrainingError) as info:
+        run_training(cfg)
+    msg = str(info.value)
+    assert "NonFiniteLossError" in msg and "nan" in msg.lower()
+    good = info.value.last_checkpoint
+    assert good is not None and good == latest_checkpoint(cfg.train.storage_path, "nan")
+    state = load_state(good)
+    assert state["global_step"] == 2
+    assert all(torch.isfinite(v).all() for v in state["teacher"].values())
+
+
+def test_unreachable_tracking_server_does_not_stop_training(ray_session, digits_dir, tmp_path):
+    cfg = tiny_config(digits_dir, tmp_path / "runs", "offline", train__epochs=1,
+                      train__max_steps_per_epoch=2, tracking__enabled=True,
+                      tracking__tracking_uri="http://127.0.0.1:9", tracking__http_timeout_s=2)
+    result = run_training(cfg)
+    assert result.mlflow_run_id is None
+    assert result.metrics["step"] == 2 and Path(result.checkpoint_path, "state.pt").is_file()
