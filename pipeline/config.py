@@ -40,6 +40,9 @@ class DataConfig(Section):
     limit: int | None = Field(None, ge=1, description="use only the first N images (after listing)")
     data_cpu_limit: float | None = Field(
         None, gt=0, description="cap on CPUs Ray Data may hold; None = plan from the cluster")
+    object_store_limit_mib: float | None = Field(
+        None, gt=0, description="cap on object store Ray Data may fill ahead of the trainer "
+        "(None = Ray's default share of the object store)")
 
 
 class AugmentConfig(Section):

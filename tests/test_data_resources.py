@@ -63,3 +63,14 @@ def test_planned_pipeline_runs_while_train_holds_its_cpus(ray_session, digits_di
     finally:
         for h in hogs:
             ray.kill(h)
+
+
+def test_plan_object_store_cap_from_config():
+    from pipeline.config import TrainConfig
+    from pipeline.data.resources import plan_from_config
+
+    p = plan_from_config(DataConfig(object_store_limit_mib=256, num_actors=2),
+                         TrainConfig(num_workers=1), cluster=8)
+    assert p.object_store_bytes == 256 * 2 ** 20
+    assert p.execution_options().resource_limits.object_store_memory == 256 * 2 ** 20
+    assert p.num_actors == 2 and p.data_cpus == 6

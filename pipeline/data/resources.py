@@ -15,6 +15,9 @@ The plan, for a cluster with ``C`` logical CPUs, ``W`` train workers of ``c`` CP
   is deprecated), and the actor pool is sized to fit inside it:
   ``num_actors = min(data.num_actors, floor((D - r) / cpus_per_actor))`` where ``r`` is the CPU of
   one read task (0.25 by default: a read task only slices a path list or reads encoded bytes).
+* Optionally ``resource_limits.object_store_memory`` bounds how much finished output Ray Data
+  buffers ahead of a slow trainer (``data.object_store_limit_mib``); without it the bound is
+  Ray's default share of the object store, still independent of the corpus size.
 * If ``D`` cannot hold one actor at the configured CPUs, the actor's logical CPUs shrink to fit
   (it still runs; it just shares a core); if ``D < r + 0.1`` the plan is an error that says how
   many CPUs are missing, raised before anything is scheduled.
@@ -54,18 +57,24 @@ class ResourcePlan:
     cpus_per_actor: float
     read_cpus: float
     notes: list[str] = field(default_factory=list)
+    object_store_bytes: float | None = None
+
+    def resource_limits(self):
+        from ray.data import ExecutionResources
+
+        return ExecutionResources.for_limits(cpu=self.data_cpus,
+                                             object_store_memory=self.object_store_bytes)
 
     def execution_options(self):
-        from ray.data import ExecutionOptions, ExecutionResources
+        from ray.data import ExecutionOptions
 
-        return ExecutionOptions(resource_limits=ExecutionResources.for_limits(cpu=self.data_cpus))
+        return ExecutionOptions(resource_limits=self.resource_limits())
 
     def apply(self) -> None:
         """Set the limit on the current ``DataContext`` (datasets created afterwards copy it)."""
-        from ray.data import DataContext, ExecutionResources
+        from ray.data import DataContext
 
-        DataContext.get_current().execution_options.resource_limits = (
-            ExecutionResources.for_limits(cpu=self.data_cpus))
+        DataContext.get_current().execution_options.resource_limits = self.resource_limits()
 
     def train_data_config(self):
         """``ray.train.DataConfig`` carrying the same limit into the Train-side split."""
@@ -81,7 +90,8 @@ def plan_data_resources(cluster_cpus: float, num_workers: int, cpus_per_worker: 
                         num_actors: int = 1, cpus_per_actor: float = 1.0,
                         data_cpu_limit: float | None = None,
                         read_cpus: float = DEFAULT_READ_CPUS,
-                        headroom_cpus: float | None = None) -> ResourcePlan:
+                        headroom_cpus: float | None = None,
+                        object_store_bytes: float | None = None) -> ResourcePlan:
     """Split ``cluster_cpus`` between Train, headroom and Ray Data (see module docstring)."""
     notes: list[str] = []
     train = float(num_workers) * float(cpus_per_worker)
@@ -107,7 +117,7 @@ def plan_data_resources(cluster_cpus: float, num_workers: int, cpus_per_worker: 
     if actors < num_actors:
         notes.append(f"num_actors {num_actors} lowered to {actors} to fit {data:g} data CPUs")
     return ResourcePlan(float(cluster_cpus), train, headroom, round(data, 3), actors, per_actor,
-                        read_cpus, notes)
+                        read_cpus, notes, object_store_bytes)
 
 
 def cluster_cpus() -> float:
@@ -121,7 +131,9 @@ def plan_from_config(data, train, cluster: float | None = None) -> ResourcePlan:
     return plan_data_resources(
         cluster if cluster is not None else cluster_cpus(), train.num_workers,
         train.cpus_per_worker, num_actors=data.num_actors, cpus_per_actor=data.cpus_per_actor,
-        data_cpu_limit=data.data_cpu_limit)
+        data_cpu_limit=data.data_cpu_limit,
+        object_store_bytes=(data.object_store_limit_mib * 2 ** 20
+                            if data.object_store_limit_mib else None))
 
 
 def apply_data_resources(cluster: float, num_workers: int, cpus_per_worker: float,

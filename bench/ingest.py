@@ -1,0 +1,191 @@
+"""End-to-end ingest: Ray Data (list -> decode+multi-crop actors -> iter_torch_batches) vs the same
+decode+crop function run standalone on the same number of CPU processes, plus peak memory of
+the Ray processes and of the object store for a small and a 5x larger corpus (should be flat:
+streaming holds a bounded number of blocks, whatever the corpus size).
+
+    python bench/ingest.py [--images 200] [--scale 5] [--actors 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import re
+import shlex
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench._corpus import machine, make_jpegs  # noqa: E402
+
+_WORKER = {}
+
+
+def _init_worker() -> None:
+    import cv2
+
+    from pipeline.config import AugmentConfig
+    from pipeline.data.augment import MultiCrop
+
+    cv2.setNumThreads(1)
+    _WORKER["mc"] = MultiCrop(AugmentConfig())
+
+
+def _crop_files(paths: list[str]) -> int:
+    from pipeline.data.dataset import image_rng
+
+    mc = _WORKER["mc"]
+    for p in paths:
+        with open(p, "rb") as f:
+            mc(f.read(), image_rng(0, 0, p))
+    return len(paths)
+
+
+def standalone_rate(files: list[str], procs: int) -> float:
+    chunks = [files[i:i + 16] for i in range(0, len(files), 16)]
+    with mp.get_context("spawn").Pool(procs, initializer=_init_worker) as pool:
+        pool.map(_crop_files, [files[:4]] * procs)  # warm-up: imports done in every process
+        t0 = time.perf_counter()
+        n = sum(pool.map(_crop_files, chunks))
+        return n / (time.perf_counter() - t0)
+
+
+class MemorySampler:
+    """Peak summed RSS of Ray processes (+ this driver) and peak plasma (object store) usage."""
+
+    def __init__(self, interval: float = 0.25):
+        self.interval, self.peak_rss, self.peak_plasma = interval, 0, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        import psutil
+
+        me = psutil.Process(os.getpid())
+        last_plasma = 0.0
+        while not self._stop.is_set():
+            total = 0
+            # this driver and everything it started (gcs, raylet, workers, actors): other Ray
+            # clusters on the machine are not counted
+            for p in [me] + me.children(recursive=True):
+                try:
+                    total += p.memory_info().rss
+                except Exception:  # noqa: BLE001 - processes come and go
+                    continue
+            self.peak_rss = max(self.peak_rss, total)
+            if time.time() - last_plasma > 1.0:
+                last_plasma = time.time()
+                self.peak_plasma = max(self.peak_plasma, _plasma_used())
+            self._stop.wait(self.interval)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+
+def _plasma_used() -> int:
+    try:
+        import ray
+        from ray._private.internal_api import memory_summary
+
+        text = memory_summary(address=ray.get_runtime_context().gcs_address, stats_only=True)
+        m = re.search(r"Plasma memory usage (\d+) MiB", text)
+        return int(m.group(1)) * 2 ** 20 if m else 0
+    except Exception:  # noqa: BLE001
+        return 0
+
+
+def ray_epoch(td, epoch: int, batch_size: int, total: int) -> dict:
+    """Whole-epoch rate (includes the per-epoch actor start: Ray Data recreates the pool for every
+    execution) and the steady rate between 20% and 90% of the epoch's images, where the output
+    queue is in equilibrium (no start-up, no final drain)."""
+    td.set_epoch(epoch)
+    t0 = time.perf_counter()
+    n, marks = 0, {}
+    for batch in td.dataset.iter_torch_batches(batch_size=batch_size):
+        n += len(batch["global_0"])
+        for frac in (0.2, 0.9):
+            if frac not in marks and n >= frac * total:
+                marks[frac] = (n, time.perf_counter())
+    end = time.perf_counter()
+    (n20, t20), (n90, t90) = marks[0.2], marks[0.9]
+    return {"images": n, "wall_s": round(end - t0, 2),
+            "rate_incl_startup": round(n / (end - t0), 1),
+            "rate_steady": round((n90 - n20) / max(1e-9, t90 - t20), 1)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--images", type=int, default=300)
+    ap.add_argument("--scale", type=int, default=5)
+    ap.add_argument("--actors", type=int, default=2)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--map-batch-size", type=int, default=16)
+    ap.add_argument("--object-store-mib", type=float, default=None,
+                    help="cap Ray Data's object store use (plan.object_store_bytes)")
+    ap.add_argument("--corpus", default=os.path.join(tempfile.gettempdir(), "dino-ray-bench-jpegs"))
+    args = ap.parse_args()
+
+    big_n = args.images * args.scale
+    root = make_jpegs(args.corpus + f"-{big_n}", big_n)
+    files = sorted(str(p) for p in Path(root).rglob("*.jpg"))
+
+    import ray
+
+    from pipeline.config import AugmentConfig, DataConfig
+    from pipeline.data.dataset import build_train_dataset
+    from pipeline.data.resources import cluster_cpus, plan_data_resources
+    from pipeline.ray_runtime import ensure_ray
+
+    ensure_ray()
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    # no Train in this benchmark: every CPU but the headroom may go to data
+    plan = plan_data_resources(cluster_cpus(), 0, 1, num_actors=args.actors, cpus_per_actor=1,
+                               object_store_bytes=(args.object_store_mib * 2 ** 20
+                                                   if args.object_store_mib else None))
+    results = {}
+    for label, n in (("small", args.images), ("large", big_n)):
+        # the reference is measured right before each Ray run so both see the same machine load
+        standalone = standalone_rate(files[: min(n, args.images)], plan.num_actors)
+        cfg = DataConfig(path=str(root), num_actors=plan.num_actors, limit=n,
+                         map_batch_size=args.map_batch_size)
+        td = build_train_dataset(cfg, AugmentConfig(), seed=0, plan=plan)
+        with MemorySampler() as mem:
+            epochs = [ray_epoch(td, e, args.batch_size, n) for e in range(2)]
+        steady = max(e["rate_steady"] for e in epochs)
+        whole = max(e["rate_incl_startup"] for e in epochs)
+        results[label] = {"images": n, "standalone_images_per_s": round(standalone, 1),
+                          "epochs": epochs,
+                          "ratio_steady_vs_standalone": round(steady / standalone, 3),
+                          "ratio_whole_epoch_vs_standalone": round(whole / standalone, 3),
+                          "peak_ray_rss_mib": round(mem.peak_rss / 2 ** 20),
+                          "peak_object_store_mib": round(mem.peak_plasma / 2 ** 20),
+                          "skips": td.skip_counts(), "loadavg_after": os.getloadavg()}
+    ray.shutdown()
+    print(json.dumps({
+        "benchmark": "Ray Data ingest (decode + 2x224 + 8x96 multi-crop) into iter_torch_batches",
+        "command": " ".join(shlex.quote(a) for a in [sys.executable] + sys.argv),
+        "machine": machine(),
+        "resource_plan": plan.as_dict(),
+        "standalone_processes": plan.num_actors,
+        "ray": results,
+        "memory_large_vs_small_rss": round(results["large"]["peak_ray_rss_mib"]
+                                           / max(1, results["small"]["peak_ray_rss_mib"]), 2),
+        "memory_large_vs_small_object_store": round(
+            results["large"]["peak_object_store_mib"]
+            / max(1, results["small"]["peak_object_store_mib"]), 2),
+        "target_ratio": 0.9,
+    }))
+
+
+if __name__ == "__main__":
+    main()
