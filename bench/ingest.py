@@ -60,6 +60,7 @@ class MemorySampler:
 
     def __init__(self, interval: float = 0.25):
         self.interval, self.peak_rss, self.peak_plasma = interval, 0, 0
+        self.plasma_timeline: list[int] = []  # MiB, one sample a second: a plateau = bounded
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -80,7 +81,9 @@ class MemorySampler:
             self.peak_rss = max(self.peak_rss, total)
             if time.time() - last_plasma > 1.0:
                 last_plasma = time.time()
-                self.peak_plasma = max(self.peak_plasma, _plasma_used())
+                used = _plasma_used()
+                self.plasma_timeline.append(round(used / 2 ** 20))
+                self.peak_plasma = max(self.peak_plasma, used)
             self._stop.wait(self.interval)
 
     def __enter__(self):
@@ -169,6 +172,7 @@ def main() -> None:
                           "ratio_whole_epoch_vs_standalone": round(whole / standalone, 3),
                           "peak_ray_rss_mib": round(mem.peak_rss / 2 ** 20),
                           "peak_object_store_mib": round(mem.peak_plasma / 2 ** 20),
+                          "object_store_mib_per_s": mem.plasma_timeline,
                           "skips": td.skip_counts(), "loadavg_after": os.getloadavg()}
     ray.shutdown()
     print(json.dumps({
