@@ -177,7 +177,11 @@ class TuneConfig(Section):
     )
     grace_period: int = Field(1, ge=1)
     reduction_factor: int = Field(2, ge=2)
-    max_concurrent_trials: int | None = Field(None, ge=1)
+    max_concurrent_trials: int | None = Field(
+        None, ge=1, description="cap; by default derived from ray.cluster_resources()")
+    grid: bool = Field(False, description="grid_search over every combination (x num_samples) "
+                       "instead of sampling num_samples random combinations")
+    register_best: bool = Field(True, description="register the best trial's teacher")
 
 
 class DinoConfig(Section):

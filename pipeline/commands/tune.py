@@ -1,13 +1,48 @@
-"""`dino-ray tune`."""
+"""`dino-ray tune --config FILE [section.field=value ...]`: a Ray Tune sweep with ASHA.
+
+Searches ``tune.search_space`` (default: loss.teacher_temp, optim.momentum_teacher,
+augment.num_local; any ``section.field`` may be added), stops weak trials early on the per-epoch
+``tune.metric`` (k-NN top-1), logs each trial as a child MLflow run under one parent run, prints
+and logs the results table, and registers the best trial's teacher (alias ``champion``).
+"""
+
+from __future__ import annotations
 
 import argparse
+import sys
 
-from pipeline.commands import not_yet
+from pipeline.commands import add_config_arguments
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("rest", nargs=argparse.REMAINDER)
+    add_config_arguments(parser)
+    parser.add_argument("--address", default=None,
+                        help="Ray cluster to join (default: $RAY_ADDRESS, else an embedded Ray)")
+    parser.add_argument("--name", help="sweep name (default <train.name>-sweep-<time>)")
+    parser.add_argument("--no-register", action="store_true",
+                        help="do not register the best trial's teacher")
 
 
 def run(args: argparse.Namespace) -> int:
-    return not_yet("tune", "open issue")
+    from pipeline.config import ConfigError, DinoConfig
+
+    try:
+        cfg = DinoConfig.load(args.config, args.overrides)
+        from pipeline.tune.sweep import param_space
+
+        param_space(cfg)  # unknown search-space fields fail here
+    except ConfigError as exc:
+        print(f"dino-ray tune: {exc}", file=sys.stderr)
+        return 2
+    import logging
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    from pipeline.tune.sweep import run_sweep
+
+    result = run_sweep(cfg, address=args.address, register=not args.no_register, name=args.name)
+    if result.best is None:
+        print("dino-ray tune: no trial finished", file=sys.stderr)
+        return 1
+    print(f"best trial {result.best['trial_id']}: {cfg.tune.metric}="
+          f"{result.best[cfg.tune.metric]:.4f}; results: {result.csv_path}")
+    return 0
