@@ -104,7 +104,7 @@ def train_trial(params: dict[str, Any]) -> None:
     from pipeline.train.trainer import run_training
 
     ctx = ray.tune.get_context()
-    name = f"{params['_sweep']}-t{ctx.get_trial_id()}"
+    name = trial_name(params["_sweep"], ctx.get_trial_id())
     cfg = trial_config(params["_base"], params, name, params["_storage"])
     metric = cfg.tune.metric
     reported: list[dict] = []
@@ -124,24 +124,11 @@ def train_trial(params: dict[str, Any]) -> None:
                   "mlflow_run_id": result.mlflow_run_id or "", "final": 1})
     if metric in final:
         final["epoch"] = (reported[-1]["epoch"] + 1) if reported else 1
-        ray.tune.report(final)
-    _tag_child(cfg, result.mlflow_run_id, params)
+        ray.tune.report(final)  # the last statement: ASHA may end the trial right here
 
 
-def _tag_child(cfg: DinoConfig, run_id: str | None, params: dict[str, Any]) -> None:
-    """Nest the trial's training run under the sweep's parent run."""
-    if not (run_id and params.get("_parent_run_id") and cfg.tracking.enabled):
-        return
-    try:
-        from mlflow import MlflowClient
-
-        client = MlflowClient(tracking_uri=cfg.tracking.tracking_uri)
-        client.set_tag(run_id, "mlflow.parentRunId", params["_parent_run_id"])
-        client.set_tag(run_id, "dino_ray.sweep", params["_sweep"])
-        for key in cfg.tune.search_space:
-            client.set_tag(run_id, f"trial.{key}", str(params.get(key)))
-    except Exception:  # noqa: BLE001 - bookkeeping must not fail a finished trial
-        pass
+def trial_name(sweep: str, trial_id: str) -> str:
+    return f"{sweep}-t{trial_id}"
 
 
 # --- the sweep ---------------------------------------------------------------------------------
@@ -168,7 +155,8 @@ def run_sweep(cfg: DinoConfig, *, address: str | None = None, register: bool = T
     base = cfg.model_dump(mode="json")
     space.update({"_base": base, "_sweep": sweep, "_storage": storage,
                   "_parent_run_id": parent.run_id})
-    scheduler = ASHAScheduler(time_attr="epoch", max_t=max(cfg.train.epochs + 1, 2),
+    # max_t above the last report (epochs + the final one), so only the rungs stop trials
+    scheduler = ASHAScheduler(time_attr="epoch", max_t=cfg.train.epochs + 2,
                               grace_period=tc.grace_period, reduction_factor=tc.reduction_factor)
     tuner = tune.Tuner(
         # the trial is only the Train driver (it waits); the TorchTrainer workers and the data
@@ -182,6 +170,7 @@ def run_sweep(cfg: DinoConfig, *, address: str | None = None, register: bool = T
     )
     grid = tuner.fit()
     table = results_table(grid, cfg)
+    parent.adopt_children(table, sweep, cfg)
     best = _best(table, tc.metric, tc.mode)
     csv_path, plot_path = parent.log_results(table, best, cfg)
     print(format_table(table, cfg), flush=True)
@@ -276,6 +265,34 @@ class _ParentRun:
         except Exception as exc:  # noqa: BLE001
             print(f"sweep: MLflow parent run unavailable ({exc}); continuing without", flush=True)
             self.client = None
+
+    def adopt_children(self, table: list[dict[str, Any]], sweep: str, cfg: DinoConfig) -> None:
+        """Nest each trial's training run under the parent run (``mlflow.parentRunId``), tag it
+        with the trial's parameters, and close the runs of trials ASHA stopped (their process
+        was ended mid-training, so their run is still RUNNING)."""
+        if not (self.client and self.run_id):
+            return
+        try:
+            exp = self.client.get_experiment_by_name(cfg.tracking.experiment)
+            for row in table:
+                name = trial_name(sweep, row["trial_id"])
+                runs = self.client.search_runs(
+                    [exp.experiment_id], f"tags.`dino_ray.train.name` = '{name}'",
+                    order_by=["attributes.start_time DESC"], max_results=1)
+                if not runs:
+                    continue
+                run = runs[0]
+                row["mlflow_run_id"] = row.get("mlflow_run_id") or run.info.run_id
+                self.client.set_tag(run.info.run_id, "mlflow.parentRunId", self.run_id)
+                self.client.set_tag(run.info.run_id, "dino_ray.sweep", sweep)
+                self.client.set_tag(run.info.run_id, "trial_id", row["trial_id"])
+                for key in cfg.tune.search_space:
+                    self.client.set_tag(run.info.run_id, f"trial.{key}", str(row.get(key)))
+                if row["stopped_early"] and run.info.status == "RUNNING":
+                    self.client.set_tag(run.info.run_id, "stopped_by", "ASHA")
+                    self.client.set_terminated(run.info.run_id, "KILLED")
+        except Exception as exc:  # noqa: BLE001 - bookkeeping must not fail the sweep
+            print(f"sweep: could not nest the trial runs ({exc})", flush=True)
 
     def set_tag(self, key: str, value: str) -> None:
         if self.client and self.run_id:
