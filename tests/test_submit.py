@@ -15,7 +15,7 @@ from pipeline.train.presets import tiny_config
 
 @pytest.fixture(scope="module")
 def ray_head():
-    head = RayHead(num_cpus=4)
+    head = RayHead.start(num_cpus=4)
     yield head
     head.stop()
 
@@ -44,6 +44,8 @@ def test_submission_plan(tmp_path):
     assert main(["submit", "train", "train.epochs=1"]) == 2  # no --address
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
 def test_training_job_succeeds_and_is_tracked(ray_head, tmp_path, digits_dir, monkeypatch,
                                               capsys):
     from mlflow import MlflowClient
@@ -58,13 +60,22 @@ def test_training_job_succeeds_and_is_tracked(ray_head, tmp_path, digits_dir, mo
                "tracking.enabled=true", f"tracking.tracking_uri={uri}",
                "tracking.experiment=submitted"])
     out = capsys.readouterr()
-    assert rc == 0, out.out[-4000:] + out.err[-2000:]
+    assert rc == 0, out.out[-4000:] + out.err[-2000:] + "\nhead log:\n" + ray_head.tail()
     assert '"mlflow_run_id"' in out.out  # the job's own output, streamed back
     client = MlflowClient(tracking_uri=uri)
     exp = client.get_experiment_by_name("submitted")
     runs = client.search_runs([exp.experiment_id], "attributes.run_name = 'subjob'")
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
     assert "knn_top1" in runs[0].data.metrics
+
+    # register that run's teacher by its MLflow run name (what `submit register` runs)
+    assert main(["register", "--run-name", "subjob", "--tracking-uri", uri, "--name", "sub-teacher",
+                 "tracking.experiment=submitted"]) == 0
+    version = MlflowClient(tracking_uri=uri, registry_uri=uri).get_model_version_by_alias(
+        "sub-teacher", "champion")
+    assert version.run_id == runs[0].info.run_id
+    assert float(version.tags["knn_top1"]) == pytest.approx(runs[0].data.metrics["knn_top1"],
+                                                            abs=1e-4)
 
 
 def test_failing_job_exits_nonzero(ray_head, monkeypatch, capsys):

@@ -29,6 +29,8 @@ def test_concurrency_from_cluster_resources():
         param_space(cfg.with_overrides({"tune.search_space": {"loss.nope": [1, 2]}}))
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(1200)  # ~4 min on an idle 2-core machine; far more when it is shared
 def test_two_trial_sweep_registers_best(tmp_path, digits_dir, ray_session, capsys):
     from mlflow import MlflowClient
 
@@ -36,7 +38,7 @@ def test_two_trial_sweep_registers_best(tmp_path, digits_dir, ray_session, capsy
 
     uri = shared_mlflow_server().uri
     cfg = tiny_config(digits_dir, tmp_path / "runs", "sw", train__epochs=2,
-                      train__max_steps_per_epoch=2, eval__limit=120, data__limit=300)
+                      train__max_steps_per_epoch=1, eval__limit=120, data__limit=200)
     cfg_file = tmp_path / "sweep.yaml"
     cfg_file.write_text(cfg.to_yaml())
     rc = main(["tune", "--config", str(cfg_file), "--name", "sw-test",
