@@ -162,6 +162,10 @@ def build_train_dataset(data: DataConfig, augment: AugmentConfig, seed: int = 0,
     )
     if plan is not None:
         ds.context.execution_options = plan.execution_options()
+    # One output block per map batch: Ray Data otherwise packs crops up to 128 MiB per block,
+    # which makes streaming coarse and the object store peak large (a block is ~0.5 MB/image).
+    view_bytes = sum(s.size * s.size * 3 for s in view_specs(augment)) + 8
+    ds.context.target_max_block_size = max(1 << 20, view_bytes * data.map_batch_size)
     return TrainDataset(ds, corpus.num_images, list(corpus.class_names), handle,
                         [s.name for s in view_specs(augment)], corpus.description)
 
