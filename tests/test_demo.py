@@ -1,0 +1,26 @@
+"""The main job end to end at a tiny budget: corpus, Ray training, k-NN, MLflow, registry."""
+
+from __future__ import annotations
+
+import pytest
+
+from pipeline.demo import run_demo
+
+
+@pytest.mark.ray
+def test_demo_runs_end_to_end(ray_session, tmp_path, capsys):
+    code = run_demo(tmp_path, overrides=["train.epochs=1", "train.max_steps_per_epoch=2",
+                                         "train.batch_size_per_worker=32", "eval.k=[10,20]"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "k=10" in out and "random init" in out and "mlflow ui --backend-store-uri" in out
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("dino-ray-demo")
+    runs = client.search_runs([exp.experiment_id])
+    assert len(runs) == 1
+    metrics = runs[0].data.metrics
+    assert "knn_top1" in metrics and "knn_init_top1" in metrics and "epoch_loss" in metrics
+    versions = client.search_model_versions("name='dino-teacher-demo'")
+    assert len(versions) == 1
