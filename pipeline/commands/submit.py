@@ -103,8 +103,9 @@ def build_submission(verb: str, rest: list[str]) -> dict[str, Any]:
                   "runs the job; use an MLflow server (http://...) to see the run from here",
                   file=sys.stderr)
     entry_args = config_arguments(opts.config, root) + job_args
-    env_vars = {"PYTHONUNBUFFERED": "1", "RAY_TRAIN_V2_ENABLED": "1",
-                "PYTHONWARNINGS": "ignore::DeprecationWarning"}
+    # not PYTHONWARNINGS: the job's driver adds it in ensure_ray(), and Ray refuses to merge a
+    # driver runtime_env whose env_vars repeat a key of the job's runtime_env
+    env_vars = {"PYTHONUNBUFFERED": "1", "RAY_TRAIN_V2_ENABLED": "1"}
     sha = os.environ.get("DINO_RAY_GIT_SHA") or git_sha(root)
     if sha:
         env_vars["DINO_RAY_GIT_SHA"] = sha
