@@ -53,6 +53,18 @@ def _wait_http(url: str, timeout: float, proc: subprocess.Popen, log: Path) -> N
     raise TimeoutError(f"{url} not up after {timeout}s:\n{log.read_text()[-3000:]}")
 
 
+def _wait_log(log: Path, marker: str, timeout: float, proc: subprocess.Popen) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        text = log.read_text(errors="replace") if log.exists() else ""
+        if marker in text:
+            return
+        if proc.poll() is not None:
+            raise RuntimeError(f"{proc.args[0]} exited {proc.returncode}:\n{text[-3000:]}")
+        time.sleep(0.5)
+    raise TimeoutError(f"no {marker!r} after {timeout}s")
+
+
 def _stop_group(proc: subprocess.Popen, grace: float = 5.0) -> None:
     if proc.poll() is None:
         try:
@@ -132,6 +144,7 @@ class RayHead:
             stdout=self.log.open("w"), stderr=subprocess.STDOUT, start_new_session=True,
             env=env, cwd=REPO)
         try:
+            _wait_log(self.log, "Ray runtime started", 300, self.proc)  # raylet registered
             _wait_http(self.address + "/api/version", 300, self.proc, self.log)
         except Exception:
             self.stop()
