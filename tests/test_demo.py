@@ -16,7 +16,8 @@ def test_demo_runs_end_to_end(ray_session, tmp_path, capsys):
     assert "k=10" in out and "random init" in out and "mlflow ui --backend-store-uri" in out
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     exp = client.get_experiment_by_name("dino-ray-demo")
     runs = client.search_runs([exp.experiment_id])
     assert len(runs) == 1

@@ -31,5 +31,3 @@ def test_random_init_knn_on_digits_split(ray_session, digits_dir, tmp_path):
     # a random ViT on digits is far above chance (10%) but not perfect
     assert 30.0 < out["knn_init_top1"] < 100.0
     assert set(out) >= {"knn_init_top1_k10", "knn_init_top5_k20"}
-    again = evaluate_knn(cfg, None, sets=build_eval_sets(cfg))
-    assert again["knn_init_top1"] == pytest.approx(out["knn_init_top1"])  # deterministic
