@@ -1,0 +1,40 @@
+"""Driver-side MLflow tracker: logs to SQLite; an unreachable server disables it, fast."""
+
+from __future__ import annotations
+
+import time
+
+from pipeline.tracking import Tracker, resolve_tracking_uri
+
+
+def test_tracker_logs_params_metrics_artifacts(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    t = Tracker(uri, "exp", run_name="r")
+    assert t.ok and t.run_id
+    t.log_params({"train.epochs": 3, "eval.k": [10, 20]})
+    t.log_metrics({"loss": 1.5, "skip": float("nan"), "kind": "step"}, step=2)
+    (tmp_path / "c.yaml").write_text("a: 1\n")
+    t.log_artifact(tmp_path / "c.yaml")
+    t.finish()
+    from mlflow.tracking import MlflowClient
+
+    run = MlflowClient(tracking_uri=uri).get_run(t.run_id)
+    assert run.data.params == {"train.epochs": "3", "eval.k": "[10, 20]"}
+    assert run.data.metrics == {"loss": 1.5}
+    assert run.info.status == "FINISHED"
+    assert [a.path for a in MlflowClient(tracking_uri=uri).list_artifacts(t.run_id)] == ["c.yaml"]
+
+
+def test_unreachable_server_disables_tracking_quickly(caplog):
+    start = time.monotonic()
+    t = Tracker("http://127.0.0.1:9", "exp", http_timeout_s=2)
+    t.log_metrics({"loss": 1.0}, step=1)
+    t.finish()
+    assert not t.ok and t.run_id is None
+    assert time.monotonic() - start < 30
+    assert sum("MLflow tracking disabled" in r.message for r in caplog.records) == 1
+
+
+def test_relative_sqlite_uri_becomes_absolute(tmp_path):
+    assert resolve_tracking_uri("sqlite:///mlflow.db", tmp_path) == f"sqlite:///{tmp_path}/mlflow.db"
+    assert resolve_tracking_uri("http://host:5000") == "http://host:5000"
