@@ -52,7 +52,7 @@ def test_training_job_succeeds_and_is_tracked(ray_head, tmp_path, digits_dir, mo
 
     monkeypatch.setenv("RAY_AUTH_TOKEN", ray_head.token)
     uri = shared_mlflow_server().uri
-    cfg = tiny_config(digits_dir, tmp_path / "runs", "subjob", train__epochs=1,
+    cfg = tiny_config(digits_dir, tmp_path / "runs", "subjob", train__epochs=1, eval__every_epochs=1,
                       train__max_steps_per_epoch=2, eval__limit=100, data__limit=200)
     cfg_file = tmp_path / "job.yaml"  # outside the repo: shipped inline as overrides
     cfg_file.write_text(cfg.to_yaml())
