@@ -20,7 +20,7 @@ ALIASES: dict[str, str] = {
 
 
 def is_vit(name: str) -> bool:
-    return timm_name(name).startswith(("vit_", "deit_"))
+    return timm_name(name).startswith(("vit_", "deit_", "test_vit"))
 
 
 def timm_name(name: str) -> str:

@@ -21,10 +21,10 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
-    runtime_env = {"env_vars": {"PYTHONWARNINGS": "ignore::DeprecationWarning"}}
-    if address:
-        ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
+    if address:  # a submitted job already carries its runtime_env: do not merge another one
+        ray.init(address=address, log_to_driver=True)
         return
+    runtime_env = {"env_vars": {"PYTHONWARNINGS": "ignore::DeprecationWarning"}}
     cores = os.cpu_count() or 1
     ray.init(
         num_cpus=num_cpus or max(4, OVERSUBSCRIBE * cores),

@@ -68,3 +68,9 @@ def test_teacher_starts_equal_and_is_frozen():
     for (n1, p1), (n2, p2) in zip(student.state_dict().items(), teacher.state_dict().items()):
         assert n1 == n2 and torch.equal(p1, p2)
     assert isinstance(student, MultiCropWrapper)
+
+
+def test_timm_test_vit_takes_the_patch_size():
+    vit = build_backbone("test_vit", img_size=32, patch_size=4)
+    assert vit.patch_embed.patch_size == (4, 4)
+    assert vit(torch.randn(1, 3, 16, 16)).shape == (1, vit.embed_dim)
