@@ -30,7 +30,10 @@ def run_demo(workdir: str | Path, overrides: list[str] | None = None) -> int:
                                    f"train.name={name}", f"tracking.tracking_uri={uri}",
                                    *(overrides or [])])
     print(f"[demo] corpus: {corpus} (1,797 handwritten digits, 10 classes)", flush=True)
-    ensure_ray()
+    ensure_ray(quiet=True)
+    import ray.data
+
+    ray.data.DataContext.get_current().enable_progress_bars = False
     try:
         result = run_training(cfg, config_path=CONFIG)
     except TrainingError as exc:

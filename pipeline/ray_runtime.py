@@ -16,8 +16,9 @@ import ray
 OVERSUBSCRIBE = 2  # logical CPUs per physical core on an embedded cluster
 
 
-def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
-    """Join ``address`` (or $RAY_ADDRESS), else start an embedded local Ray."""
+def ensure_ray(address: str | None = None, num_cpus: int | None = None, quiet: bool = False) -> None:
+    """Join ``address`` (or $RAY_ADDRESS), else start an embedded local Ray. ``quiet`` keeps the
+    workers' own log lines off the driver's console (the driver prints the summaries)."""
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
@@ -30,5 +31,11 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         num_cpus=num_cpus or max(4, OVERSUBSCRIBE * cores),
         include_dashboard=False,
         runtime_env=runtime_env,
-        log_to_driver=True,
+        log_to_driver=not quiet,
     )
+
+
+def role_resources(role: str, amount: float) -> dict[str, float]:
+    """``{role: amount}`` when the cluster advertises that custom resource (cluster.yaml gives
+    data nodes ``data`` and GPU nodes ``train``), else nothing, so a local Ray places work freely."""
+    return {role: amount} if ray.cluster_resources().get(role, 0) > 0 else {}

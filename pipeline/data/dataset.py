@@ -26,6 +26,7 @@ from pipeline.data.datasource import CorpusDatasource, stable_hash
 from pipeline.data.decode import BadImage, decode_bytes
 from pipeline.data.sources import Corpus, list_corpus
 from pipeline.data.state import DataHandle
+from pipeline.ray_runtime import role_resources
 
 if TYPE_CHECKING:
     from pipeline.config import AugmentConfig, DataConfig
@@ -150,6 +151,8 @@ def build_train_dataset(data: DataConfig, augment: AugmentConfig, seed: int = 0,
     source = CorpusDatasource(corpus, seed=seed, shuffle=data.shuffle_files, state=handle,
                               rows_per_task=data.map_batch_size)
     ds = ray.data.read_datasource(source, num_cpus=plan.read_cpus if plan else READ_TASK_CPUS)
+    data_nodes = role_resources("data", cpus_per_actor)  # pin actors to data nodes on a cluster
+    placement = {"resources": data_nodes} if data_nodes else {}
     ds = ds.map_batches(
         MultiCropStage,
         fn_constructor_kwargs={"augment": augment.model_dump(mode="json"), "seed": seed,
@@ -159,6 +162,7 @@ def build_train_dataset(data: DataConfig, augment: AugmentConfig, seed: int = 0,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=num_actors),
         num_cpus=cpus_per_actor,
+        **placement,
     )
     if plan is not None:
         ds.context.execution_options = plan.execution_options()

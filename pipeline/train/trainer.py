@@ -97,7 +97,7 @@ def run_training(
     from ray.train.torch import TorchTrainer
     from ray.util.queue import Queue
 
-    from pipeline.ray_runtime import ensure_ray
+    from pipeline.ray_runtime import ensure_ray, role_resources
     from pipeline.tracking import Tracker
     from pipeline.train.loop import iters_per_epoch, train_loop_per_worker
 
@@ -156,7 +156,8 @@ def run_training(
                            "num_images": train_data.num_images, "eval_refs": eval_refs,
                            "run_dir": str(local_rdir) if local_rdir is not None else None},
         scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu,
-                                     resources_per_worker={"CPU": tc.cpus_per_worker}),
+                                     resources_per_worker={"CPU": tc.cpus_per_worker,
+                                                           **role_resources("train", 1)}),
         run_config=RunConfig(
             name=tc.name, storage_path=storage,
             checkpoint_config=CheckpointConfig(num_to_keep=tc.keep_checkpoints),
