@@ -159,6 +159,9 @@ def register_teacher(
             mlflow.set_experiment(cfg.tracking.experiment)
             run_ctx = mlflow.start_run(run_name=f"register-{name}")
         else:
+            # the fluent API keeps one process-wide active experiment (maybe of another store):
+            # point it at this run's, or MLflow refuses to reopen the run
+            mlflow.set_experiment(experiment_id=client.get_run(run_id).info.experiment_id)
             run_ctx = mlflow.start_run(run_id=run_id)
         with run_ctx as run:
             info = mlflow.pyfunc.log_model(
