@@ -33,6 +33,23 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None, quiet: b
         runtime_env=runtime_env,
         log_to_driver=not quiet,
     )
+    _start_autoscaling_coordinator()
+
+
+def _start_autoscaling_coordinator() -> None:
+    """Ray Train and Ray Data register their resource needs with one shared, lazily created
+    coordinator actor and give up after 5 s; on a busy small machine its process takes longer to
+    start, which cost every training run two timeouts (~10 s). Starting it with the embedded
+    cluster lets it come up while the driver lists data and opens MLflow. Internal Ray API: any
+    failure only means it is created on first use, as before."""
+    try:
+        from ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator import (
+            get_or_create_autoscaling_coordinator,
+        )
+
+        get_or_create_autoscaling_coordinator()
+    except Exception:  # noqa: BLE001
+        pass
 
 
 def role_resources(role: str, amount: float) -> dict[str, float]:

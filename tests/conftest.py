@@ -16,9 +16,9 @@ def ray_session():
     """A local Ray with more logical CPUs than cores (see pipeline.ray_runtime), shared by tests."""
     import ray
 
-    if not ray.is_initialized():
-        ray.init(num_cpus=6, include_dashboard=False, log_to_driver=True,
-                 runtime_env={"env_vars": {"PYTHONWARNINGS": "ignore::DeprecationWarning"}})
+    from pipeline.ray_runtime import ensure_ray
+
+    ensure_ray(num_cpus=6)  # what the jobs do on an embedded cluster, at a fixed size
     yield ray
     ray.shutdown()
 

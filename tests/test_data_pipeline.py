@@ -131,6 +131,45 @@ def test_file_order_changes_per_epoch_and_is_reproducible(ray_session, mixed_tre
         corpus.entries.column("path").to_pylist()
 
 
+def test_one_execution_streams_an_epoch_window_cut_to_rows_per_epoch(ray_session, mixed_tree,
+                                                                     tmp_path):
+    """``set_epoch(e, until=E, rows_per_epoch=n)``: one execution streams epochs e..E-1 back to
+    back, each the first n keys of that epoch's own order (the same as a one-epoch execution)."""
+    corpus = list_corpus(str(mixed_tree))
+    handle = DataHandle()
+    src = CorpusDatasource(corpus, seed=5, state=handle, rows_per_task=8)
+
+    def rows(tasks) -> list[tuple[int, str]]:
+        return [(e, k) for t in tasks for b in t()
+                for e, k in zip(b.column("epoch").to_pylist(), b.column("key").to_pylist())]
+
+    handle.set_epoch(2, until=5, rows_per_epoch=10)
+    window = rows(src.get_read_tasks(4))
+    assert [e for e, _ in window] == [2] * 10 + [3] * 10 + [4] * 10
+    for epoch in (2, 3, 4):
+        handle.set_epoch(epoch)
+        whole = [k for _, k in rows(src.get_read_tasks(4))]
+        assert [k for e, k in window if e == epoch] == whole[:10]
+    assert handle.window() == (4, 5, None)
+
+    # Parquet: the cut falls inside a row group
+    root = write_parquet(tmp_path / "pq", n_files=2, rows=12, row_group=5)
+    pq_src = CorpusDatasource(list_corpus(str(root)), seed=1, state=handle)
+    handle.set_epoch(0, until=2, rows_per_epoch=7)
+    pq_rows = rows(pq_src.get_read_tasks(4))
+    assert [e for e, _ in pq_rows] == [0] * 7 + [1] * 7
+    assert len({k for e, k in pq_rows if e == 0}) == 7
+
+
+def test_train_dataset_streams_several_epochs_in_one_iteration(ray_session, digits_dir):
+    td = build_train_dataset(DataConfig(path=str(digits_dir), limit=40, num_actors=1,
+                                        map_batch_size=8), PLAIN, seed=0)
+    td.set_epoch(0, until=3, rows_per_epoch=32)
+    n = sum(len(b["label"]) for b in td.dataset.iter_batches(batch_size=16))
+    assert n == 3 * 32
+    assert td.stats()["decoded"] == 3 * 32
+
+
 def test_parquet_pipeline_with_bad_rows(ray_session, tmp_path):
     extra = {name: data for name, (data, _) in bad_files().items()}
     root = write_parquet(tmp_path / "pq", n_files=2, rows=12, row_group=5, extra=extra)

@@ -1,5 +1,5 @@
 """Ray Train DINO loop on the shared local Ray: 2 workers with a worker death + MLflow, resume
-equivalence, NaN stop, unreachable tracking server. Tiny ViT (patch 4, 32/16 px), K=256."""
+equivalence (with an unreachable tracking server), NaN stop. Tiny ViT (patch 4, 32/16 px), K=256."""
 
 from __future__ import annotations
 
@@ -68,7 +68,12 @@ def _final_teacher(result) -> dict[str, torch.Tensor]:
 def test_resume_after_interruption_matches_uninterrupted_run(ray_session, digits_dir, tmp_path):
     common = dict(train__epochs=2, train__max_steps_per_epoch=2, train__deterministic_data=True,
                   model__drop_path_rate=0.1, data__limit=64)
-    full = run_training(tiny_config(digits_dir, tmp_path / "runs", "full", **common))
+    # the uninterrupted run also logs to an MLflow server that is down: a warning, no failure
+    full = run_training(tiny_config(
+        digits_dir, tmp_path / "runs", "full", tracking__enabled=True,
+        tracking__tracking_uri="http://127.0.0.1:9", tracking__http_timeout_s=2, **common))
+    assert full.mlflow_run_id is None
+    assert full.metrics["step"] == 4 and Path(full.checkpoint_path, "state.pt").is_file()
 
     interrupted = tiny_config(digits_dir, tmp_path / "runs", "cut", train__fail_at_step=3,
                               train__max_failures=0, **common)
@@ -101,12 +106,3 @@ def test_nan_loss_stops_with_clear_error_and_keeps_last_checkpoint(ray_session, 
     state = load_state(good)
     assert state["global_step"] == 2
     assert all(torch.isfinite(v).all() for v in state["teacher"].values())
-
-
-def test_unreachable_tracking_server_does_not_stop_training(ray_session, digits_dir, tmp_path):
-    cfg = tiny_config(digits_dir, tmp_path / "runs", "offline", train__epochs=1,
-                      train__max_steps_per_epoch=2, data__limit=64, tracking__enabled=True,
-                      tracking__tracking_uri="http://127.0.0.1:9", tracking__http_timeout_s=2)
-    result = run_training(cfg)
-    assert result.mlflow_run_id is None
-    assert result.metrics["step"] == 2 and Path(result.checkpoint_path, "state.pt").is_file()

@@ -108,14 +108,18 @@ class TrainDataset:
     handle: DataHandle
     view_names: list[str]
     corpus_description: str = ""
+    streams_epochs = True  # ``set_epoch(e, until=E)`` makes one execution stream epochs e..E-1
 
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
 
-    def set_epoch(self, epoch: int) -> None:
-        """Idempotent, from any process: the next execution (iteration) uses ``epoch``."""
-        self.handle.set_epoch(epoch)
+    def set_epoch(self, epoch: int, until: int | None = None,
+                  rows_per_epoch: int | None = None) -> None:
+        """Idempotent, from any process: the next execution (iteration) streams epochs
+        ``epoch .. until-1`` (only ``epoch`` when ``until`` is None), each cut to its first
+        ``rows_per_epoch`` images (see ``pipeline.data.state``)."""
+        self.handle.set_epoch(epoch, until, rows_per_epoch)
 
     def skip_counts(self) -> dict[str, int]:
         """Cumulative reason -> number of images skipped since the dataset was built."""

@@ -1,9 +1,11 @@
 """A Ray Data datasource over a listed ``Corpus`` whose file order changes every epoch.
 
 ``get_read_tasks`` runs once per execution of the dataset (Ray Data calls it lazily when the
-executor starts, i.e. once per epoch of ``iter_torch_batches``). There we read the epoch from the
-``DataState`` clock, permute the work units with ``default_rng([seed, epoch])`` and stamp every row
-with the epoch, so the downstream crop actors need no state of their own.
+executor starts an iteration). There we read the epoch window from the ``DataState`` actor and,
+for every epoch in it, permute the work units with ``default_rng([seed, epoch])``, cut the epoch to
+``rows_per_epoch`` images when asked, and stamp every row with its epoch, so the downstream crop
+actors need no state of their own. A window of several epochs is one execution: the crop actors
+start once and stream epoch after epoch.
 
 Rows carry no pixels: for image files a row is (path, label?, key, epoch) and the crop actor reads
 the bytes itself; for Parquet a read task reads one row group's encoded bytes (small) and labels.
@@ -65,39 +67,40 @@ class CorpusDatasource(Datasource):
     def num_rows(self) -> int:
         return self.corpus.num_images if self.indices is None else int(self.indices.size)
 
-    def current_epoch(self) -> int:
-        return self.state.epoch() if self.state is not None else self.fixed_epoch
+    def current_window(self) -> tuple[int, int, int | None]:
+        """``(first epoch, end epoch exclusive, rows per epoch or None)``."""
+        if self.state is not None:
+            return self.state.window()
+        return self.fixed_epoch, self.fixed_epoch + 1, None
 
     # --- read tasks -----------------------------------------------------------------------------
     def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None,
                        data_context=None) -> list[ReadTask]:
-        epoch = self.current_epoch()
+        first, end, rows_per_epoch = self.current_window()
         if self.corpus.kind == "files":
-            return self._file_tasks(parallelism, epoch)
-        return self._parquet_tasks(epoch)
+            # the listing travels once through the object store, not once per read task
+            cols = [c for c in ("path", "label") if c in self.corpus.entries.column_names]
+            entries = ray.put(self.corpus.entries.select(cols))
+            return [t for e in range(first, end)
+                    for t in self._file_tasks(parallelism, e, rows_per_epoch, entries)]
+        return [t for e in range(first, end) for t in self._parquet_tasks(e, rows_per_epoch)]
 
-    def _file_tasks(self, parallelism: int, epoch: int) -> list[ReadTask]:
-        entries = self.corpus.entries
-        idx = np.arange(entries.num_rows) if self.indices is None else self.indices
-        idx = idx[epoch_order(idx.size, self.seed, epoch, self.shuffle)]
+    def _file_tasks(self, parallelism: int, epoch: int, rows_per_epoch: int | None,
+                    entries) -> list[ReadTask]:
+        idx = np.arange(self.corpus.num_images) if self.indices is None else self.indices
+        idx = idx[epoch_order(idx.size, self.seed, epoch, self.shuffle)][:rows_per_epoch]
         # at least one map batch per task (few tiny tasks), at most 64 (streaming granularity)
         per_task = min(max(self.rows_per_task, math.ceil(idx.size / max(1, parallelism))),
                        64 * self.rows_per_task)
         tasks = []
         for start in range(0, idx.size, per_task):
-            chunk = entries.take(pa.array(idx[start:start + per_task]))
-            table = pa.table({
-                "path": chunk.column("path"),
-                "key": chunk.column("path"),
-                "epoch": pa.array(np.full(chunk.num_rows, epoch, np.int64)),
-                **({"label": chunk.column("label")} if "label" in chunk.column_names else {}),
-            })
-            meta = BlockMetadata(num_rows=table.num_rows, size_bytes=table.nbytes,
+            chunk = idx[start:start + per_task]
+            meta = BlockMetadata(num_rows=int(chunk.size), size_bytes=int(chunk.size) * 100,
                                  input_files=None, exec_stats=None)
-            tasks.append(ReadTask(_const(table), meta))
+            tasks.append(ReadTask(_FileUnit(entries, chunk, epoch), meta))
         return tasks
 
-    def _parquet_tasks(self, epoch: int) -> list[ReadTask]:
+    def _parquet_tasks(self, epoch: int, rows_per_epoch: int | None) -> list[ReadTask]:
         entries = self.corpus.entries
         paths = entries.column("path").to_pylist()
         groups = entries.column("row_group").to_pylist()
@@ -114,7 +117,10 @@ class CorpusDatasource(Datasource):
             wanted = np.zeros(int(counts.sum()), bool)
             wanted[self.indices] = True
         tasks = []
+        budget = rows_per_epoch if rows_per_epoch is not None else int(counts.sum())
         for u in epoch_order(len(paths), self.seed, epoch, self.shuffle):
+            if budget <= 0:
+                break
             n = int(counts[u])
             rows = np.arange(n)
             if wanted is not None:
@@ -124,6 +130,8 @@ class CorpusDatasource(Datasource):
             if self.shuffle:
                 rows = rows[np.random.default_rng([self.seed & 0xFFFFFFFF, epoch, int(u)])
                             .permutation(rows.size)]
+            rows = rows[:budget]
+            budget -= rows.size
             meta = BlockMetadata(num_rows=int(rows.size), size_bytes=int(rows.size) * 4096,
                                  input_files=[paths[u]], exec_stats=None)
             tasks.append(ReadTask(_ParquetUnit(
@@ -132,14 +140,22 @@ class CorpusDatasource(Datasource):
         return tasks
 
 
-class _const:
-    """A picklable read function returning one ready table."""
+class _FileUnit:
+    """Read function for image files: the rows ``indices`` of the shared listing, for ``epoch``
+    (no pixels: the crop actor reads the file)."""
 
-    def __init__(self, table: pa.Table):
-        self.table = table
+    def __init__(self, entries_ref, indices: np.ndarray, epoch: int):
+        self.entries_ref, self.indices, self.epoch = entries_ref, indices, epoch
 
     def __call__(self):
-        return [self.table]
+        chunk = ray.get(self.entries_ref).take(pa.array(self.indices))
+        table = pa.table({
+            "path": chunk.column("path"),
+            "key": chunk.column("path"),
+            "epoch": pa.array(np.full(chunk.num_rows, self.epoch, np.int64)),
+            **({"label": chunk.column("label")} if "label" in chunk.column_names else {}),
+        })
+        return [table]
 
 
 class _ParquetUnit:

@@ -1,11 +1,16 @@
-"""Shared state of one training dataset: the epoch clock and the skip counters.
+"""Shared state of one training dataset: the epoch window and the skip counters.
 
-Why an actor: Ray Data re-executes the dataset for every epoch (each ``iter_torch_batches`` on a
-train shard starts a new execution in the split coordinator) and recreates the map actors each
-time, so per-epoch randomness cannot live in the actors. A tiny zero-CPU named actor holds the
-current epoch; train workers (or the driver) call ``set_epoch(e)`` before iterating epoch ``e``
-and the datasource reads it once per execution when it makes its read tasks, stamping every row
-with that epoch. Crops are then a function of (seed, epoch, image key) only.
+Why an actor: Ray Data plans a dataset when an iteration starts (each ``iter_torch_batches`` on a
+train shard starts a new execution in the split coordinator), so what an execution reads must be
+set before it starts and from any process. A tiny zero-CPU named actor holds the *epoch window*
+``[epoch, until)`` and how many rows one epoch holds; the datasource reads it once per execution
+when it makes its read tasks and stamps every row with its epoch. Crops are then a function of
+(seed, epoch, image key) only, whatever actor makes them.
+
+Two ways to use it: ``set_epoch(e)`` before iterating epoch ``e`` (one execution per epoch: the
+crop actor pool starts again every epoch), or ``set_epoch(e, until=E)`` once and iterate a single
+execution that streams epochs ``e .. E-1`` back to back (the training loop: the actor pool stays
+warm and the next epoch's crops are ready while the last steps of this one run).
 
 The same actor accumulates what the decode+crop actors skipped (reason -> count), so the counts
 are readable from the driver and from any train worker. ``DataHandle`` is the small picklable
@@ -24,16 +29,24 @@ import ray
 class DataState:
     def __init__(self) -> None:
         self.epoch = 0
+        self.until: int | None = None  # exclusive end of the window; None = one epoch
+        self.rows_per_epoch: int | None = None  # None = every image once per epoch
         self.skipped: Counter[str] = Counter()
         self.decoded = 0
         self.converted: Counter[str] = Counter()
 
-    def set_epoch(self, epoch: int) -> int:
+    def set_epoch(self, epoch: int, until: int | None = None,
+                  rows_per_epoch: int | None = None) -> int:
         self.epoch = int(epoch)
+        self.until = None if until is None else max(int(until), self.epoch + 1)
+        self.rows_per_epoch = None if rows_per_epoch is None else int(rows_per_epoch)
         return self.epoch
 
     def get_epoch(self) -> int:
         return self.epoch
+
+    def window(self) -> tuple[int, int, int | None]:
+        return self.epoch, self.until or self.epoch + 1, self.rows_per_epoch
 
     def add(self, decoded: int, skipped: dict[str, int], converted: dict[str, int]) -> None:
         self.decoded += int(decoded)
@@ -64,12 +77,19 @@ class DataHandle:
     def actor(self):
         return self._actor
 
-    def set_epoch(self, epoch: int) -> None:
-        """Idempotent; call before iterating epoch ``epoch`` (from any process)."""
-        ray.get(self._actor.set_epoch.remote(epoch))
+    def set_epoch(self, epoch: int, until: int | None = None,
+                  rows_per_epoch: int | None = None) -> None:
+        """Idempotent, from any process; call before starting an iteration. The next execution
+        streams epochs ``epoch .. until-1`` (just ``epoch`` when ``until`` is None), each cut to
+        its first ``rows_per_epoch`` images in that epoch's order (all when None)."""
+        ray.get(self._actor.set_epoch.remote(epoch, until, rows_per_epoch))
 
     def epoch(self) -> int:
         return ray.get(self._actor.get_epoch.remote())
+
+    def window(self) -> tuple[int, int, int | None]:
+        """``(first epoch, end epoch exclusive, rows per epoch or None)`` of the next execution."""
+        return tuple(ray.get(self._actor.window.remote()))
 
     def add(self, decoded: int, skipped: dict[str, int], converted: dict[str, int]) -> None:
         ray.get(self._actor.add.remote(decoded, skipped, converted))

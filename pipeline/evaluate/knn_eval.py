@@ -63,6 +63,22 @@ def materialize(ds: ray.data.Dataset) -> tuple[np.ndarray, np.ndarray]:
     return np.concatenate(images), np.concatenate(labels).astype(np.int64)
 
 
+def materialize_for_training(cfg_dict: dict) -> dict[str, np.ndarray] | None:
+    """The in-training eval sets as arrays (bank/val images and labels), or None when the data
+    carries no labels. Run as a Ray task (``materialize_task``) so it overlaps the start of the
+    worker group instead of delaying it."""
+    cfg = DinoConfig.from_dict(cfg_dict)
+    sets = build_eval_sets(cfg)
+    if sets is None:
+        return None
+    bank_x, bank_y = materialize(sets.bank)
+    val_x, val_y = materialize(sets.val)
+    return {"bank_images": bank_x, "bank_labels": bank_y, "val_images": val_x, "val_labels": val_y}
+
+
+materialize_task = ray.remote(num_cpus=0, max_retries=1)(materialize_for_training)
+
+
 class EmbedBatch:
     """``map_batches`` callable class: one actor holds the backbones (trained and/or random init)
     and emits one feature column per backbone, so a single pass embeds everything."""

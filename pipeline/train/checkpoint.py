@@ -99,6 +99,12 @@ def run_dir(storage_path: str, name: str) -> str:
 
 def latest_checkpoint(storage_path: str, name: str) -> str | None:
     """Path (or URI) of the checkpoint with the highest global step under storage_path/name."""
+    found = newest_checkpoint(storage_path, name)
+    return found[1] if found else None
+
+
+def newest_checkpoint(storage_path: str, name: str) -> tuple[int, str] | None:
+    """``(global_step, path or URI)`` of the newest complete checkpoint under storage_path/name."""
     import pyarrow.fs as pafs
 
     root = run_dir(resolve_storage_path(storage_path), name)
@@ -124,7 +130,7 @@ def latest_checkpoint(storage_path: str, name: str) -> str | None:
             best = (step, info.path)
     if best is None:
         return None
-    return best[1] if "://" not in root else root.split("://")[0] + "://" + best[1]
+    return best[0], best[1] if "://" not in root else root.split("://")[0] + "://" + best[1]
 
 
 def resolve_storage_path(path: str) -> str:

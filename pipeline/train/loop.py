@@ -2,9 +2,10 @@
 
 1. seed, build student + EMA teacher + loss, restore the last checkpoint if Ray hands one back
 2. wrap the student for DDP (``prepare_model``); the teacher is only moved to the device
-3. per epoch: ``td.set_epoch``; stream the shard; per step normalise crops on the device and run
-   ``dino_step`` (teacher on globals, loss, backward, clip, frozen last layer, scheduled lr/wd, EMA,
-   centre all-reduced); every ``log_every_steps`` report step metrics
+3. stream the shard (one execution for all epochs, each cut to ``iters_per_epoch`` steps); per
+   step normalise crops on the device and run ``dino_step`` (teacher on globals, loss, backward,
+   clip, frozen last layer, scheduled lr/wd, EMA, centre all-reduced); every ``log_every_steps``
+   rank 0 sends step metrics to the driver
 4. end of epoch: (optional) k-NN on rank 0, checkpoint from rank 0, ``ray.train.report`` from all
 5. stop early on the wall-clock budget (all ranks agree through an all-reduce)
 """
@@ -31,9 +32,9 @@ from dino_model.optim import build_optimizer
 from dino_model.schedules import Schedules, scaled_lr
 from dino_model.step import NonFiniteLossError, dino_step
 from pipeline.config import DinoConfig
-from pipeline.train.checkpoint import load_state, save_checkpoint
+from pipeline.train.checkpoint import as_local_dir, load_state, newest_checkpoint, save_checkpoint
 from pipeline.train.metrics import AVERAGED, EpochMeter, collapse_check, finite
-from pipeline.train.model import build_models
+from pipeline.train.model import build_models, random_init_backbone
 
 log = logging.getLogger("dino_ray.train")
 
@@ -80,10 +81,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     start_step = 0
     optim_state = None
-    ckpt = ray.train.get_checkpoint()
-    if ckpt is not None:
-        with ckpt.as_directory() as d:
-            state = load_state(d)
+    state, source = resume_state(ray.train.get_checkpoint(), config.get("storage"), tc.name)
+    if state is not None:
         student.load_state_dict(state["student"])
         teacher.load_state_dict(state["teacher"])
         loss_fn.center.copy_(state["center"])
@@ -93,7 +92,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             raise ValueError(f"checkpoint has {state['iters_per_epoch']} iterations per epoch, this "
                              f"run {ipe}: resume with the same batch size, workers and data")
         if rank == 0:
-            log.warning("resuming from %s at global step %d (epoch %d)", ckpt.path, start_step,
+            log.warning("resuming from %s at global step %d (epoch %d)", source, start_step,
                         start_step // ipe)
 
     # 2. DDP for the student only; the EMA teacher just lives on the device ----------------------
@@ -105,30 +104,31 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         optimizer.load_state_dict(optim_state)
     backend = dist.get_backend() if dist.is_initialized() else "none"
 
-    eval_data = _fetch_eval_data(config.get("eval_refs")) if rank == 0 else None
+    eval_ref = config.get("eval_ref") if rank == 0 else None
     shard = ray.train.get_dataset_shard("train")
     storage_dir = Path(config["run_dir"]) if config.get("run_dir") else None
     t_start = time.monotonic()
     global_step = start_step
-    history: list[dict] = []
 
-    if rank == 0 and eval_data is not None and start_step == 0:
-        init_knn = _knn_rank0(teacher, eval_data, cfg, device, prefix="knn_init")
-        log.warning("k-NN of the random-init teacher: top-1 %.2f", init_knn["knn_init_top1"])
-        history.append(init_knn)
+    init_knn_pending = start_step == 0  # the random-init k-NN rides on the first evaluation
 
     # 3. epochs ---------------------------------------------------------------------------------
-    stop = False
-    for epoch in range(start_step // ipe, tc.epochs):
-        if hasattr(td, "set_epoch"):
-            td.set_epoch(epoch)
+    # A ``TrainDataset`` streams every remaining epoch in one execution (the crop actors start
+    # once; each epoch is cut to the rows its steps use); any other dataset is iterated per epoch.
+    first_epoch = start_step // ipe
+    one_stream = bool(getattr(td, "streams_epochs", False))
+    if one_stream:
+        td.set_epoch(first_epoch, until=tc.epochs, rows_per_epoch=ipe * global_batch)
+        batches = _iter_batches(shard, cfg, first_epoch)
+    stop = dry = False
+    for epoch in range(first_epoch, tc.epochs):
+        if not one_stream:
+            if hasattr(td, "set_epoch"):
+                td.set_epoch(epoch)
+            batches = _iter_batches(shard, cfg, epoch)
         torch.manual_seed(tc.seed * 100_003 + rank * 1009 + epoch)  # drop-path etc., per rank
         skip = global_step - epoch * ipe  # > 0 only when resuming a mid-epoch checkpoint
         meter = EpochMeter()
-        batches = iter(shard.iter_torch_batches(
-            batch_size=tc.batch_size_per_worker, drop_last=True, prefetch_batches=2,
-            local_shuffle_buffer_size=cfg.data.local_shuffle_buffer or None,
-            local_shuffle_seed=(tc.seed + epoch) if cfg.data.local_shuffle_buffer else None))
         for i in range(ipe):
             t0 = time.perf_counter()
             batch = next(batches, None)
@@ -136,9 +136,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             # every rank must take the same number of steps; stop when any rank runs dry or the
             # wall-clock budget is spent
             over_time = bool(tc.max_wall_seconds and time.monotonic() - t_start > tc.max_wall_seconds)
-            if _any_rank(batch is None or over_time):
+            t_sync = time.perf_counter()
+            any_done = _any_rank(batch is None or over_time)
+            meter.agree_s += time.perf_counter() - t_sync
+            if any_done:
                 stop = over_time
-                if batch is None and rank == 0:
+                dry = one_stream and not over_time  # a single stream that ran out stays empty
+                if not over_time and rank == 0:
                     log.warning("epoch %d: a shard ran out after %d of %d steps", epoch, i, ipe)
                 break
             if i < skip:
@@ -166,13 +170,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             meter.add(step_metrics, images=crops[0].shape[0], wait_s=wait, compute_s=compute)
             global_step += 1
             if global_step % tc.log_every_steps == 0:
+                t_rep = time.perf_counter()
                 m = _mean_over_ranks({k: step_metrics[k] for k in AVERAGED if k in step_metrics})
-                mode = collapse_check(res.stats, where=f"step {global_step}") if rank == 0 else None
-                m.update(sched.at(global_step - 1))
-                m.update(kind="step", epoch=epoch, step=global_step, collapse=mode or "none",
-                         images_per_s=crops[0].shape[0] * world / max(wait + compute, 1e-9),
-                         data_wait_fraction=wait / max(wait + compute, 1e-9))
-                ray.train.report(finite(m))
+                if rank == 0:
+                    mode = collapse_check(res.stats, where=f"step {global_step}")
+                    m.update(sched.at(global_step - 1))
+                    m.update(kind="step", epoch=epoch, step=global_step, collapse=mode or "none",
+                             images_per_s=crops[0].shape[0] * world / max(wait + compute, 1e-9),
+                             data_wait_fraction=wait / max(wait + compute, 1e-9))
+                    _send_step_metrics(config.get("metrics_queue"), finite(m))
+                meter.report_s += time.perf_counter() - t_rep
         # 4. end of epoch: metrics, k-NN, checkpoint ---------------------------------------------
         finished_epoch = global_step == (epoch + 1) * ipe
         summary = meter.summary(world)
@@ -185,21 +192,35 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 summary.update({f"skipped_{k}": int(v) for k, v in td.skip_counts().items()})
             except Exception:  # noqa: BLE001 - counters are best effort
                 pass
-        last = epoch == tc.epochs - 1 or stop
-        if (rank == 0 and eval_data is not None and cfg.eval.every_epochs
+        last = epoch == tc.epochs - 1 or stop or dry
+        if (rank == 0 and eval_ref is not None and cfg.eval.every_epochs
                 and ((epoch + 1) % cfg.eval.every_epochs == 0 or last) and meter.steps):
-            summary.update(_knn_rank0(teacher, eval_data, cfg, device, prefix="knn"))
-        if history:
-            summary.update(history.pop())  # the random-init k-NN rides along with epoch 0
+            eval_data = _fetch_eval_data(eval_ref)
+            if eval_data is None:
+                eval_ref = None  # unlabelled data or a failed read: no in-training k-NN
+            else:
+                if init_knn_pending:
+                    summary.update(_knn_rank0(random_init_backbone(cfg).to(device), eval_data,
+                                              cfg, device, prefix="knn_init"))
+                    init_knn_pending = False
+                summary.update(_knn_rank0(teacher.backbone, eval_data, cfg, device, prefix="knn"))
         want_ckpt = meter.steps > 0 and (last or (finished_epoch and
                                                   (epoch + 1) % tc.checkpoint_every_epochs == 0))
         _report_epoch(summary, want_ckpt, rank, cfg, student, teacher, loss_fn, optimizer,
                       epoch=global_step // ipe, global_step=global_step, ipe=ipe)
-        if stop:
+        if stop or dry:
             break
 
 
 # --- helpers ----------------------------------------------------------------------------------
+
+def _iter_batches(shard, cfg: DinoConfig, epoch: int):
+    tc = cfg.train
+    return iter(shard.iter_torch_batches(
+        batch_size=tc.batch_size_per_worker, drop_last=True, prefetch_batches=2,
+        local_shuffle_buffer_size=cfg.data.local_shuffle_buffer or None,
+        local_shuffle_seed=(tc.seed + epoch) if cfg.data.local_shuffle_buffer else None))
+
 
 def _crops(batch: dict[str, torch.Tensor], device: torch.device) -> list[torch.Tensor]:
     names = sorted((k for k in batch if k.startswith("global_")), key=_index)
@@ -211,6 +232,41 @@ def _crops(batch: dict[str, torch.Tensor], device: torch.device) -> list[torch.T
 
 def _index(name: str) -> int:
     return int(name.rsplit("_", 1)[1])
+
+
+def _send_step_metrics(q, metrics: dict) -> None:
+    """Step metrics go straight to the driver's queue, not through ``ray.train.report``: a report
+    waits for the Train controller to take the previous one (it polls every ~2 s), which cost
+    ~45% of the step time when a few reports ran per epoch. Epoch reports (with checkpoints)
+    still go through Ray Train."""
+    if q is None:
+        return
+    try:
+        q.put_nowait(metrics)
+    except Exception:  # noqa: BLE001 - a full or gone queue never stalls training
+        pass
+
+
+def resume_state(ckpt, storage: str | None, name: str) -> tuple[dict | None, str | None]:
+    """The state to resume from: the newest of Ray Train's checkpoint and the newest complete one
+    in the run directory. Ray Train registers a reported checkpoint asynchronously, so a worker
+    that dies right after ``report`` leaves a persisted checkpoint the controller never heard of;
+    without this scan the restart would repeat that epoch (or start over)."""
+    best: tuple[int, dict, str] | None = None
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            state = load_state(d)
+        best = (int(state["global_step"]), state, ckpt.path)
+    found = newest_checkpoint(storage, name) if storage else None
+    if found and (best is None or found[0] > best[0]):
+        newest = found[1]
+        try:
+            with as_local_dir(newest) as d:
+                state = load_state(d)
+            best = (int(state["global_step"]), state, newest)
+        except Exception as exc:  # noqa: BLE001 - an incomplete copy: keep Ray's checkpoint
+            log.warning("ignoring unreadable checkpoint %s: %s", newest, exc)
+    return (best[1], best[2]) if best else (None, None)
 
 
 def _any_rank(flag: bool) -> bool:
@@ -262,16 +318,17 @@ def _report_epoch(summary, want_ckpt, rank, cfg, student, teacher, loss_fn, opti
         ray.train.report(summary)
 
 
-def _fetch_eval_data(refs: dict | None) -> dict | None:
-    if not refs:
+def _fetch_eval_data(ref) -> dict | None:
+    try:
+        return ray.get(ref)
+    except Exception as exc:  # noqa: BLE001 - evaluation never stops training
+        log.warning("in-training k-NN disabled: reading the eval sets failed: %s", exc)
         return None
-    return {k: ray.get(v) for k, v in refs.items()}
 
 
-def _knn_rank0(teacher, eval_data: dict, cfg: DinoConfig, device, *, prefix: str) -> dict:
+def _knn_rank0(backbone, eval_data: dict, cfg: DinoConfig, device, *, prefix: str) -> dict:
     from pipeline.evaluate.features import embed, knn_metrics
 
-    backbone = teacher.backbone
     bank = embed(backbone, eval_data["bank_images"], device=device, batch_size=cfg.eval.batch_size)
     val = embed(backbone, eval_data["val_images"], device=device, batch_size=cfg.eval.batch_size)
     return knn_metrics(bank, eval_data["bank_labels"], val, eval_data["val_labels"],

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections import defaultdict
 
 from dino_model.loss import LossStats
@@ -16,7 +17,11 @@ AVERAGED = ("loss", "dino_loss", "koleo", "teacher_entropy", "teacher_batch_entr
 
 
 class EpochMeter:
-    """Accumulates step results and timings; ``summary()`` gives the epoch means."""
+    """Accumulates step results and timings; ``summary()`` gives the epoch means.
+
+    Throughput is measured on the epoch's wall clock (from the meter's creation), so the time
+    spent outside data wait and compute (metric reports, rank syncs) is counted, and shown as
+    ``epoch_sync_fraction``."""
 
     def __init__(self) -> None:
         self.sums: dict[str, float] = defaultdict(float)
@@ -24,6 +29,9 @@ class EpochMeter:
         self.images = 0
         self.wait_s = 0.0
         self.compute_s = 0.0
+        self.report_s = 0.0  # metric reports (``ray.train.report`` of step metrics)
+        self.agree_s = 0.0  # the per-step agreement of all ranks to go on (waits for the slowest)
+        self.started = time.perf_counter()
 
     def add(self, step_metrics: dict[str, float], *, images: int, wait_s: float,
             compute_s: float) -> None:
@@ -38,9 +46,14 @@ class EpochMeter:
     def summary(self, world_size: int) -> dict[str, float]:
         n = max(self.steps, 1)
         out = {f"epoch_{k}": v / n for k, v in self.sums.items()}
-        total = self.wait_s + self.compute_s
-        out["epoch_images_per_s"] = self.images * world_size / total if total > 0 else 0.0
-        out["epoch_data_wait_fraction"] = self.wait_s / total if total > 0 else 0.0
+        wall = max(time.perf_counter() - self.started, self.wait_s + self.compute_s, 1e-9)
+        out["epoch_images_per_s"] = self.images * world_size / wall
+        out["epoch_data_wait_fraction"] = self.wait_s / wall
+        out["epoch_compute_fraction"] = self.compute_s / wall
+        out["epoch_sync_fraction"] = max(0.0, 1.0 - (self.wait_s + self.compute_s) / wall)
+        out["epoch_report_fraction"] = self.report_s / wall
+        out["epoch_agree_fraction"] = self.agree_s / wall
+        out["epoch_wall_s"] = wall
         out["epoch_steps"] = self.steps
         return out
 

@@ -20,6 +20,8 @@ def build_models(cfg: DinoConfig, *, seed: int):
 
 
 def random_init_backbone(cfg: DinoConfig) -> torch.nn.Module:
-    """The teacher backbone exactly as training starts (same seed), in eval mode."""
-    _, teacher = build_models(cfg, seed=cfg.train.seed)
+    """The teacher backbone exactly as training starts (same seed), in eval mode. The caller's
+    random state is left as it was (it may be called in the middle of training)."""
+    with torch.random.fork_rng(devices=[]):
+        _, teacher = build_models(cfg, seed=cfg.train.seed)
     return teacher.backbone.eval()

@@ -1,10 +1,10 @@
 """Build and run the ``TorchTrainer``; the Python API behind ``dino-ray train`` and jobs/train.py.
 
-``run_training(cfg)`` returns a ``TrainingResult``. Metrics flow: every worker calls
-``ray.train.report``; a ``UserCallback`` (runs in the Train controller actor) forwards rank 0's
-metrics through a ``ray.util.queue.Queue`` to the calling process, where they are logged to MLflow
-and handed to ``on_epoch_metrics`` / ``on_step_metrics`` (called on the caller's thread, so a Tune
-function trainable can call ``ray.tune.report`` from them).
+``run_training(cfg)`` returns a ``TrainingResult``. Metrics flow: rank 0 puts step metrics on a
+``ray.util.queue.Queue`` read by the calling process; epoch metrics (with checkpoints) go through
+``ray.train.report`` and a ``UserCallback`` (in the Train controller actor) forwards them to the
+same queue. The caller logs them to MLflow and hands them to ``on_epoch_metrics`` /
+``on_step_metrics`` on its own thread (so a Tune function trainable can call ``ray.tune.report``).
 
 Resume: a rerun with the same ``train.name`` and ``train.storage_path`` makes Ray Train V2 restore
 its checkpoint manager from ``<storage_path>/<name>`` and hand the latest checkpoint to the
@@ -111,23 +111,24 @@ def run_training(
         local_rdir.mkdir(parents=True, exist_ok=True)
 
     # data ----------------------------------------------------------------------------------------
+    plan = None
     if train_data is None:
         from pipeline.data.dataset import build_train_dataset
+        from pipeline.data.resources import plan_from_config
 
-        train_data = build_train_dataset(cfg.data, cfg.augment, seed=tc.seed)
+        # Ray Data gets the CPUs that Train and a headroom leave free (ray-project/ray#44687)
+        plan = plan_from_config(cfg.data, tc)
+        for note in plan.notes:
+            log.warning("data stage: %s", note)
+        train_data = build_train_dataset(cfg.data, cfg.augment, seed=tc.seed, plan=plan)
     iters_per_epoch(cfg, train_data.num_images, tc.num_workers)  # fail fast on a tiny corpus
 
-    eval_sets = None
-    eval_refs = None
-    if cfg.eval.every_epochs or cfg.eval.at_end:
-        from pipeline.evaluate.knn_eval import build_eval_sets, materialize
+    # in-training k-NN: the eval images are read and decoded by a Ray task while the workers start
+    eval_ref = None
+    if cfg.eval.every_epochs:
+        from pipeline.evaluate.knn_eval import materialize_task
 
-        eval_sets = build_eval_sets(cfg)
-        if eval_sets is not None and cfg.eval.every_epochs:
-            bank_x, bank_y = materialize(eval_sets.bank)
-            val_x, val_y = materialize(eval_sets.val)
-            eval_refs = {"bank_images": ray.put(bank_x), "bank_labels": ray.put(bank_y),
-                         "val_images": ray.put(val_x), "val_labels": ray.put(val_y)}
+        eval_ref = materialize_task.remote(cfg.model_dump(mode="json"))
 
     # tracking (driver side) -----------------------------------------------------------------------
     tr = cfg.tracking
@@ -150,10 +151,13 @@ def run_training(
     q = Queue(actor_options={"num_cpus": 0})
     ingest = DataConfig.default_ingest_options()
     ingest.preserve_order = tc.deterministic_data
+    if plan is not None:
+        ingest.resource_limits = plan.resource_limits()
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": cfg.model_dump(mode="json"), "train_data": train_data,
-                           "num_images": train_data.num_images, "eval_refs": eval_refs,
+                           "num_images": train_data.num_images, "eval_ref": eval_ref,
+                           "storage": storage, "metrics_queue": q,
                            "run_dir": str(local_rdir) if local_rdir is not None else None},
         scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu,
                                      resources_per_worker={"CPU": tc.cpus_per_worker,
@@ -227,25 +231,33 @@ def run_training(
     for h in history:  # the random-init k-NN from the in-training eval rides on epoch 0
         metrics.update({k: v for k, v in h.items() if k.startswith("knn_init")})
 
-    if cfg.eval.at_end and eval_sets is not None and ckpt_path:
+    if cfg.eval.at_end and ckpt_path and not _evaluated_in_loop(history):
         from pipeline.evaluate.knn_eval import evaluate_knn
 
         try:
-            knn = evaluate_knn(cfg, ckpt_path, sets=eval_sets, include_random_init=True)
+            knn = evaluate_knn(cfg, ckpt_path, include_random_init=True)
         except Exception as exc:  # noqa: BLE001 - a failed eval must not lose the trained model
             log.warning("k-NN evaluation failed: %s", exc)
             knn = {}
         metrics.update(knn)
         tracker.log_metrics(knn, step=int(metrics.get("step", 0)))
-        if knn:
-            log.warning("k-NN top-1: trained %.2f vs random init %.2f (gain %+.2f)",
-                        knn.get("knn_top1", float("nan")), knn.get("knn_init_top1", float("nan")),
-                        knn.get("knn_gain_top1", float("nan")))
+    if "knn_top1" in metrics and "knn_init_top1" in metrics:
+        metrics["knn_gain_top1"] = metrics["knn_top1"] - metrics["knn_init_top1"]
+        tracker.log_metrics({"knn_gain_top1": metrics["knn_gain_top1"]},
+                            step=int(metrics.get("step", 0)))
+        log.warning("k-NN top-1: trained %.2f vs random init %.2f (gain %+.2f)",
+                    metrics["knn_top1"], metrics["knn_init_top1"], metrics["knn_gain_top1"])
     _log_plot(tracker, steps, history, metrics)
     tracker.set_tags({"checkpoint_path": ckpt_path or ""})
     tracker.finish("FINISHED")
     return TrainingResult(checkpoint_path=ckpt_path, metrics=metrics, mlflow_run_id=tracker.run_id,
                           storage_path=rdir, history=history, wall_s=time.monotonic() - t0)
+
+
+def _evaluated_in_loop(history: list[dict]) -> bool:
+    """The last epoch already carries the k-NN of the final teacher (and the random init is
+    known): the same figures as an evaluation of the final checkpoint, so it is not repeated."""
+    return bool(history) and "knn_top1" in history[-1] and any("knn_init_top1" in h for h in history)
 
 
 def _call(hook: MetricsHook | None, m: dict) -> None:
@@ -254,10 +266,13 @@ def _call(hook: MetricsHook | None, m: dict) -> None:
 
 
 def _log_epoch(m: dict) -> None:
-    log.warning("epoch %s step %s: loss %.4f, entropy %.3f, kl %.4f, %.1f img/s, data wait %.0f%%%s",
+    log.warning("epoch %s step %s: loss %.4f, entropy %.3f, kl %.4f, %.1f img/s, data wait %.0f%%, "
+                "sync %.0f%% (reports %.0f%%, agree %.0f%%)%s",
                 m.get("epoch"), m.get("step"), m.get("epoch_loss", float("nan")),
                 m.get("epoch_teacher_entropy", float("nan")), m.get("epoch_kl", float("nan")),
                 m.get("epoch_images_per_s", 0.0), 100 * m.get("epoch_data_wait_fraction", 0.0),
+                100 * m.get("epoch_sync_fraction", 0.0), 100 * m.get("epoch_report_fraction", 0.0),
+                100 * m.get("epoch_agree_fraction", 0.0),
                 f", k-NN top-1 {m['knn_top1']:.2f}" if "knn_top1" in m else "")
 
 

@@ -1,0 +1,69 @@
+"""Training-loop bookkeeping that needs no cluster: which checkpoint a restart resumes from, the
+epoch meter's wall-clock fractions, and when the final k-NN is not run twice."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+from ray.train import Checkpoint
+
+from pipeline.train.checkpoint import save_checkpoint
+from pipeline.train.loop import resume_state
+from pipeline.train.metrics import EpochMeter
+from pipeline.train.model import build_models
+from pipeline.train.presets import tiny_config
+from pipeline.train.trainer import _evaluated_in_loop
+
+
+def _save(run: Path, step: int, cfg) -> Path:
+    student, teacher = build_models(cfg, seed=step)
+    opt = torch.optim.SGD(student.parameters(), lr=0.1)
+    return save_checkpoint(run / f"checkpoint_step_{step:08d}", student=student, teacher=teacher,
+                           center=torch.full((1, cfg.model.out_dim), float(step)), optimizer=opt,
+                           epoch=step // 2, global_step=step, iters_per_epoch=2, cfg=cfg)
+
+
+def test_restart_takes_the_newest_complete_checkpoint(tmp_path):
+    cfg = tiny_config(tmp_path, tmp_path / "runs", "r")
+    run = tmp_path / "runs" / "r"
+    registered = _save(run, 2, cfg)
+    # a checkpoint persisted after the one Ray Train registered (the worker died right after)
+    _save(run, 4, cfg)
+    state, source = resume_state(Checkpoint.from_directory(str(registered)), str(tmp_path / "runs"), "r")
+    assert state["global_step"] == 4 and source.endswith("checkpoint_step_00000004")
+    assert float(state["center"][0, 0]) == 4.0
+
+    # an unreadable newer copy (interrupted upload) falls back to Ray Train's checkpoint
+    (run / "checkpoint_step_00000004" / "state.pt").write_bytes(b"truncated")
+    state, source = resume_state(Checkpoint.from_directory(str(registered)), str(tmp_path / "runs"), "r")
+    assert state["global_step"] == 2
+
+    # nothing registered (first attempt died before the controller saw any report)
+    _save(run, 6, cfg)
+    state, _ = resume_state(None, str(tmp_path / "runs"), "r")
+    assert state["global_step"] == 6
+    assert resume_state(None, str(tmp_path / "runs"), "other") == (None, None)
+
+
+def test_epoch_meter_counts_time_outside_wait_and_compute():
+    meter = EpochMeter()
+    meter.add({"loss": 2.0}, images=8, wait_s=0.0, compute_s=0.0)
+    time.sleep(0.2)
+    meter.add({"loss": 4.0}, images=8, wait_s=0.05, compute_s=0.05)
+    meter.report_s = 0.05
+    s = meter.summary(world_size=2)
+    assert s["epoch_loss"] == 3.0 and s["epoch_steps"] == 2
+    assert s["epoch_wall_s"] >= 0.2
+    assert abs(s["epoch_images_per_s"] - 32 / s["epoch_wall_s"]) < 1e-6
+    assert s["epoch_data_wait_fraction"] < 0.3 and s["epoch_sync_fraction"] > 0.4
+    total = s["epoch_data_wait_fraction"] + s["epoch_compute_fraction"] + s["epoch_sync_fraction"]
+    assert abs(total - 1.0) < 1e-6
+
+
+def test_final_knn_is_not_repeated_when_the_last_epoch_has_it():
+    assert _evaluated_in_loop([{"knn_init_top1": 30.0, "knn_top1": 31.0}, {"knn_top1": 40.0}])
+    assert not _evaluated_in_loop([{"knn_init_top1": 30.0, "knn_top1": 31.0}, {"epoch_loss": 1.0}])
+    assert not _evaluated_in_loop([{"knn_top1": 40.0}])  # random init unknown (resumed run)
+    assert not _evaluated_in_loop([])
