@@ -67,3 +67,19 @@ def test_parquet_without_labels_and_bad_column(tmp_path):
     assert not c.labelled and c.num_images == 20
     with pytest.raises(CorpusError, match="no image column 'img'"):
         list_corpus(str(root), image_column="img")
+
+
+def test_eval_split_does_not_depend_on_where_the_corpus_lives(tree, tmp_path_factory):
+    import shutil
+
+    from pipeline.data.dataset import split_indices
+
+    copy = tmp_path_factory.mktemp("elsewhere") / "corpus"
+    shutil.copytree(tree, copy)
+    a = split_indices(list_corpus(str(tree)), 0.5, seed=0)
+    b = split_indices(list_corpus(str(copy)), 0.5, seed=0)
+    assert [x.tolist() for x in a] == [x.tolist() for x in b]
+    assert a[0].size + a[1].size == 5
+    # another seed gives another split of the same images
+    c = split_indices(list_corpus(str(tree)), 0.5, seed=1)
+    assert sorted(c[0].tolist() + c[1].tolist()) == list(range(5))

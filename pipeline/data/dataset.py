@@ -258,11 +258,18 @@ def image_keys(corpus: Corpus) -> list[str]:
 
 
 def split_indices(corpus: Corpus, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Deterministic (bank, val) split by a hash of (seed, key): independent of listing order and
-    stable when images are added."""
-    u = np.array([stable_hash(f"{seed}:{k}") for k in image_keys(corpus)], np.float64) / 2.0 ** 63
+    """Deterministic (bank, val) split by a hash of (seed, the key's last two path parts, e.g.
+    ``cat/0042.png`` or ``part-00000.parquet#17``): independent of listing order, stable when
+    images are added, and the same wherever the corpus is stored (so figures compare across
+    machines)."""
+    u = np.array([stable_hash(f"{seed}:{_local_key(k)}") for k in image_keys(corpus)],
+                 np.float64) / 2.0 ** 63
     val = u < val_fraction
     return np.flatnonzero(~val), np.flatnonzero(val)
+
+
+def _local_key(key: str) -> str:
+    return "/".join(key.replace("\\", "/").rsplit("/", 2)[-2:])
 
 
 def build_eval_datasets(data: DataConfig, val_fraction: float, seed: int = 0,
