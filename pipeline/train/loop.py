@@ -207,7 +207,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         want_ckpt = meter.steps > 0 and (last or (finished_epoch and
                                                   (epoch + 1) % tc.checkpoint_every_epochs == 0))
         _report_epoch(summary, want_ckpt, rank, cfg, student, teacher, loss_fn, optimizer,
-                      epoch=global_step // ipe, global_step=global_step, ipe=ipe)
+                      epoch=global_step // ipe, global_step=global_step, ipe=ipe,
+                      metrics_queue=config.get("metrics_queue"))
         if stop or dry:
             break
 
@@ -305,8 +306,10 @@ def _maybe_die(tc, rank: int, world: int, global_step: int, storage_dir: Path | 
 
 
 def _report_epoch(summary, want_ckpt, rank, cfg, student, teacher, loss_fn, optimizer, *,
-                  epoch, global_step, ipe) -> None:
+                  epoch, global_step, ipe, metrics_queue=None) -> None:
     summary = finite(summary)
+    if rank == 0:  # straight to the driver too: a report the controller has not polled yet is
+        _send_step_metrics(metrics_queue, summary)  # lost if a worker dies (driver dedupes)
     if want_ckpt and rank == 0:
         with tempfile.TemporaryDirectory(prefix="dino-ckpt-") as d:
             save_checkpoint(d, student=unwrap(student), teacher=teacher, center=loss_fn.center,

@@ -183,10 +183,17 @@ def run_training(
     history: list[dict] = []
     last_ckpt: list[str | None] = [None]
 
+    seen_epochs: set[tuple] = set()
+
     def _handle(m: dict) -> None:
         if m.get("checkpoint_path"):
             last_ckpt[0] = m["checkpoint_path"]
         kind = m.get("kind")
+        if kind == "epoch":  # rank 0 sends it directly and Ray Train's report forwards it again
+            key = (m.get("epoch"), m.get("step"))
+            if key in seen_epochs:
+                return
+            seen_epochs.add(key)
         step = int(m.get("step", 0))
         tracker.log_metrics({k: v for k, v in m.items() if k not in ("step", "epoch")}, step=step)
         if kind == "step":
