@@ -7,7 +7,10 @@ import os
 import platform
 from pathlib import Path
 
-CIFAR_TEST = "/work/shared/data/cifar10/test/part-00000.parquet"
+# relative to the repository (the data sits beside the checkout); override with $DINO_RAY_CIFAR_TEST
+CIFAR_TEST = os.environ.get(
+    "DINO_RAY_CIFAR_TEST",
+    str(Path(__file__).resolve().parents[1] / "../shared/data/cifar10/test/part-00000.parquet"))
 
 
 def make_jpegs(dst: str | Path, n: int, size: tuple[int, int] = (500, 375),

@@ -27,6 +27,12 @@ def timm_name(name: str) -> str:
     return ALIASES.get(name, name)
 
 
+def is_known_backbone(name: str) -> bool:
+    """A short name or a timm model name (checked without building anything)."""
+    full = timm_name(name)
+    return full in timm.list_models() or full in timm.list_models(pretrained=True)
+
+
 def build_backbone(
     name: str,
     *,
@@ -41,7 +47,7 @@ def build_backbone(
     the size the position embeddings are created for (other sizes are interpolated).
     """
     full = timm_name(name)
-    if full not in timm.list_models() and full not in timm.list_models(pretrained=True):
+    if not is_known_backbone(full):
         raise ValueError(f"model.arch: unknown backbone {name!r} (not a timm model name)")
     kwargs: dict = {"num_classes": 0, "pretrained": pretrained}
     if drop_path_rate:

@@ -32,12 +32,40 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from pipeline.redact import install_log_redaction
+
+    install_log_redaction()  # dino_ray log lines never show URI passwords or signed-URL keys
     args = build_parser().parse_args(argv)
     try:
         return int(args._module.run(args) or 0)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except _user_errors() as exc:  # the project's own errors: one line, never a traceback
+        message = str(exc).strip().replace("\n", " | ")
+        print(f"dino-ray {args.verb}: {type(exc).__name__}: {message}", file=sys.stderr)
+        return 2 if isinstance(exc, ValueError) else 1
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Errors that describe a problem with the input or the cluster, raised with a message that
+    names it: bad config or field, corpus, data quality, resources, a failed run, MLflow."""
+    from pipeline.config import ConfigError
+    from pipeline.data.quality import DataQualityError
+    from pipeline.data.resources import ResourceError
+    from pipeline.data.sources import CorpusError
+    from pipeline.train.failures import ResumeMismatchError
+    from pipeline.train.trainer import TrainingError
+
+    errors: list[type[BaseException]] = [ConfigError, CorpusError, DataQualityError, ResourceError,
+                                         ResumeMismatchError, TrainingError, FileNotFoundError]
+    try:
+        from mlflow.exceptions import MlflowException
+
+        errors.append(MlflowException)
+    except ImportError:
+        pass
+    return tuple(errors)
 
 
 if __name__ == "__main__":

@@ -37,9 +37,13 @@ class DataConfig(Section):
     map_batch_size: int = Field(32, ge=1, description="images per decode+crop call")
     shuffle_files: bool = True
     local_shuffle_buffer: int = Field(0, ge=0, description="rows in the trainer-side shuffle buffer")
-    limit: int | None = Field(None, ge=1, description="use only the first N images (after listing)")
+    limit: int | None = Field(
+        None, ge=1, description="use N images spread evenly over the classes (seeded sample)")
     data_cpu_limit: float | None = Field(
         None, gt=0, description="cap on CPUs Ray Data may hold; None = plan from the cluster")
+    max_skip_fraction: float = Field(
+        0.1, ge=0, le=1, description="fail the run when more than this share of the images read "
+        "could not be decoded (counts and example paths in the error)")
     object_store_limit_mib: float | None = Field(
         None, gt=0, description="cap on object store Ray Data may fill ahead of the trainer "
         "(None = Ray's default share of the object store)")
@@ -116,7 +120,13 @@ class OptimConfig(Section):
 
 class TrainConfig(Section):
     name: str = Field("dino", pattern=r"^[A-Za-z0-9_.\-]+$")
-    storage_path: str = "./runs"
+    storage_path: str = Field(
+        "./runs", description="where checkpoints live: a local folder on one machine; on a "
+        "multi-node cluster s3://, gs:// (or a shared filesystem, see shared_filesystem)")
+    shared_filesystem: bool = Field(
+        False, description="local paths (storage_path, data.path, eval.*_path) are on a "
+        "filesystem mounted at the same path on every node (NFS): allow them on a multi-node "
+        "cluster")
     epochs: int = Field(100, ge=1)
     batch_size_per_worker: int = Field(64, ge=1)
     num_workers: int = Field(1, ge=1)
@@ -134,6 +144,10 @@ class TrainConfig(Section):
         None, ge=0, description="fault injection: rank 1 (or 0) dies once at this global step")
     nan_at_step: int | None = Field(
         None, ge=0, description="fault injection: the crops become NaN at this global step")
+    resume: Literal["auto", "changed", "never"] = Field(
+        "auto", description="a rerun with the same name: auto = continue only with the same "
+        "config (more train.epochs allowed), changed = continue with a changed config, never = "
+        "a fresh run under a new name")
     deterministic_data: bool = Field(
         False, description="preserve Ray Data order (reproducible runs; slower streaming)")
 
@@ -146,6 +160,9 @@ class EvalConfig(Section):
     val_fraction: float = Field(0.2, gt=0, lt=1, description="split of data.path when val_path is unset")
     every_epochs: int = Field(0, ge=0, description="0 = only after training")
     k: list[int] = [10, 20, 100, 200]
+    headline_k: int = Field(
+        20, ge=1, description="k of the headline knn_top1/knn_top5 (fixed, as in the DINO paper, "
+        "never the best k on the eval set); computed even when it is not in eval.k")
     temperature: float = Field(0.07, gt=0)
     resize: int | None = Field(None, ge=1, description="shorter side before centre crop (default: global_size*8/7)")
     batch_size: int = Field(256, ge=1)
@@ -232,16 +249,25 @@ class DinoConfig(Section):
             _set_dotted(raw, key, value)
         return DinoConfig.from_dict(raw)
 
-    def to_yaml(self) -> str:
-        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+    def to_yaml(self, redact: bool = False) -> str:
+        """The config as YAML. ``redact=True`` masks URI passwords and signed-URL keys
+        (``pipeline.redact``) for files people read (checkpoints, MLflow); keep the default where
+        the YAML is loaded again to run (job submission)."""
+        return yaml.safe_dump(self._dump(redact), sort_keys=False)
 
-    def flat(self) -> dict[str, Any]:
-        """``section.field -> value`` for logging as MLflow params."""
+    def flat(self, redact: bool = False) -> dict[str, Any]:
+        """``section.field -> value`` for logging as MLflow params (``redact`` as in to_yaml)."""
         out: dict[str, Any] = {}
-        for section, values in self.model_dump(mode="json").items():
+        for section, values in self._dump(redact).items():
             for key, value in values.items():
                 out[f"{section}.{key}"] = value
         return out
+
+    def _dump(self, redact: bool) -> dict[str, Any]:
+        from pipeline.redact import redact_obj
+
+        raw = self.model_dump(mode="json")
+        return redact_obj(raw) if redact else raw
 
 
 def apply_override(raw: dict[str, Any], item: str) -> None:

@@ -53,6 +53,20 @@ def _start_autoscaling_coordinator() -> None:
 
 
 def role_resources(role: str, amount: float) -> dict[str, float]:
-    """``{role: amount}`` when the cluster advertises that custom resource (cluster.yaml gives
-    data nodes ``data`` and GPU nodes ``train``), else nothing, so a local Ray places work freely."""
-    return {role: amount} if ray.cluster_resources().get(role, 0) > 0 else {}
+    """``{role: amount}`` when the cluster has that custom resource, or an autoscaler node type
+    that brings it (cluster.yaml gives data nodes ``data`` and GPU nodes ``train``), else nothing,
+    so a local Ray places work freely. A fresh ``ray up`` cluster is only its head: asking for the
+    role anyway is what makes the autoscaler add the right node."""
+    from pipeline.cluster import ClusterView
+
+    return {role: amount} if ClusterView.current().has_role(role) else {}
+
+
+def on_this_node() -> dict:
+    """Actor options that keep a zero-CPU bookkeeping actor (metrics queue, data state) on the
+    node of the process that creates it, the job driver's (the head on a cluster), as Ray Train
+    does with its controller: a train or data node that dies then takes no bookkeeping with it."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    return {"scheduling_strategy": NodeAffinitySchedulingStrategy(
+        ray.get_runtime_context().get_node_id(), soft=False)}

@@ -87,18 +87,26 @@ class MlflowServer:
         self.port = free_port()
         self.uri = f"http://127.0.0.1:{self.port}"
         self.log = self.dir / "server.log"
+        self.start()
+
+    def start(self) -> None:
+        """(Re)start the server on the same port, database and artifact folder."""
         self.proc = subprocess.Popen(
             [str(BIN / "mlflow"), "server",
              "--backend-store-uri", f"sqlite:///{self.dir}/mlflow.db",
              "--artifacts-destination", str(self.dir / "artifacts"),
              "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1"],
-            stdout=self.log.open("w"), stderr=subprocess.STDOUT, start_new_session=True,
+            stdout=self.log.open("a"), stderr=subprocess.STDOUT, start_new_session=True,
             cwd=self.dir, env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
         try:
             _wait_http(self.uri + "/health", 300, self.proc, self.log)
         except Exception:
             self.stop()
             raise
+
+    def kill(self) -> None:
+        """Stop the server process but keep its database (an outage; ``start()`` ends it)."""
+        _stop_group(self.proc)
 
     def stop(self) -> None:
         _stop_group(self.proc)

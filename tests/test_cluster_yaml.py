@@ -62,3 +62,28 @@ def test_rayjob_manifest():
     gpu = groups["gpu-train"]["template"]["spec"]["containers"][0]["resources"]["limits"]
     assert int(gpu["nvidia.com/gpu"]) >= 1
     assert "working_dir" in yaml.safe_load(spec["runtimeEnvYAML"])
+
+
+def test_cluster_configs_expose_nothing_and_name_only_shared_paths():
+    cluster = (REPO / "cluster.yaml").read_text()
+    assert "0.0.0.0" not in cluster and "--dashboard-host=127.0.0.1" in cluster
+    cfg = _load("cluster.yaml")
+    for commands in ("head_start_ray_commands", "worker_start_ray_commands"):
+        assert "RAY_AUTH_MODE=token" in " ".join(cfg[commands])
+    job = _load("deploy/rayjob.yaml")
+    pods = [job["spec"]["submitterPodTemplate"]["spec"],
+            job["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"],
+            *[g["template"]["spec"] for g in job["spec"]["rayClusterSpec"]["workerGroupSpecs"]]]
+    for pod in pods:
+        env = {e["name"]: e.get("value") for c in pod["containers"] for e in c.get("env", [])}
+        assert env.get("RAY_AUTH_MODE") == "token"
+    # the RayJob's entrypoint passes the multi-node preflight: every path on object storage
+    import shlex
+
+    from pipeline.config import DinoConfig
+    from pipeline.preflight import local_path_fields
+
+    args = shlex.split(job["spec"]["entrypoint"])
+    config = args[args.index("--config") + 1]
+    run = DinoConfig.load(REPO / config, [a for a in args if "=" in a and not a.startswith("-")])
+    assert local_path_fields(run) == []

@@ -39,6 +39,10 @@ def test_submission_plan(tmp_path):
                     "train.name=x"]
     with pytest.raises(ValueError, match="train.epochz"):  # typos fail before submitting
         build_submission("train", ["--address", "http://h:8265", "train.epochz=3"])
+    with pytest.raises(ValueError, match=r"'data.path=s3://u:\*\*\*@b/x' carries a credential"):
+        build_submission("train", ["--address", "http://h:8265", "data.path=s3://u:pw@b/x"])
+    with pytest.raises(ValueError, match="AWS_SECRET_ACCESS_KEY"):  # job metadata keeps env vars
+        build_submission("train", ["--address", "http://h:8265", "--env", "AWS_SECRET_ACCESS_KEY=x"])
     with pytest.raises(ValueError, match="unknown job"):
         build_submission("nope", ["--address", "http://h:8265"])
     assert main(["submit", "train", "train.epochs=1"]) == 2  # no --address

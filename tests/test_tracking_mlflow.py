@@ -1,4 +1,5 @@
-"""Driver-side MLflow tracker: logs to SQLite; an unreachable server disables it, fast."""
+"""Driver-side MLflow tracker on a local SQLite store: logging, resuming, closing; a server that
+is unreachable at the start disables it, fast."""
 
 from __future__ import annotations
 
@@ -38,3 +39,38 @@ def test_unreachable_server_disables_tracking_quickly(caplog):
 def test_relative_sqlite_uri_becomes_absolute(tmp_path):
     assert resolve_tracking_uri("sqlite:///mlflow.db", tmp_path) == f"sqlite:///{tmp_path}/mlflow.db"
     assert resolve_tracking_uri("http://host:5000") == "http://host:5000"
+
+
+def test_resume_reopens_the_run_and_skips_logged_params(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    first = Tracker(uri, "exp", run_name="r")
+    first.log_params({"train.epochs": 3})
+    first.log_metrics({"loss": 2.0}, step=1)
+    first.finish("FAILED")
+    client = MlflowClient(tracking_uri=uri)
+    assert client.get_run(first.run_id).info.status == "FAILED"
+
+    again = Tracker(uri, "exp", resume_run_id=first.run_id)
+    assert again.run_id == first.run_id
+    assert client.get_run(first.run_id).info.status == "RUNNING"
+    again.log_params({"train.epochs": 5, "train.seed": 1})  # epochs is already logged: skipped
+    again.log_metrics({"loss": 1.0}, step=2)
+    again.finish()
+    run = client.get_run(first.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params == {"train.epochs": "3", "train.seed": "1"}
+    assert [m.step for m in client.get_metric_history(first.run_id, "loss")] == [1, 2]
+    again.log_metrics({"loss": 0.5}, step=3)  # after finish: a no-op, not an error
+    assert again.pending() == 0
+
+
+def test_disabled_tracker_is_a_no_op():
+    t = Tracker("http://127.0.0.1:9", "exp", enabled=False)
+    t.log_params({"a": 1})
+    t.log_metrics({"loss": 1.0}, step=1)
+    t.set_tags({"x": "y"})
+    t.log_text("hello", "a.txt")
+    t.finish("KILLED")
+    assert not t.ok and t.run_id is None and t.pending() == 0

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from pipeline.train.checkpoint import latest_checkpoint, load_state, load_teacher_backbone, read_meta
+from pipeline.preflight import PreflightError
 from pipeline.train.presets import tiny_config
 from pipeline.train.trainer import TrainingError, run_training
 
@@ -82,9 +83,14 @@ def test_resume_after_interruption_matches_uninterrupted_run(ray_session, digits
     assert info.value.last_checkpoint is not None
     assert load_state(info.value.last_checkpoint)["global_step"] == 2
 
+    changed = interrupted.with_overrides({"optim.lr": 0.01})
+    with pytest.raises(PreflightError, match=r"optim\.lr 0\.001 -> 0\.01"):
+        run_training(changed)  # refused before any worker starts: the checkpoint is untouched
     resumed = run_training(interrupted)  # same name + storage: Ray Train hands back the checkpoint
     assert resumed.metrics["step"] == 4
     assert [h["epoch"] for h in resumed.history] == [1]  # it did not start over
+    with pytest.raises(PreflightError, match=r"already finished 2 epochs"):
+        run_training(interrupted)  # a finished run trains nothing: refused, not a silent no-op
     a, b = _final_teacher(full), _final_teacher(resumed)
     assert a.keys() == b.keys()
     for k in a:
@@ -98,11 +104,49 @@ def test_nan_loss_stops_with_clear_error_and_keeps_last_checkpoint(ray_session, 
     cfg = tiny_config(digits_dir, tmp_path / "runs", "nan", train__epochs=2,
                       train__max_steps_per_epoch=2, train__nan_at_step=3, data__limit=64)
     with pytest.raises(TrainingError) as info:
-        run_training(cfg)
+        run_training(cfg.with_overrides({"train.max_failures": 2}))
     msg = str(info.value)
     assert "NonFiniteLossError" in msg and "nan" in msg.lower()
+    assert "restart" not in msg  # deterministic: failed once, whatever max_failures says
     good = info.value.last_checkpoint
     assert good is not None and good == latest_checkpoint(cfg.train.storage_path, "nan")
     state = load_state(good)
     assert state["global_step"] == 2
     assert all(torch.isfinite(v).all() for v in state["teacher"].values())
+
+
+def test_ctrl_c_stops_with_a_checkpoint_and_a_killed_mlflow_run(ray_session, digits_dir,
+                                                                tmp_path):
+    import os
+    import signal
+    import threading
+    import time
+
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.train.trainer import TrainingInterrupted
+
+    db = tmp_path / "mlflow.db"
+    cfg = tiny_config(digits_dir, tmp_path / "runs", "sigint", train__epochs=50,
+                      train__max_steps_per_epoch=2, data__limit=64, tracking__enabled=True,
+                      tracking__tracking_uri=f"sqlite:///{db}")
+    sent: list[int] = []
+
+    def _interrupt_after_first_checkpoint() -> None:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and not sent:
+            found = latest_checkpoint(cfg.train.storage_path, "sigint")
+            if found:
+                sent.append(load_state(found)["global_step"])
+                os.kill(os.getpid(), signal.SIGINT)  # what Ctrl-C in a terminal sends
+            time.sleep(0.5)
+
+    threading.Thread(target=_interrupt_after_first_checkpoint, daemon=True).start()
+    with pytest.raises(TrainingInterrupted) as info:
+        run_training(cfg)
+    assert sent and "stopped by SIGINT" in str(info.value)
+    good = info.value.last_checkpoint
+    assert good and load_state(good)["global_step"] >= sent[0]  # it checkpointed on the way out
+    assert load_state(good)["global_step"] < 100  # and stopped long before the 50 epochs
+    run = MlflowClient(tracking_uri=f"sqlite:///{db}").get_run(info.value.mlflow_run_id)
+    assert run.info.status == "KILLED" and run.data.tags["stopped_by"] == "SIGINT"

@@ -27,6 +27,7 @@ EXCLUDES = [".venv", ".git", ".tools", ".whl", ".gl", "runs", "mlruns", "*.db", 
             "demo_data", ".pytest_cache", "__pycache__", "*.pyc", "*.egg-info"]
 TERMINAL = {"SUCCEEDED": 0, "FAILED": 1, "STOPPED": 2}
 CONFIG_VERBS = {"train", "evaluate", "tune"}
+SECRET_NAMES = ("SECRET", "PASSWORD", "TOKEN", "ACCESS_KEY", "CREDENTIAL", "PRIVATE_KEY")
 
 
 def repo_root() -> Path:
@@ -103,6 +104,7 @@ def build_submission(verb: str, rest: list[str]) -> dict[str, Any]:
                   "runs the job; use an MLflow server (http://...) to see the run from here",
                   file=sys.stderr)
     entry_args = config_arguments(opts.config, root) + job_args
+    _refuse_secrets(entry_args, opts.env)
     # not PYTHONWARNINGS: the job's driver adds it in ensure_ray(), and Ray refuses to merge a
     # driver runtime_env whose env_vars repeat a key of the job's runtime_env
     env_vars = {"PYTHONUNBUFFERED": "1", "RAY_TRAIN_V2_ENABLED": "1"}
@@ -124,6 +126,21 @@ def build_submission(verb: str, rest: list[str]) -> dict[str, Any]:
         if getattr(opts, key) is not None:
             kwargs[key] = getattr(opts, key)
     return {"address": opts.address, "wait": not opts.no_wait, "submit": kwargs}
+
+
+def _refuse_secrets(entry_args: list[str], env: list[str]) -> None:
+    """A job's entrypoint and env vars are stored in its metadata, readable by anyone who can
+    see the dashboard: a URI password or a signed-URL key there is refused, before submitting."""
+    from pipeline.redact import redact
+
+    for where, items in (("argument", entry_args), ("--env", env)):
+        for item in items:
+            key = item.partition("=")[0].upper() if where == "--env" else ""
+            if redact(item) != item or any(w in key for w in SECRET_NAMES):
+                raise ValueError(
+                    f"{where} {redact(item) if not key else key!r} carries a credential, which the job's metadata "
+                    "would keep; give credentials to the cluster's nodes (instance profile, "
+                    "service account or their environment), not to the job")
 
 
 async def _stream_logs(client, job_id: str) -> None:
@@ -188,4 +205,9 @@ def run(args: argparse.Namespace) -> int:
     except (ValueError, FileNotFoundError) as exc:
         print(f"submit: {exc}", file=sys.stderr)
         return 2
-    return submit_and_follow(plan["address"], plan["submit"], plan["wait"])
+    try:
+        return submit_and_follow(plan["address"], plan["submit"], plan["wait"])
+    except ConnectionError as exc:  # the dashboard is down or the address is wrong
+        print(f"submit: cannot reach the Ray dashboard at {plan['address']}: "
+              f"{str(exc).strip().splitlines()[0]}", file=sys.stderr)
+        return 2

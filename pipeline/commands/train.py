@@ -24,10 +24,20 @@ def run(args: argparse.Namespace) -> int:
     import logging
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    from pipeline.train.trainer import TrainingError, run_training
+    from pipeline.train.trainer import TrainingError, TrainingInterrupted, run_training
 
     try:
         result = run_training(cfg, address=args.address, config_path=args.config)
+    except ConfigError as exc:  # preflight: the run cannot succeed here (field named)
+        print(f"dino-ray train: {exc}", file=sys.stderr)
+        return 2
+    except TrainingInterrupted as exc:
+        print(f"dino-ray train: {exc}", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        print("dino-ray train: abandoned (second Ctrl-C); the MLflow run is marked KILLED",
+              file=sys.stderr)
+        return 130
     except TrainingError as exc:
         print(f"dino-ray train: {exc}", file=sys.stderr)
         return 1

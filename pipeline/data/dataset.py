@@ -71,16 +71,17 @@ class MultiCropStage:
         keep = np.zeros(n, bool)
         skipped: Counter[str] = Counter()
         converted: Counter[str] = Counter()
+        examples: list[str] = []
         for i in range(n):
             key = str(keys[i])
             try:
                 data = batch["bytes"][i] if "bytes" in batch else _read_bytes(self.fs, key)
                 crops = self.crop(data, image_rng(self.seed, int(batch["epoch"][i]), key))
-            except BadImage as exc:
-                skipped[exc.reason] += 1
-                continue
-            except Exception:  # noqa: BLE001 - one bad file never kills a run
-                skipped["error"] += 1
+            except Exception as exc:  # noqa: BLE001 - one bad file never kills a run
+                reason = exc.reason if isinstance(exc, BadImage) else "error"
+                skipped[reason] += 1
+                if len(examples) < 3:
+                    examples.append(f"{reason}: {key}")
                 continue
             for spec, crop in zip(self.specs, crops):
                 out[spec.name][i] = crop
@@ -90,7 +91,7 @@ class MultiCropStage:
             if self.crop.last_orientation != 1:
                 converted["exif_rotated"] += 1
         if self.state is not None:
-            self.state.add(int(keep.sum()), dict(skipped), dict(converted))
+            self.state.add(int(keep.sum()), dict(skipped), dict(converted), examples)
         if not keep.all():
             out = {k: v[keep] for k, v in out.items()}
         if self.with_label:

@@ -121,9 +121,11 @@ def plan_data_resources(cluster_cpus: float, num_workers: int, cpus_per_worker: 
 
 
 def cluster_cpus() -> float:
-    import ray
+    """The CPUs the connected cluster can reach: the nodes alive plus what the autoscaler may
+    add (a fresh ``ray up`` cluster is only its head: 2 CPUs would reject every job)."""
+    from pipeline.cluster import ClusterView
 
-    return float(ray.cluster_resources().get("CPU", 0.0))
+    return ClusterView.current().max_total("CPU")
 
 
 def plan_from_config(data, train, cluster: float | None = None) -> ResourcePlan:

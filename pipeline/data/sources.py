@@ -25,6 +25,8 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from pipeline.data.sampling import even_sample, proportional_prefixes
+
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff",
                               ".ppm", ".pgm", ".pbm", ".jfif"})
 CLASS_NAMES_KEY = b"dino_ray.class_names"  # Parquet schema metadata written by ``to-parquet``
@@ -144,16 +146,20 @@ def _list_folder(listed, limit: int | None) -> Corpus:
             cls = rel.split("/", 1)[0] if "/" in rel else None
             rows.append((f.path, int(f.size or 0), cls))
     rows.sort(key=lambda r: r[0])  # listing order differs by filesystem; fix it
-    if limit is not None:
-        rows = rows[:limit]
     labelled = bool(rows) and all(r[2] is not None for r in rows)
+    # class names from the whole listing, so a limit never renumbers labels (bank vs val)
+    all_classes = sorted({r[2] for r in rows}) if labelled else []
+    if limit is not None:  # even across classes, seeded (pipeline/data/sampling.py)
+        keep = even_sample([r[0] for r in rows], [r[2] if labelled else None for r in rows],
+                           limit)
+        rows = [rows[i] for i in keep]
     columns: dict[str, pa.Array] = {
         "path": pa.array([r[0] for r in rows], pa.string()),
         "size": pa.array([r[1] for r in rows], pa.int64()),
     }
     class_names: list[str] = []
     if labelled:
-        class_names = sorted({r[2] for r in rows})
+        class_names = all_classes
         index = {c: i for i, c in enumerate(class_names)}
         columns["label"] = pa.array([index[r[2]] for r in rows], pa.int64())
     return Corpus("files", fs, pa.table(columns), class_names, labelled, num_images=len(rows),
@@ -172,8 +178,6 @@ def _list_parquet(listed, image_column: str, label_column: str | None,
     name_pairs: dict[int, str] = {}
     total = 0
     for path in files:
-        if limit is not None and total >= limit:
-            break
         pf = pq.ParquetFile(fs.open_input_file(path))
         schema = pf.schema_arrow
         if image_column not in schema.names:
@@ -187,10 +191,6 @@ def _list_parquet(listed, image_column: str, label_column: str | None,
             names_meta = json.loads(schema.metadata[CLASS_NAMES_KEY])
         for rg in range(pf.metadata.num_row_groups):
             n = pf.metadata.row_group(rg).num_rows
-            if limit is not None:
-                n = min(n, limit - total)
-            if n <= 0:
-                break
             paths.append(path)
             groups.append(rg)
             counts.append(n)
@@ -209,6 +209,21 @@ def _list_parquet(listed, image_column: str, label_column: str | None,
                     if item is not None:
                         idx, name = item.split("\x00", 1)
                         name_pairs[int(idx)] = name
+    if limit is not None and limit < total:
+        # a prefix of every shard, in proportion to its rows: keys ``path#row`` (datasource,
+        # image_keys) assume prefixes, so a per-row choice is not expressible (sampling.py)
+        shard_rows: dict[str, int] = {}
+        for path, n in zip(paths, counts):
+            shard_rows[path] = shard_rows.get(path, 0) + n
+        budget = dict(zip(shard_rows, proportional_prefixes(list(shard_rows.values()), limit)))
+        kept = []
+        for path, rg, n in zip(paths, groups, counts):
+            n = min(n, int(budget[path]))
+            if n > 0:
+                kept.append((path, rg, n))
+                budget[path] -= n
+        paths, groups, counts = (list(c) for c in zip(*kept)) if kept else ([], [], [])
+        total = sum(counts)
     entries = pa.table({"path": pa.array(paths, pa.string()),
                         "row_group": pa.array(groups, pa.int64()),
                         "num_rows": pa.array(counts, pa.int64())})

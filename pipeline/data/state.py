@@ -24,6 +24,8 @@ from collections import Counter
 
 import ray
 
+MAX_EXAMPLES = 3  # skipped images named in a data-quality error
+
 
 @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)
 class DataState:
@@ -34,6 +36,7 @@ class DataState:
         self.skipped: Counter[str] = Counter()
         self.decoded = 0
         self.converted: Counter[str] = Counter()
+        self.examples: list[str] = []  # "reason: key" of the first skipped images
 
     def set_epoch(self, epoch: int, until: int | None = None,
                   rows_per_epoch: int | None = None) -> int:
@@ -48,14 +51,18 @@ class DataState:
     def window(self) -> tuple[int, int, int | None]:
         return self.epoch, self.until or self.epoch + 1, self.rows_per_epoch
 
-    def add(self, decoded: int, skipped: dict[str, int], converted: dict[str, int]) -> None:
+    def add(self, decoded: int, skipped: dict[str, int], converted: dict[str, int],
+            examples: list[str] | None = None) -> None:
         self.decoded += int(decoded)
         self.skipped.update({k: int(v) for k, v in skipped.items() if v})
         self.converted.update({k: int(v) for k, v in converted.items() if v})
+        for e in examples or []:
+            if len(self.examples) < MAX_EXAMPLES and e not in self.examples:
+                self.examples.append(e)
 
     def stats(self) -> dict:
         return {"epoch": self.epoch, "decoded": self.decoded, "skipped": dict(self.skipped),
-                "converted": dict(self.converted)}
+                "converted": dict(self.converted), "examples": list(self.examples)}
 
 
 class DataHandle:
@@ -64,8 +71,10 @@ class DataHandle:
     def __init__(self, name: str | None = None, namespace: str | None = None):
         self.name = name or f"dino-ray-data-{uuid.uuid4().hex[:12]}"
         self.namespace = namespace or ray.get_runtime_context().namespace
+        from pipeline.ray_runtime import on_this_node
+
         self._actor = DataState.options(name=self.name, namespace=self.namespace,
-                                        lifetime=None).remote()
+                                        lifetime=None, **on_this_node()).remote()
 
     def __getstate__(self) -> dict:
         return {"name": self.name, "namespace": self.namespace, "_actor": self._actor}
@@ -91,8 +100,9 @@ class DataHandle:
         """``(first epoch, end epoch exclusive, rows per epoch or None)`` of the next execution."""
         return tuple(ray.get(self._actor.window.remote()))
 
-    def add(self, decoded: int, skipped: dict[str, int], converted: dict[str, int]) -> None:
-        ray.get(self._actor.add.remote(decoded, skipped, converted))
+    def add(self, decoded: int, skipped: dict[str, int], converted: dict[str, int],
+            examples: list[str] | None = None) -> None:
+        ray.get(self._actor.add.remote(decoded, skipped, converted, examples))
 
     def skip_counts(self) -> dict[str, int]:
         return dict(ray.get(self._actor.stats.remote())["skipped"])

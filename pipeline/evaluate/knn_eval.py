@@ -1,9 +1,17 @@
-"""k-NN evaluation of a teacher backbone as Ray Data batch inference.
+"""k-NN (and linear-probe) evaluation of a teacher backbone as Ray Data batch inference.
 
 bank (labelled train images) and val: resize + centre crop (``pipeline.data.dataset``), one forward
 per image in ``map_batches`` on an actor pool (each actor holds the backbone), then weighted k-NN
-(``dino_model.knn``) on the driver. ``random init`` is the same architecture and seed as the run's
-starting point, so ``knn_top1 - knn_init_top1`` is the gain from training.
+(``dino_model.knn``) on the driver. Every evaluation reports three rows on the same images:
+
+* ``knn_*``: the checkpoint's teacher;
+* ``knn_init_*``: the same architecture and seed as the run's starting point, so
+  ``knn_top1 - knn_init_top1`` is the gain from training;
+* ``knn_pixels_*``: raw pixels of the same crops (a floor any learnt feature should beat).
+
+``knn_top1`` is the figure at the fixed ``eval.headline_k`` (20, as in DINO), never the best k on
+val. With ``linear=True`` a logistic-regression probe (C picked on a split of the bank) adds
+``linear_top1``, ``linear_init_top1``, ``linear_pixels_top1``.
 """
 
 from __future__ import annotations
@@ -17,7 +25,7 @@ import ray
 import torch
 
 from pipeline.config import DinoConfig
-from pipeline.evaluate.features import embed, knn_metrics
+from pipeline.evaluate.features import embed, knn_metrics, linear_metrics, pixel_features
 
 log = logging.getLogger("dino_ray.evaluate")
 
@@ -81,10 +89,14 @@ materialize_task = ray.remote(num_cpus=0, max_retries=1)(materialize_for_trainin
 
 class EmbedBatch:
     """``map_batches`` callable class: one actor holds the backbones (trained and/or random init)
-    and emits one feature column per backbone, so a single pass embeds everything."""
+    and emits one feature column per backbone (``feat_knn``, ``feat_knn_init``), so a single pass
+    embeds everything. ``include_pixels`` adds ``feat_knn_pixels``: the crops flattened, still
+    uint8 (4x fewer bytes through the object store than float; ``pixel_features`` converts them on
+    the driver). ``probe`` (``{"n_last_blocks": n, "avgpool": b}``) adds DINO's linear-probe
+    features (``feat_probe``, ``feat_probe_init``)."""
 
     def __init__(self, cfg: dict, checkpoint_path: str | None, include_random_init: bool,
-                 batch_size: int) -> None:
+                 batch_size: int, include_pixels: bool = False, probe: dict | None = None) -> None:
         from pipeline.train.checkpoint import load_teacher_backbone
         from pipeline.train.model import random_init_backbone
 
@@ -92,20 +104,27 @@ class EmbedBatch:
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.backbones: dict[str, torch.nn.Module] = {}
         if checkpoint_path:
-            self.backbones["knn"], _ = load_teacher_backbone(checkpoint_path)
+            self.backbones[""], _ = load_teacher_backbone(checkpoint_path)
         if include_random_init:
-            self.backbones["knn_init"] = random_init_backbone(DinoConfig.from_dict(cfg))
+            self.backbones["_init"] = random_init_backbone(DinoConfig.from_dict(cfg))
         for b in self.backbones.values():
             b.to(self.device).eval()
         self.autocast = torch.bfloat16 if self.device.type == "cuda" else None
         self.batch_size = batch_size
+        self.include_pixels = include_pixels
+        self.probe = probe
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         out = {"label": np.asarray(batch["label"], np.int64), "split": batch["split"]}
-        for name, backbone in self.backbones.items():
-            out[f"feat_{name}"] = embed(backbone, batch["image"], device=self.device,
-                                        batch_size=self.batch_size,
-                                        autocast_dtype=self.autocast).numpy()
+        images = batch["image"]
+        for suffix, backbone in self.backbones.items():
+            kw = {"device": self.device, "batch_size": self.batch_size,
+                  "autocast_dtype": self.autocast}
+            out[f"feat_knn{suffix}"] = embed(backbone, images, **kw).numpy()
+            if self.probe is not None:
+                out[f"feat_probe{suffix}"] = embed(backbone, images, **kw, **self.probe).numpy()
+        if self.include_pixels:
+            out["feat_knn_pixels"] = np.ascontiguousarray(images).reshape(len(images), -1)
         return out
 
 
@@ -115,8 +134,11 @@ def _tag(batch: dict[str, np.ndarray], split: int) -> dict[str, np.ndarray]:
 
 
 def embed_sets(sets: EvalSets, cfg: DinoConfig, checkpoint_path: str | None,
-               include_random_init: bool) -> dict[str, Any]:
-    """One Ray Data pass over bank + val: ``{name: (bank_feats, bank_labels, val_feats, val_labels)}``."""
+               include_random_init: bool, *, include_pixels: bool = False,
+               probe: dict | None = None) -> dict[str, Any]:
+    """One Ray Data pass over bank + val: ``{name: (bank_feats, bank_labels, val_feats, val_labels)}``
+    with names ``knn`` (checkpoint), ``knn_init``, ``knn_pixels`` (uint8, flattened) and, with
+    ``probe``, ``probe`` / ``probe_init``."""
     use_gpu = cfg.train.use_gpu
     ds = sets.bank.map_batches(_tag, fn_kwargs={"split": 0}, batch_format="numpy").union(
         sets.val.map_batches(_tag, fn_kwargs={"split": 1}, batch_format="numpy"))
@@ -125,7 +147,8 @@ def embed_sets(sets: EvalSets, cfg: DinoConfig, checkpoint_path: str | None,
         fn_constructor_kwargs={"cfg": cfg.model_dump(mode="json"),
                                "checkpoint_path": checkpoint_path,
                                "include_random_init": include_random_init,
-                               "batch_size": cfg.eval.batch_size},
+                               "batch_size": cfg.eval.batch_size,
+                               "include_pixels": include_pixels, "probe": probe},
         batch_size=cfg.eval.batch_size, batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=cfg.eval.num_actors),
         num_cpus=0 if use_gpu else 1, num_gpus=1 if use_gpu else 0)
@@ -146,19 +169,63 @@ def embed_sets(sets: EvalSets, cfg: DinoConfig, checkpoint_path: str | None,
 
 
 def evaluate_knn(cfg: DinoConfig, checkpoint_path: str | None, *, sets: EvalSets | None = None,
-                 include_random_init: bool = True) -> dict[str, Any]:
-    """``knn_top1_k{k}``/``knn_top5_k{k}``, ``knn_top1`` (best k) for the checkpoint's teacher and
-    ``knn_init_*`` for the random-init backbone, ``knn_gain_top1`` = the difference."""
+                 include_random_init: bool = True, include_pixels: bool = True,
+                 linear: bool = False, n_last_blocks: int = 1,
+                 avgpool: bool = False) -> dict[str, Any]:
+    """All evaluation figures of a checkpoint (percent), on one pass over the eval images.
+
+    k-NN, for ``knn`` (the checkpoint's teacher; skipped when ``checkpoint_path`` is None),
+    ``knn_init`` (random init) and ``knn_pixels`` (raw pixels): ``{prefix}_top1_k{k}`` /
+    ``{prefix}_top5_k{k}`` for each k in ``eval.k`` and ``eval.headline_k``, ``{prefix}_top1`` /
+    ``{prefix}_top5`` at ``eval.headline_k``, ``{prefix}_bank_size`` / ``{prefix}_val_size``;
+    ``knn_gain_top1`` = ``knn_top1 - knn_init_top1``.
+
+    With ``linear``: ``linear_top1``, ``linear_init_top1``, ``linear_pixels_top1`` (plus ``_C``,
+    ``_holdout_top1``), ``linear_gain_top1``, and the probe's ``linear_n_last_blocks`` /
+    ``linear_avgpool`` (DINO's options; they need a timm ViT unless 1 / False).
+    Empty dict when the data carries no labels.
+    """
     sets = sets or build_eval_sets(cfg)
     if sets is None:
         return {}
+    # the probe reads other features than the k-NN only with DINO's options; else it reuses them
+    probe = ({"n_last_blocks": n_last_blocks, "avgpool": avgpool}
+             if linear and (n_last_blocks != 1 or avgpool) else None)
+    feats = embed_sets(sets, cfg, checkpoint_path, include_random_init,
+                       include_pixels=include_pixels, probe=probe)
+    if "knn_pixels" in feats:
+        bank_px, bank_l, val_px, val_l = feats["knn_pixels"]
+        feats["knn_pixels"] = (pixel_features(bank_px), bank_l, pixel_features(val_px), val_l)
+    e = cfg.eval
     out: dict[str, Any] = {}
-    for prefix, (bank_f, bank_l, val_f, val_l) in embed_sets(
-            sets, cfg, checkpoint_path, include_random_init).items():
-        out.update(knn_metrics(bank_f, bank_l, val_f, val_l, ks=cfg.eval.k,
-                               temperature=cfg.eval.temperature, prefix=prefix))
+    for prefix in ("knn", "knn_init", "knn_pixels"):
+        if prefix not in feats:
+            continue
+        bank_f, bank_l, val_f, val_l = feats[prefix]
+        out.update(knn_metrics(bank_f, bank_l, val_f, val_l, ks=e.k, temperature=e.temperature,
+                               prefix=prefix, headline_k=e.headline_k))
         out[f"{prefix}_bank_size"] = int(len(bank_l))
         out[f"{prefix}_val_size"] = int(len(val_l))
+        if linear:
+            # pixels are probed on the same features as their k-NN; backbones on the probe's
+            source = prefix.replace("knn", "probe") if probe and prefix != "knn_pixels" else prefix
+            out.update(linear_metrics(*feats[source], prefix=prefix.replace("knn", "linear"),
+                                      seed=cfg.train.seed))
     if "knn_top1" in out and "knn_init_top1" in out:
         out["knn_gain_top1"] = out["knn_top1"] - out["knn_init_top1"]
+    if linear:
+        out["linear_n_last_blocks"], out["linear_avgpool"] = int(n_last_blocks), int(avgpool)
+        if "linear_top1" in out and "linear_init_top1" in out:
+            out["linear_gain_top1"] = out["linear_top1"] - out["linear_init_top1"]
     return out
+
+
+def pixel_knn_metrics(eval_data: dict[str, np.ndarray], cfg: DinoConfig) -> dict[str, float]:
+    """``knn_pixels_*`` from in-memory eval arrays (``materialize_for_training``'s dict): the
+    raw-pixel baseline for the in-training evaluation. Pixels do not change during training, so
+    compute it once (with ``knn_init_*``), not every epoch."""
+    e = cfg.eval
+    return knn_metrics(pixel_features(eval_data["bank_images"]), eval_data["bank_labels"],
+                       pixel_features(eval_data["val_images"]), eval_data["val_labels"],
+                       ks=e.k, temperature=e.temperature, prefix="knn_pixels",
+                       headline_k=e.headline_k)

@@ -51,7 +51,7 @@ def save_checkpoint(directory: str | Path, *, student: nn.Module, teacher: nn.Mo
         "iters_per_epoch": int(iters_per_epoch),
     }
     torch.save(state, directory / STATE_FILE)
-    (directory / CONFIG_FILE).write_text(cfg.to_yaml())
+    (directory / CONFIG_FILE).write_text(cfg.to_yaml(redact=True))  # no secrets at rest
     meta = {"epoch": int(epoch), "global_step": int(global_step),
             "iters_per_epoch": int(iters_per_epoch),
             "metrics": {k: v for k, v in (metrics or {}).items() if _jsonable(v)}}
@@ -131,6 +131,42 @@ def newest_checkpoint(storage_path: str, name: str) -> tuple[int, str] | None:
     if best is None:
         return None
     return best[0], best[1] if "://" not in root else root.split("://")[0] + "://" + best[1]
+
+
+def checkpoint_uri(checkpoint) -> str:
+    """A ``ray.train.Checkpoint``'s location with its scheme (``Checkpoint.path`` drops it:
+    ``bucket/runs/x/checkpoint_...`` for an S3 checkpoint)."""
+    path = checkpoint.path
+    fs = checkpoint.filesystem
+    if "://" not in path and fs is not None and fs.type_name not in ("local",):
+        return f"{fs.type_name}://{path}"
+    return path
+
+
+def _fs_path(uri_or_path: str):
+    import pyarrow.fs as pafs
+
+    if "://" in uri_or_path:
+        return pafs.FileSystem.from_uri(uri_or_path)
+    return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(uri_or_path))
+
+
+def read_run_file(run_directory: str, name: str) -> str | None:
+    """A small text file of the run directory (local or s3://, gs://...), None when absent."""
+    try:
+        fs, base = _fs_path(run_directory)
+        with fs.open_input_stream(base.rstrip("/") + "/" + name) as f:
+            return f.read().decode()
+    except (FileNotFoundError, OSError):
+        return None
+
+
+def write_run_file(run_directory: str, name: str, text: str) -> None:
+    """Write a small text file into the run directory (created if needed)."""
+    fs, base = _fs_path(run_directory)
+    fs.create_dir(base, recursive=True)
+    with fs.open_output_stream(base.rstrip("/") + "/" + name) as f:
+        f.write(text.encode())
 
 
 def resolve_storage_path(path: str) -> str:

@@ -16,7 +16,6 @@ import logging
 import os
 import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
 import ray
@@ -32,7 +31,17 @@ from dino_model.optim import build_optimizer
 from dino_model.schedules import Schedules, scaled_lr
 from dino_model.step import NonFiniteLossError, dino_step
 from pipeline.config import DinoConfig
-from pipeline.train.checkpoint import as_local_dir, load_state, newest_checkpoint, save_checkpoint
+from pipeline.train.checkpoint import (
+    as_local_dir,
+    checkpoint_uri,
+    load_state,
+    newest_checkpoint,
+    read_run_file,
+    save_checkpoint,
+    write_run_file,
+)
+from pipeline.train.control import StopPoller
+from pipeline.train.failures import ResumeMismatchError
 from pipeline.train.metrics import AVERAGED, EpochMeter, collapse_check, finite
 from pipeline.train.model import build_models, random_init_backbone
 
@@ -51,6 +60,9 @@ def iters_per_epoch(cfg: DinoConfig, num_images: int, world_size: int) -> int:
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
+    from pipeline.redact import install_log_redaction
+
+    install_log_redaction()  # worker log lines reach the job's logs too
     cfg = DinoConfig.from_dict(config["cfg"])
     td = config["train_data"]
     tc = cfg.train
@@ -89,7 +101,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         optim_state = state["optimizer"]
         start_step = int(state["global_step"])
         if int(state["iters_per_epoch"]) != ipe:
-            raise ValueError(f"checkpoint has {state['iters_per_epoch']} iterations per epoch, this "
+            raise ResumeMismatchError(f"checkpoint has {state['iters_per_epoch']} iterations per epoch, this "
                              f"run {ipe}: resume with the same batch size, workers and data")
         if rank == 0:
             log.warning("resuming from %s at global step %d (epoch %d)", source, start_step,
@@ -106,11 +118,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     eval_ref = config.get("eval_ref") if rank == 0 else None
     shard = ray.train.get_dataset_shard("train")
-    storage_dir = Path(config["run_dir"]) if config.get("run_dir") else None
+    run_directory = config.get("run_dir")
     t_start = time.monotonic()
     global_step = start_step
 
     init_knn_pending = start_step == 0  # the random-init k-NN rides on the first evaluation
+    stop_poller = StopPoller(config.get("control") if rank == 0 else None)
 
     # 3. epochs ---------------------------------------------------------------------------------
     # A ``TrainDataset`` streams every remaining epoch in one execution (the crop actors start
@@ -136,18 +149,31 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             # every rank must take the same number of steps; stop when any rank runs dry or the
             # wall-clock budget is spent
             over_time = bool(tc.max_wall_seconds and time.monotonic() - t_start > tc.max_wall_seconds)
+            over_time = over_time or stop_poller.requested()  # Ctrl-C / SIGTERM on the driver
             t_sync = time.perf_counter()
-            any_done = _any_rank(batch is None or over_time)
+            any_dry, stop = _any_rank_flags(batch is None, over_time)
+            if any_dry and not stop and one_stream and global_step > start_step:
+                # skipped images leave the stream short of the run's last steps (each epoch is
+                # cut to exactly ipe x global batch rows): top it up with a new execution
+                # instead of dropping them
+                if rank == 0:
+                    log.warning("epoch %d: the data stream ran out after %d of %d steps "
+                                "(skipped images); reopening it", epoch, i, ipe)
+                td.set_epoch(epoch, until=tc.epochs, rows_per_epoch=ipe * global_batch)
+                batches = _iter_batches(shard, cfg, epoch)
+                if batch is None:
+                    batch = next(batches, None)
+                wait = time.perf_counter() - t0
+                any_dry, stop = _any_rank_flags(batch is None, over_time)
             meter.agree_s += time.perf_counter() - t_sync
-            if any_done:
-                stop = over_time
-                dry = one_stream and not over_time  # a single stream that ran out stays empty
-                if not over_time and rank == 0:
+            if any_dry or stop:
+                dry = not stop
+                if dry and rank == 0:
                     log.warning("epoch %d: a shard ran out after %d of %d steps", epoch, i, ipe)
                 break
             if i < skip:
                 continue
-            _maybe_die(tc, rank, world, global_step, storage_dir)
+            _maybe_die(tc, rank, world, global_step, run_directory)
             crops = _crops(batch, device)
             if tc.nan_at_step is not None and global_step == tc.nan_at_step:
                 crops = [c * float("nan") for c in crops]  # fault injection: non-finite loss
@@ -192,6 +218,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 summary.update({f"skipped_{k}": int(v) for k, v in td.skip_counts().items()})
             except Exception:  # noqa: BLE001 - counters are best effort
                 pass
+        if rank == 0 and hasattr(td, "stats"):
+            _check_data_quality(td, cfg, steps=global_step - start_step)
         last = epoch == tc.epochs - 1 or stop or dry
         if (rank == 0 and eval_ref is not None and cfg.eval.every_epochs
                 and ((epoch + 1) % cfg.eval.every_epochs == 0 or last) and meter.steps):
@@ -257,7 +285,7 @@ def resume_state(ckpt, storage: str | None, name: str) -> tuple[dict | None, str
     if ckpt is not None:
         with ckpt.as_directory() as d:
             state = load_state(d)
-        best = (int(state["global_step"]), state, ckpt.path)
+        best = (int(state["global_step"]), state, checkpoint_uri(ckpt))
     found = newest_checkpoint(storage, name) if storage else None
     if found and (best is None or found[0] > best[0]):
         newest = found[1]
@@ -268,6 +296,27 @@ def resume_state(ckpt, storage: str | None, name: str) -> tuple[dict | None, str
         except Exception as exc:  # noqa: BLE001 - an incomplete copy: keep Ray's checkpoint
             log.warning("ignoring unreadable checkpoint %s: %s", newest, exc)
     return (best[1], best[2]) if best else (None, None)
+
+
+def _any_rank_flags(*flags: bool) -> tuple[bool, ...]:
+    """Each flag OR-ed over the ranks (one all-reduce)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return tuple(bool(f) for f in flags)
+    t = torch.tensor([1.0 if f else 0.0 for f in flags],
+                     device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return tuple(bool(v > 0) for v in t.tolist())
+
+
+def _check_data_quality(td, cfg: DinoConfig, *, steps: int) -> None:
+    """Too many unreadable images, or none at all, is a deterministic ``DataQualityError``."""
+    from pipeline.data.quality import check_skip_share
+
+    try:
+        stats = td.stats()
+    except Exception:  # noqa: BLE001 - counters are best effort
+        return
+    check_skip_share(stats, cfg.data.max_skip_fraction, steps=steps if steps == 0 else None)
 
 
 def _any_rank(flag: bool) -> bool:
@@ -290,17 +339,16 @@ def _mean_over_ranks(values: dict[str, float]) -> dict[str, float]:
     return dict(zip(keys, t.tolist()))
 
 
-def _maybe_die(tc, rank: int, world: int, global_step: int, storage_dir: Path | None) -> None:
+def _maybe_die(tc, rank: int, world: int, global_step: int, run_directory: str | None) -> None:
     """Fault injection: one rank dies (once: a marker file in the run dir) at train.fail_at_step."""
     if tc.fail_at_step is None or global_step != tc.fail_at_step:
         return
-    if rank != (1 if world > 1 else 0) or storage_dir is None:
+    if rank != (1 if world > 1 else 0) or run_directory is None:
         return
-    marker = storage_dir / f".fault_injected_step_{global_step}"
-    if marker.exists():
+    marker = f".fault_injected_step_{global_step}"
+    if read_run_file(run_directory, marker) is not None:
         return
-    marker.parent.mkdir(parents=True, exist_ok=True)
-    marker.write_text(f"rank {rank} died at step {global_step}\n")
+    write_run_file(run_directory, marker, f"rank {rank} died at step {global_step}\n")
     log.warning("fault injection: rank %d exits at global step %d", rank, global_step)
     os._exit(1)
 

@@ -26,11 +26,20 @@ from typing import Any
 import ray
 
 from pipeline.config import DinoConfig
-from pipeline.train.checkpoint import latest_checkpoint, resolve_storage_path, run_dir
+from pipeline.train.checkpoint import (
+    checkpoint_uri,
+    latest_checkpoint,
+    newest_checkpoint,
+    read_run_file,
+    resolve_storage_path,
+    run_dir,
+    write_run_file,
+)
 
 log = logging.getLogger("dino_ray.train")
 
 MetricsHook = Callable[[dict[str, Any]], None]
+RUN_ID_FILE = "mlflow_run_id"  # in the run directory: a rerun logs to the same MLflow run
 
 
 class TrainingError(RuntimeError):
@@ -65,7 +74,7 @@ def _forward_callback(q):
         def after_report(self, run_context, metrics, checkpoint) -> None:
             m = dict(metrics[0]) if metrics else {}
             if checkpoint is not None:
-                m["checkpoint_path"] = checkpoint.path
+                m["checkpoint_path"] = checkpoint_uri(checkpoint)
             try:
                 self.q.put(m, timeout=10)
             except Exception:  # noqa: BLE001 - never stall training for bookkeeping
@@ -90,99 +99,213 @@ def run_training(
     uint8 NHWC columns), ``num_images`` and optionally ``set_epoch``/``skip_counts`` (default:
     ``pipeline.data.dataset.build_train_dataset``). ``callbacks``: extra Ray Train callbacks
     (e.g. ``ray.tune.integration.ray_train.TuneReportCallback()``).
-    Raises ``TrainingError`` (with ``last_checkpoint``) when training fails.
+    Raises ``PreflightError`` (a ``ConfigError``) before any Ray work for a run that cannot
+    succeed, and ``TrainingError`` (with ``last_checkpoint``) when training fails.
     """
-    import ray.train
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-    from ray.util.queue import Queue
+    from pipeline.cluster import ClusterView, release_nodes
+    from pipeline.preflight import check_cluster, check_config
+    from pipeline.ray_runtime import ensure_ray
 
-    from pipeline.ray_runtime import ensure_ray, role_resources
-    from pipeline.tracking import Tracker
-    from pipeline.train.loop import iters_per_epoch, train_loop_per_worker
+    from pipeline.preflight import check_corpus
 
     t0 = time.monotonic()
+    check_config(cfg)  # no Ray yet: arch, then the corpus (missing, empty, smaller than a batch)
+    corpus = None
+    if train_data is None:
+        from pipeline.data.dataset import list_data
+
+        corpus = list_data(cfg.data)
+        check_corpus(cfg, corpus.num_images)
     ensure_ray(address)
+    view = ClusterView.current()
+    check_cluster(cfg, view)  # local paths on a multi-node cluster, workers no node can hold
+    try:
+        cfg, changed = _rerun_policy(cfg)
+        run = _plan(cfg, view, train_data, corpus)
+        run.new_tracking_run = changed
+        tracker = _open_tracking(cfg, run, config_path)
+        history, steps, last = _launch_and_collect(cfg, run, tracker, on_epoch_metrics,
+                                                   on_step_metrics, callbacks)
+        return _finish(cfg, run, tracker, history, steps, last, t0)
+    finally:
+        release_nodes(view)
+
+
+@dataclass
+class _Run:
+    """What the driver planned for one run (shared by launch, collect and finish)."""
+
+    storage: str  # resolved storage_path
+    rdir: str  # <storage>/<name>, local path or URI
+    train_data: Any
+    plan: Any  # ResourcePlan or None (caller-built data)
+    ipe: int
+    start_step: int
+    eval_ref: Any = None
+    new_tracking_run: bool = False  # continued with a changed config: a new MLflow run
+
+
+def _rerun_policy(cfg: DinoConfig) -> tuple[DinoConfig, bool]:
+    """``pipeline.train.rerun``: refuse a changed config under an existing name, unless asked."""
+    from pipeline.train.rerun import check_rerun
+
+    found = newest_checkpoint(resolve_storage_path(cfg.train.storage_path), cfg.train.name)
+    saved = read_run_file(found[1], "config.yaml") if found else None
+    new_cfg, changed = check_rerun(cfg, saved)
+    if new_cfg.train.name != cfg.train.name:
+        log.warning("train.resume=never: %r exists, this run is %r", cfg.train.name,
+                    new_cfg.train.name)
+    return new_cfg, changed
+
+
+def _plan(cfg: DinoConfig, view, train_data, corpus=None) -> _Run:
+    """List the corpus, check it, size the data stage, ask the autoscaler for the nodes."""
+    from pipeline.cluster import request_nodes
+    from pipeline.preflight import check_corpus, train_worker_bundle
+    from pipeline.train.loop import iters_per_epoch
+
     tc = cfg.train
     storage = resolve_storage_path(tc.storage_path)
     rdir = run_dir(storage, tc.name)
-    local_rdir = Path(rdir) if "://" not in rdir else None
-    if local_rdir is not None:
-        local_rdir.mkdir(parents=True, exist_ok=True)
-
-    # data ----------------------------------------------------------------------------------------
+    if "://" not in rdir:
+        Path(rdir).mkdir(parents=True, exist_ok=True)
     plan = None
     if train_data is None:
         from pipeline.data.dataset import build_train_dataset
         from pipeline.data.resources import plan_from_config
 
-        # Ray Data gets the CPUs that Train and a headroom leave free (ray-project/ray#44687)
+        # Ray Data gets the CPUs that Train and a headroom leave free (ray-project/ray#44687),
+        # counted on the cluster as the autoscaler can grow it
         plan = plan_from_config(cfg.data, tc)
         for note in plan.notes:
             log.warning("data stage: %s", note)
-        train_data = build_train_dataset(cfg.data, cfg.augment, seed=tc.seed, plan=plan)
-    iters_per_epoch(cfg, train_data.num_images, tc.num_workers)  # fail fast on a tiny corpus
-
-    # in-training k-NN: the eval images are read and decoded by a Ray task while the workers start
-    eval_ref = None
-    if cfg.eval.every_epochs:
+        train_data = build_train_dataset(cfg.data, cfg.augment, seed=tc.seed, plan=plan,
+                                         corpus=corpus)
+    else:
+        check_corpus(cfg, train_data.num_images)
+    ipe = iters_per_epoch(cfg, train_data.num_images, tc.num_workers)
+    start_step = _resumable_step(cfg, storage, ipe)
+    data_bundle = {"CPU": plan.cpus_per_actor if plan else cfg.data.cpus_per_actor}
+    if view.has_role("data"):
+        data_bundle["data"] = data_bundle["CPU"]
+    request_nodes([train_worker_bundle(cfg, view)] * tc.num_workers
+                  + [data_bundle] * (plan.num_actors if plan else cfg.data.num_actors), view)
+    run = _Run(storage, rdir, train_data, plan, ipe, start_step)
+    if cfg.eval.every_epochs:  # the eval images are read by a Ray task while the workers start
         from pipeline.evaluate.knn_eval import materialize_task
 
-        eval_ref = materialize_task.remote(cfg.model_dump(mode="json"))
+        run.eval_ref = materialize_task.remote(cfg.model_dump(mode="json"))
+    return run
 
-    # tracking (driver side) -----------------------------------------------------------------------
-    tr = cfg.tracking
-    run_id_file = local_rdir / "mlflow_run_id" if local_rdir is not None else None
-    resume_id = None
-    if run_id_file is not None and run_id_file.is_file() and latest_checkpoint(storage, tc.name):
-        resume_id = run_id_file.read_text().strip() or None
+
+def _resumable_step(cfg: DinoConfig, storage: str, ipe: int) -> int:
+    """The global step a rerun continues from (0 for a new run). A run directory whose newest
+    checkpoint has another iterations-per-epoch, or that already finished ``train.epochs``, is
+    refused here: the workers would fail on it (or train nothing)."""
+    from pipeline.preflight import PreflightError
+
+    tc = cfg.train
+    found = newest_checkpoint(storage, tc.name)
+    if found is None:
+        return 0
+    step, path = found
+    meta_ipe = _meta_ipe(path)
+    if meta_ipe is not None and meta_ipe != ipe:
+        raise PreflightError(
+            f"train.name: {tc.name!r} in {tc.storage_path} has a checkpoint with {meta_ipe} "
+            f"iterations per epoch, this run has {ipe}: resume with the same batch size, workers "
+            "and data, or choose another train.name")
+    if step >= tc.epochs * ipe:
+        raise PreflightError(
+            f"train.epochs: run {tc.name!r} already finished {step // ipe} epochs ({path}); raise "
+            "train.epochs to continue it, or choose another train.name for a new run")
+    return step
+
+
+def _meta_ipe(path: str) -> int | None:
+    import json
+
+    text = read_run_file(path, "meta.json")
+    try:
+        return int(json.loads(text)["iters_per_epoch"]) if text else None
+    except (ValueError, KeyError):
+        return None
+
+
+def _open_tracking(cfg: DinoConfig, run: _Run, config_path):
+    """The driver's MLflow run; a rerun of the same name reopens the run it logged to."""
+    from pipeline.tracking import Tracker
+
+    tc, tr = cfg.train, cfg.tracking
+    previous_id = (read_run_file(run.rdir, RUN_ID_FILE) or "").strip() or None
+    resume_id = None if run.start_step == 0 or run.new_tracking_run else previous_id
+    tags = {"dino_ray.train.name": tc.name}
+    if run.new_tracking_run and previous_id:  # params are immutable: the changed ones need a run
+        tags["dino_ray.continues_run"] = previous_id
     tracker = Tracker(tr.tracking_uri, tr.experiment, run_name=tr.run_name or tc.name,
                       enabled=tr.enabled, resume_run_id=resume_id,
-                      http_timeout_s=tr.http_timeout_s, tags={"dino_ray.train.name": tc.name})
-    if tracker.run_id and run_id_file is not None and tracker.ok:
-        run_id_file.write_text(tracker.run_id)
-    tracker.log_params(cfg.flat())
-    tracker.set_tags({"storage_path": rdir, "num_images": train_data.num_images})
+                      http_timeout_s=tr.http_timeout_s, tags=tags)
+    if tracker.run_id and tracker.ok:
+        try:
+            write_run_file(run.rdir, RUN_ID_FILE, tracker.run_id)
+        except OSError as exc:
+            log.warning("could not record the MLflow run id in %s: %s", run.rdir, exc)
+    tracker.log_params(cfg.flat(redact=True))
+    tracker.set_tags({"storage_path": run.rdir, "num_images": run.train_data.num_images})
     if config_path is not None and Path(config_path).is_file():
         tracker.log_artifact(config_path)
-    tracker.log_text(cfg.to_yaml(), "resolved_config.yaml")
+    tracker.log_text(cfg.to_yaml(redact=True), "resolved_config.yaml")
+    return tracker
 
-    # trainer -------------------------------------------------------------------------------------
-    q = Queue(actor_options={"num_cpus": 0})
+
+def _build_trainer(cfg: DinoConfig, run: _Run, q, callbacks, control=None):
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from pipeline.ray_runtime import role_resources
+    from pipeline.train.loop import train_loop_per_worker
+
+    tc = cfg.train
     ingest = DataConfig.default_ingest_options()
     ingest.preserve_order = tc.deterministic_data
-    if plan is not None:
-        ingest.resource_limits = plan.resource_limits()
-    trainer = TorchTrainer(
+    if run.plan is not None:
+        ingest.resource_limits = run.plan.resource_limits()
+    resources = {"CPU": tc.cpus_per_worker, **role_resources("train", 1)}
+    return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"cfg": cfg.model_dump(mode="json"), "train_data": train_data,
-                           "num_images": train_data.num_images, "eval_ref": eval_ref,
-                           "storage": storage, "metrics_queue": q,
-                           "run_dir": str(local_rdir) if local_rdir is not None else None},
+        train_loop_config={"cfg": cfg.model_dump(mode="json"), "train_data": run.train_data,
+                           "num_images": run.train_data.num_images, "eval_ref": run.eval_ref,
+                           "storage": run.storage, "metrics_queue": q, "run_dir": run.rdir,
+                           "control": control},
         scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu,
-                                     resources_per_worker={"CPU": tc.cpus_per_worker,
-                                                           **role_resources("train", 1)}),
+                                     resources_per_worker=resources),
         run_config=RunConfig(
-            name=tc.name, storage_path=storage,
+            name=tc.name, storage_path=run.storage,
             checkpoint_config=CheckpointConfig(num_to_keep=tc.keep_checkpoints),
-            failure_config=FailureConfig(max_failures=tc.max_failures),
+            # retries are decided by the driver (pipeline.train.failures): Ray Train would
+            # replay a NaN or a config error max_failures times; start-up time-outs are bounded
+            failure_config=FailureConfig(max_failures=0, controller_failure_limit=2),
             callbacks=[_forward_callback(q), *(callbacks or [])]),
-        datasets={"train": train_data.dataset},
+        datasets={"train": run.train_data.dataset},
         dataset_config=DataConfig(execution_options=ingest),
     )
 
-    outcome: dict[str, Any] = {}
 
-    def _fit() -> None:
-        try:
-            outcome["result"] = trainer.fit()
-        except BaseException as exc:  # noqa: BLE001 - re-raised on the caller's thread
-            outcome["error"] = exc
+def _launch_and_collect(cfg: DinoConfig, run: _Run, tracker, on_epoch_metrics, on_step_metrics,
+                        callbacks) -> tuple[list[dict], list[dict], str | None]:
+    """Run the trainer, rerunning it after a worker or node death (it resumes from the newest
+    checkpoint) up to ``train.max_failures`` times; metrics are drained on this thread."""
+    from ray.util.queue import Queue
 
+    from pipeline.train.failures import classify
+
+    tc = cfg.train
+    from pipeline.ray_runtime import on_this_node
+
+    q = Queue(actor_options={"num_cpus": 0, **on_this_node()})
     steps: list[dict] = []
     history: list[dict] = []
     last_ckpt: list[str | None] = [None]
-
     seen_epochs: set[tuple] = set()
 
     def _handle(m: dict) -> None:
@@ -204,37 +327,144 @@ def run_training(
             _log_epoch(m)
             _call(on_epoch_metrics, m)
 
+    from pipeline.train.control import RunControl
+
+    control = RunControl.options(**on_this_node()).remote()
+    stopping = _StopOnSignals(control)
+    failures = 0
+    try:
+        while True:
+            trainer = _build_trainer(cfg, run, q, callbacks, control)
+            with stopping:
+                outcome = _fit_draining(trainer, q, _handle)
+            if stopping.reason is not None:  # stopped on request: a checkpoint, a KILLED run
+                good = latest_checkpoint(run.storage, tc.name)
+                tracker.set_tags({"stopped_by": stopping.reason})
+                tracker.finish("KILLED")
+                raise TrainingInterrupted(
+                    f"training run {tc.name!r} stopped by {stopping.reason}; rerun the same "
+                    f"command to continue from {good or 'the start'}", good, tracker.run_id)
+            if "error" not in outcome:
+                return history, steps, _result_checkpoint(outcome["result"]) or last_ckpt[0]
+            exc = outcome["error"]
+            kind = classify(exc)
+            if kind == "retryable" and (tc.max_failures < 0 or failures < tc.max_failures):
+                failures += 1
+                log.warning("training attempt %d failed (%s): restarting from the newest "
+                            "checkpoint (%d of %s retries)", failures, _root_message(exc),
+                            failures, "unlimited" if tc.max_failures < 0 else tc.max_failures)
+                tracker.log_metrics({"restarts": failures}, step=int(history[-1]["step"])
+                                    if history else 0)
+                continue
+            good = latest_checkpoint(run.storage, tc.name)
+            tracker.set_tags({"error": _root_message(exc)[:5000], "error_kind": kind})
+            tracker.finish("FAILED")
+            why = "" if kind == "deterministic" else f" after {failures} restart(s)"
+            raise TrainingError(
+                f"training run {tc.name!r} failed{why}: {_root_message(exc)}\n"
+                f"last good checkpoint: {good or 'none'}", good, tracker.run_id) from exc
+    except KeyboardInterrupt:  # a second Ctrl-C: abandon the run now
+        tracker.set_tags({"stopped_by": "SIGINT (twice)"})
+        tracker.finish("KILLED")
+        raise
+    finally:
+        try:
+            q.shutdown()
+        except Exception:  # noqa: BLE001
+            pass
+
+
+class TrainingInterrupted(TrainingError):
+    """The run was stopped on request (Ctrl-C, SIGTERM); its last checkpoint is kept."""
+
+
+class _StopOnSignals:
+    """While a run trains on the main thread's watch: the first SIGINT/SIGTERM asks the workers
+    to checkpoint and stop (``pipeline.train.control``); a second SIGINT raises
+    KeyboardInterrupt. Off the main thread (a Tune trial) signals are left alone."""
+
+    def __init__(self, control) -> None:
+        self.control = control
+        self.reason: str | None = None
+        self._saved: dict = {}
+
+    def __enter__(self):
+        import signal
+
+        if threading.current_thread() is not threading.main_thread():
+            return self
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._saved[sig] = signal.signal(sig, self._on_signal)
+        return self
+
+    def _on_signal(self, signum, frame) -> None:
+        import signal
+
+        name = signal.Signals(signum).name
+        if self.reason is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.reason = self.reason or name
+        log.warning("%s: the workers stop after this step and write a checkpoint "
+                    "(Ctrl-C again to abandon the run now)", name)
+        try:
+            self.control.request_stop.remote(name)
+        except Exception:  # noqa: BLE001
+            pass
+
+    def __exit__(self, *exc) -> None:
+        import signal
+
+        for sig, handler in self._saved.items():
+            signal.signal(sig, handler)
+        self._saved.clear()
+
+
+def _fit_draining(trainer, q, handle) -> dict[str, Any]:
+    """``trainer.fit()`` on a thread while this thread hands queued metrics to ``handle``."""
+    outcome: dict[str, Any] = {}
+
+    def _fit() -> None:
+        try:
+            outcome["result"] = trainer.fit()
+        except BaseException as exc:  # noqa: BLE001 - re-raised on the caller's thread
+            outcome["error"] = exc
+
     thread = threading.Thread(target=_fit, name="dino-ray-fit", daemon=True)
     thread.start()
     while thread.is_alive() or not q.empty():
         try:
-            _handle(q.get(timeout=0.5))
+            handle(q.get(timeout=0.5))
         except (_queue.Empty, ray.util.queue.Empty):
             continue
     thread.join()
     try:
         while not q.empty():
-            _handle(q.get_nowait())
-        q.shutdown()
+            handle(q.get_nowait())
     except Exception:  # noqa: BLE001
         pass
+    return outcome
 
-    if "error" in outcome:
-        exc = outcome["error"]
-        good = latest_checkpoint(storage, tc.name)
-        tracker.set_tags({"error": _root_message(exc)[:5000]})
-        tracker.finish("FAILED")
-        raise TrainingError(
-            f"training run {tc.name!r} failed: {_root_message(exc)}\n"
-            f"last good checkpoint: {good or 'none'}", good, tracker.run_id) from exc
 
-    result = outcome["result"]
-    ckpt_path = result.checkpoint.path if result.checkpoint is not None else last_ckpt[0]
-    if ckpt_path and "://" not in ckpt_path and result.checkpoint is not None:
-        fs = result.checkpoint.filesystem
-        if fs is not None and fs.type_name not in ("local",):
-            ckpt_path = f"{fs.type_name}://{ckpt_path}"
-    metrics: dict[str, Any] = dict(history[-1]) if history else dict(result.metrics or {})
+def _result_checkpoint(result) -> str | None:
+    return checkpoint_uri(result.checkpoint) if result.checkpoint is not None else None
+
+
+def _finish(cfg: DinoConfig, run: _Run, tracker, history, steps, ckpt_path, t0) -> TrainingResult:
+    """Fail a run that trained nothing; final k-NN when the loop did not do it; close MLflow."""
+    from pipeline.data.quality import DataQualityError, check_skip_share
+
+    tc = cfg.train
+    trained = (int(history[-1]["step"]) if history else run.start_step) - run.start_step
+    if trained <= 0:
+        stats = _data_stats(run.train_data)
+        try:
+            check_skip_share(stats, cfg.data.max_skip_fraction, steps=0)
+        except DataQualityError as exc:
+            tracker.set_tags({"error": str(exc)[:5000], "error_kind": "deterministic"})
+            tracker.finish("FAILED")
+            raise TrainingError(f"training run {tc.name!r} failed: {exc}",
+                                latest_checkpoint(run.storage, tc.name), tracker.run_id) from None
+    metrics: dict[str, Any] = dict(history[-1]) if history else {}
     for h in history:  # the random-init k-NN from the in-training eval rides on epoch 0
         metrics.update({k: v for k, v in h.items() if k.startswith("knn_init")})
 
@@ -258,7 +488,14 @@ def run_training(
     tracker.set_tags({"checkpoint_path": ckpt_path or ""})
     tracker.finish("FINISHED")
     return TrainingResult(checkpoint_path=ckpt_path, metrics=metrics, mlflow_run_id=tracker.run_id,
-                          storage_path=rdir, history=history, wall_s=time.monotonic() - t0)
+                          storage_path=run.rdir, history=history, wall_s=time.monotonic() - t0)
+
+
+def _data_stats(train_data) -> dict:
+    try:
+        return train_data.stats() if hasattr(train_data, "stats") else {}
+    except Exception:  # noqa: BLE001 - counters are best effort
+        return {}
 
 
 def _evaluated_in_loop(history: list[dict]) -> bool:
@@ -298,13 +535,9 @@ def _log_plot(tracker, steps, history, metrics) -> None:
 
 
 def _root_message(exc: BaseException) -> str:
-    """The innermost worker error (Ray wraps it in WorkerGroupError / RayTaskError)."""
-    errors = getattr(exc, "worker_failures", None)
-    if isinstance(errors, dict) and errors:
-        inner = next(iter(errors.values()))
-        return _root_message(inner)
-    cause = getattr(exc, "cause", None) or exc.__cause__
-    if cause is not None and cause is not exc:
-        return _root_message(cause)
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[-1] if text else ''}"
+    """One line for the error that matters (Ray wraps worker errors in several layers)."""
+    from pipeline.train.failures import root_cause
+
+    root = root_cause(exc)
+    text = str(root).strip().splitlines()
+    return f"{type(root).__name__}: {text[-1] if text else ''}"

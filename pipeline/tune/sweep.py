@@ -49,11 +49,14 @@ def trial_cpus(cfg: DinoConfig) -> float:
 
 
 def concurrent_trials(cfg: DinoConfig, cluster: dict[str, float] | None = None) -> int:
-    """How many trials fit at once on the cluster (``ray.cluster_resources()``), capped by
-    ``tune.max_concurrent_trials`` and ``tune.num_samples`` (x the grid size)."""
-    import ray
+    """How many trials fit at once on the cluster as it can grow (the nodes alive plus what the
+    autoscaler may add, ``pipeline.cluster``), capped by ``tune.max_concurrent_trials`` and
+    ``tune.num_samples`` (x the grid size)."""
+    if cluster is None:
+        from pipeline.cluster import ClusterView
 
-    cluster = cluster if cluster is not None else ray.cluster_resources()
+        view = ClusterView.current()
+        cluster = {"CPU": view.max_total("CPU"), "GPU": view.max_total("GPU")}
     fits = max(1, int(math.floor(float(cluster.get("CPU", 1)) / trial_cpus(cfg))))
     if cfg.train.use_gpu:
         fits = min(fits, max(1, int(float(cluster.get("GPU", 0)) // cfg.train.num_workers)))
@@ -259,7 +262,7 @@ class _ParentRun:
             run = self.client.create_run(exp_id, run_name=sweep,
                                          tags={"dino_ray.kind": "sweep", "dino_ray.sweep": sweep})
             self.run_id = run.info.run_id
-            for key, value in cfg.flat().items():
+            for key, value in cfg.flat(redact=True).items():
                 if key.startswith("tune."):
                     self.client.log_param(self.run_id, key, str(value)[:6000])
         except Exception as exc:  # noqa: BLE001
@@ -272,6 +275,8 @@ class _ParentRun:
         was ended mid-training, so their run is still RUNNING)."""
         if not (self.client and self.run_id):
             return
+        from pipeline.redact import redact
+
         try:
             exp = self.client.get_experiment_by_name(cfg.tracking.experiment)
             for row in table:
@@ -287,7 +292,7 @@ class _ParentRun:
                 self.client.set_tag(run.info.run_id, "dino_ray.sweep", sweep)
                 self.client.set_tag(run.info.run_id, "trial_id", row["trial_id"])
                 for key in cfg.tune.search_space:
-                    self.client.set_tag(run.info.run_id, f"trial.{key}", str(row.get(key)))
+                    self.client.set_tag(run.info.run_id, f"trial.{key}", redact(str(row.get(key))))
                 if row["stopped_early"] and run.info.status == "RUNNING":
                     self.client.set_tag(run.info.run_id, "stopped_by", "ASHA")
                     self.client.set_terminated(run.info.run_id, "KILLED")
@@ -309,6 +314,8 @@ class _ParentRun:
             print(f"sweep: no plot ({exc})", flush=True)
             plot_path = None
         if self.client and self.run_id:
+            from pipeline.redact import redact
+
             self.client.log_artifact(self.run_id, str(csv_path))
             if plot_path is not None:
                 self.client.log_artifact(self.run_id, str(plot_path))
@@ -316,7 +323,7 @@ class _ParentRun:
                 self.client.log_metric(self.run_id, f"best_{cfg.tune.metric}",
                                        float(best[cfg.tune.metric]))
                 for key in cfg.tune.search_space:
-                    self.client.set_tag(self.run_id, f"best.{key}", str(best.get(key)))
+                    self.client.set_tag(self.run_id, f"best.{key}", redact(str(best.get(key))))
                 self.client.set_tag(self.run_id, "best_trial", str(best["trial_id"]))
         return str(csv_path), (str(plot_path) if plot_path else None)
 

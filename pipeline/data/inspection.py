@@ -1,35 +1,52 @@
 """``dino-ray data inspect``: what is in a corpus before training on it.
 
 Counts images and classes, the distribution of image sizes, and the files that cannot be decoded
-(with the same reasons the training pipeline uses). Decoding runs on a thread pool (PIL releases
-the GIL while decoding), locally on the machine that runs the command.
+(with the same reasons the training pipeline uses). Reading and decoding run on a thread pool
+(PIL releases the GIL while decoding), locally on the machine that runs the command. Memory stays
+bounded: at most ``4 * threads`` images are in flight (``bounded_map``) and Parquet is read one
+row group at a time; only the per-image heights and widths are kept (two ints per image).
+
+(Named ``inspection`` because a module ``inspect`` shadows the standard library's.)
 """
 
 from __future__ import annotations
 
+from array import array
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Iterator
 
 import numpy as np
 import pyarrow.parquet as pq
 
+from pipeline.data.bounded_map import bounded_map
 from pipeline.data.decode import BadImage, decode_rgb, open_image, oriented_size
 from pipeline.data.sources import Corpus, list_corpus
 
 
-def iter_encoded(corpus: Corpus) -> Iterator[tuple[str, int | None, bytes | Exception]]:
-    """(key, label, bytes or the read error) for every image, in listing order."""
+class Unread:
+    """An image file not read yet: the worker thread reads it (so reads run in parallel and only
+    the images in flight are in memory)."""
+
+    def __init__(self, fs, path: str):
+        self.fs, self.path = fs, path
+
+    def read(self) -> bytes | Exception:
+        try:
+            with self.fs.open_input_stream(self.path) as f:
+                return f.read()
+        except Exception as exc:  # noqa: BLE001 - an unreadable file is reported, not fatal
+            return exc
+
+
+def iter_encoded(corpus: Corpus) -> Iterator[tuple[str, int | None, bytes | Unread]]:
+    """(key, label, bytes or an ``Unread`` file) for every image, in listing order, lazily:
+    Parquet one row group at a time."""
     fs = corpus.filesystem
     if corpus.kind == "files":
         labels = (corpus.entries.column("label").to_pylist() if corpus.labelled
                   else [None] * corpus.num_images)
         for path, label in zip(corpus.entries.column("path").to_pylist(), labels):
-            try:
-                with fs.open_input_stream(path) as f:
-                    yield path, label, f.read()
-            except Exception as exc:  # noqa: BLE001
-                yield path, label, exc
+            yield path, label, Unread(fs, path)
         return
     cols = [corpus.image_column] + ([corpus.label_column] if corpus.label_column else [])
     offsets: dict[str, int] = {}
@@ -46,8 +63,10 @@ def iter_encoded(corpus: Corpus) -> Iterator[tuple[str, int | None, bytes | Exce
         offsets[path] = start + n
 
 
-def _check(item: tuple[str, int | None, bytes | Exception], full: bool):
+def _check(item: tuple[str, int | None, bytes | Unread], full: bool):
     key, label, data = item
+    if isinstance(data, Unread):
+        data = data.read()
     if isinstance(data, Exception):
         return key, label, None, "unreadable", ""
     try:
@@ -61,7 +80,7 @@ def _check(item: tuple[str, int | None, bytes | Exception], full: bool):
         return key, label, None, exc.reason, ""
 
 
-def _quantiles(values: list[int]) -> dict[str, float]:
+def _quantiles(values) -> dict[str, float]:
     if not values:
         return {}
     arr = np.asarray(values)
@@ -74,25 +93,26 @@ def inspect_corpus(path: str | list[str], format: str = "auto", image_column: st
                    label_column: str | None = "label", limit: int | None = None,
                    full_decode: bool = True, threads: int = 4, max_listed_bad: int = 100
                    ) -> dict[str, Any]:
+    """The report of ``dino-ray data inspect`` (a JSON-able dict: counts, classes, size
+    quantiles, modes, unreadable files by reason and the first ``max_listed_bad`` of them)."""
     corpus = list_corpus(path, format, image_column, label_column, limit)
     classes: Counter[str] = Counter()
     modes: Counter[str] = Counter()
     reasons: Counter[str] = Counter()
-    heights, widths, bad = [], [], []
-    with ThreadPoolExecutor(max(1, threads)) as pool:
-        for key, label, size, reason, mode in pool.map(
-                lambda it: _check(it, full_decode), iter_encoded(corpus)):
-            if label is not None:
-                classes[corpus.class_names[label] if label < len(corpus.class_names)
-                        else str(label)] += 1
-            if reason:
-                reasons[reason] += 1
-                if len(bad) < max_listed_bad:
-                    bad.append({"path": key, "reason": reason})
-                continue
-            heights.append(size[0])
-            widths.append(size[1])
-            modes[mode] += 1
+    heights, widths, bad = array("l"), array("l"), []  # 8 bytes an image, not ~36
+    for key, label, size, reason, mode in bounded_map(
+            lambda it: _check(it, full_decode), iter_encoded(corpus), threads):
+        if label is not None:
+            classes[corpus.class_names[label] if label < len(corpus.class_names)
+                    else str(label)] += 1
+        if reason:
+            reasons[reason] += 1
+            if len(bad) < max_listed_bad:
+                bad.append({"path": key, "reason": reason})
+            continue
+        heights.append(size[0])
+        widths.append(size[1])
+        modes[mode] += 1
     return {
         "path": path, "format": corpus.kind, "num_images": corpus.num_images,
         "num_readable": len(heights), "num_unreadable": sum(reasons.values()),

@@ -1,0 +1,87 @@
+"""Which training failures are worth a retry: a dead worker or node, a transient storage error.
+
+Ray Train V2 retries every worker-group error up to ``FailureConfig.max_failures``, so a NaN loss
+or a config error replayed itself ``max_failures`` times (forever with -1). The driver therefore
+runs the ``TorchTrainer`` with no retries of its own and decides here: a deterministic error
+(bad config, unknown arch, NaN, corpus problems, a resume mismatch) fails the run at once; a
+death (actor/node died, a peer's collective broken by that death) or a transient storage error
+reruns the trainer with the same name and storage path, which resumes from the last checkpoint.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+
+def _deterministic_types() -> tuple[type[BaseException], ...]:
+    from dino_model.step import NonFiniteLossError
+    from pipeline.config import ConfigError
+    from pipeline.data.quality import DataQualityError
+    from pipeline.data.sources import CorpusError
+
+    return (NonFiniteLossError, ConfigError, DataQualityError, CorpusError, ResumeMismatchError)
+
+
+class ResumeMismatchError(ValueError):
+    """The checkpoint in the run directory does not belong to this run's shape."""
+
+
+def _death_types() -> tuple[type[BaseException], ...]:
+    import ray.exceptions as rex
+
+    names = ("ActorDiedError", "RayActorError", "NodeDiedError", "WorkerCrashedError",
+             "OwnerDiedError", "ObjectLostError", "ActorUnavailableError", "ObjectFetchTimedOutError",
+             "LocalRayletDiedError", "ActorUnschedulableError")
+    return tuple(getattr(rex, n) for n in names if hasattr(rex, n))
+
+
+def causes(exc: BaseException) -> Iterator[BaseException]:
+    """``exc``, every worker failure Ray Train wrapped in it, and their causes (depth first)."""
+    seen: set[int] = set()
+    stack = [exc]
+    while stack:
+        e = stack.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        yield e
+        failures = getattr(e, "worker_failures", None)
+        if isinstance(failures, dict):
+            stack.extend(failures.values())
+        # Ray Train V2 wraps a worker's own exception in UserExceptionWithTraceback (``_base_exc``)
+        # and a dead worker in WorkerHealthCheckFailedError (``health_check_failure``)
+        for attr in ("cause", "controller_failure", "health_check_failure", "_base_exc"):
+            inner = getattr(e, attr, None)
+            if isinstance(inner, BaseException):
+                stack.append(inner)
+        if e.__cause__ is not None:
+            stack.append(e.__cause__)
+
+
+def classify(exc: BaseException) -> str:
+    """``"deterministic"`` or ``"retryable"``. A known deterministic error anywhere in the chain
+    wins (the other ranks' errors are collateral); else any death or storage I/O error retries;
+    anything else (a bug) is deterministic."""
+    chain = list(causes(exc))
+    if any(isinstance(e, _deterministic_types()) for e in chain):
+        return "deterministic"
+    if any(isinstance(e, _death_types()) for e in chain):
+        return "retryable"
+    if any(type(e).__name__ in ("WorkerGroupStartupTimeoutError", "WorkerGroupStartupFailedError",
+                                "PreemptionError", "WorkerHealthCheckFailedError",
+                                "WorkerHealthCheckTimeoutError") for e in chain):
+        return "retryable"
+    if any(isinstance(e, (OSError, ConnectionError, TimeoutError)) for e in chain):
+        return "retryable"
+    return "deterministic"
+
+
+def root_cause(exc: BaseException) -> BaseException:
+    """The error to show: a deterministic one if any rank raised one, else a death, else the
+    innermost error."""
+    chain = list(causes(exc))
+    for types in (_deterministic_types(), _death_types()):
+        found = [e for e in chain if isinstance(e, types)]
+        if found:
+            return found[0]
+    return chain[-1]

@@ -1,0 +1,76 @@
+"""Reruns on purpose: what a second ``train`` with an existing ``train.name`` does.
+
+A run directory remembers its config (``config.yaml`` in every checkpoint). A rerun with the same
+name continues the run only when the config that defines the run is the same; raising
+``train.epochs`` is the one change that continues by default. Otherwise it is refused with the
+differing fields listed, unless ``train.resume=changed`` (continue with the changes; MLflow gets
+a new run, linked to the old one, so its params are the ones in force) or ``train.resume=never``
+(a fresh run under a new name). Operational fields (where things run, how often to log or
+checkpoint, evaluation, tracking, sweeps, fault injection) never block a rerun.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import yaml
+
+from pipeline.config import DinoConfig
+from pipeline.preflight import PreflightError
+
+# fields that do not change what is trained
+OPERATIONAL = {
+    "train": {"name", "storage_path", "shared_filesystem", "epochs", "max_failures", "use_gpu",
+              "cpus_per_worker", "max_wall_seconds", "checkpoint_every_epochs",
+              "keep_checkpoints", "log_every_steps", "fail_at_step", "nan_at_step", "resume"},
+    "data": {"num_actors", "cpus_per_actor", "map_batch_size", "data_cpu_limit",
+             "object_store_limit_mib", "max_skip_fraction"},
+}
+IGNORED_SECTIONS = {"eval", "tracking", "tune"}
+
+
+def config_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """``section.field old -> new`` for every run-defining field that differs."""
+    out = []
+    for section, values in new.items():
+        if section in IGNORED_SECTIONS or not isinstance(values, dict):
+            continue
+        before = old.get(section) or {}
+        for key, value in values.items():
+            if key in OPERATIONAL.get(section, set()):
+                continue
+            if key in before and _norm(before[key]) != _norm(value):
+                out.append(f"{section}.{key} {before[key]!r} -> {value!r}")
+    return out
+
+
+def _norm(v: Any) -> Any:
+    return [_norm(x) for x in v] if isinstance(v, (list, tuple)) else v
+
+
+def fresh_name(name: str) -> str:
+    return f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def check_rerun(cfg: DinoConfig, saved_yaml: str | None) -> tuple[DinoConfig, bool]:
+    """``(config to run, continue_with_changes)`` for a run whose directory already holds a
+    checkpoint with config ``saved_yaml`` (None: a new run). Raises ``PreflightError`` for a
+    changed config without ``train.resume=changed``."""
+    if saved_yaml is None:
+        return cfg, False
+    policy = cfg.train.resume
+    if policy == "never":
+        return cfg.with_overrides({"train.name": fresh_name(cfg.train.name)}), False
+    old = yaml.safe_load(saved_yaml) or {}
+    # the checkpoint's copy is redacted: compare like with like
+    diffs = config_differences(old, yaml.safe_load(cfg.to_yaml(redact=True)))
+    if not diffs:
+        return cfg, False
+    if policy == "changed":
+        return cfg, True
+    shown = "; ".join(diffs[:8]) + (f"; and {len(diffs) - 8} more" if len(diffs) > 8 else "")
+    raise PreflightError(
+        f"train.name: run {cfg.train.name!r} in {cfg.train.storage_path} was started with another "
+        f"config ({shown}). Set train.resume=changed to continue it with these changes, "
+        "train.resume=never for a fresh run under a new name, or choose another train.name")

@@ -1,0 +1,234 @@
+"""A real multi-node Ray cluster and a real S3 server on 127.0.0.1, for the cluster tests.
+
+* ``S3Server``: moto's server mode (``moto_server``, from the lock file) on a free port. The
+  pipeline, pyarrow, Ray Train's ``storage_path`` and MLflow's artifact store reach it through
+  the standard endpoint override (``AWS_ENDPOINT_URL``) and dummy credentials in the environment
+  of every process: ``S3Server.env``.
+* ``LocalCluster``: separate ``ray start`` processes on one machine, each with its own custom
+  resources, like ``cluster.yaml``'s node types: a head (``head: 1``), data nodes (``data: N``)
+  and train nodes (``train: N``). The head has token auth and a dashboard (job submission); a
+  node is stopped by killing its own process group, so a test can take a node away mid-run and
+  add another one, as an autoscaler would.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+from live_services import BIN, REPO, _pids_mentioning, _stop_group, _wait_http, _wait_log, free_port
+
+
+class S3Server:
+    def __init__(self, bucket: str = "dino") -> None:
+        self.dir = Path(tempfile.mkdtemp(prefix="s3srv-"))
+        self.port = free_port()
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self.bucket = bucket
+        self.log = self.dir / "moto.log"
+        self.proc = subprocess.Popen(
+            [str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(self.port)],
+            stdout=self.log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            _wait_http(self.endpoint + "/moto-api/", 120, self.proc, self.log)
+        except Exception:
+            self.stop()
+            raise
+        import boto3
+
+        boto3.client("s3", **self.client_kwargs()).create_bucket(Bucket=bucket)
+
+    @property
+    def env(self) -> dict[str, str]:
+        """What every process that talks to the bucket needs (never written into a config)."""
+        return {"AWS_ENDPOINT_URL": self.endpoint, "MLFLOW_S3_ENDPOINT_URL": self.endpoint,
+                "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
+
+    def client_kwargs(self) -> dict[str, str]:
+        return {"endpoint_url": self.endpoint, "aws_access_key_id": "testing",
+                "aws_secret_access_key": "testing", "region_name": "us-east-1"}
+
+    def keys(self, prefix: str) -> list[str]:
+        import boto3
+
+        s3 = boto3.client("s3", **self.client_kwargs())
+        out: list[str] = []
+        for page in s3.get_paginator("list_objects_v2").paginate(Bucket=self.bucket,
+                                                                  Prefix=prefix):
+            out += [o["Key"] for o in page.get("Contents", [])]
+        return out
+
+    def stop(self) -> None:
+        _stop_group(self.proc)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _cluster_env(extra: dict[str, str]) -> dict[str, str]:
+    env = dict(os.environ)
+    env.pop("RAY_ADDRESS", None)
+    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"  # `python` in job entrypoints
+    env["RAY_TRAIN_V2_ENABLED"] = "1"
+    # CPU-starved CI: do not declare a node dead after a few missed health checks; a node we
+    # kill on purpose is seen dead at once (its raylet's connection closes)
+    env.update(RAY_health_check_period_ms="3000", RAY_health_check_timeout_ms="20000",
+               RAY_health_check_failure_threshold="20")
+    env.update(extra)
+    return env
+
+
+class RayNode:
+    """One ``ray start --block`` process (head or worker) in its own process group."""
+
+    def __init__(self, args: list[str], env: dict[str, str], log: Path, marker: str) -> None:
+        self.log = log
+        self.proc = subprocess.Popen([str(BIN / "ray"), "start", "--block", *args],
+                                     stdout=log.open("w"), stderr=subprocess.STDOUT,
+                                     start_new_session=True, env=env, cwd=REPO)
+        try:
+            _wait_log(log, marker, 300, self.proc)
+        except Exception:
+            self.stop()
+            raise
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def stop(self) -> None:
+        """Kill the node: the ``ray start`` process group (raylet, object store, agents)."""
+        _stop_group(self.proc, grace=0.5)
+
+
+class LocalCluster:
+    def __init__(self, env: dict[str, str] | None = None, head_cpus: int = 1) -> None:
+        self.dir = Path(tempfile.mkdtemp(prefix="rc", dir="/tmp"))  # short: socket path limits
+        self.gcs_port, self.dash_port = free_port(), free_port()
+        self.address = f"http://127.0.0.1:{self.dash_port}"
+        self.gcs_address = f"127.0.0.1:{self.gcs_port}"
+        self.token = secrets.token_hex(32)
+        self.env = _cluster_env({**(env or {}), "RAY_AUTH_MODE": "token",
+                                 "RAY_AUTH_TOKEN": self.token})
+        self.nodes: dict[str, RayNode] = {}
+        self._count = 0
+        self.head = RayNode(
+            ["--head", f"--port={self.gcs_port}", "--dashboard-host=127.0.0.1",
+             f"--dashboard-port={self.dash_port}", f"--num-cpus={head_cpus}", "--num-gpus=0",
+             f"--resources={json.dumps({'head': 1})}", f"--temp-dir={self.dir}",
+             f"--ray-client-server-port={free_port()}", *self._ports(),
+             "--include-dashboard=true", "--disable-usage-stats"],
+            self.env, self.dir / "head.log", "Ray runtime started")
+        try:
+            _wait_http(self.address + "/api/version", 300, self.head.proc, self.head.log)
+        except Exception:
+            self.stop()
+            raise
+
+    @staticmethod
+    def _ports() -> list[str]:
+        return [f"--dashboard-agent-listen-port={free_port()}",
+                f"--dashboard-agent-grpc-port={free_port()}",
+                f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}",
+                f"--node-manager-port={free_port()}", f"--object-manager-port={free_port()}"]
+
+    def add_node(self, role: str, cpus: int, amount: float | None = None) -> str:
+        """Start a worker node with ``{role: amount}`` (default: its CPUs); returns its name."""
+        self._count += 1
+        name = f"{role}{self._count}"
+        resources = {role: amount if amount is not None else cpus}
+        # its own temp dir, as on a separate machine: nodes that shared one garbage-collected
+        # each other's job working directories (runtime_resources/) mid-job
+        temp = self.dir / name
+        temp.mkdir()
+        node = RayNode([f"--address={self.gcs_address}", f"--num-cpus={cpus}", "--num-gpus=0",
+                        f"--resources={json.dumps(resources)}", f"--temp-dir={temp}",
+                        *self._ports(), "--disable-usage-stats"],
+                       self.env, self.dir / f"{name}.log", "Ray runtime started")
+        self.nodes[name] = node
+        self.wait_for_nodes()
+        return name
+
+    def kill_node(self, name: str) -> None:
+        self.nodes.pop(name).stop()
+
+    def node_ids_with(self, resource: str) -> set[str]:
+        """Node ids (hex) of the alive nodes that advertise ``resource``."""
+        return {n["node_id"] for n in self._list_nodes()
+                if n["state"] == "ALIVE" and resource in (n.get("resources_total") or {})}
+
+    def state(self, kind: str) -> list[dict]:
+        """Ray's state API over HTTP (``/api/v0/nodes``, ``actors``...) with the cluster's token:
+        the Python client reads the auth mode once per process, and this process also hosts the
+        embedded test Ray without auth."""
+        return self.get(f"/api/v0/{kind}?detail=1&limit=10000")["data"]["result"]["result"]
+
+    def get(self, path: str) -> dict:
+        """GET a dashboard API path with the cluster's token; the decoded JSON."""
+        import urllib.request
+
+        req = urllib.request.Request(f"{self.address}{path}",
+                                     headers={"authorization": f"Bearer {self.token}"})
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return json.loads(r.read().decode())
+
+    def _list_nodes(self) -> list[dict]:
+        return self.state("nodes")
+
+    def wait_for_nodes(self, timeout: float = 120) -> None:
+        want = 1 + len(self.nodes)
+        deadline = time.monotonic() + timeout
+        error: Exception | None = None
+        while time.monotonic() < deadline:
+            try:
+                if sum(n["state"] == "ALIVE" for n in self._list_nodes()) >= want:
+                    return
+            except Exception as exc:  # noqa: BLE001 - the API server may still be starting
+                error = exc
+            time.sleep(1)
+        raise TimeoutError(f"{want} nodes not alive after {timeout}s (last error: {error})")
+
+    def tail(self, n: int = 3000) -> str:
+        return self.head.log.read_text(errors="replace")[-n:] if self.head.log.exists() else ""
+
+    def stop(self) -> None:
+        for node in list(self.nodes.values()):
+            node.stop()
+        self.head.stop()
+        for pid in _pids_mentioning(str(self.dir)):  # workers re-parented away from our groups
+            try:
+                os.kill(pid, 9)
+            except (ProcessLookupError, PermissionError):
+                pass
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class MlflowS3Server:
+    """An ``mlflow server`` whose artifact store is the S3 bucket (proxied: clients need no S3
+    credentials), its runs in SQLite."""
+
+    def __init__(self, s3: S3Server, prefix: str = "mlflow") -> None:
+        self.dir = Path(tempfile.mkdtemp(prefix="mlflow-s3-"))
+        self.port = free_port()
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.log = self.dir / "server.log"
+        self.proc = subprocess.Popen(
+            [str(BIN / "mlflow"), "server", "--backend-store-uri",
+             f"sqlite:///{self.dir}/mlflow.db", "--artifacts-destination",
+             f"s3://{s3.bucket}/{prefix}", "--host", "127.0.0.1", "--port", str(self.port),
+             "--workers", "1"],
+            stdout=self.log.open("w"), stderr=subprocess.STDOUT, start_new_session=True,
+            cwd=self.dir, env={**os.environ, **s3.env, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
+        try:
+            _wait_http(self.uri + "/health", 300, self.proc, self.log)
+        except Exception:
+            self.stop()
+            raise
+
+    def stop(self) -> None:
+        _stop_group(self.proc)
+        shutil.rmtree(self.dir, ignore_errors=True)

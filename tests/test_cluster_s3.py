@@ -1,0 +1,280 @@
+"""The pipeline on a real multi-node Ray cluster with object storage, as a cluster user runs it.
+
+One cluster for the module (``tests/live_cluster.py``): a head (``head: 1``), a data node
+(``data: 2``) and a train node (``train: 2``), separate ``ray start`` processes on 127.0.0.1 that
+share no path the pipeline uses; a real S3 server (moto) holds the corpus as Parquet, the run's
+checkpoints and the MLflow server's artifacts. Every job goes through ``dino-ray submit``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import uuid
+
+import pytest
+from live_cluster import LocalCluster, MlflowS3Server, S3Server
+
+from pipeline.cli import main
+from pipeline.train.presets import tiny_config
+
+pytestmark = [pytest.mark.slow, pytest.mark.cluster]
+
+
+@pytest.fixture(scope="module")
+def s3():
+    server = S3Server()
+    saved = {k: os.environ.get(k) for k in server.env}
+    os.environ.update(server.env)  # this process reads and writes the bucket too
+    yield server
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def cluster(s3):
+    c = LocalCluster(env=s3.env, head_cpus=1)
+    try:
+        c.add_node("data", 2)
+        c.add_node("train", 2)
+    except Exception:
+        c.stop()
+        raise
+    yield c
+    c.stop()
+
+
+@pytest.fixture(scope="module")
+def mlflow_s3(s3):
+    server = MlflowS3Server(s3)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def corpus(s3, digits_dir):
+    """The digits as Parquet shards in the bucket (what `data to-parquet` writes)."""
+    uri = f"s3://{s3.bucket}/digits"
+    assert main(["data", "to-parquet", str(digits_dir), uri]) == 0
+    assert any(k.endswith(".parquet") for k in s3.keys("digits/"))
+    return uri
+
+
+def _job_config(tmp_path, corpus, name, **updates):
+    values = dict(train__num_workers=2, data__limit=160, train__max_steps_per_epoch=2,
+                  train__epochs=1, eval__every_epochs=1, eval__limit=120)
+    cfg = tiny_config(corpus, "s3://dino/runs", name, **{**values, **updates})
+    path = tmp_path / f"{name}.yaml"  # outside the repository: shipped inline as overrides
+    path.write_text(cfg.to_yaml())
+    return path
+
+
+def _submit(cluster, monkeypatch, capsys, verb, *args, sid=None):
+    monkeypatch.setenv("RAY_AUTH_TOKEN", cluster.token)
+    sid = sid or f"{verb}-{uuid.uuid4().hex[:8]}"
+    t0 = time.monotonic()
+    rc = main(["submit", verb, "--address", cluster.address, "--submission-id", sid, *args])
+    out = capsys.readouterr()
+    text = out.out + out.err
+    if os.environ.get("DINO_RAY_TEST_JOB_LOGS"):  # keep each job's output for a post-mortem
+        with open(os.path.join(os.environ["DINO_RAY_TEST_JOB_LOGS"], f"{sid}.log"), "w") as f:
+            f.write(text)
+    return rc, text, sid, time.monotonic() - t0
+
+
+def _driver_node(cluster, sid):
+    return cluster.get(f"/api/jobs/{sid}")["driver_node_id"]
+
+
+def _checkpoints(s3, name):
+    return sorted({k.split("/")[2] for k in s3.keys(f"runs/{name}/")
+                   if k.split("/")[2].startswith("checkpoint")})
+
+
+def test_submitted_run_on_s3_resumes_evaluates_registers_and_pulls(
+        cluster, s3, corpus, mlflow_s3, tmp_path, monkeypatch, capsys):
+    track = ["tracking.enabled=true", f"tracking.tracking_uri={mlflow_s3.uri}",
+             "tracking.experiment=cluster"]
+    cfg = _job_config(tmp_path, corpus, "s3run")
+
+    # 1. train: checkpoints land in the bucket; work runs where its role says
+    rc, out, sid, _ = _submit(cluster, monkeypatch, capsys, "train", "--config", str(cfg), *track)
+    assert rc == 0, out[-5000:] + cluster.tail()
+    first = _checkpoints(s3, "s3run")
+    assert first, s3.keys("runs/")
+    actors = cluster.state("actors")
+    crop = [a for a in actors if "MultiCropStage" in a["class_name"]]
+    workers = [a for a in actors if a["class_name"] == "RayTrainWorker"]
+    assert crop and {a["node_id"] for a in crop} <= cluster.node_ids_with("data")
+    assert len(workers) == 2 and {a["node_id"] for a in workers} <= cluster.node_ids_with("train")
+    assert _driver_node(cluster, sid) in cluster.node_ids_with("head")
+
+    # 2. a second submission with the same name and more epochs resumes from S3
+    rc, out, _, _ = _submit(cluster, monkeypatch, capsys, "train", "--config", str(cfg),
+                            "train.epochs=2", *track)
+    assert rc == 0, out[-5000:]
+    assert "resuming from s3://dino/runs/s3run/checkpoint" in out
+    summary, _ = json.JSONDecoder().raw_decode(out[out.rindex('{\n "checkpoint_path"'):])
+    assert summary["metrics"]["step"] == 4 and summary["checkpoint_path"].startswith("s3://")
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=mlflow_s3.uri)
+    runs = client.search_runs([client.get_experiment_by_name("cluster").experiment_id],
+                              "attributes.run_name = 's3run'")
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"  # the same MLflow run
+    ckpt = summary["checkpoint_path"]
+
+    # 3. evaluate and register the S3 checkpoint on the cluster; pull the registered teacher
+    rc, out, _, _ = _submit(cluster, monkeypatch, capsys, "evaluate", ckpt, "--no-random-init")
+    assert rc == 0, out[-5000:]
+    assert "knn_top1" in out
+    rc, out, _, _ = _submit(cluster, monkeypatch, capsys, "register", "--checkpoint", ckpt,
+                            "--tracking-uri", mlflow_s3.uri, "--name", "s3-teacher")
+    assert rc == 0, out[-5000:]
+    assert any(k.startswith("mlflow/") for k in s3.keys("mlflow/"))  # artifacts went to S3
+    dst = tmp_path / "pulled"
+    assert main(["models", "--tracking-uri", mlflow_s3.uri, "pull", "models:/s3-teacher/1",
+                 str(dst)]) == 0
+    import torch
+    from safetensors.torch import load_file
+
+    from pipeline.train.checkpoint import load_teacher_backbone
+
+    backbone, _ = load_teacher_backbone(ckpt)  # downloaded from the bucket
+    pulled = load_file(next(dst.rglob("backbone.safetensors")))
+    expected = backbone.state_dict()
+    assert pulled.keys() == expected.keys()
+    for key, value in expected.items():
+        torch.testing.assert_close(pulled[key], value, msg=key)
+
+
+def test_local_storage_path_on_a_multi_node_cluster_fails_fast(
+        cluster, corpus, tmp_path, monkeypatch, capsys):
+    cfg = _job_config(tmp_path, corpus, "localrun")
+    rc, out, _, wall = _submit(cluster, monkeypatch, capsys, "train", "--config", str(cfg),
+                               "train.storage_path=./runs")
+    assert rc == 1
+    assert "train.storage_path='./runs' is a local path" in out
+    assert "TorchTrainer" not in out and "RayTrainWorker" not in out  # nothing was started
+    print(f"fail-fast submission took {wall:.1f} s")
+
+
+def test_unreadable_corpus_fails_with_counts_and_examples(
+        cluster, s3, tmp_path, monkeypatch, capsys):
+    import boto3
+
+    bucket = boto3.client("s3", **s3.client_kwargs())
+    for i in range(40):  # an image export gone wrong: every file is garbage
+        bucket.put_object(Bucket=s3.bucket, Key=f"broken/cls{i % 2}/img{i:03d}.jpg",
+                          Body=b"not a jpeg " * 20)
+    cfg = _job_config(tmp_path, f"s3://{s3.bucket}/broken", "broken", data__limit=None,
+                      eval__every_epochs=0)
+    rc, out, _, _ = _submit(cluster, monkeypatch, capsys, "train", "--config", str(cfg))
+    assert rc == 1, out[-4000:]
+    assert "DataQualityError" in out and "images skipped" in out
+    assert "broken/cls" in out  # example paths are named
+    assert out.count("Training failed due to worker errors") <= 1  # not retried
+
+
+def _wait_for(predicate, timeout: float, what: str, poll: float = 1.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(poll)
+    raise TimeoutError(f"no {what} after {timeout:.0f} s")
+
+
+def _job_status(cluster, sid) -> str:
+    return cluster.get(f"/api/jobs/{sid}")["status"]
+
+
+def _newest_step(s3, name) -> int:
+    steps = [int(c.rsplit("_", 1)[1]) for c in _checkpoints(s3, name)]
+    return max(steps, default=0)
+
+
+def test_a_train_node_lost_mid_run_resumes_from_the_last_s3_checkpoint(
+        cluster, s3, corpus, tmp_path, monkeypatch, capsys):
+    """The train node's raylet dies after the first checkpoint; an autoscaler (here: the test)
+    brings up another train node; the job resumes from S3 and finishes, losing under an epoch."""
+    cfg = _job_config(tmp_path, corpus, "nodefault", train__epochs=4, train__max_failures=3,
+                      eval__every_epochs=0)
+    rc, out, sid, _ = _submit(cluster, monkeypatch, capsys, "train", "--config", str(cfg),
+                              "--no-wait")
+    assert rc == 0, out
+    _wait_for(lambda: _newest_step(s3, "nodefault") >= 2 or _job_status(cluster, sid)
+              in ("FAILED", "STOPPED"), 600, "first checkpoint")
+    assert _job_status(cluster, sid) == "RUNNING"
+    step_at_kill = _newest_step(s3, "nodefault")
+    t_kill = time.monotonic()
+    victim = next(n for n in cluster.nodes if n.startswith("train"))
+    cluster.kill_node(victim)
+    cluster.add_node("train", 2)  # what the autoscaler does for the pending workers
+    status = _wait_for(lambda: (s := _job_status(cluster, sid)) in
+                       ("SUCCEEDED", "FAILED", "STOPPED") and s, 900, "end of the job")
+    recovered_s = time.monotonic() - t_kill
+    logs = cluster.get(f"/api/jobs/{sid}/logs")["logs"]
+    assert status == "SUCCEEDED", logs[-6000:]
+    assert "restarting from the newest checkpoint" in logs
+    resumed = [int(x) for x in __import__("re").findall(r"resuming from s3://dino/runs/nodefault/"
+                                                        r"checkpoint_step_(\d+)", logs)]
+    assert resumed and max(resumed) >= step_at_kill  # at most the epoch in flight was lost
+    assert _newest_step(s3, "nodefault") == 8
+    print(f"train node lost at step {step_at_kill}: job finished {recovered_s:.1f} s after the "
+          f"kill, resumed from step {max(resumed)}")
+
+
+def test_a_killed_driver_is_resumed_by_resubmitting(cluster, s3, corpus, tmp_path, monkeypatch,
+                                                    capsys):
+    cfg = _job_config(tmp_path, corpus, "driverkill", train__epochs=3, eval__every_epochs=0)
+    rc, out, sid, _ = _submit(cluster, monkeypatch, capsys, "train", "--config", str(cfg),
+                              "--no-wait")
+    assert rc == 0, out
+    _wait_for(lambda: _newest_step(s3, "driverkill") >= 2, 600, "first checkpoint")
+    from ray.job_submission import JobSubmissionClient
+
+    client = JobSubmissionClient(cluster.address,
+                                 headers={"authorization": f"Bearer {cluster.token}"})
+    t_kill = time.monotonic()
+    client.stop_job(sid)  # the driver gets SIGTERM, then SIGKILL
+    _wait_for(lambda: _job_status(cluster, sid) in ("STOPPED", "FAILED", "SUCCEEDED"), 120,
+              "stopped job")
+    step_at_kill = _newest_step(s3, "driverkill")
+    rc, out, _, _ = _submit(cluster, monkeypatch, capsys, "train", "--config", str(cfg))
+    assert rc == 0, out[-5000:]
+    assert f"resuming from s3://dino/runs/driverkill/checkpoint_step_{step_at_kill:08d}" in out
+    assert _newest_step(s3, "driverkill") == 6
+    print(f"driver killed at step {step_at_kill}: resubmitted run done "
+          f"{time.monotonic() - t_kill:.1f} s after the kill")
+
+
+def test_a_data_node_lost_mid_run_and_the_stream_resumes_when_one_returns(
+        cluster, s3, corpus, tmp_path, monkeypatch, capsys):
+    cfg = _job_config(tmp_path, corpus, "datafault", train__epochs=4, train__max_failures=3,
+                      eval__every_epochs=0)
+    rc, out, sid, _ = _submit(cluster, monkeypatch, capsys, "train", "--config", str(cfg),
+                              "--no-wait")
+    assert rc == 0, out
+    _wait_for(lambda: _newest_step(s3, "datafault") >= 2 or _job_status(cluster, sid)
+              in ("FAILED", "STOPPED"), 600, "first checkpoint")
+    assert _job_status(cluster, sid) == "RUNNING"
+    step_at_kill = _newest_step(s3, "datafault")
+    t_kill = time.monotonic()
+    victim = next(n for n in cluster.nodes if n.startswith("data"))
+    cluster.kill_node(victim)
+    time.sleep(5)  # the stream is without a data node for a while
+    cluster.add_node("data", 2)
+    status = _wait_for(lambda: (s := _job_status(cluster, sid)) in
+                       ("SUCCEEDED", "FAILED", "STOPPED") and s, 900, "end of the job")
+    logs = cluster.get(f"/api/jobs/{sid}/logs")["logs"]
+    assert status == "SUCCEEDED", logs[-6000:]
+    assert _newest_step(s3, "datafault") == 8
+    print(f"data node lost at step {step_at_kill}: job finished "
+          f"{time.monotonic() - t_kill:.1f} s after the kill")

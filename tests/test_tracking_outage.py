@@ -1,0 +1,115 @@
+"""The tracker against a real ``mlflow server`` that goes away mid-run and comes back on the same
+port and database: nothing logged during the outage is lost, the run is closed with its status,
+and a refused item never turns tracking off."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import pytest
+from live_services import MlflowServer
+from mlflow.tracking import MlflowClient
+
+from pipeline.tracking import Tracker
+from pipeline.tracking.mlflow_tracker import DROPPED_METRIC, DROPPED_TAG
+
+FAST = {"http_timeout_s": 2, "max_backoff_s": 1, "flush_interval_s": 0.2}
+
+
+@pytest.fixture(scope="module")
+def server():
+    srv = MlflowServer()  # our own: this module stops and restarts it
+    yield srv
+    srv.stop()
+
+
+def _steps(uri: str, run_id: str, key: str) -> list[int]:
+    return sorted(m.step for m in MlflowClient(tracking_uri=uri).get_metric_history(run_id, key))
+
+
+def _wait_for(predicate, what: str, limit_s: float = 120) -> None:
+    """Poll ``predicate``; the limit only stops a broken test from hanging, it asserts no speed."""
+    deadline = time.monotonic() + limit_s
+    while not predicate():
+        assert time.monotonic() < deadline, f"never happened: {what}"
+        time.sleep(0.2)
+
+
+def test_outage_keeps_every_step_and_closes_the_run(server, caplog):
+    caplog.set_level(logging.WARNING, logger="dino_ray.tracking")
+    t = Tracker(server.uri, "outage", run_name="outage", **FAST)
+    small = Tracker(server.uri, "outage", run_name="small-buffer", max_buffered=3, **FAST)
+    ends_down = Tracker(server.uri, "outage", run_name="ends-down", **FAST)
+    assert t.ok and small.ok and ends_down.ok
+    t.log_params({"train.epochs": 9})
+    for step in range(3):
+        t.log_metrics({"loss": 1.0 / (step + 1)}, step=step)
+    assert t.flush(60)
+
+    server.kill()
+    for step in range(3, 6):  # the outage steps
+        t.log_metrics({"loss": 1.0 / (step + 1)}, step=step)
+        small.log_metrics({"x": float(step)}, step=step)
+    small.log_metrics({"x": 6.0}, step=6)
+    small.log_metrics({"x": 7.0}, step=7)
+    t.set_tags({"phase": "outage"})
+    _wait_for(lambda: any("unreachable" in r.getMessage() for r in caplog.records),
+              "the tracker saw the outage")
+    assert t.pending() > 0 and t.ok  # held, not dropped, not disabled
+    # 5 values into a buffer of 3: the 2 oldest go (once its in-flight batch has failed)
+    _wait_for(lambda: small.dropped == 2, "the small buffer dropped its 2 oldest values")
+
+    ends_down.finish("FINISHED", timeout_s=1)  # bounded, and says which run stays open
+    assert any("could not mark run " + ends_down.run_id in r.getMessage() and "RUNNING" in
+               r.getMessage() for r in caplog.records)
+
+    server.start()
+    for step in range(6, 9):
+        t.log_metrics({"loss": 1.0 / (step + 1)}, step=step)
+    t.finish("FINISHED", timeout_s=120)
+    small.finish("FINISHED", timeout_s=120)
+
+    client = MlflowClient(tracking_uri=server.uri)
+    run = client.get_run(t.run_id)
+    assert run.info.status == "FINISHED"
+    assert _steps(server.uri, t.run_id, "loss") == list(range(9))
+    assert run.data.params == {"train.epochs": "9"}
+    assert run.data.tags["phase"] == "outage"
+    assert any("reachable again" in r.getMessage() for r in caplog.records)
+
+    assert client.get_run(ends_down.run_id).info.status == "RUNNING"
+
+    srun = client.get_run(small.run_id)
+    assert srun.info.status == "FINISHED"
+    assert _steps(server.uri, small.run_id, "x") == [5, 6, 7]  # the newest ones were kept
+    assert srun.data.tags[DROPPED_TAG] == "2"
+    assert srun.data.metrics[DROPPED_METRIC] == 2
+
+
+def test_finish_killed_sets_killed(server):
+    t = Tracker(server.uri, "outage", run_name="killed", **FAST)
+    t.log_metrics({"loss": 2.0}, step=1)
+    t.finish("KILLED")
+    run = MlflowClient(tracking_uri=server.uri).get_run(t.run_id)
+    assert run.info.status == "KILLED"
+    assert run.data.metrics == {"loss": 2.0}
+    with pytest.raises(ValueError, match="finish.*use one of"):
+        t.finish("DONE")
+
+
+def test_refused_param_drops_only_that_item(server, caplog):
+    caplog.set_level(logging.WARNING, logger="dino_ray.tracking")
+    t = Tracker(server.uri, "outage", run_name="bad-param", **FAST)
+    client = MlflowClient(tracking_uri=server.uri)
+    client.log_param(t.run_id, "p", "1")  # a second value for "p" is a 400 from the server
+    t.log_params({"p": "2", "q": 3})
+    t.log_metrics({"loss": 0.5}, step=0)
+    assert t.flush(60)
+    t.log_metrics({"loss": 0.25}, step=1)  # still tracking after the refusal
+    t.finish("FINISHED")
+    run = client.get_run(t.run_id)
+    assert run.data.params == {"p": "1", "q": "3"}
+    assert _steps(server.uri, t.run_id, "loss") == [0, 1]
+    assert run.info.status == "FINISHED"
+    assert sum("refused param p" in r.getMessage() for r in caplog.records) == 1
