@@ -1,7 +1,8 @@
 """One DINO optimisation step, shared by the local demo loop and the Ray Train worker loop.
 
 Read top to bottom: teacher on the global crops, student on all crops, loss, backward, clip,
-frozen last layer, optimiser step at the scheduled lr/wd, EMA teacher update.
+frozen last layer, optimiser step at the scheduled lr/wd, EMA teacher update. An fp16 scaler
+scales the loss and unscales the gradients before clipping, as the official ``train_one_epoch``.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from dino_model.ema import update_teacher
 from dino_model.koleo import koleo_loss
 from dino_model.loss import DINOLoss, LossStats
 from dino_model.optim import apply_schedule, cancel_last_layer_gradients, clip_gradients
+from dino_model.precision import optimizer_step
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -30,10 +32,14 @@ class StepResult:
     koleo: float
     grad_norm: float
     stats: LossStats
+    skipped: bool = False  # the scaler found inf/NaN gradients: no optimiser step, no EMA
+    loss_scale: float | None = None  # the scaler's S after its update (None without scaler)
 
     def metrics(self) -> dict[str, float]:
         out = {"loss": self.loss, "dino_loss": self.dino_loss, "koleo": self.koleo,
                "grad_norm_max": self.grad_norm}
+        if self.loss_scale is not None:
+            out.update(loss_scale=self.loss_scale, amp_step_skipped=float(self.skipped))
         out.update({k: v for k, v in asdict(self.stats).items() if k != "log_k"})
         return out
 
@@ -52,8 +58,10 @@ def dino_step(
     freeze_last_layer_epochs: int = 1,
     koleo_weight: float = 0.0,
     autocast_dtype: torch.dtype | None = None,
+    scaler: torch.amp.GradScaler | None = None,
 ) -> StepResult:
-    """``crops``: normalised NCHW tensors, the ``n_global`` global crops first."""
+    """``crops``: normalised NCHW tensors, the ``n_global`` global crops first; ``scaler``: fp16
+    loss scaling (``dino_model.precision.resolve_precision``), None for fp32/bf16."""
     apply_schedule(optimizer, schedule["lr"], schedule["weight_decay"])
     device_type = crops[0].device.type
     autocast = (torch.autocast(device_type=device_type, dtype=autocast_dtype)
@@ -75,9 +83,14 @@ def dino_step(
         raise NonFiniteLossError(f"loss is {loss_value} at epoch {epoch}; stopping before the update")
 
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    (loss if scaler is None else scaler.scale(loss)).backward()
+    if scaler is not None:
+        scaler.unscale_(optimizer)  # clipping and the grad-norm metric must see true gradients
     grad_norm = clip_gradients(student, clip_grad)
     cancel_last_layer_gradients(student, epoch, freeze_last_layer_epochs)
-    optimizer.step()
-    update_teacher(teacher, student, schedule["teacher_momentum"])
-    return StepResult(loss_value, float(dino.detach()), float(koleo.detach()), grad_norm, stats)
+    stepped = optimizer_step(optimizer, scaler)
+    if stepped:  # a skipped step left the student as it was: the teacher stays put too
+        update_teacher(teacher, student, schedule["teacher_momentum"])
+    return StepResult(loss_value, float(dino.detach()), float(koleo.detach()), grad_norm, stats,
+                      skipped=not stepped,
+                      loss_scale=scaler.get_scale() if scaler is not None else None)

@@ -132,7 +132,9 @@ class TrainConfig(Section):
     num_workers: int = Field(1, ge=1)
     use_gpu: bool = False
     cpus_per_worker: float = Field(1.0, gt=0)
-    precision: Literal["fp32", "bf16"] = "fp32"
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32", description="autocast on every device: bf16 (CPU, Ampere+ GPUs) or fp16 with a "
+        "grad scaler (CUDA only: V100, T4)")
     seed: int = 0
     max_steps_per_epoch: int | None = Field(None, ge=1)
     max_wall_seconds: float | None = Field(None, gt=0, description="stop after this budget")

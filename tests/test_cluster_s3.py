@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 import uuid
 
@@ -19,7 +20,7 @@ from live_cluster import LocalCluster, MlflowS3Server, S3Server
 from pipeline.cli import main
 from pipeline.train.presets import tiny_config
 
-pytestmark = [pytest.mark.slow, pytest.mark.cluster]
+pytestmark = [pytest.mark.slow, pytest.mark.cluster, pytest.mark.timeout(1500)]
 
 
 @pytest.fixture(scope="module")
@@ -92,8 +93,18 @@ def _driver_node(cluster, sid):
 
 
 def _checkpoints(s3, name):
-    return sorted({k.split("/")[2] for k in s3.keys(f"runs/{name}/")
-                   if k.split("/")[2].startswith("checkpoint")})
+    """The checkpoint directories of run ``name`` in the bucket, oldest first."""
+    found = {m.group(0) for k in s3.keys(f"runs/{name}/")
+             if (m := re.search(r"checkpoint_step_\d+", k))}
+    return sorted(found)
+
+
+def _job_logs(cluster, sid) -> str:
+    logs = cluster.get(f"/api/jobs/{sid}/logs")["logs"]
+    if os.environ.get("DINO_RAY_TEST_JOB_LOGS"):
+        with open(os.path.join(os.environ["DINO_RAY_TEST_JOB_LOGS"], f"{sid}.log"), "w") as f:
+            f.write(logs)
+    return logs
 
 
 def test_submitted_run_on_s3_resumes_evaluates_registers_and_pulls(
@@ -178,7 +189,7 @@ def test_unreadable_corpus_fails_with_counts_and_examples(
     assert rc == 1, out[-4000:]
     assert "DataQualityError" in out and "images skipped" in out
     assert "broken/cls" in out  # example paths are named
-    assert out.count("Training failed due to worker errors") <= 1  # not retried
+    assert "restarting from the newest checkpoint" not in out  # deterministic: not retried
 
 
 def _wait_for(predicate, timeout: float, what: str, poll: float = 1.0):
@@ -220,10 +231,10 @@ def test_a_train_node_lost_mid_run_resumes_from_the_last_s3_checkpoint(
     status = _wait_for(lambda: (s := _job_status(cluster, sid)) in
                        ("SUCCEEDED", "FAILED", "STOPPED") and s, 900, "end of the job")
     recovered_s = time.monotonic() - t_kill
-    logs = cluster.get(f"/api/jobs/{sid}/logs")["logs"]
+    logs = _job_logs(cluster, sid)
     assert status == "SUCCEEDED", logs[-6000:]
     assert "restarting from the newest checkpoint" in logs
-    resumed = [int(x) for x in __import__("re").findall(r"resuming from s3://dino/runs/nodefault/"
+    resumed = [int(x) for x in re.findall(r"resuming from s3://dino/runs/nodefault/"
                                                         r"checkpoint_step_(\d+)", logs)]
     assert resumed and max(resumed) >= step_at_kill  # at most the epoch in flight was lost
     assert _newest_step(s3, "nodefault") == 8
@@ -233,7 +244,7 @@ def test_a_train_node_lost_mid_run_resumes_from_the_last_s3_checkpoint(
 
 def test_a_killed_driver_is_resumed_by_resubmitting(cluster, s3, corpus, tmp_path, monkeypatch,
                                                     capsys):
-    cfg = _job_config(tmp_path, corpus, "driverkill", train__epochs=3, eval__every_epochs=0)
+    cfg = _job_config(tmp_path, corpus, "driverkill", train__epochs=12, eval__every_epochs=0)
     rc, out, sid, _ = _submit(cluster, monkeypatch, capsys, "train", "--config", str(cfg),
                               "--no-wait")
     assert rc == 0, out
@@ -247,10 +258,11 @@ def test_a_killed_driver_is_resumed_by_resubmitting(cluster, s3, corpus, tmp_pat
     _wait_for(lambda: _job_status(cluster, sid) in ("STOPPED", "FAILED", "SUCCEEDED"), 120,
               "stopped job")
     step_at_kill = _newest_step(s3, "driverkill")
+    assert step_at_kill < 24, "the stopped job ran to its end: nothing left to resume"
     rc, out, _, _ = _submit(cluster, monkeypatch, capsys, "train", "--config", str(cfg))
     assert rc == 0, out[-5000:]
     assert f"resuming from s3://dino/runs/driverkill/checkpoint_step_{step_at_kill:08d}" in out
-    assert _newest_step(s3, "driverkill") == 6
+    assert _newest_step(s3, "driverkill") == 24
     print(f"driver killed at step {step_at_kill}: resubmitted run done "
           f"{time.monotonic() - t_kill:.1f} s after the kill")
 
@@ -273,7 +285,7 @@ def test_a_data_node_lost_mid_run_and_the_stream_resumes_when_one_returns(
     cluster.add_node("data", 2)
     status = _wait_for(lambda: (s := _job_status(cluster, sid)) in
                        ("SUCCEEDED", "FAILED", "STOPPED") and s, 900, "end of the job")
-    logs = cluster.get(f"/api/jobs/{sid}/logs")["logs"]
+    logs = _job_logs(cluster, sid)
     assert status == "SUCCEEDED", logs[-6000:]
     assert _newest_step(s3, "datafault") == 8
     print(f"data node lost at step {step_at_kill}: job finished "

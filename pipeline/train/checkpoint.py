@@ -4,7 +4,7 @@ A checkpoint is a directory (persisted by Ray Train under ``<storage_path>/<name
 
     state.pt      torch.save of plain tensors/dicts (load with ``torch.load(weights_only=True)``):
                   student, teacher (state dicts, un-wrapped), center (DINO loss centre),
-                  optimizer (state dict), scaler (None: bf16 needs no grad scaler),
+                  optimizer (state dict), scaler (the fp16 GradScaler's state; None for fp32/bf16),
                   epoch (epoch the next step belongs to), global_step (optimiser steps done),
                   iters_per_epoch
     config.yaml   the full DinoConfig of the run
@@ -37,7 +37,8 @@ META_FILE = "meta.json"
 def save_checkpoint(directory: str | Path, *, student: nn.Module, teacher: nn.Module,
                     center: torch.Tensor, optimizer: torch.optim.Optimizer, epoch: int,
                     global_step: int, iters_per_epoch: int, cfg: DinoConfig,
-                    metrics: dict[str, Any] | None = None) -> Path:
+                    metrics: dict[str, Any] | None = None,
+                    scaler: torch.amp.GradScaler | None = None) -> Path:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     state = {
@@ -45,7 +46,7 @@ def save_checkpoint(directory: str | Path, *, student: nn.Module, teacher: nn.Mo
         "teacher": _cpu(teacher.state_dict()),
         "center": center.detach().cpu().clone(),
         "optimizer": optimizer.state_dict(),
-        "scaler": None,
+        "scaler": scaler.state_dict() if scaler is not None else None,  # fp16 loss scale S
         "epoch": int(epoch),
         "global_step": int(global_step),
         "iters_per_epoch": int(iters_per_epoch),

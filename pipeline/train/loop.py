@@ -28,6 +28,7 @@ from dino_model import DINOLoss
 from dino_model.model import unwrap
 from dino_model.normalize import normalize_uint8
 from dino_model.optim import build_optimizer
+from dino_model.precision import resolve_precision
 from dino_model.schedules import Schedules, scaled_lr
 from dino_model.step import NonFiniteLossError, dino_step
 from pipeline.config import DinoConfig
@@ -69,10 +70,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
-    if device.type == "cuda":
-        autocast = torch.bfloat16  # bf16 autocast on GPU, no grad scaler needed
-    else:
-        autocast = torch.bfloat16 if tc.precision == "bf16" else None
+    # train.precision as configured on every device; fp16 brings a GradScaler (CUDA only)
+    autocast, scaler = resolve_precision(tc.precision, device)
     if device.type == "cpu":
         torch.set_num_threads(max(1, int(tc.cpus_per_worker)))
 
@@ -99,6 +98,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         teacher.load_state_dict(state["teacher"])
         loss_fn.center.copy_(state["center"])
         optim_state = state["optimizer"]
+        if scaler is not None and state.get("scaler"):  # {} / None: saved without fp16
+            scaler.load_state_dict(state["scaler"])
         start_step = int(state["global_step"])
         if int(state["iters_per_epoch"]) != ipe:
             raise ResumeMismatchError(f"checkpoint has {state['iters_per_epoch']} iterations per epoch, this "
@@ -184,7 +185,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     crops=crops, schedule=sched.at(global_step), epoch=epoch, n_global=2,
                     clip_grad=cfg.optim.clip_grad,
                     freeze_last_layer_epochs=cfg.optim.freeze_last_layer_epochs,
-                    koleo_weight=cfg.loss.koleo_weight, autocast_dtype=autocast)
+                    koleo_weight=cfg.loss.koleo_weight, autocast_dtype=autocast, scaler=scaler)
             except NonFiniteLossError as exc:
                 raise NonFiniteLossError(
                     f"rank {rank}: {exc} (global step {global_step}); the last checkpoint is "
@@ -211,7 +212,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         summary = meter.summary(world)
         summary.update(kind="epoch", epoch=epoch, step=global_step, backend=backend,
                        world_size=world, iters_per_epoch=ipe, global_batch=global_batch,
-                       wall_s=time.monotonic() - t_start, stopped_early=stop)
+                       wall_s=time.monotonic() - t_start, stopped_early=stop,
+                       precision=tc.precision)
         summary.update({f"sched_{k}": v for k, v in sched.at(max(global_step - 1, 0)).items()})
         if hasattr(td, "skip_counts"):
             try:
@@ -236,7 +238,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                                                   (epoch + 1) % tc.checkpoint_every_epochs == 0))
         _report_epoch(summary, want_ckpt, rank, cfg, student, teacher, loss_fn, optimizer,
                       epoch=global_step // ipe, global_step=global_step, ipe=ipe,
-                      metrics_queue=config.get("metrics_queue"))
+                      metrics_queue=config.get("metrics_queue"), scaler=scaler)
         if stop or dry:
             break
 
@@ -354,7 +356,7 @@ def _maybe_die(tc, rank: int, world: int, global_step: int, run_directory: str |
 
 
 def _report_epoch(summary, want_ckpt, rank, cfg, student, teacher, loss_fn, optimizer, *,
-                  epoch, global_step, ipe, metrics_queue=None) -> None:
+                  epoch, global_step, ipe, metrics_queue=None, scaler=None) -> None:
     summary = finite(summary)
     if rank == 0:  # straight to the driver too: a report the controller has not polled yet is
         _send_step_metrics(metrics_queue, summary)  # lost if a worker dies (driver dedupes)
@@ -362,7 +364,7 @@ def _report_epoch(summary, want_ckpt, rank, cfg, student, teacher, loss_fn, opti
         with tempfile.TemporaryDirectory(prefix="dino-ckpt-") as d:
             save_checkpoint(d, student=unwrap(student), teacher=teacher, center=loss_fn.center,
                             optimizer=optimizer, epoch=epoch, global_step=global_step,
-                            iters_per_epoch=ipe, cfg=cfg, metrics=summary)
+                            iters_per_epoch=ipe, cfg=cfg, metrics=summary, scaler=scaler)
             ray.train.report(summary, checkpoint=ray.train.Checkpoint.from_directory(d),
                              checkpoint_dir_name=f"checkpoint_step_{global_step:08d}")
     else:
@@ -380,8 +382,10 @@ def _fetch_eval_data(ref) -> dict | None:
 def _knn_rank0(backbone, eval_data: dict, cfg: DinoConfig, device, *, prefix: str) -> dict:
     from pipeline.evaluate.features import embed, knn_metrics
 
-    bank = embed(backbone, eval_data["bank_images"], device=device, batch_size=cfg.eval.batch_size)
-    val = embed(backbone, eval_data["val_images"], device=device, batch_size=cfg.eval.batch_size)
+    kw = {"device": device, "batch_size": cfg.eval.batch_size,  # the training precision, no scaler
+          "autocast_dtype": resolve_precision(cfg.train.precision, device, training=False)[0]}
+    bank = embed(backbone, eval_data["bank_images"], **kw)
+    val = embed(backbone, eval_data["val_images"], **kw)
     return knn_metrics(bank, eval_data["bank_labels"], val, eval_data["val_labels"],
                        ks=cfg.eval.k, temperature=cfg.eval.temperature, prefix=prefix)
 
