@@ -150,3 +150,30 @@ def test_ctrl_c_stops_with_a_checkpoint_and_a_killed_mlflow_run(ray_session, dig
     assert load_state(good)["global_step"] < 100  # and stopped long before the 50 epochs
     run = MlflowClient(tracking_uri=f"sqlite:///{db}").get_run(info.value.mlflow_run_id)
     assert run.info.status == "KILLED" and run.data.tags["stopped_by"] == "SIGINT"
+
+
+def test_skipped_images_never_drop_the_last_steps_and_too_many_fail_once(ray_session,
+                                                                          digits_dir, tmp_path):
+    import shutil
+
+    corpus = tmp_path / "mixed"
+    for cls in ("0", "1"):  # 2 classes x 30 real digits + 6 garbage files each (~17% bad)
+        (corpus / cls).mkdir(parents=True)
+        for png in sorted((digits_dir / cls).glob("*.png"))[:30]:
+            shutil.copy(png, corpus / cls / png.name)
+        for i in range(6):
+            (corpus / cls / f"broken{i}.png").write_bytes(b"not a png " * 10)
+    # 72 images, 16 per step: 4 steps an epoch are planned from 64 listed rows, ~53 decode
+    cfg = tiny_config(corpus, tmp_path / "runs", "mixed", train__epochs=2, data__limit=None,
+                      train__max_steps_per_epoch=None, data__max_skip_fraction=0.5)
+    result = run_training(cfg)
+    assert result.metrics["step"] == 2 * 4  # the stream was topped up, no step dropped
+    assert sum(v for k, v in result.metrics.items() if k.startswith("skipped_")) > 0
+
+    strict = cfg.with_overrides({"train.name": "strict", "data.max_skip_fraction": 0.05,
+                                 "train.max_failures": 2})
+    with pytest.raises(TrainingError) as info:
+        run_training(strict)
+    msg = str(info.value)
+    assert "DataQualityError" in msg and "data.max_skip_fraction=0.05" in msg
+    assert "broken" in msg and "restart" not in msg  # example paths; deterministic, not retried
