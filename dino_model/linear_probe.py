@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-DEFAULT_CS: tuple[float, ...] = (1e-3, 1e-2, 1e-1, 1.0, 10.0)
+DEFAULT_CS: tuple[float, ...] = (1e-3, 1e-2, 1e-1, 1.0)
 
 
 class LinearProbeError(ValueError):
@@ -86,7 +86,7 @@ class LinearProbeResult:
 
 def linear_probe(train_x, train_y, test_x, test_y, *, seed: int = 0,
                  Cs: tuple[float, ...] = DEFAULT_CS, holdout_fraction: float = 0.2,
-                 max_iter: int = 1000) -> LinearProbeResult:
+                 max_iter: int = 500) -> LinearProbeResult:
     """Fit a logistic-regression probe on (train_x, train_y), report accuracy on (test_x, test_y).
 
     Args:

@@ -1,4 +1,4 @@
-"""``train.precision`` -> the autocast dtype and grad scaler of one device, the same on every device.
+"""``train.precision`` -> autocast dtype and grad scaler, honoured the same on every device.
 
     fp32: no autocast, no scaler
     bf16: bf16 autocast (fp32's exponent range: gradients cannot underflow, so no scaler)
@@ -64,4 +64,4 @@ def optimizer_step(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScale
     scale_before = scaler.get_scale()
     scaler.step(optimizer)  # skipped when ``unscale_`` found inf/NaN gradients ...
     scaler.update()  # ... and then S shrinks (backoff): the public sign of a skipped step
-    return not scaler.get_scale() < scale_before
+    return scaler.get_scale() >= scale_before

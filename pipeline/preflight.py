@@ -28,7 +28,12 @@ def is_local_path(path: str) -> bool:
 
 def check_config(cfg: DinoConfig) -> None:
     from dino_model.backbone import is_known_backbone
+    from dino_model.precision import PrecisionError, resolve_precision
 
+    try:  # fp16 training needs a GPU (and its grad scaler)
+        resolve_precision(cfg.train.precision, "cuda" if cfg.train.use_gpu else "cpu")
+    except PrecisionError as exc:
+        raise PreflightError(str(exc)) from None
     if not is_known_backbone(cfg.model.arch):
         raise PreflightError(f"model.arch: unknown backbone {cfg.model.arch!r} (use vit_tiny, "
                              "vit_small, vit_base, resnet18, resnet50 or a timm model name)")

@@ -89,6 +89,9 @@ def test_config_and_corpus_checks_name_the_field():
     with pytest.raises(PreflightError, match=r"model\.arch: unknown backbone 'vit_huuuge'"):
         check_config(_cfg(**{"model.arch": "vit_huuuge"}))
     check_config(_cfg(**{"model.arch": "test_vit"}))
+    with pytest.raises(PreflightError, match=r"train\.precision='fp16' needs a CUDA device"):
+        check_config(_cfg(**{"train.precision": "fp16"}))
+    check_config(_cfg(**{"train.precision": "fp16", "train.use_gpu": True}))
     with pytest.raises(PreflightError, match=r"train\.batch_size_per_worker.*128.*exceeds the 100"):
         check_corpus(_cfg(**{"train.batch_size_per_worker": 64, "train.num_workers": 2}), 100)
 

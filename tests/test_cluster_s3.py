@@ -242,29 +242,44 @@ def test_a_train_node_lost_mid_run_resumes_from_the_last_s3_checkpoint(
           f"kill, resumed from step {max(resumed)}")
 
 
-def test_a_killed_driver_is_resumed_by_resubmitting(cluster, s3, corpus, tmp_path, monkeypatch,
-                                                    capsys):
-    cfg = _job_config(tmp_path, corpus, "driverkill", train__epochs=12, eval__every_epochs=0)
-    rc, out, sid, _ = _submit(cluster, monkeypatch, capsys, "train", "--config", str(cfg),
-                              "--no-wait")
-    assert rc == 0, out
-    _wait_for(lambda: _newest_step(s3, "driverkill") >= 2, 600, "first checkpoint")
-    from ray.job_submission import JobSubmissionClient
+def test_ctrl_c_on_submit_stops_the_job_and_a_resubmission_resumes(
+        cluster, s3, corpus, tmp_path, monkeypatch, capsys):
+    """Ctrl-C on `dino-ray submit` stops the job on the cluster (its driver gets SIGTERM: the
+    workers checkpoint and stop); submitting the same command again resumes from S3."""
+    import signal
+    import subprocess
+    import sys
 
-    client = JobSubmissionClient(cluster.address,
-                                 headers={"authorization": f"Bearer {cluster.token}"})
-    t_kill = time.monotonic()
-    client.stop_job(sid)  # the driver gets SIGTERM, then SIGKILL
-    _wait_for(lambda: _job_status(cluster, sid) in ("STOPPED", "FAILED", "SUCCEEDED"), 120,
-              "stopped job")
+    cfg = _job_config(tmp_path, corpus, "driverkill", train__epochs=12, eval__every_epochs=0)
+    sid = f"train-{uuid.uuid4().hex[:8]}"
+    env = {**os.environ, "RAY_AUTH_TOKEN": cluster.token}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pipeline.cli", "submit", "train", "--address", cluster.address,
+         "--submission-id", sid, "--config", str(cfg)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True)
+    try:
+        _wait_for(lambda: _newest_step(s3, "driverkill") >= 2 or proc.poll() is not None, 600,
+                  "first checkpoint")
+        assert proc.poll() is None, proc.stdout.read()[-4000:]
+        t_kill = time.monotonic()
+        proc.send_signal(signal.SIGINT)  # Ctrl-C in the terminal that submitted the job
+        out, _ = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, out[-4000:]
+    assert f"stopping job {sid}" in out
+    status = _wait_for(lambda: (st := _job_status(cluster, sid)) in
+                       ("STOPPED", "FAILED", "SUCCEEDED") and st, 120, "stopped job")
+    assert status == "STOPPED"
     step_at_kill = _newest_step(s3, "driverkill")
     assert step_at_kill < 24, "the stopped job ran to its end: nothing left to resume"
     rc, out, _, _ = _submit(cluster, monkeypatch, capsys, "train", "--config", str(cfg))
     assert rc == 0, out[-5000:]
     assert f"resuming from s3://dino/runs/driverkill/checkpoint_step_{step_at_kill:08d}" in out
     assert _newest_step(s3, "driverkill") == 24
-    print(f"driver killed at step {step_at_kill}: resubmitted run done "
-          f"{time.monotonic() - t_kill:.1f} s after the kill")
+    print(f"job stopped (Ctrl-C on submit) at step {step_at_kill}: resubmitted run done "
+          f"{time.monotonic() - t_kill:.1f} s after the Ctrl-C")
 
 
 def test_a_data_node_lost_mid_run_and_the_stream_resumes_when_one_returns(

@@ -1,28 +1,81 @@
-"""k-NN evaluation as Ray Data batch inference (actor pool holding the backbone) on real digits."""
+"""k-NN evaluation as Ray Data batch inference (actor pool holding the backbone) on real digits:
+fixed-k headline, raw-pixel baseline, linear probe, the `dino-ray evaluate` command."""
 
 from __future__ import annotations
 
+import json
+
+import numpy as np
 import pytest
 import torch
 
-from pipeline.evaluate.features import knn_metrics
-from pipeline.evaluate.knn_eval import build_eval_sets, evaluate_knn
+from pipeline.evaluate.features import knn_metrics, pixel_features
+from pipeline.evaluate.knn_eval import (build_eval_sets, evaluate_knn, materialize,
+                                        pixel_knn_metrics)
 from pipeline.train.presets import tiny_config
 
 
 def test_knn_metrics_names_and_perfect_separation():
     bank = torch.eye(4).repeat(5, 1)
     labels = torch.arange(4).repeat(5)
-    out = knn_metrics(bank, labels, torch.eye(4), torch.arange(4), ks=[1, 3], temperature=0.07)
+    out = knn_metrics(bank, labels, torch.eye(4), torch.arange(4), ks=[1, 3], temperature=0.07,
+                      headline_k=3)
     assert out["knn_top1_k1"] == 100.0 and out["knn_top1_k3"] == 100.0 and out["knn_top1"] == 100.0
     shuffled = knn_metrics(bank, labels, torch.eye(4), torch.tensor([1, 2, 3, 0]), ks=[1],
-                           temperature=0.07)
+                           temperature=0.07, headline_k=1)
     assert shuffled["knn_top1"] == 0.0
 
 
+def test_headline_is_the_fixed_k_not_the_best_k():
+    """k=1 is right (100%), k=3 wrong (0%) under a flat temperature: the headline is k=3's figure
+    because headline_k=3, and it is computed although it is not in ks."""
+    bank = torch.tensor([[1.0, 0.0], [0.5, 0.866], [0.5, -0.866]])
+    out = knn_metrics(bank, torch.tensor([0, 1, 1]), torch.tensor([[1.0, 0.0]]), torch.tensor([0]),
+                      ks=[1], temperature=100.0, headline_k=3)
+    assert out["knn_top1_k1"] == 100.0 and out["knn_top1_k3"] == 0.0
+    assert out["knn_top1"] == out["knn_top1_k3"] and out["knn_top5"] == out["knn_top5_k3"]
+
+
+def _numpy_weighted_knn(bank_x, bank_y, query_x, query_y, k, temperature, n_classes):
+    """Direct cosine-weighted k-NN top-1 (percent) on flattened uint8 pixels."""
+    b = bank_x.reshape(len(bank_x), -1).astype(np.float64)
+    q = query_x.reshape(len(query_x), -1).astype(np.float64)
+    b /= np.linalg.norm(b, axis=1, keepdims=True)
+    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    sims = q @ b.T
+    hits = 0
+    for i in range(len(q)):
+        nn = np.argsort(-sims[i])[:k]
+        scores = np.zeros(n_classes)
+        np.add.at(scores, bank_y[nn], np.exp(sims[i, nn] / temperature))
+        hits += int(scores.argmax() == query_y[i])
+    return 100.0 * hits / len(q)
+
+
+def test_pixel_knn_matches_a_direct_numpy_computation():
+    rng = np.random.default_rng(0)
+    # three classes of 6x6 images around different mean colours, plus noise
+    centres = rng.integers(40, 215, size=(3, 1, 1, 3))
+    bank_y, query_y = rng.integers(0, 3, 60), rng.integers(0, 3, 25)
+
+    def draw(y):
+        return np.clip(centres[y] + rng.normal(0, 60, (len(y), 6, 6, 3)), 0, 255).astype(np.uint8)
+
+    bank_x, query_x = draw(bank_y), draw(query_y)
+    feats_b, feats_q = pixel_features(bank_x), pixel_features(query_x)
+    assert feats_b.shape == (60, 108)
+    torch.testing.assert_close(feats_b.norm(dim=1), torch.ones(60))
+    out = knn_metrics(feats_b, bank_y, feats_q, query_y, ks=[1, 5, 20], temperature=0.07,
+                      prefix="knn_pixels", headline_k=20)
+    for k in (1, 5, 20):
+        expected = _numpy_weighted_knn(bank_x, bank_y, query_x, query_y, k, 0.07, 3)
+        assert out[f"knn_pixels_top1_k{k}"] == pytest.approx(expected)
+    assert out["knn_pixels_top1"] == out["knn_pixels_top1_k20"]
+
+
 @pytest.mark.ray
-def test_random_init_knn_on_digits_split(ray_session, digits_dir, tmp_path):
-    cfg = tiny_config(digits_dir, tmp_path, "ev", eval__k=[10, 20], data__limit=None)
+def test_random_init_and_pixel_knn_on_digits_split(ray_session, digits_dir, tmp_path):
+    cfg = tiny_config(digits_dir, tmp_path, "ev", eval__k=[10, 30], data__limit=None)
     sets = build_eval_sets(cfg)
     assert sets is not None
     out = evaluate_knn(cfg, None, sets=sets, include_random_init=True)
@@ -30,4 +83,55 @@ def test_random_init_knn_on_digits_split(ray_session, digits_dir, tmp_path):
     assert 0.1 < out["knn_init_val_size"] / 1797 < 0.3  # eval.val_fraction = 0.2
     # a random ViT on digits is far above chance (10%) but not perfect
     assert 30.0 < out["knn_init_top1"] < 100.0
-    assert set(out) >= {"knn_init_top1_k10", "knn_init_top5_k20"}
+    assert set(out) >= {"knn_init_top1_k10", "knn_init_top5_k30", "knn_init_top1_k20"}
+    assert out["knn_init_top1"] == out["knn_init_top1_k20"]  # eval.headline_k, not the best k
+    assert "knn_top1" not in out and "linear_init_top1" not in out  # no checkpoint, no --linear
+    # the pixel baseline of the pass equals one computed on the same images in memory
+    bank_x, bank_y = materialize(sets.bank)
+    val_x, val_y = materialize(sets.val)
+    direct = pixel_knn_metrics({"bank_images": bank_x, "bank_labels": bank_y,
+                                "val_images": val_x, "val_labels": val_y}, cfg)
+    assert out["knn_pixels_val_size"] == len(val_y) == out["knn_init_val_size"]
+    for k in (10, 20, 30):
+        assert out[f"knn_pixels_top1_k{k}"] == pytest.approx(direct[f"knn_pixels_top1_k{k}"])
+    assert 50.0 < out["knn_pixels_top1"] <= 100.0  # pixel k-NN on digits is strong
+
+
+@pytest.fixture
+def random_checkpoint(digits_dir, tmp_path):
+    """A real checkpoint whose teacher is the random init (saved without training)."""
+    from pipeline.train.checkpoint import save_checkpoint
+    from pipeline.train.model import build_models
+
+    # 16 px crops keep the probe cheap (768 pixel dims); all digits, so every class is in the bank
+    cfg = tiny_config(digits_dir, tmp_path, "ck", data__limit=None, augment__global_size=16,
+                      augment__local_size=8)
+    student, teacher = build_models(cfg, seed=cfg.train.seed)
+    opt = torch.optim.SGD(student.parameters(), lr=0.1)
+    return str(save_checkpoint(tmp_path / "ckpt", student=student, teacher=teacher,
+                               center=torch.zeros(1, cfg.model.out_dim), optimizer=opt, epoch=0,
+                               global_step=0, iters_per_epoch=1, cfg=cfg))
+
+
+@pytest.mark.ray
+def test_evaluate_command_linear_probe(ray_session, random_checkpoint, capsys):
+    from pipeline.cli import main
+
+    rc = main(["evaluate", random_checkpoint, "--linear", "--n-last-blocks", "2", "--avgpool"])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    m = json.loads(captured.out[captured.out.index("{\n"):]) if "{\n" in captured.out else None
+    assert m is not None, captured.out[-3000:]
+    # the checkpoint's teacher IS the random init: both paths must give the same figures
+    assert m["knn_top1"] == pytest.approx(m["knn_init_top1"])
+    assert m["linear_top1"] == pytest.approx(m["linear_init_top1"])
+    assert m["linear_n_last_blocks"] == 2 and m["linear_avgpool"] == 1
+    assert m["linear_init_top1"] > 30.0 and m["linear_pixels_top1"] > 50.0  # chance is 10%
+    assert "raw pixels" in captured.err and "linear top-1" in captured.err
+
+
+def test_evaluate_command_rejects_probe_options_without_linear(random_checkpoint, capsys):
+    from pipeline.cli import main
+
+    assert main(["evaluate", random_checkpoint, "--avgpool"]) == 2
+    assert "add --linear" in capsys.readouterr().err

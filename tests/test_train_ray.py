@@ -20,7 +20,7 @@ pytestmark = pytest.mark.ray
 def test_two_workers_survive_a_worker_death_and_log_to_mlflow(ray_session, digits_dir, tmp_path):
     db = tmp_path / "mlflow.db"
     cfg = tiny_config(digits_dir, tmp_path / "runs", "ft", train__num_workers=2,
-                      train__fail_at_step=4, train__max_failures=1,
+                      train__fail_at_step=4, train__max_failures=1, model__head_use_bn=True,
                       tracking__enabled=True, tracking__tracking_uri=f"sqlite:///{db}")
     steps: list[dict] = []
     epochs: list[dict] = []

@@ -59,13 +59,18 @@ def run(args: argparse.Namespace) -> int:
     if problem:
         print(f"dino-ray evaluate: {problem}", file=sys.stderr)
         return 2
+    from dino_model.linear_probe import LinearProbeError
     from pipeline.evaluate.knn_eval import evaluate_knn
     from pipeline.ray_runtime import ensure_ray
 
     ensure_ray(args.address)
-    metrics = evaluate_knn(cfg, ckpt, include_random_init=not args.no_random_init,
-                           include_pixels=not args.no_pixels, linear=args.linear,
-                           n_last_blocks=args.n_last_blocks, avgpool=args.avgpool)
+    try:
+        metrics = evaluate_knn(cfg, ckpt, include_random_init=not args.no_random_init,
+                               include_pixels=not args.no_pixels, linear=args.linear,
+                               n_last_blocks=args.n_last_blocks, avgpool=args.avgpool)
+    except LinearProbeError as exc:
+        print(f"dino-ray evaluate: {exc}", file=sys.stderr)
+        return 2
     if not metrics:
         print("dino-ray evaluate: no labelled evaluation data (set eval.train_path/val_path)",
               file=sys.stderr)

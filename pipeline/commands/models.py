@@ -48,8 +48,8 @@ def run(args: argparse.Namespace) -> int:
         if not rows:
             print("no registered models")
             return 0
-        cols = ["name", "version", "aliases", "knn_top1", "epochs", "arch", "code_version",
-                "run_id"]
+        cols = ["name", "version", "aliases", "knn_top1", "eval_key", "epochs", "arch",
+                "code_version", "run_id"]
         widths = {c: max(len(c), *(len(str(r[c])) for r in rows)) for c in cols}
         print("  ".join(c.ljust(widths[c]) for c in cols))
         for r in rows:

@@ -6,6 +6,9 @@
 ``--run-name`` finds the newest MLflow run of that name in ``tracking.experiment``: its metrics
 (knn_top1 ...) become tags, the model is logged into that run, and the checkpoint is the run's
 ``checkpoint_path`` tag/param or else the newest one under ``train.storage_path/NAME``.
+``--checkpoint`` logs into a new run, with the checkpoint's k-NN metrics as run metrics. Either
+way the run keeps the ``eval_key`` param and metrics that ``champion`` / ``champion-<eval_key>``
+are decided on (``pipeline.registry.champion``).
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tracking-uri", help="MLflow URI (default tracking.tracking_uri)")
     parser.add_argument("--alias", action="append", default=[], help="extra alias(es) to set")
     parser.add_argument("--no-champion", action="store_true",
-                        help="do not move the 'champion' alias")
+                        help="do not move the 'champion' / 'champion-<eval_key>' aliases")
     add_config_arguments(parser)
 
 
@@ -43,7 +46,7 @@ def find_run(tracking_uri: str, experiment: str, run_name: str):
 
 def run(args: argparse.Namespace) -> int:
     from pipeline.config import DinoConfig
-    from pipeline.registry.register import register_teacher
+    from pipeline.registry.register import EvalKeyConflictError, register_teacher
 
     cfg = DinoConfig.load(args.config, args.overrides) if (args.config or args.overrides) else None
     tracking_uri = args.tracking_uri or (cfg.tracking.tracking_uri if cfg else None)
@@ -82,11 +85,15 @@ def run(args: argparse.Namespace) -> int:
     if cfg is not None:  # tracking/registry settings from the command line win
         use_cfg = ckpt_cfg.with_overrides({"tracking." + k: v for k, v in
                                            cfg.tracking.model_dump().items()})
-    version = register_teacher(
-        backbone, use_cfg, metrics=metrics, run_id=run_id,
-        tracking_uri=tracking_uri or use_cfg.tracking.tracking_uri,
-        name=args.name or use_cfg.tracking.registered_model, set_champion=not args.no_champion,
-        aliases=args.alias)
+    try:
+        version = register_teacher(
+            backbone, use_cfg, metrics=metrics, run_id=run_id,
+            tracking_uri=tracking_uri or use_cfg.tracking.tracking_uri,
+            name=args.name or use_cfg.tracking.registered_model,
+            set_champion=not args.no_champion, aliases=args.alias)
+    except EvalKeyConflictError as exc:
+        print(f"register: {exc}", file=sys.stderr)
+        return 1
     name = args.name or use_cfg.tracking.registered_model
     print(f"registered {name} version {version} (knn_top1={metrics.get('knn_top1', 'n/a')})")
     print(f"load it with: dino-ray models pull models:/{name}/{version} DIR")

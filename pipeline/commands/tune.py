@@ -31,6 +31,11 @@ def run(args: argparse.Namespace) -> int:
         from pipeline.tune.sweep import param_space
 
         param_space(cfg)  # unknown search-space fields fail here
+        from pipeline.data.dataset import list_data
+        from pipeline.preflight import check_config, check_corpus
+
+        check_config(cfg)  # before Ray: arch, precision, then the corpus
+        check_corpus(cfg, list_data(cfg.data).num_images)
     except ConfigError as exc:
         print(f"dino-ray tune: {exc}", file=sys.stderr)
         return 2

@@ -143,8 +143,8 @@ def list_data(data: DataConfig) -> Corpus:
 
 
 def build_train_dataset(data: DataConfig, augment: AugmentConfig, seed: int = 0, *,
-                        plan: ResourcePlan | None = None, corpus: Corpus | None = None
-                        ) -> TrainDataset:
+                        plan: ResourcePlan | None = None, corpus: Corpus | None = None,
+                        indices: np.ndarray | None = None) -> TrainDataset:
     """List and validate the corpus (clear ``CorpusError`` before any worker starts), then build
     the lazy multi-crop dataset. ``plan`` (``pipeline.data.resources.plan_data_resources``)
     overrides the actor pool size / CPUs and sets the dataset's resource limits."""
@@ -154,7 +154,7 @@ def build_train_dataset(data: DataConfig, augment: AugmentConfig, seed: int = 0,
     num_actors = plan.num_actors if plan else data.num_actors
     cpus_per_actor = plan.cpus_per_actor if plan else data.cpus_per_actor
     source = CorpusDatasource(corpus, seed=seed, shuffle=data.shuffle_files, state=handle,
-                              rows_per_task=data.map_batch_size)
+                              rows_per_task=data.map_batch_size, indices=indices)
     ds = ray.data.read_datasource(source, num_cpus=plan.read_cpus if plan else READ_TASK_CPUS)
     data_nodes = role_resources("data", cpus_per_actor)  # pin actors to data nodes on a cluster
     placement = {"resources": data_nodes} if data_nodes else {}
@@ -175,7 +175,7 @@ def build_train_dataset(data: DataConfig, augment: AugmentConfig, seed: int = 0,
     # which makes streaming coarse and the object store peak large (a block is ~0.5 MB/image).
     view_bytes = sum(s.size * s.size * 3 for s in view_specs(augment)) + 8
     ds.context.target_max_block_size = max(1 << 20, view_bytes * data.map_batch_size)
-    return TrainDataset(ds, corpus.num_images, list(corpus.class_names), handle,
+    return TrainDataset(ds, source.num_rows(), list(corpus.class_names), handle,
                         [s.name for s in view_specs(augment)], corpus.description)
 
 

@@ -109,7 +109,11 @@ class EmbedBatch:
             self.backbones["_init"] = random_init_backbone(DinoConfig.from_dict(cfg))
         for b in self.backbones.values():
             b.to(self.device).eval()
-        self.autocast = torch.bfloat16 if self.device.type == "cuda" else None
+        from dino_model.precision import resolve_precision
+
+        # the run's own precision (fp16 on a CPU actor falls back to fp32)
+        self.autocast = resolve_precision(DinoConfig.from_dict(cfg).train.precision, self.device,
+                                          training=False).autocast_dtype
         self.batch_size = batch_size
         self.include_pixels = include_pixels
         self.probe = probe
@@ -139,7 +143,7 @@ def embed_sets(sets: EvalSets, cfg: DinoConfig, checkpoint_path: str | None,
     """One Ray Data pass over bank + val: ``{name: (bank_feats, bank_labels, val_feats, val_labels)}``
     with names ``knn`` (checkpoint), ``knn_init``, ``knn_pixels`` (uint8, flattened) and, with
     ``probe``, ``probe`` / ``probe_init``."""
-    use_gpu = cfg.train.use_gpu
+    use_gpu = eval_on_gpu(cfg)
     ds = sets.bank.map_batches(_tag, fn_kwargs={"split": 0}, batch_format="numpy").union(
         sets.val.map_batches(_tag, fn_kwargs={"split": 1}, batch_format="numpy"))
     out = ds.map_batches(
@@ -229,3 +233,18 @@ def pixel_knn_metrics(eval_data: dict[str, np.ndarray], cfg: DinoConfig) -> dict
                        pixel_features(eval_data["val_images"]), eval_data["val_labels"],
                        ks=e.k, temperature=e.temperature, prefix="knn_pixels",
                        headline_k=e.headline_k)
+
+
+def eval_on_gpu(cfg: DinoConfig) -> bool:
+    """GPU actors for the feature pass when the run trained on GPUs and the cluster has (or can
+    get) one; otherwise CPU with a warning: a GPU-trained checkpoint evaluated on a CPU machine
+    used to ask for GPU actors and wait forever."""
+    if not cfg.train.use_gpu:
+        return False
+    from pipeline.cluster import ClusterView
+
+    if ClusterView.current().max_total("GPU") >= 1:
+        return True
+    log.warning("train.use_gpu=true but this cluster has no GPU and cannot get one: the k-NN "
+                "evaluation runs on CPU")
+    return False

@@ -10,6 +10,10 @@ This file is also the MLflow *model-from-code* file (``mlflow.pyfunc.log_model(p
 <this file>)``): MLflow copies it into the logged model and executes it on load, so it imports only
 torch, timm, safetensors, numpy and mlflow -- never ``pipeline`` or ``dino_model`` -- and the
 logged model loads anywhere those are installed. No pickled Python object is stored.
+
+Whoever loads the pyfunc runs this file *as stored in the registry*, and ``load_package`` trusts
+``arch.json``: both are for trusted registries. dino-ray's own ``load_backbone`` never runs it and
+validates ``arch.json`` first (``pipeline.registry.arch``).
 """
 
 from __future__ import annotations

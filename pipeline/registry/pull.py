@@ -3,6 +3,10 @@
 ``model_uri`` is anything MLflow resolves: ``models:/dino-teacher@champion``,
 ``models:/dino-teacher/3``, ``runs:/<run_id>/teacher_backbone`` or a local directory. A bare
 ``NAME@ALIAS`` or ``NAME/VERSION`` is read as ``models:/...``.
+
+Nothing from the registry is executed here: ``load_backbone`` and the embed actors rebuild the
+module from the validated ``arch.json`` and the safetensors weights (``pipeline.registry.arch``);
+the downloaded pyfunc code (``package.py`` copy) is never imported.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from typing import Any
 import torch.nn as nn
 
 from pipeline.registry import package
+from pipeline.registry.arch import build_verified, load_verified, parse_arch
 
 
 def normalize_uri(model_uri: str) -> str:
@@ -45,41 +50,37 @@ def pull(model_uri: str, dst_dir: str | Path, tracking_uri: str | None = None) -
 def load_backbone(model_uri: str, tracking_uri: str | None = None,
                   device: str = "cpu") -> nn.Module:
     """The registered backbone as a ready module (eval mode, no grad). Only safetensors weights
-    and JSON are read: nothing is unpickled."""
+    and the validated arch.json are read: nothing is unpickled, imported or executed, so a
+    registry writer cannot run code here. Raises ``ArchError`` / ``WeightsError`` when the
+    artifact was tampered with."""
     model_uri = normalize_uri(model_uri)
     if Path(model_uri).exists():
-        return package.load_package(model_uri, device=device)
+        return load_verified(model_uri, device=device)
     with tempfile.TemporaryDirectory(prefix="dino-pull-") as tmp:
         local = pull(model_uri, tmp, tracking_uri=tracking_uri)
-        return package.load_package(local, device=device)
+        return load_verified(local, device=device)
 
 
 def load_package_bytes(model_uri: str, tracking_uri: str | None = None) -> dict[str, Any]:
-    """``{"arch": dict, "weights": bytes}``: the package in memory, to ship to remote actors."""
-    import json
-
+    """``{"arch": dict, "weights": bytes}``: the package in memory, to ship to remote actors;
+    ``arch`` is validated here already (fail before any actor starts)."""
     model_uri = normalize_uri(model_uri)
     with tempfile.TemporaryDirectory(prefix="dino-pull-") as tmp:
         local = Path(model_uri) if Path(model_uri).exists() else pull(model_uri, tmp, tracking_uri)
         pkg = package.find_package(local)
-        return {"arch": json.loads((pkg / package.ARCH_FILE).read_text()),
+        spec = parse_arch((pkg / package.ARCH_FILE).read_text(), source=model_uri)
+        return {"arch": spec.model_dump(mode="json"),
                 "weights": (pkg / package.WEIGHTS_FILE).read_bytes()}
 
 
 def module_from_bytes(pkg: dict[str, Any]) -> nn.Module:
-    from safetensors.torch import load as load_safetensors
-
-    model = package.build_module(pkg["arch"])
-    model.load_state_dict(load_safetensors(pkg["weights"]), strict=True)
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad = False
-    model.dino_arch = pkg["arch"]
-    return model
+    """The module of a ``load_package_bytes`` result (validated again: it crossed processes)."""
+    return build_verified(parse_arch(pkg["arch"]), pkg["weights"])
 
 
 def list_models(tracking_uri: str, name: str | None = None) -> list[dict[str, Any]]:
-    """One row per model version: name, version, aliases, knn_top1, epochs, code_version, run."""
+    """One row per model version: name, version, aliases, knn_top1 (tag), eval_key, epochs,
+    code_version, run."""
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
@@ -95,7 +96,8 @@ def list_models(tracking_uri: str, name: str | None = None) -> list[dict[str, An
             rows.append({
                 "name": model_name, "version": int(mv.version),
                 "aliases": ",".join(sorted(alias_of.get(str(mv.version), []))),
-                "knn_top1": tags.get("knn_top1", ""), "epochs": tags.get("epochs", ""),
+                "knn_top1": tags.get("knn_top1", ""), "eval_key": tags.get("eval_key", ""),
+                "epochs": tags.get("epochs", ""),
                 "arch": tags.get("arch", ""), "code_version": tags.get("code_version", ""),
                 "run_id": mv.run_id or "",
             })

@@ -3,7 +3,11 @@
 The model version carries: the safetensors weights + ``arch.json`` (see ``package.py``), an input
 signature ``(-1, 3, -1, -1) float32 -> (-1, D) float32`` (any batch size, any resolution the ViT
 takes), tags (data, epochs, knn_top1 and the other k-NN figures, code_version = package version +
-git sha) and the alias ``champion`` on the version with the best k-NN top-1.
+git sha, eval_key and its readable parts) and the aliases ``champion`` / ``champion-<eval_key>``.
+
+The run the version is logged into keeps the evaluation record that ``champion`` is decided on
+(``pipeline.registry.champion``): the param ``eval_key`` (what the figure was measured on,
+``pipeline.registry.eval_key``) and the k-NN metrics; tags are only for people to read.
 """
 
 from __future__ import annotations
@@ -19,10 +23,16 @@ import torch.nn as nn
 
 from pipeline.config import DinoConfig
 from pipeline.registry import package
+from pipeline.registry.champion import CHAMPION, EVAL_KEY_PARAM, update_champion
+from pipeline.registry.eval_key import eval_identity, eval_key
 
-CHAMPION = "champion"
+__all__ = ["CHAMPION", "EvalKeyConflictError", "register_teacher", "update_champion"]
+
 MODEL_ARTIFACT = "teacher_backbone"
-KNN_TAG = "knn_top1"
+
+
+class EvalKeyConflictError(ValueError):
+    """The target run already records a different evaluation setting."""
 
 
 def code_version() -> str:
@@ -126,8 +136,10 @@ def register_teacher(
     ``backbone_or_checkpoint_dir``: the teacher backbone module (then ``cfg`` is required) or a
     training checkpoint directory/URI (its config.yaml is used when ``cfg`` is None).
     ``run_id``: log into that run (e.g. the training run); None starts a run in
-    ``cfg.tracking.experiment``. ``set_champion``: afterwards point ``champion`` at the version
-    with the highest ``knn_top1`` tag (this one if it is the best or the only one with the tag).
+    ``cfg.tracking.experiment``. ``metrics``: logged as metrics of that run where it has none of
+    that name yet (a training run keeps its own); the run's k-NN metrics are copied to tags. ``set_champion``: afterwards
+    run ``update_champion`` (champion among versions evaluated like this one, on run metrics).
+    Raises ``EvalKeyConflictError`` when ``run_id`` already records another ``eval_key``.
     """
     import mlflow
     from mlflow import MlflowClient
@@ -138,8 +150,12 @@ def register_teacher(
     name = name or cfg.tracking.registered_model or "dino-teacher"
     embed_dim = int(getattr(backbone, "embed_dim", 0) or backbone.num_features)
 
+    identity = eval_identity(cfg)
+    ekey = eval_key(identity)
     tags = {
-        "data": _short(cfg.data.path),
+        "data": _short(identity["data"]),  # redacted of credentials
+        "eval_key": ekey,
+        **{part: _short(text) for part, text in identity.items() if part != "data"},
         "epochs": str(meta.get("epoch", cfg.train.epochs)),
         "arch": cfg.model.arch,
         "patch_size": str(cfg.model.patch_size),
@@ -147,14 +163,13 @@ def register_teacher(
                                 sorted({cfg.augment.global_size, cfg.augment.local_size})),
         "code_version": code_version(),
     }
-    for key, value in metrics.items():
-        if key.startswith("knn") and isinstance(value, (int, float)):
-            tags[key] = f"{float(value):.6g}"
-    tags.update(extra_tags or {})
+    extra_tags = dict(extra_tags or {})
 
     with _tracking(tracking_uri), tempfile.TemporaryDirectory(prefix="dino-pkg-") as tmp:
         pkg = package.save_package(backbone, arch_description(cfg, embed_dim), tmp)
         client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+        if run_id is not None:  # before start_run, which would leave the run RUNNING
+            _check_eval_key(client, run_id, ekey)
         if run_id is None:
             mlflow.set_experiment(cfg.tracking.experiment)
             run_ctx = mlflow.start_run(run_name=f"register-{name}")
@@ -164,6 +179,7 @@ def register_teacher(
             mlflow.set_experiment(experiment_id=client.get_run(run_id).info.experiment_id)
             run_ctx = mlflow.start_run(run_id=run_id)
         with run_ctx as run:
+            _record_evaluation(client, run.info.run_id, ekey, metrics)
             info = mlflow.pyfunc.log_model(
                 name=MODEL_ARTIFACT,
                 python_model=package.__file__,
@@ -177,31 +193,44 @@ def register_teacher(
             run_id = run.info.run_id
         version = int(info.registered_model_version)
         tags["run_id"] = run_id
+        # the figures as the run records them (what champion compares), for people to read
+        for metric, value in client.get_run(run_id).data.metrics.items():
+            if metric.startswith("knn"):
+                tags[metric] = f"{float(value):.6g}"
+        tags.update(extra_tags)
         for key, value in tags.items():
             client.set_model_version_tag(name, str(version), key, value)
         for alias in aliases:
             client.set_registered_model_alias(name, alias, str(version))
         if set_champion:
-            update_champion(client, name)
+            update_champion(client, name, prefer=version)
     return version
 
 
-def update_champion(client, name: str) -> int | None:
-    """Point ``champion`` at the version with the highest knn_top1 tag; return that version."""
-    best: tuple[float, int] | None = None
-    for mv in client.search_model_versions(f"name='{name}'"):
-        value = (mv.tags or {}).get(KNN_TAG)
-        try:
-            score = float(value)
-        except (TypeError, ValueError):
-            continue
-        key = (score, int(mv.version))  # ties: the newer version
-        if best is None or key > best:
-            best = key
-    if best is None:
-        return None
-    client.set_registered_model_alias(name, CHAMPION, str(best[1]))
-    return best[1]
+def _check_eval_key(client, run_id: str, key: str) -> None:
+    recorded = client.get_run(run_id).data.params.get(EVAL_KEY_PARAM)
+    if recorded not in (None, key):
+        raise EvalKeyConflictError(
+            f"run {run_id} records eval_key={recorded}, this config gives {key}: register with "
+            "the run's own config, or without run_id (a new run)")
+
+
+def _record_evaluation(client, run_id: str, key: str, metrics: dict[str, Any]) -> None:
+    """Log the eval_key param and the numeric ``metrics`` the run does not have yet: the record
+    champion is decided on (params are immutable; a training run's own metrics win)."""
+    import math
+    import time
+
+    from mlflow.entities import Metric, Param
+
+    run = client.get_run(run_id)
+    params = [] if EVAL_KEY_PARAM in run.data.params else [Param(EVAL_KEY_PARAM, key)]
+    now = int(time.time() * 1000)
+    new = [Metric(k, float(v), now, 0) for k, v in metrics.items()
+           if k not in run.data.metrics and isinstance(v, (int, float))
+           and not isinstance(v, bool) and math.isfinite(float(v))]
+    if params or new:
+        client.log_batch(run_id, metrics=new, params=params)
 
 
 def _short(value: Any, limit: int = 250) -> str:

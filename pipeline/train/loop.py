@@ -30,6 +30,7 @@ from dino_model.normalize import normalize_uint8
 from dino_model.optim import build_optimizer
 from dino_model.precision import resolve_precision
 from dino_model.schedules import Schedules, scaled_lr
+from dino_model.sync_bn import convert_sync_batchnorm, has_batchnorm
 from dino_model.step import NonFiniteLossError, dino_step
 from pipeline.config import DinoConfig
 from pipeline.train.checkpoint import (
@@ -77,6 +78,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     # 1. model, loss, schedules -----------------------------------------------------------------
     student, teacher = build_models(cfg, seed=tc.seed)  # identical on every rank
+    # official DINO: with BN in the backbone or head, normalise over the global batch of all
+    # workers (torch's SyncBatchNorm refuses CPU tensors: dino_model.sync_bn covers gloo)
+    if world > 1 and has_batchnorm(student):
+        student = convert_sync_batchnorm(student, device)
+        teacher = convert_sync_batchnorm(teacher, device)
     loss_fn = DINOLoss(cfg.model.out_dim, student_temp=cfg.loss.student_temp,
                        center_momentum=cfg.loss.center_momentum)
     ipe = iters_per_epoch(cfg, config["num_images"], world)

@@ -13,7 +13,7 @@ log = logging.getLogger("dino_ray.train")
 
 # metric names averaged over the steps of an epoch (and over ranks at log steps)
 AVERAGED = ("loss", "dino_loss", "koleo", "teacher_entropy", "teacher_batch_entropy", "kl",
-            "grad_norm_max")
+            "grad_norm_max", "amp_step_skipped")
 
 
 class EpochMeter:

@@ -180,7 +180,7 @@ def _plan(cfg: DinoConfig, view, train_data, corpus=None) -> _Run:
         for note in plan.notes:
             log.warning("data stage: %s", note)
         train_data = build_train_dataset(cfg.data, cfg.augment, seed=tc.seed, plan=plan,
-                                         corpus=corpus)
+                                         corpus=corpus, indices=ssl_indices(cfg, corpus))
     else:
         check_corpus(cfg, train_data.num_images)
     ipe = iters_per_epoch(cfg, train_data.num_images, tc.num_workers)
@@ -196,6 +196,19 @@ def _plan(cfg: DinoConfig, view, train_data, corpus=None) -> _Run:
 
         run.eval_ref = materialize_task.remote(cfg.model_dump(mode="json"))
     return run
+
+
+def ssl_indices(cfg: DinoConfig, corpus):
+    """The images SSL trains on: without ``eval.val_path`` the k-NN validation split is carved
+    out of ``data.path`` (``pipeline.data.dataset.split_indices``, the same per-image hash the
+    evaluation uses), so the headline figure is on images the run never trained on."""
+    e = cfg.eval
+    if e.val_path is not None or not corpus.labelled or not (e.every_epochs or e.at_end):
+        return None
+    from pipeline.data.dataset import split_indices
+
+    bank, _ = split_indices(corpus, e.val_fraction, cfg.train.seed)
+    return bank
 
 
 def _resumable_step(cfg: DinoConfig, storage: str, ipe: int) -> int:
