@@ -14,6 +14,7 @@ def test_demo_runs_end_to_end(ray_session, tmp_path, capsys):
     out = capsys.readouterr().out
     assert code == 0
     assert "k=10" in out and "random init" in out and "mlflow ui --backend-store-uri" in out
+    assert "raw pixels" in out
     from mlflow.tracking import MlflowClient
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -23,5 +24,6 @@ def test_demo_runs_end_to_end(ray_session, tmp_path, capsys):
     assert len(runs) == 1
     metrics = runs[0].data.metrics
     assert "knn_top1" in metrics and "knn_init_top1" in metrics and "epoch_loss" in metrics
+    assert "knn_pixels_top1" in metrics
     versions = client.search_model_versions("name='dino-teacher-demo'")
     assert len(versions) == 1

@@ -48,7 +48,8 @@ def run(args: argparse.Namespace) -> int:
         "tracking_uri": cfg.tracking.tracking_uri if cfg.tracking.enabled else None,
         "wall_s": round(result.wall_s, 1),
         "metrics": {k: v for k, v in result.metrics.items()
-                    if k.startswith(("knn_top1", "knn_init_top1", "knn_gain", "epoch_loss"))
+                    if k.startswith(("knn_top1", "knn_init_top1", "knn_pixels_top1", "knn_gain",
+                                  "epoch_loss"))
                     or k in ("epoch", "step")},
     }
     print(json.dumps(summary, indent=1, default=str))

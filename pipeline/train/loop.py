@@ -238,6 +238,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 if init_knn_pending:
                     summary.update(_knn_rank0(random_init_backbone(cfg).to(device), eval_data,
                                               cfg, device, prefix="knn_init"))
+                    from pipeline.evaluate.knn_eval import pixel_knn_metrics
+
+                    summary.update(pixel_knn_metrics(eval_data, cfg))  # the raw-pixel baseline
                     init_knn_pending = False
                 summary.update(_knn_rank0(teacher.backbone, eval_data, cfg, device, prefix="knn"))
         want_ckpt = meter.steps > 0 and (last or (finished_epoch and
@@ -393,6 +396,7 @@ def _knn_rank0(backbone, eval_data: dict, cfg: DinoConfig, device, *, prefix: st
     bank = embed(backbone, eval_data["bank_images"], **kw)
     val = embed(backbone, eval_data["val_images"], **kw)
     return knn_metrics(bank, eval_data["bank_labels"], val, eval_data["val_labels"],
-                       ks=cfg.eval.k, temperature=cfg.eval.temperature, prefix=prefix)
+                       ks=cfg.eval.k, temperature=cfg.eval.temperature, prefix=prefix,
+                       headline_k=cfg.eval.headline_k)
 
 

@@ -479,7 +479,7 @@ def _finish(cfg: DinoConfig, run: _Run, tracker, history, steps, ckpt_path, t0) 
                                 latest_checkpoint(run.storage, tc.name), tracker.run_id) from None
     metrics: dict[str, Any] = dict(history[-1]) if history else {}
     for h in history:  # the random-init k-NN from the in-training eval rides on epoch 0
-        metrics.update({k: v for k, v in h.items() if k.startswith("knn_init")})
+        metrics.update({k: v for k, v in h.items() if k.startswith(("knn_init", "knn_pixels"))})
 
     if cfg.eval.at_end and ckpt_path and not _evaluated_in_loop(history):
         from pipeline.evaluate.knn_eval import evaluate_knn
