@@ -211,25 +211,36 @@ def _newest_step(s3, name) -> int:
     return max(steps, default=0)
 
 
-def test_a_train_node_lost_mid_run_resumes_from_the_last_s3_checkpoint(
-        cluster, s3, corpus, tmp_path, monkeypatch, capsys):
-    """The train node's raylet dies after the first checkpoint; an autoscaler (here: the test)
-    brings up another train node; the job resumes from S3 and finishes, losing under an epoch."""
-    cfg = _job_config(tmp_path, corpus, "nodefault", train__epochs=4, train__max_failures=3,
+def _run_until_first_checkpoint(cluster, s3, corpus, tmp_path, monkeypatch, capsys, name):
+    """Submit a 4-epoch run without waiting; return its job id and step once a checkpoint is in
+    the bucket (the moment a fault is injected)."""
+    cfg = _job_config(tmp_path, corpus, name, train__epochs=4, train__max_failures=3,
                       eval__every_epochs=0)
     rc, out, sid, _ = _submit(cluster, monkeypatch, capsys, "train", "--config", str(cfg),
                               "--no-wait")
     assert rc == 0, out
-    _wait_for(lambda: _newest_step(s3, "nodefault") >= 2 or _job_status(cluster, sid)
+    _wait_for(lambda: _newest_step(s3, name) >= 2 or _job_status(cluster, sid)
               in ("FAILED", "STOPPED"), 600, "first checkpoint")
     assert _job_status(cluster, sid) == "RUNNING"
-    step_at_kill = _newest_step(s3, "nodefault")
+    return sid, _newest_step(s3, name)
+
+
+def _wait_for_end(cluster, sid) -> str:
+    return _wait_for(lambda: (s := _job_status(cluster, sid)) in
+                     ("SUCCEEDED", "FAILED", "STOPPED") and s, 900, "end of the job")
+
+
+def test_a_train_node_lost_mid_run_resumes_from_the_last_s3_checkpoint(
+        cluster, s3, corpus, tmp_path, monkeypatch, capsys):
+    """The train node's raylet dies after the first checkpoint; an autoscaler (here: the test)
+    brings up another train node; the job resumes from S3 and finishes, losing under an epoch."""
+    sid, step_at_kill = _run_until_first_checkpoint(cluster, s3, corpus, tmp_path, monkeypatch,
+                                                    capsys, "nodefault")
     t_kill = time.monotonic()
     victim = next(n for n in cluster.nodes if n.startswith("train"))
     cluster.kill_node(victim)
     cluster.add_node("train", 2)  # what the autoscaler does for the pending workers
-    status = _wait_for(lambda: (s := _job_status(cluster, sid)) in
-                       ("SUCCEEDED", "FAILED", "STOPPED") and s, 900, "end of the job")
+    status = _wait_for_end(cluster, sid)
     recovered_s = time.monotonic() - t_kill
     logs = _job_logs(cluster, sid)
     assert status == "SUCCEEDED", logs[-6000:]
@@ -284,22 +295,14 @@ def test_ctrl_c_on_submit_stops_the_job_and_a_resubmission_resumes(
 
 def test_a_data_node_lost_mid_run_and_the_stream_resumes_when_one_returns(
         cluster, s3, corpus, tmp_path, monkeypatch, capsys):
-    cfg = _job_config(tmp_path, corpus, "datafault", train__epochs=4, train__max_failures=3,
-                      eval__every_epochs=0)
-    rc, out, sid, _ = _submit(cluster, monkeypatch, capsys, "train", "--config", str(cfg),
-                              "--no-wait")
-    assert rc == 0, out
-    _wait_for(lambda: _newest_step(s3, "datafault") >= 2 or _job_status(cluster, sid)
-              in ("FAILED", "STOPPED"), 600, "first checkpoint")
-    assert _job_status(cluster, sid) == "RUNNING"
-    step_at_kill = _newest_step(s3, "datafault")
+    sid, step_at_kill = _run_until_first_checkpoint(cluster, s3, corpus, tmp_path, monkeypatch,
+                                                    capsys, "datafault")
     t_kill = time.monotonic()
     victim = next(n for n in cluster.nodes if n.startswith("data"))
     cluster.kill_node(victim)
     time.sleep(5)  # the stream is without a data node for a while
     cluster.add_node("data", 2)
-    status = _wait_for(lambda: (s := _job_status(cluster, sid)) in
-                       ("SUCCEEDED", "FAILED", "STOPPED") and s, 900, "end of the job")
+    status = _wait_for_end(cluster, sid)
     logs = _job_logs(cluster, sid)
     assert status == "SUCCEEDED", logs[-6000:]
     assert _newest_step(s3, "datafault") == 8
