@@ -10,6 +10,63 @@ import torch
 import torch.nn.functional as F
 
 
+class NeighbourVotes:
+    """The k_max nearest bank neighbours of a fixed query set, fed the bank chunk by chunk.
+
+    Memory is O(queries x k_max + chunk) whatever the bank size: a 1.28M-image bank never has to
+    sit in one process. ``add`` keeps, per query, the best ``k_max`` cosine similarities seen so
+    far and their labels; ``classify`` turns them into weighted votes.
+
+    query_features: (Q, D); bank chunks: (B, D) features and (B,) labels.
+    """
+
+    def __init__(self, query_features: torch.Tensor, k_max: int) -> None:
+        self.query = F.normalize(query_features.float(), dim=1)
+        self.k_max = int(k_max)
+        n = self.query.shape[0]
+        self.sims = torch.full((n, 0), float("-inf"))
+        self.labels = torch.zeros((n, 0), dtype=torch.long)
+        self.bank_size = 0
+
+    @torch.no_grad()
+    def add(self, bank_features: torch.Tensor, bank_labels: torch.Tensor, chunk: int = 1024) -> None:
+        bank = F.normalize(bank_features.float(), dim=1)
+        labels = bank_labels.long()
+        self.bank_size += bank.shape[0]
+        for start in range(0, self.query.shape[0], chunk):
+            q = self.query[start:start + chunk]
+            sims = torch.cat([self.sims[start:start + chunk], q @ bank.T], dim=1)
+            lab = torch.cat([self.labels[start:start + chunk],
+                             labels[None, :].expand(q.shape[0], -1)], dim=1)
+            k = min(self.k_max, sims.shape[1])
+            top, idx = sims.topk(k, dim=1)
+            if start == 0:
+                new_sims = torch.empty((self.query.shape[0], k))
+                new_labels = torch.empty((self.query.shape[0], k), dtype=torch.long)
+            new_sims[start:start + chunk] = top
+            new_labels[start:start + chunk] = lab.gather(1, idx)
+        self.sims, self.labels = new_sims, new_labels
+
+    @torch.no_grad()
+    def classify(self, query_labels: torch.Tensor, *, ks, temperature: float,
+                 num_classes: int | None = None) -> dict[int, tuple[float, float]]:
+        """``{k: (top1, top5)}`` in percent for each k (capped at the bank size)."""
+        if self.bank_size == 0 or self.query.shape[0] == 0:
+            raise ValueError("k-NN needs a non-empty bank and query set")
+        targets = query_labels.long()
+        n_classes = int(num_classes or int(max(self.labels.max(), targets.max())) + 1)
+        weights = (self.sims / temperature).exp()
+        out = {}
+        for k in ks:
+            kk = min(k, self.sims.shape[1])
+            scores = torch.zeros(targets.shape[0], n_classes)
+            scores.scatter_add_(1, self.labels[:, :kk], weights[:, :kk])
+            hits = scores.argsort(dim=1, descending=True) == targets[:, None]
+            out[k] = (100.0 * float(hits[:, :1].sum()) / targets.shape[0],
+                      100.0 * float(hits[:, :min(5, n_classes)].sum()) / targets.shape[0])
+        return out
+
+
 @torch.no_grad()
 def knn_classify(
     bank_features: torch.Tensor,
@@ -25,26 +82,9 @@ def knn_classify(
     """Return ``{k: (top1, top5)}`` in percent for each k (capped at the bank size)."""
     if bank_features.shape[0] == 0 or query_features.shape[0] == 0:
         raise ValueError("k-NN needs a non-empty bank and query set")
-    bank = F.normalize(bank_features.float(), dim=1)
-    query = F.normalize(query_features.float(), dim=1)
-    bank_labels = bank_labels.long()
-    query_labels = query_labels.long()
     n_classes = int(num_classes or int(max(bank_labels.max(), query_labels.max())) + 1)
-    k_max = min(max(ks), bank.shape[0])
-    correct = {k: [0, 0] for k in ks}
-    for start in range(0, query.shape[0], chunk):
-        q = query[start:start + chunk]
-        targets = query_labels[start:start + chunk]
-        sims, idx = (q @ bank.T).topk(k_max, dim=1)
-        votes_labels = bank_labels[idx]
-        weights = (sims / temperature).exp()
-        for k in ks:
-            kk = min(k, k_max)
-            scores = torch.zeros(q.shape[0], n_classes, device=q.device)
-            scores.scatter_add_(1, votes_labels[:, :kk], weights[:, :kk])
-            ranked = scores.argsort(dim=1, descending=True)
-            hits = ranked == targets[:, None]
-            correct[k][0] += int(hits[:, :1].sum())
-            correct[k][1] += int(hits[:, :min(5, n_classes)].sum())
-    n = query.shape[0]
-    return {k: (100.0 * c1 / n, 100.0 * c5 / n) for k, (c1, c5) in correct.items()}
+    votes = NeighbourVotes(query_features, max(ks))
+    for start in range(0, bank_features.shape[0], 8 * chunk):
+        votes.add(bank_features[start:start + 8 * chunk], bank_labels[start:start + 8 * chunk],
+                  chunk=chunk)
+    return votes.classify(query_labels, ks=ks, temperature=temperature, num_classes=n_classes)

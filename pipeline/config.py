@@ -168,7 +168,11 @@ class EvalConfig(Section):
     temperature: float = Field(0.07, gt=0)
     resize: int | None = Field(None, ge=1, description="shorter side before centre crop (default: global_size*8/7)")
     batch_size: int = Field(256, ge=1)
-    limit: int | None = Field(None, ge=1)
+    limit: int | None = Field(None, ge=1, description="images listed per eval set (spread "
+                              "evenly over classes, seeded); None = all")
+    in_training_limit: int = Field(
+        10_000, ge=1, description="images listed for the in-training k-NN (spread evenly over "
+        "classes): rank 0 holds them in memory, so this bounds it at any corpus size")
     at_end: bool = Field(True, description="k-NN of the final teacher (and random init) after training")
     num_actors: int = Field(1, ge=1, description="actor pool size of the feature batch inference")
 

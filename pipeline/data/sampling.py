@@ -27,9 +27,12 @@ LIMIT_SEED = 0  # fixed: the same corpus and limit always give the same images
 
 
 def _rank(key: str, seed: int) -> int:
-    """Process-independent 64-bit hash (Python's ``hash`` is salted per process)."""
-    return int.from_bytes(hashlib.blake2b(f"{seed}:{key}".encode(), digest_size=8).digest(),
-                          "little")
+    """Process-independent 64-bit hash (Python's ``hash`` is salted per process). Salted with
+    ``limit:``: the bank/val split hashes ``{seed}:{key}``, and the same hash here would make a
+    limited listing all validation images (the smallest hashes are both what a limit keeps and
+    what the split sends to val)."""
+    return int.from_bytes(hashlib.blake2b(f"limit:{seed}:{key}".encode(),
+                                          digest_size=8).digest(), "little")
 
 
 def local_key(path: str) -> str:

@@ -67,6 +67,12 @@ def knn_metrics(bank_feats: torch.Tensor, bank_labels, val_feats: torch.Tensor, 
     res = knn_classify(bank_feats, torch.as_tensor(np.asarray(bank_labels)), val_feats,
                        torch.as_tensor(np.asarray(val_labels)), ks=tuple(all_ks),
                        temperature=temperature)
+    return knn_figures(res, prefix, headline_k)
+
+
+def knn_figures(res: dict[int, tuple[float, float]], prefix: str,
+                headline_k: int) -> dict[str, float]:
+    """``{k: (top1, top5)}`` -> the metric names of ``knn_metrics``."""
     out: dict[str, float] = {}
     for k, (top1, top5) in res.items():
         out[f"{prefix}_top1_k{k}"] = top1

@@ -76,7 +76,8 @@ def materialize_for_training(cfg_dict: dict) -> dict[str, np.ndarray] | None:
     carries no labels. Run as a Ray task (``materialize_task``) so it overlaps the start of the
     worker group instead of delaying it."""
     cfg = DinoConfig.from_dict(cfg_dict)
-    sets = build_eval_sets(cfg)
+    limit = min(cfg.eval.limit or cfg.eval.in_training_limit, cfg.eval.in_training_limit)
+    sets = build_eval_sets(cfg.with_overrides({"eval.limit": limit}))  # bounded, class-balanced
     if sets is None:
         return None
     bank_x, bank_y = materialize(sets.bank)
@@ -192,6 +193,12 @@ def evaluate_knn(cfg: DinoConfig, checkpoint_path: str | None, *, sets: EvalSets
     sets = sets or build_eval_sets(cfg)
     if sets is None:
         return {}
+    if not linear:  # the bank streams through: memory flat in its size
+        out = knn_streamed(sets, cfg, checkpoint_path, include_random_init, include_pixels)
+        if "knn_top1" in out and "knn_init_top1" in out:
+            out["knn_gain_top1"] = out["knn_top1"] - out["knn_init_top1"]
+        return out
+    # the linear probe fits on every bank feature: it holds them (bound the bank with eval.limit)
     # the probe reads other features than the k-NN only with DINO's options; else it reuses them
     probe = ({"n_last_blocks": n_last_blocks, "avgpool": avgpool}
              if linear and (n_last_blocks != 1 or avgpool) else None)
@@ -221,6 +228,68 @@ def evaluate_knn(cfg: DinoConfig, checkpoint_path: str | None, *, sets: EvalSets
         out["linear_n_last_blocks"], out["linear_avgpool"] = int(n_last_blocks), int(avgpool)
         if "linear_top1" in out and "linear_init_top1" in out:
             out["linear_gain_top1"] = out["linear_top1"] - out["linear_init_top1"]
+    return out
+
+
+def knn_streamed(sets: EvalSets, cfg: DinoConfig, checkpoint_path: str | None,
+                 include_random_init: bool, include_pixels: bool) -> dict[str, Any]:
+    """k-NN figures without gathering the bank: one Ray Data pass, val rows first (kept: the
+    queries), then the bank in batches folded into ``NeighbourVotes`` (k_max best neighbours per
+    query). The driver holds val features + val x k_max votes + one batch, whatever the bank
+    size (a 50k-image bank and a 1.28M-image bank cost the same)."""
+    from dino_model.knn import NeighbourVotes
+    from pipeline.evaluate.features import knn_figures
+
+    e = cfg.eval
+    ks = sorted(set(int(k) for k in e.k) | {int(e.headline_k)})
+    ds = sets.val.map_batches(_tag, fn_kwargs={"split": 1}, batch_format="numpy").union(
+        sets.bank.map_batches(_tag, fn_kwargs={"split": 0}, batch_format="numpy"))
+    ds.context.execution_options.preserve_order = True  # every val row before any bank row
+    use_gpu = eval_on_gpu(cfg)
+    out_ds = ds.map_batches(
+        EmbedBatch,
+        fn_constructor_kwargs={"cfg": cfg.model_dump(mode="json"),
+                               "checkpoint_path": checkpoint_path,
+                               "include_random_init": include_random_init,
+                               "batch_size": e.batch_size, "include_pixels": include_pixels},
+        batch_size=e.batch_size, batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=e.num_actors),
+        num_cpus=0 if use_gpu else 1, num_gpus=1 if use_gpu else 0)
+
+    def feats(name: str, x: np.ndarray) -> torch.Tensor:
+        return pixel_features(x) if name == "knn_pixels" else torch.from_numpy(x)
+
+    val_parts: dict[str, list] = {}
+    votes: dict[str, NeighbourVotes] = {}
+    for b in out_ds.iter_batches(batch_size=1024, batch_format="numpy"):
+        is_val = b["split"] == 1
+        names = [k[len("feat_"):] for k in b if k.startswith("feat_")]
+        if is_val.any():
+            if votes:
+                raise RuntimeError("evaluation rows arrived out of order (val after bank)")
+            for name in names:
+                val_parts.setdefault(name, []).append(b[f"feat_{name}"][is_val])
+            val_parts.setdefault("label", []).append(b["label"][is_val])
+        if (~is_val).any():
+            if not votes:
+                if not val_parts:
+                    raise ValueError("empty validation set")
+                votes = {name: NeighbourVotes(feats(name, np.concatenate(val_parts[name])),
+                                              max(ks)) for name in names}
+            for name in names:
+                votes[name].add(feats(name, b[f"feat_{name}"][~is_val]),
+                                torch.from_numpy(b["label"][~is_val]))
+    if not votes:
+        raise ValueError("empty evaluation set (no bank images)")
+    val_labels = torch.from_numpy(np.concatenate(val_parts["label"]))
+    n_classes = int(max(max(int(v.labels.max()) for v in votes.values()),
+                        int(val_labels.max()))) + 1
+    out: dict[str, Any] = {}
+    for name, v in votes.items():
+        res = v.classify(val_labels, ks=ks, temperature=e.temperature, num_classes=n_classes)
+        out.update(knn_figures(res, name, e.headline_k))
+        out[f"{name}_bank_size"] = int(v.bank_size)
+        out[f"{name}_val_size"] = int(len(val_labels))
     return out
 
 
