@@ -25,5 +25,7 @@ def test_demo_runs_end_to_end(ray_session, tmp_path, capsys):
     metrics = runs[0].data.metrics
     assert "knn_top1" in metrics and "knn_init_top1" in metrics and "epoch_loss" in metrics
     assert "knn_pixels_top1" in metrics
+    artifacts = {a.path for a in client.list_artifacts(runs[0].info.run_id, "attention")}
+    assert artifacts == {"attention/epoch_0000.png"}  # CLS attention per head, drawn on rank 0
     versions = client.search_model_versions("name='dino-teacher-demo'")
     assert len(versions) == 1

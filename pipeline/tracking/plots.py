@@ -12,7 +12,8 @@ def plot_training(steps: list[dict], epochs: list[dict], knn: dict[str, float], 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    curve = [e for e in epochs if "knn_top1" in e]
+    fig, axes = plt.subplots(1, 3 if curve else 2, figsize=(16 if curve else 11, 4))
     ax = axes[0]
     if steps:
         ax.plot([s["step"] for s in steps], [s["loss"] for s in steps], label="loss (step)",
@@ -37,8 +38,45 @@ def plot_training(steps: list[dict], epochs: list[dict], knn: dict[str, float], 
         ax.set_ylabel("top-1 (%)")
         ax.legend()
     ax.set_title("k-NN top-1")
+    if curve:  # the k-NN curve over epochs, against the two baselines
+        ax = axes[2]
+        ax.plot([e["epoch"] for e in curve], [e["knn_top1"] for e in curve], "o-",
+                label="trained teacher")
+        for key, label in (("knn_init_top1", "random init"), ("knn_pixels_top1", "raw pixels")):
+            if key in knn:
+                ax.axhline(knn[key], linestyle="--", color="grey" if "init" in key else "black",
+                           label=label)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("k-NN top-1 (%)")
+        ax.set_title("k-NN during training")
+        ax.legend()
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def plot_attention(images, maps, path: str | Path) -> Path:
+    """images: (N, S, S, 3) uint8; maps: (N, heads, h, w) -> one row per image: the image, then
+    the last block's CLS attention of each head (as the official ``visualize_attention.py``)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n, heads = maps.shape[0], maps.shape[1]
+    fig, axes = plt.subplots(n, heads + 1, figsize=(1.6 * (heads + 1), 1.6 * n), squeeze=False)
+    for i in range(n):
+        axes[i][0].imshow(images[i])
+        for h in range(heads):
+            axes[i][h + 1].imshow(maps[i, h], cmap="inferno")
+            if i == 0:
+                axes[i][h + 1].set_title(f"head {h}", fontsize=8)
+        for ax in axes[i]:
+            ax.axis("off")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=80)
     plt.close(fig)
     return path

@@ -243,6 +243,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     summary.update(pixel_knn_metrics(eval_data, cfg))  # the raw-pixel baseline
                     init_knn_pending = False
                 summary.update(_knn_rank0(teacher.backbone, eval_data, cfg, device, prefix="knn"))
+                _send_attention(config.get("metrics_queue"), teacher.backbone, eval_data,
+                                device, epoch)
         want_ckpt = meter.steps > 0 and (last or (finished_epoch and
                                                   (epoch + 1) % tc.checkpoint_every_epochs == 0))
         _report_epoch(summary, want_ckpt, rank, cfg, student, teacher, loss_fn, optimizer,
@@ -378,6 +380,32 @@ def _report_epoch(summary, want_ckpt, rank, cfg, student, teacher, loss_fn, opti
                              checkpoint_dir_name=f"checkpoint_step_{global_step:08d}")
     else:
         ray.train.report(summary)
+
+
+ATTENTION_IMAGES = 4  # the first validation images, the same at every evaluation
+
+
+def _send_attention(q, backbone, eval_data: dict, device, epoch: int) -> None:
+    """The last block's CLS attention per head for a few fixed validation images, drawn as a PNG
+    and sent to the driver (which logs it to MLflow as ``attention/epoch_NNNN.png``). ViTs only;
+    never stops training."""
+    if q is None or not hasattr(backbone, "blocks"):
+        return
+    try:
+        import tempfile
+
+        from dino_model.attention import cls_attention_maps
+        from pipeline.tracking.plots import plot_attention
+
+        images = eval_data["val_images"][:ATTENTION_IMAGES]
+        maps = cls_attention_maps(backbone, normalize_uint8(torch.as_tensor(images), device))
+        with tempfile.TemporaryDirectory() as d:
+            path = plot_attention(images, maps.float().cpu().numpy(), f"{d}/attention.png")
+            data = path.read_bytes()
+        q.put_nowait({"kind": "artifact", "name": f"epoch_{epoch:04d}.png",
+                      "artifact_path": "attention", "data": data})
+    except Exception as exc:  # noqa: BLE001 - a picture never stops training
+        log.warning("attention maps skipped: %s", exc)
 
 
 def _fetch_eval_data(ref) -> dict | None:

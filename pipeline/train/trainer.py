@@ -322,6 +322,9 @@ def _launch_and_collect(cfg: DinoConfig, run: _Run, tracker, on_epoch_metrics, o
     seen_epochs: set[tuple] = set()
 
     def _handle(m: dict) -> None:
+        if m.get("kind") == "artifact":  # e.g. the attention maps drawn on rank 0
+            _log_bytes(tracker, m["data"], m["name"], m.get("artifact_path"))
+            return
         if m.get("checkpoint_path"):
             last_ckpt[0] = m["checkpoint_path"]
         kind = m.get("kind")
@@ -531,6 +534,15 @@ def _log_epoch(m: dict) -> None:
                 100 * m.get("epoch_sync_fraction", 0.0), 100 * m.get("epoch_report_fraction", 0.0),
                 100 * m.get("epoch_agree_fraction", 0.0),
                 f", k-NN top-1 {m['knn_top1']:.2f}" if "knn_top1" in m else "")
+
+
+def _log_bytes(tracker, data: bytes, name: str, artifact_path: str | None) -> None:
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / name
+        path.write_bytes(data)
+        tracker.log_artifact(path, artifact_path)
 
 
 def _log_plot(tracker, steps, history, metrics) -> None:
