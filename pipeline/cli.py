@@ -43,6 +43,8 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except _user_errors() as exc:  # the project's own errors: one line, never a traceback
         message = str(exc).strip().replace("\n", " | ")
+        if len(message) > 400:  # e.g. MLflow's connection errors carry the whole URL and stack
+            message = message[:400] + " ..."
         print(f"dino-ray {args.verb}: {type(exc).__name__}: {message}", file=sys.stderr)
         return 2 if isinstance(exc, ValueError) else 1
 

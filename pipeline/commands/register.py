@@ -73,7 +73,11 @@ def run(args: argparse.Namespace) -> int:
             print(f"register: run {args.run_name!r} has no checkpoint under "
                   f"{base.train.storage_path}", file=sys.stderr)
             return 1
-    from pipeline.train.checkpoint import load_teacher_backbone, read_meta
+    from pipeline.train.checkpoint import load_teacher_backbone, read_meta, read_run_file
+
+    if read_run_file(checkpoint, "config.yaml") is None:
+        print(f"register: no checkpoint at {checkpoint} (no config.yaml there)", file=sys.stderr)
+        return 2
 
     backbone, ckpt_cfg = load_teacher_backbone(checkpoint)
     if not metrics:

@@ -99,7 +99,9 @@ class DinoBackbonePyfunc(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
         self.model = load_package(Path(context.artifacts["arch"]).parent)
 
-    def predict(self, context, model_input, params=None):  # noqa: ARG002 - pyfunc signature
+    # the ndarray hint: MLflow infers no schema from it (the signature is given explicitly when
+    # the model is logged: any batch, any size) and stops warning that predict has no hints
+    def predict(self, context, model_input: np.ndarray, params=None):  # noqa: ARG002
         if isinstance(model_input, dict):  # a named tensor input arrives as {name: array}
             (model_input,) = model_input.values()
         x = torch.as_tensor(np.asarray(model_input, dtype=np.float32))
