@@ -143,6 +143,10 @@ class _Run:
     start_step: int
     eval_ref: Any = None
     new_tracking_run: bool = False  # continued with a changed config: a new MLflow run
+    # what one Train worker asks for, fixed at plan time: a retry after the train node died must
+    # still ask for the `train` role (asked afresh, with no train node alive at that moment, the
+    # workers landed on the data node and took the CPUs the crop actor needed: a deadlock)
+    worker_resources: dict = field(default_factory=dict)
 
 
 def _rerun_policy(cfg: DinoConfig) -> tuple[DinoConfig, bool]:
@@ -190,7 +194,8 @@ def _plan(cfg: DinoConfig, view, train_data, corpus=None) -> _Run:
         data_bundle["data"] = data_bundle["CPU"]
     request_nodes([train_worker_bundle(cfg, view)] * tc.num_workers
                   + [data_bundle] * (plan.num_actors if plan else cfg.data.num_actors), view)
-    run = _Run(storage, rdir, train_data, plan, ipe, start_step)
+    worker = {k: v for k, v in train_worker_bundle(cfg, view).items() if k != "GPU"}
+    run = _Run(storage, rdir, train_data, plan, ipe, start_step, worker_resources=worker)
     if cfg.eval.every_epochs:  # the eval images are read by a Ray task while the workers start
         from pipeline.evaluate.knn_eval import materialize_task
 
@@ -275,7 +280,6 @@ def _build_trainer(cfg: DinoConfig, run: _Run, q, callbacks, control=None):
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from pipeline.ray_runtime import role_resources
     from pipeline.train.loop import train_loop_per_worker
 
     tc = cfg.train
@@ -283,7 +287,7 @@ def _build_trainer(cfg: DinoConfig, run: _Run, q, callbacks, control=None):
     ingest.preserve_order = tc.deterministic_data
     if run.plan is not None:
         ingest.resource_limits = run.plan.resource_limits()
-    resources = {"CPU": tc.cpus_per_worker, **role_resources("train", 1)}
+    resources = run.worker_resources or {"CPU": tc.cpus_per_worker}
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": cfg.model_dump(mode="json"), "train_data": run.train_data,
