@@ -28,6 +28,7 @@ import torch
 import torch.nn as nn
 
 from pipeline.config import DinoConfig
+from pipeline.data.sources import resolve_filesystem
 
 STATE_FILE = "state.pt"
 CONFIG_FILE = "config.yaml"
@@ -144,18 +145,10 @@ def checkpoint_uri(checkpoint) -> str:
     return path
 
 
-def _fs_path(uri_or_path: str):
-    import pyarrow.fs as pafs
-
-    if "://" in uri_or_path:
-        return pafs.FileSystem.from_uri(uri_or_path)
-    return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(uri_or_path))
-
-
 def read_run_file(run_directory: str, name: str) -> str | None:
     """A small text file of the run directory (local or s3://, gs://...), None when absent."""
     try:
-        fs, base = _fs_path(run_directory)
+        fs, base = resolve_filesystem(run_directory)
         with fs.open_input_stream(base.rstrip("/") + "/" + name) as f:
             return f.read().decode()
     except (FileNotFoundError, OSError):
@@ -164,7 +157,7 @@ def read_run_file(run_directory: str, name: str) -> str | None:
 
 def write_run_file(run_directory: str, name: str, text: str) -> None:
     """Write a small text file into the run directory (created if needed)."""
-    fs, base = _fs_path(run_directory)
+    fs, base = resolve_filesystem(run_directory)
     fs.create_dir(base, recursive=True)
     with fs.open_output_stream(base.rstrip("/") + "/" + name) as f:
         f.write(text.encode())

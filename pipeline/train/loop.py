@@ -332,15 +332,6 @@ def _check_data_quality(td, cfg: DinoConfig, *, steps: int) -> None:
     check_skip_share(stats, cfg.data.max_skip_fraction, steps=steps if steps == 0 else None)
 
 
-def _any_rank(flag: bool) -> bool:
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0],
-                     device="cuda" if dist.get_backend() == "nccl" else "cpu")
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item() > 0)
-
-
 def _mean_over_ranks(values: dict[str, float]) -> dict[str, float]:
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return dict(values)
