@@ -32,7 +32,7 @@ def main() -> int:
     ap.add_argument("--config", default=str(Path(__file__).resolve().parents[1] / "configs/cifar10.yaml"))
     ap.add_argument("--workdir", default=".dino-ray/bench-cifar10")
     ap.add_argument("--train", help="train split (default: the config's data.path)")
-    ap.add_argument("--test", help="test split (default: the config's eval.val_path)")
+    ap.add_argument("--test", help="test split (default: the config's eval.test_path)")
     ap.add_argument("--no-linear", action="store_true", help="skip the linear probe")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
@@ -44,12 +44,19 @@ def main() -> int:
     work = Path(args.workdir).resolve()
     work.mkdir(parents=True, exist_ok=True)
     name = f"bench-{time.strftime('%Y%m%d-%H%M%S')}"
+    base = DinoConfig.load(args.config, args.overrides)
+    train = args.train or base.data.path
+    test = args.test or base.eval.test_path
+    if test is None:
+        ap.error("no test split: pass --test or set eval.test_path in the config")
+    # nothing is selected here, so SSL trains on the whole train split, the k-NN bank is the
+    # whole train split and the queries are the test split, reported once at the end
     cfg = DinoConfig.load(args.config, [
         f"train.max_wall_seconds={args.minutes * 60}", f"train.storage_path={work / 'runs'}",
         f"train.name={name}", f"tracking.tracking_uri=sqlite:///{work / 'mlflow.db'}",
-        "eval.every_epochs=0", "eval.at_end=true",
-        *([f"data.path={args.train}", f"eval.train_path={args.train}"] if args.train else []),
-        *([f"eval.val_path={args.test}"] if args.test else []), *args.overrides])
+        "eval.every_epochs=0", "eval.at_end=true", f"data.path={train}",
+        f"eval.train_path={train}", f"eval.val_path={test}", "eval.test_path=null",
+        *args.overrides])
     ensure_ray()
     t0 = time.monotonic()
     result = run_training(cfg, config_path=args.config)

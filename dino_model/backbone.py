@@ -40,11 +40,13 @@ def build_backbone(
     patch_size: int | None = None,
     drop_path_rate: float = 0.0,
     pretrained: bool = False,
+    cifar_stem: bool = False,
 ) -> nn.Module:
     """A timm backbone without classifier; ``module.embed_dim`` is the embedding width.
 
     ``patch_size`` overrides a ViT's patch (e.g. 4 for 32 px CIFAR-size crops); ``img_size`` sets
     the size the position embeddings are created for (other sizes are interpolated).
+    ``cifar_stem`` gives a ResNet the CIFAR stem (``use_cifar_stem``).
     """
     full = timm_name(name)
     if not is_known_backbone(full):
@@ -57,5 +59,26 @@ def build_backbone(
         if patch_size is not None:
             kwargs["patch_size"] = patch_size
     model = timm.create_model(full, **kwargs)
+    if cifar_stem:
+        use_cifar_stem(model)
     model.embed_dim = int(model.num_features)
+    return model
+
+
+def use_cifar_stem(model: nn.Module) -> nn.Module:
+    """Give a ResNet the CIFAR stem of the SSL literature: stride 1 and no max-pool (the ImageNet
+    stem, stride 2 + max-pool, hands 8 px of a 32 px image to the first block). A 7x7 stem
+    convolution becomes 3x3 stride 1; a deep stem (timm's ``*t``/``*d`` and ``test_resnet``: 3x3
+    convolutions) keeps its layers with its first stride set to 1. In place; the module is
+    returned. ``ValueError`` for other models."""
+    conv = getattr(model, "conv1", None)
+    if not hasattr(model, "maxpool") or not isinstance(conv, (nn.Conv2d, nn.Sequential)):
+        raise ValueError(f"model.cifar_stem: {type(model).__name__} has no ResNet stem "
+                         "(conv1 + maxpool) to replace")
+    if isinstance(conv, nn.Conv2d):
+        model.conv1 = nn.Conv2d(conv.in_channels, conv.out_channels, 3, 1, 1, bias=False)
+    else:
+        first = next(m for m in conv.modules() if isinstance(m, nn.Conv2d))
+        first.stride = (1, 1)
+    model.maxpool = nn.Identity()
     return model

@@ -21,11 +21,14 @@ def build_student_teacher(
     nlayers: int = 3,
     use_bn: bool = False,
     norm_last_layer: bool = True,
+    cifar_stem: bool = False,
 ) -> tuple[MultiCropWrapper, MultiCropWrapper]:
     """Student (trainable, stochastic depth) and teacher (same weights, no grad, no drop path)."""
     student_backbone = build_backbone(
-        arch, img_size=img_size, patch_size=patch_size, drop_path_rate=drop_path_rate)
-    teacher_backbone = build_backbone(arch, img_size=img_size, patch_size=patch_size)
+        arch, img_size=img_size, patch_size=patch_size, drop_path_rate=drop_path_rate,
+        cifar_stem=cifar_stem)
+    teacher_backbone = build_backbone(arch, img_size=img_size, patch_size=patch_size,
+                                      cifar_stem=cifar_stem)
     head_kwargs = dict(hidden_dim=hidden_dim, bottleneck_dim=bottleneck_dim, nlayers=nlayers,
                        use_bn=use_bn)
     student = MultiCropWrapper(

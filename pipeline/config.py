@@ -36,6 +36,9 @@ class DataConfig(Section):
     cpus_per_actor: float = Field(1.0, gt=0)
     map_batch_size: int = Field(32, ge=1, description="images per decode+crop call")
     shuffle_files: bool = True
+    shuffle_window: int = Field(
+        8, ge=1, description="Parquet: row groups (drawn at random across files every epoch) whose "
+        "rows one read task interleaves; a task holds this many groups' encoded bytes")
     local_shuffle_buffer: int = Field(0, ge=0, description="rows in the trainer-side shuffle buffer")
     limit: int | None = Field(
         None, ge=1, description="use N images spread evenly over the classes (seeded sample)")
@@ -87,6 +90,8 @@ class ModelConfig(Section):
 
     arch: str = "vit_small"
     patch_size: int | None = Field(16, ge=1, description="ViT patch size (None keeps timm's)")
+    cifar_stem: bool = Field(False, description="ResNets: a 3x3 stride-1 stem without max-pool "
+                             "(for 32 px images; the ImageNet stem leaves 8 px to the blocks)")
     drop_path_rate: float = Field(0.1, ge=0, lt=1)
     out_dim: int = Field(65536, ge=2, description="K, the number of prototypes")
     head_hidden_dim: int = Field(2048, ge=1)
@@ -160,6 +165,10 @@ class EvalConfig(Section):
     train_path: str | list[str] | None = None
     val_path: str | list[str] | None = None
     val_fraction: float = Field(0.2, gt=0, lt=1, description="split of data.path when val_path is unset")
+    test_path: str | list[str] | None = Field(
+        None, description="held-out test split, evaluated once at the end (bank: eval.train_path "
+        "or all of data.path) and reported as test_knn_*; never used to choose anything: sweeps "
+        "select on the validation split and report the best trial's test figure once")
     every_epochs: int = Field(0, ge=0, description="0 = only after training")
     k: list[int] = [10, 20, 100, 200]
     headline_k: int = Field(

@@ -27,7 +27,7 @@ def is_local_path(path: str) -> bool:
 
 
 def check_config(cfg: DinoConfig) -> None:
-    from dino_model.backbone import is_known_backbone
+    from dino_model.backbone import is_known_backbone, is_vit
     from dino_model.precision import PrecisionError, resolve_precision
 
     try:  # fp16 training needs a GPU (and its grad scaler)
@@ -37,18 +37,45 @@ def check_config(cfg: DinoConfig) -> None:
     if not is_known_backbone(cfg.model.arch):
         raise PreflightError(f"model.arch: unknown backbone {cfg.model.arch!r} (use vit_tiny, "
                              "vit_small, vit_base, resnet18, resnet50 or a timm model name)")
+    patch, a = cfg.model.patch_size, cfg.augment
+    if is_vit(cfg.model.arch) and patch:
+        for name, size in (("augment.global_size", a.global_size),
+                           ("augment.local_size", a.local_size if a.num_local else patch)):
+            if size % patch:
+                raise PreflightError(f"{name}={size} is not a multiple of model.patch_size="
+                                     f"{patch}: the ViT cannot cut it into patches")
+    if cfg.model.cifar_stem and is_vit(cfg.model.arch):
+        raise PreflightError(f"model.cifar_stem: {cfg.model.arch!r} is a ViT, the CIFAR stem is "
+                             "for ResNets (set model.patch_size for small images instead)")
 
 
 def local_path_fields(cfg: DinoConfig) -> list[tuple[str, str]]:
     """``(field, path)`` for every path the workers of a run read or write that is local."""
     found: list[tuple[str, str]] = []
     candidates = [("train.storage_path", cfg.train.storage_path), ("data.path", cfg.data.path),
-                  ("eval.train_path", cfg.eval.train_path), ("eval.val_path", cfg.eval.val_path)]
+                  ("eval.train_path", cfg.eval.train_path), ("eval.val_path", cfg.eval.val_path),
+                  ("eval.test_path", cfg.eval.test_path)]
     for name, value in candidates:
         for path in ([value] if isinstance(value, str) else list(value or [])):
             if is_local_path(path):
                 found.append((name, path))
     return found
+
+
+def absolute_local_paths(cfg: DinoConfig) -> DinoConfig:
+    """A copy whose relative local paths are absolute (against this process's working directory):
+    for processes that run elsewhere on this machine, like Tune trials, which start in their own
+    trial directory. URIs, absolute paths and ``demo`` are kept."""
+    import os
+
+    updates: dict[str, object] = {}
+    for name, _ in local_path_fields(cfg):
+        section, field = name.split(".")
+        value = getattr(getattr(cfg, section), field)
+        fix = (lambda p: p if p == "demo" or not is_local_path(p) or os.path.isabs(p)
+               else os.path.abspath(p))
+        updates[name] = fix(value) if isinstance(value, str) else [fix(p) for p in value]
+    return cfg.with_overrides(updates) if updates else cfg
 
 
 def check_shared_paths(cfg: DinoConfig, view: ClusterView,

@@ -88,9 +88,11 @@ def write(path: Path, data: bytes) -> Path:
 
 
 def write_parquet(root: Path, n_files: int = 2, rows: int = 10, row_group: int = 4,
-                  label: bool = True, extra: dict[str, bytes] | None = None) -> Path:
-    """Shards whose row ``k`` is a solid ``id_color(k)`` PNG (label ``k % 3``); ``extra`` rows
-    (name -> bytes, label 0) are appended to the last shard."""
+                  label: bool = True, extra: dict[str, bytes] | None = None,
+                  class_per_file: bool = False) -> Path:
+    """Shards whose row ``k`` is a solid ``id_color(k)`` PNG (label ``k % 3``, or the shard's
+    index with ``class_per_file``: class-sorted shards); ``extra`` rows (name -> bytes, label 0)
+    are appended to the last shard."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -102,7 +104,7 @@ def write_parquet(root: Path, n_files: int = 2, rows: int = 10, row_group: int =
             buf = io.BytesIO()
             Image.new("RGB", (8, 8), id_color(k + r)).save(buf, "PNG")
             images.append(buf.getvalue())
-            labels.append((k + r) % 3)
+            labels.append(f if class_per_file else (k + r) % 3)
         if f == n_files - 1 and extra:
             images += list(extra.values())
             labels += [0] * len(extra)

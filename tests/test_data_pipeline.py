@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import ray
 
@@ -159,6 +160,37 @@ def test_one_execution_streams_an_epoch_window_cut_to_rows_per_epoch(ray_session
     pq_rows = rows(pq_src.get_read_tasks(4))
     assert [e for e, _ in pq_rows] == [0] * 7 + [1] * 7
     assert len({k for e, k in pq_rows if e == 0}) == 7
+
+
+def test_parquet_rows_are_shuffled_across_row_groups_and_files(tmp_path):
+    """Class-sorted shards (one class per file, 4 row groups each): every read task interleaves
+    rows of several files, each epoch reads every row once in a new order, and the row sizes
+    Ray Data accounts for come from the Parquet footers."""
+    root = write_parquet(tmp_path / "sorted", n_files=6, rows=16, row_group=4, class_per_file=True)
+    corpus = list_corpus(str(root))
+    src = CorpusDatasource(corpus, seed=3, shuffle_window=8)
+    orders = []
+    for epoch in (0, 1):
+        src.fixed_epoch = epoch
+        tasks = src.get_read_tasks(4)
+        assert len(tasks) == 3  # 24 row groups / 8 per task
+        blocks = [b for t in tasks for b in t()]
+        labels = [b.column("label").to_numpy() for b in blocks]
+        for lab in labels:  # 32 rows of up to 8 groups: never one class, rarely sorted
+            assert len(set(lab[:8].tolist())) >= 2 and len(set(lab.tolist())) >= 3
+        keys = [k for b in blocks for k in b.column("key").to_pylist()]
+        assert sorted(keys) == sorted(f"{p}#{r}" for p in corpus.entries.column("path").unique()
+                                      .to_pylist() for r in range(16))
+        orders.append(keys)
+    assert orders[0] != orders[1]
+    # the key names the row: its colour is the row's global id
+    first = next(iter(CorpusDatasource(corpus, seed=3).get_read_tasks(1)[0]()))
+    assert first.num_rows == 32
+    encoded = sum(len(x) for x in pq.read_table(root, columns=["image"]).column("image").to_pylist())
+    assert 0.5 * encoded <= src.estimate_inmemory_data_size() <= 2 * encoded
+    # without shuffling a task is one row group, in file order (evaluation, embedding)
+    plain = CorpusDatasource(corpus, shuffle=False).get_read_tasks(4)
+    assert len(plain) == 24 and [b.num_rows for t in plain[:2] for b in t()] == [4, 4]
 
 
 def test_train_dataset_streams_several_epochs_in_one_iteration(ray_session, digits_dir):

@@ -74,3 +74,39 @@ def test_timm_test_vit_takes_the_patch_size():
     vit = build_backbone("test_vit", img_size=32, patch_size=4)
     assert vit.patch_embed.patch_size == (4, 4)
     assert vit(torch.randn(1, 3, 16, 16)).shape == (1, vit.embed_dim)
+
+
+def test_cifar_stem_keeps_resolution_and_rebuilds_from_the_registry_description():
+    """A ResNet with ``cifar_stem`` sees 32 px at full resolution in its first block (the
+    ImageNet stem divides it by 4); a ViT refuses the option; the registry rebuilds it."""
+    from pipeline.config import DinoConfig
+    from pipeline.preflight import PreflightError, check_config
+    from pipeline.registry.arch import build_verified, parse_arch
+    from pipeline.registry.register import arch_description
+
+    seen = {}
+    net = build_backbone("test_resnet", cifar_stem=True)
+    net.layer1.register_forward_hook(lambda m, i, o: seen.update(shape=tuple(o.shape)))
+    assert net(torch.randn(2, 3, 32, 32)).shape == (2, net.embed_dim)
+    assert seen["shape"][-2:] == (32, 32)
+    plain = build_backbone("test_resnet")
+    plain.layer1.register_forward_hook(lambda m, i, o: seen.update(shape=tuple(o.shape)))
+    plain(torch.randn(2, 3, 32, 32))
+    assert seen["shape"][-2:] == (8, 8)
+    with pytest.raises(PreflightError, match="model.cifar_stem"):
+        check_config(DinoConfig().with_overrides({"model.arch": "test_vit",
+                                                  "model.cifar_stem": True}))
+    cfg = DinoConfig().with_overrides({"model.arch": "test_resnet", "model.cifar_stem": True,
+                                       "augment.global_size": 32, "augment.local_size": 16})
+    spec = parse_arch(arch_description(cfg, net.embed_dim) | {"format": _format()})
+    from safetensors.torch import save
+
+    rebuilt = build_verified(spec, save(net.state_dict()))
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.allclose(rebuilt(x), net.eval()(x))
+
+
+def _format() -> str:
+    from pipeline.registry.package import FORMAT
+
+    return FORMAT

@@ -11,7 +11,7 @@ from live_services import shared_mlflow_server
 
 from pipeline.config import DinoConfig
 from pipeline.train.presets import tiny_config
-from pipeline.tune.sweep import concurrent_trials, param_space, trial_cpus
+from pipeline.tune.space import concurrent_trials, param_space, trial_cpus
 
 
 def test_concurrency_from_cluster_resources():

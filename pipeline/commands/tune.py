@@ -28,7 +28,7 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         cfg = DinoConfig.load(args.config, args.overrides)
-        from pipeline.tune.sweep import param_space
+        from pipeline.tune.space import param_space
 
         param_space(cfg)  # unknown search-space fields fail here
         from pipeline.data.dataset import list_data

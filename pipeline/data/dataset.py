@@ -154,7 +154,8 @@ def build_train_dataset(data: DataConfig, augment: AugmentConfig, seed: int = 0,
     num_actors = plan.num_actors if plan else data.num_actors
     cpus_per_actor = plan.cpus_per_actor if plan else data.cpus_per_actor
     source = CorpusDatasource(corpus, seed=seed, shuffle=data.shuffle_files, state=handle,
-                              rows_per_task=data.map_batch_size, indices=indices)
+                              rows_per_task=data.map_batch_size, indices=indices,
+                              shuffle_window=data.shuffle_window)
     ds = ray.data.read_datasource(source, num_cpus=plan.read_cpus if plan else READ_TASK_CPUS)
     data_nodes = role_resources("data", cpus_per_actor)  # pin actors to data nodes on a cluster
     placement = {"resources": data_nodes} if data_nodes else {}

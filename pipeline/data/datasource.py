@@ -8,7 +8,8 @@ actors need no state of their own. A window of several epochs is one execution: 
 start once and stream epoch after epoch.
 
 Rows carry no pixels: for image files a row is (path, label?, key, epoch) and the crop actor reads
-the bytes itself; for Parquet a read task reads one row group's encoded bytes (small) and labels.
+the bytes itself; for Parquet a read task reads a window of row groups' encoded bytes and labels and emits their
+rows interleaved in a seeded order.
 Full-resolution decoded images therefore never enter the object store.
 """
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
@@ -45,7 +47,7 @@ class CorpusDatasource(Datasource):
 
     def __init__(self, corpus: Corpus, seed: int = 0, shuffle: bool = True,
                  state=None, rows_per_task: int = 256, indices: np.ndarray | None = None,
-                 epoch: int = 0):
+                 epoch: int = 0, shuffle_window: int = 8):
         super().__init__()
         self.corpus = corpus
         self.seed = int(seed)
@@ -53,6 +55,7 @@ class CorpusDatasource(Datasource):
         self.state = state  # DataHandle or None (then ``epoch`` is fixed)
         self.rows_per_task = max(1, int(rows_per_task))
         self.fixed_epoch = epoch
+        self.shuffle_window = max(1, int(shuffle_window))  # row groups mixed per Parquet task
         # a subset of image indices (train/val split); None = all
         self.indices = None if indices is None else np.asarray(indices, np.int64)
 
@@ -62,7 +65,10 @@ class CorpusDatasource(Datasource):
     def estimate_inmemory_data_size(self) -> int | None:
         if self.corpus.kind == "files":
             return int(self.num_rows() * 100)
-        return int(self.corpus.entries.column("num_rows").to_numpy().sum() * 4096)
+        entries = self.corpus.entries
+        if "bytes" in entries.column_names:  # the encoded image bytes, from the Parquet footers
+            return int(entries.column("bytes").to_numpy().sum())
+        return int(entries.column("num_rows").to_numpy().sum() * 4096)
 
     def num_rows(self) -> int:
         return self.corpus.num_images if self.indices is None else int(self.indices.size)
@@ -101,10 +107,18 @@ class CorpusDatasource(Datasource):
         return tasks
 
     def _parquet_tasks(self, epoch: int, rows_per_epoch: int | None) -> list[ReadTask]:
+        """One read task per *window* of ``shuffle_window`` row groups drawn at random from all
+        files (a fresh draw every epoch); the task reads its groups and emits the union of their
+        rows in a seeded random order. Rows are thus permuted across row groups and files, not
+        only within them: with one class per shard, a window of 8 groups puts up to 8 classes in
+        every block where a group-by-group read gave one-class batches. Memory per task is the
+        window's encoded bytes (``bytes`` in the listing, from the Parquet footers)."""
         entries = self.corpus.entries
         paths = entries.column("path").to_pylist()
         groups = entries.column("row_group").to_pylist()
         counts = entries.column("num_rows").to_numpy()
+        unit_bytes = (entries.column("bytes").to_numpy() if "bytes" in entries.column_names
+                      else counts * 4096)
         # global row index of the first row of each unit (for the split and for stable keys)
         starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
         file_offsets: dict[str, int] = {}
@@ -116,27 +130,36 @@ class CorpusDatasource(Datasource):
         if self.indices is not None:
             wanted = np.zeros(int(counts.sum()), bool)
             wanted[self.indices] = True
+        window = self.shuffle_window if self.shuffle else 1
+        order = [u for u in epoch_order(len(paths), self.seed, epoch, self.shuffle)
+                 if wanted is None or wanted[starts[u]:starts[u] + counts[u]].any()]
         tasks = []
         budget = rows_per_epoch if rows_per_epoch is not None else int(counts.sum())
-        for u in epoch_order(len(paths), self.seed, epoch, self.shuffle):
+        for w in range(0, len(order), window):
             if budget <= 0:
                 break
-            n = int(counts[u])
-            rows = np.arange(n)
-            if wanted is not None:
-                rows = rows[wanted[starts[u]:starts[u] + n]]
-                if rows.size == 0:
-                    continue
-            if self.shuffle:
-                rows = rows[np.random.default_rng([self.seed & 0xFFFFFFFF, epoch, int(u)])
-                            .permutation(rows.size)]
-            rows = rows[:budget]
-            budget -= rows.size
-            meta = BlockMetadata(num_rows=int(rows.size), size_bytes=int(rows.size) * 4096,
-                                 input_files=[paths[u]], exec_stats=None)
+            units = []
+            for u in order[w:w + window]:
+                rows = np.arange(int(counts[u]))
+                if wanted is not None:
+                    rows = rows[wanted[starts[u]:starts[u] + counts[u]]]
+                units.append(_GroupRows(paths[u], groups[u], rows, int(unit_file_offset[u]),
+                                        int(unit_bytes[u] * rows.size / max(1, counts[u]))))
+            n = sum(g.rows.size for g in units)
+            if self.shuffle:  # positions in the window's concatenated rows, read in this order
+                take = np.random.default_rng(
+                    [self.seed & 0xFFFFFFFF, epoch, 0x5A1D, int(order[w])]).permutation(n)
+            else:
+                take = np.arange(n)
+            take = take[:budget]
+            budget -= take.size
+            meta = BlockMetadata(num_rows=int(take.size),
+                                 size_bytes=int(sum(g.size_bytes for g in units) * take.size
+                                                / max(1, n)),
+                                 input_files=sorted({g.path for g in units}), exec_stats=None)
             tasks.append(ReadTask(_ParquetUnit(
-                self.corpus.filesystem, paths[u], groups[u], rows, int(unit_file_offset[u]),
-                epoch, self.corpus.image_column, self.corpus.label_column), meta))
+                self.corpus.filesystem, units, take, epoch, self.corpus.image_column,
+                self.corpus.label_column), meta))
         return tasks
 
 
@@ -158,25 +181,39 @@ class _FileUnit:
         return [table]
 
 
-class _ParquetUnit:
-    """Read one row group: encoded bytes, label, a stable key ``path#row`` and the epoch."""
+@dataclass(frozen=True)
+class _GroupRows:
+    """The rows of one Parquet row group a read task takes (``rows``: positions in the group)."""
 
-    def __init__(self, fs, path: str, row_group: int, rows: np.ndarray, file_offset: int,
-                 epoch: int, image_column: str, label_column: str | None):
-        self.fs, self.path, self.row_group, self.rows = fs, path, row_group, rows
-        self.file_offset, self.epoch = file_offset, epoch
+    path: str
+    row_group: int
+    rows: np.ndarray
+    file_offset: int  # row index of the group's first row in its file (keys are ``path#row``)
+    size_bytes: int  # encoded bytes of those rows (from the footer)
+
+
+class _ParquetUnit:
+    """Read a window of row groups and emit their rows in the order ``take`` (positions in the
+    concatenation of the groups' rows): encoded bytes, label, stable key ``path#row``, epoch."""
+
+    def __init__(self, fs, units: list[_GroupRows], take: np.ndarray, epoch: int,
+                 image_column: str, label_column: str | None):
+        self.fs, self.units, self.take, self.epoch = fs, units, take, epoch
         self.image_column, self.label_column = image_column, label_column
 
     def __call__(self):
         cols = [self.image_column] + ([self.label_column] if self.label_column else [])
-        with self.fs.open_input_file(self.path) as f:
-            table = pq.ParquetFile(f).read_row_group(self.row_group, columns=cols)
-        table = table.take(pa.array(self.rows))
+        parts, keys = [], []
+        for g in self.units:
+            with self.fs.open_input_file(g.path) as f:
+                parts.append(pq.ParquetFile(f).read_row_group(g.row_group, columns=cols)
+                             .take(pa.array(g.rows)))
+            keys += [f"{g.path}#{g.file_offset + int(r)}" for r in g.rows]
+        table = pa.concat_tables(parts).take(pa.array(self.take))
         out = {
             "bytes": table.column(self.image_column).combine_chunks().cast(pa.large_binary()),
-            "key": pa.array([f"{self.path}#{self.file_offset + int(r)}" for r in self.rows],
-                            pa.string()),
-            "epoch": pa.array(np.full(len(self.rows), self.epoch, np.int64)),
+            "key": pa.array([keys[int(i)] for i in self.take], pa.string()),
+            "epoch": pa.array(np.full(len(self.take), self.epoch, np.int64)),
         }
         if self.label_column:
             out["label"] = pa.array(table.column(self.label_column).to_numpy().astype(np.int64))

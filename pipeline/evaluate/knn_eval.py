@@ -120,7 +120,9 @@ class EmbedBatch:
         self.probe = probe
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        out = {"label": np.asarray(batch["label"], np.int64), "split": batch["split"]}
+        out = {"label": np.asarray(batch["label"], np.int64)}
+        if "split" in batch:  # embed_sets tags bank (0) and val (1) rows of one pass
+            out["split"] = batch["split"]
         images = batch["image"]
         for suffix, backbone in self.backbones.items():
             kw = {"device": self.device, "batch_size": self.batch_size,
@@ -231,55 +233,67 @@ def evaluate_knn(cfg: DinoConfig, checkpoint_path: str | None, *, sets: EvalSets
     return out
 
 
+TEST_PREFIX = "test_"
+
+
+def evaluate_test_split(cfg: DinoConfig, checkpoint_path: str, *, linear: bool = False,
+                        include_random_init: bool = True) -> dict[str, Any]:
+    """The once-only report on ``eval.test_path``: the k-NN (and probe) figures of
+    ``evaluate_knn`` with the test split as queries and ``eval.train_path`` (else all of
+    ``data.path``) as the bank, every key prefixed ``test_`` (``test_knn_top1``, ...)."""
+    e = cfg.eval
+    if e.test_path is None:
+        raise ValueError("eval.test_path is not set")
+    test_cfg = cfg.with_overrides({"eval.val_path": e.test_path,
+                                   "eval.train_path": e.train_path or cfg.data.path})
+    figures = evaluate_knn(test_cfg, checkpoint_path, include_random_init=include_random_init,
+                           linear=linear)
+    return {f"{TEST_PREFIX}{k}": v for k, v in figures.items()}
+
+
 def knn_streamed(sets: EvalSets, cfg: DinoConfig, checkpoint_path: str | None,
                  include_random_init: bool, include_pixels: bool) -> dict[str, Any]:
-    """k-NN figures without gathering the bank: one Ray Data pass, val rows first (kept: the
-    queries), then the bank in batches folded into ``NeighbourVotes`` (k_max best neighbours per
-    query). The driver holds val features + val x k_max votes + one batch, whatever the bank
-    size (a 50k-image bank and a 1.28M-image bank cost the same)."""
+    """k-NN figures without gathering the bank: the val rows are embedded first (kept: the
+    queries), then the bank streams through in batches folded into ``NeighbourVotes`` (k_max
+    best neighbours per query). The driver holds val features + val x k_max votes + one batch,
+    whatever the bank size (a 50k-image bank and a 1.28M-image bank cost the same). Two passes,
+    not one ordered union: Ray Data does not promise the order of a union's rows, and a bank row
+    before the last val row cannot be folded."""
     from dino_model.knn import NeighbourVotes
     from pipeline.evaluate.features import knn_figures
 
     e = cfg.eval
     ks = sorted(set(int(k) for k in e.k) | {int(e.headline_k)})
-    ds = sets.val.map_batches(_tag, fn_kwargs={"split": 1}, batch_format="numpy").union(
-        sets.bank.map_batches(_tag, fn_kwargs={"split": 0}, batch_format="numpy"))
-    ds.context.execution_options.preserve_order = True  # every val row before any bank row
     use_gpu = eval_on_gpu(cfg)
-    out_ds = ds.map_batches(
-        EmbedBatch,
-        fn_constructor_kwargs={"cfg": cfg.model_dump(mode="json"),
-                               "checkpoint_path": checkpoint_path,
-                               "include_random_init": include_random_init,
-                               "batch_size": e.batch_size, "include_pixels": include_pixels},
-        batch_size=e.batch_size, batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=e.num_actors),
-        num_cpus=0 if use_gpu else 1, num_gpus=1 if use_gpu else 0)
+
+    def embedded(ds: ray.data.Dataset):
+        return ds.map_batches(
+            EmbedBatch,
+            fn_constructor_kwargs={"cfg": cfg.model_dump(mode="json"),
+                                   "checkpoint_path": checkpoint_path,
+                                   "include_random_init": include_random_init,
+                                   "batch_size": e.batch_size, "include_pixels": include_pixels},
+            batch_size=e.batch_size, batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(size=e.num_actors),
+            num_cpus=0 if use_gpu else 1, num_gpus=1 if use_gpu else 0,
+        ).iter_batches(batch_size=1024, batch_format="numpy")
 
     def feats(name: str, x: np.ndarray) -> torch.Tensor:
         return pixel_features(x) if name == "knn_pixels" else torch.from_numpy(x)
 
     val_parts: dict[str, list] = {}
-    votes: dict[str, NeighbourVotes] = {}
-    for b in out_ds.iter_batches(batch_size=1024, batch_format="numpy"):
-        is_val = b["split"] == 1
-        names = [k[len("feat_"):] for k in b if k.startswith("feat_")]
-        if is_val.any():
-            if votes:
-                raise RuntimeError("evaluation rows arrived out of order (val after bank)")
-            for name in names:
-                val_parts.setdefault(name, []).append(b[f"feat_{name}"][is_val])
-            val_parts.setdefault("label", []).append(b["label"][is_val])
-        if (~is_val).any():
-            if not votes:
-                if not val_parts:
-                    raise ValueError("empty validation set")
-                votes = {name: NeighbourVotes(feats(name, np.concatenate(val_parts[name])),
-                                              max(ks)) for name in names}
-            for name in names:
-                votes[name].add(feats(name, b[f"feat_{name}"][~is_val]),
-                                torch.from_numpy(b["label"][~is_val]))
-    if not votes:
+    for b in embedded(sets.val):
+        for name in (k[len("feat_"):] for k in b if k.startswith("feat_")):
+            val_parts.setdefault(name, []).append(b[f"feat_{name}"])
+        val_parts.setdefault("label", []).append(b["label"])
+    if not val_parts:
+        raise ValueError("empty validation set")
+    votes = {name: NeighbourVotes(feats(name, np.concatenate(parts)), max(ks))
+             for name, parts in val_parts.items() if name != "label"}
+    for b in embedded(sets.bank):
+        for name, v in votes.items():
+            v.add(feats(name, b[f"feat_{name}"]), torch.from_numpy(b["label"]))
+    if not any(v.bank_size for v in votes.values()):
         raise ValueError("empty evaluation set (no bank images)")
     val_labels = torch.from_numpy(np.concatenate(val_parts["label"]))
     n_classes = int(max(max(int(v.labels.max()) for v in votes.values()),

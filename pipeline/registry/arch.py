@@ -103,6 +103,10 @@ def build_verified(spec: ArchSpec, weights: bytes | str | Path) -> nn.Module:
 
     kwargs = spec.timm_kwargs.model_dump(exclude_none=True)
     model = timm.create_model(spec.timm_name, pretrained=False, **kwargs)
+    if spec.model.cifar_stem:
+        from dino_model.backbone import use_cifar_stem
+
+        use_cifar_stem(model)
     model.embed_dim = int(model.num_features)
     if model.embed_dim != spec.embed_dim:
         raise ArchError(f"arch.json field 'embed_dim': says {spec.embed_dim}, the architecture "

@@ -267,8 +267,9 @@ def _iter_batches(shard, cfg: DinoConfig, epoch: int):
 def _crops(batch: dict[str, torch.Tensor], device: torch.device) -> list[torch.Tensor]:
     names = sorted((k for k in batch if k.startswith("global_")), key=_index)
     names += sorted((k for k in batch if k.startswith("local_")), key=_index)
-    if len(names) < 3 or not names[0].startswith("global_"):
-        raise ValueError(f"train batches need global_0, global_1 and local_* columns, got {list(batch)}")
+    if names[:2] != ["global_0", "global_1"]:
+        raise ValueError("train batches need global_0, global_1 and any local_* columns, got "
+                         f"{list(batch)}")
     return [normalize_uint8(batch[n], device) for n in names]
 
 

@@ -498,6 +498,16 @@ def _finish(cfg: DinoConfig, run: _Run, tracker, history, steps, ckpt_path, t0) 
             knn = {}
         metrics.update(knn)
         tracker.log_metrics(knn, step=int(metrics.get("step", 0)))
+    if cfg.eval.at_end and ckpt_path and cfg.eval.test_path is not None:
+        from pipeline.evaluate.knn_eval import evaluate_test_split
+
+        try:
+            test = evaluate_test_split(cfg, ckpt_path)
+        except Exception as exc:  # noqa: BLE001 - a failed eval must not lose the trained model
+            log.warning("test-split evaluation failed: %s", exc)
+            test = {}
+        metrics.update(test)
+        tracker.log_metrics(test, step=int(metrics.get("step", 0)))
     if "knn_top1" in metrics and "knn_init_top1" in metrics:
         metrics["knn_gain_top1"] = metrics["knn_top1"] - metrics["knn_init_top1"]
         tracker.log_metrics({"knn_gain_top1": metrics["knn_gain_top1"]},
