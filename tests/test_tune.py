@@ -42,6 +42,7 @@ def test_two_trial_sweep_registers_best(tmp_path, digits_dir, ray_session, capsy
     cfg_file = tmp_path / "sweep.yaml"
     cfg_file.write_text(cfg.to_yaml())
     rc = main(["tune", "--config", str(cfg_file), "--name", "sw-test",
+               "--results-dir", str(tmp_path / "results"), f"eval.test_path={digits_dir}",
                "tracking.enabled=true", f"tracking.tracking_uri={uri}",
                "tracking.experiment=sweeps", "tracking.registered_model=sweep-teacher",
                'tune.search_space={"loss.teacher_temp": [0.04, 0.07]}', "tune.grid=true",
@@ -72,3 +73,9 @@ def test_two_trial_sweep_registers_best(tmp_path, digits_dir, ray_session, capsy
     assert float(champion.tags["knn_top1"]) == pytest.approx(float(best["knn_top1"]), abs=1e-4)
     assert champion.run_id == best["mlflow_run_id"]
     assert parent.data.tags["best_trial"] == best["trial_id"]
+    # the test split: reported once, for the best trial, after the selection; no trial saw it
+    assert "test_knn_top1" in parent.data.metrics
+    assert not any("test_knn_top1" in c.data.metrics for c in children)
+    report = (tmp_path / "results" / "sw-test.md").read_text()
+    assert best["trial_id"] in report and "test split" in report
+    assert (tmp_path / "results" / "sw-test.csv").exists()

@@ -91,7 +91,8 @@ class MultiCropStage:
             if self.crop.last_orientation != 1:
                 converted["exif_rotated"] += 1
         if self.state is not None:
-            self.state.add(int(keep.sum()), dict(skipped), dict(converted), examples)
+            # sent without waiting: a blocking round trip per batch held every crop actor up
+            self.state.add(int(keep.sum()), dict(skipped), dict(converted), examples, wait=False)
         if not keep.all():
             out = {k: v[keep] for k, v in out.items()}
         if self.with_label:

@@ -25,6 +25,8 @@ def results_table(grid, cfg: DinoConfig) -> list[dict[str, Any]]:
             **params,
             metric: float(m.get(metric, float("nan"))),
             f"best_{metric}": best_metric,
+            f"{metric}_by_epoch": ([round(float(v), 2) for v in history[metric].dropna()]
+                                   if history is not None and metric in history else []),
             "epochs_reported": epochs,
             "stopped_early": not bool(m.get("final")),
             "status": "ERROR" if res.error else "OK",
@@ -54,6 +56,38 @@ def format_table(table: list[dict[str, Any]], cfg: DinoConfig) -> str:
     lines = ["  ".join(c.ljust(w) for c, w in zip(cols, widths))]
     lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in cells]
     return "\n".join(lines)
+
+
+def write_markdown(table: list[dict[str, Any]], cfg: DinoConfig, path: str | Path,
+                   best: dict[str, Any] | None = None, test: dict[str, Any] | None = None,
+                   title: str = "Sweep results") -> None:
+    """The results as a Markdown table (best validation figure first), with the best trial's
+    once-only test figures underneath: what ``bench/results/`` keeps in the repository."""
+    metric = cfg.tune.metric
+    keys = list(cfg.tune.search_space)
+    rows = sorted(table, key=lambda r: -(r.get(metric) if isinstance(r.get(metric), float)
+                                         and not math.isnan(r[metric]) else -1e9))
+    head = ["trial", *keys, f"val {metric} by epoch", "random init", "raw pixels", "img/s",
+            "stopped early", "status"]
+    lines = [f"# {title}", "", "| " + " | ".join(head) + " |",
+             "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [r["trial_id"], *(_fmt(r.get(k, "")) for k in keys),
+                 " > ".join(f"{v:.1f}" for v in r.get(f"{metric}_by_epoch", [])) or "-",
+                 _fmt(r.get("knn_init_top1", float("nan"))),
+                 _fmt(r.get("knn_pixels_top1", float("nan"))),
+                 f"{r.get('images_per_s', float('nan')):.0f}",
+                 "yes" if r.get("stopped_early") else "no", r.get("status", "")]
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    if best is not None:
+        lines += ["", f"Best trial on the validation split: {best['trial_id']} "
+                  f"({metric} {best[metric]:.2f})."]
+    if test:
+        lines += ["", "Its teacher on the test split, evaluated once after the selection "
+                  f"(bank: the whole train split): k-NN top-1 {test.get('test_knn_top1', 0):.2f}, "
+                  f"random init {test.get('test_knn_init_top1', 0):.2f}, raw pixels "
+                  f"{test.get('test_knn_pixels_top1', 0):.2f}."]
+    Path(path).write_text("\n".join(lines) + "\n")
 
 
 def _fmt(v: Any) -> str:

@@ -39,7 +39,7 @@ class SweepResult:
 
 
 def run_sweep(cfg: DinoConfig, *, address: str | None = None, register: bool = True,
-              name: str | None = None) -> SweepResult:
+              name: str | None = None, results_dir: str | None = None) -> SweepResult:
     import ray
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
@@ -83,6 +83,8 @@ def run_sweep(cfg: DinoConfig, *, address: str | None = None, register: bool = T
     test = report_test_once(cfg, best)
     csv_path, plot_path = parent.log_results(table, best, cfg)
     parent.log_metrics(test)
+    if results_dir:
+        keep_results(results_dir, sweep, table, cfg, best, test, csv_path, plot_path)
     print(format_table(table, cfg), flush=True)
     version = None
     if register and tc.register_best and best is not None and best.get("checkpoint_path") and cfg.tracking.enabled:
@@ -99,6 +101,24 @@ def run_sweep(cfg: DinoConfig, *, address: str | None = None, register: bool = T
         parent.set_tag("registered_version", str(version))
     parent.finish("FINISHED" if best is not None else "FAILED")
     return SweepResult(table, best, parent.run_id, version, csv_path, plot_path, test=test)
+
+
+def keep_results(results_dir: str, sweep: str, table, cfg: DinoConfig, best, test,
+                 csv_path: str | None, plot_path: str | None) -> None:
+    """Copy the CSV and plot to ``results_dir`` and write the Markdown table beside them
+    (``<sweep>.csv``, ``<sweep>.png``, ``<sweep>.md``)."""
+    import shutil
+    from pathlib import Path
+
+    from pipeline.tune.report import write_markdown
+
+    out = Path(results_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for src, suffix in ((csv_path, ".csv"), (plot_path, ".png")):
+        if src:
+            shutil.copyfile(src, out / f"{sweep}{suffix}")
+    write_markdown(table, cfg, out / f"{sweep}.md", best, test, title=f"Sweep {sweep}")
+    print(f"results: {out / sweep}.{{csv,png,md}}", flush=True)
 
 
 def report_test_once(cfg: DinoConfig, best: dict[str, Any] | None) -> dict[str, Any]:
