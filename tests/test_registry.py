@@ -15,8 +15,7 @@ import torch
 from live_services import shared_mlflow_server
 
 from pipeline.cli import main
-from pipeline.train.checkpoint import load_teacher_backbone, save_checkpoint
-from pipeline.train.model import build_models
+from pipeline.checkpoints import build_models, load_teacher_backbone, save_checkpoint
 from pipeline.train.presets import tiny_config
 
 NAME = "reg-teacher"

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.train.checkpoint import latest_checkpoint, load_state, load_teacher_backbone, read_meta
+from pipeline.checkpoints import latest_checkpoint, load_state, load_teacher_backbone, read_meta
 from pipeline.preflight import PreflightError
 from pipeline.train.presets import tiny_config
 from pipeline.train.trainer import TrainingError, run_training

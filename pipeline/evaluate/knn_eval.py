@@ -98,8 +98,7 @@ class EmbedBatch:
 
     def __init__(self, cfg: dict, checkpoint_path: str | None, include_random_init: bool,
                  batch_size: int, include_pixels: bool = False, probe: dict | None = None) -> None:
-        from pipeline.train.checkpoint import load_teacher_backbone
-        from pipeline.train.model import random_init_backbone
+        from pipeline.checkpoints import load_teacher_backbone, random_init_backbone
 
         torch.set_num_threads(1)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

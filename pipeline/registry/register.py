@@ -98,7 +98,7 @@ def _resolve_backbone(backbone_or_checkpoint_dir, cfg: DinoConfig | None):
         if cfg is None:
             raise ValueError("register_teacher: a module needs its DinoConfig (cfg=...)")
         return backbone_or_checkpoint_dir, cfg, {}
-    from pipeline.train.checkpoint import load_teacher_backbone, read_meta
+    from pipeline.checkpoints import load_teacher_backbone, read_meta
 
     backbone, ckpt_cfg = load_teacher_backbone(backbone_or_checkpoint_dir)
     meta = {}

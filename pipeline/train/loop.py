@@ -32,20 +32,21 @@ from dino_model.precision import resolve_precision
 from dino_model.schedules import Schedules, scaled_lr
 from dino_model.sync_bn import convert_sync_batchnorm, has_batchnorm
 from dino_model.step import NonFiniteLossError, dino_step
-from pipeline.config import DinoConfig
-from pipeline.train.checkpoint import (
+from pipeline.checkpoints import (
     as_local_dir,
+    build_models,
     checkpoint_uri,
     load_state,
     newest_checkpoint,
+    random_init_backbone,
     read_run_file,
     save_checkpoint,
     write_run_file,
 )
+from pipeline.config import DinoConfig
 from pipeline.train.control import StopPoller
 from pipeline.train.failures import ResumeMismatchError
 from pipeline.train.metrics import AVERAGED, EpochMeter, collapse_check, finite
-from pipeline.train.model import build_models, random_init_backbone
 
 log = logging.getLogger("dino_ray.train")
 

@@ -25,8 +25,7 @@ from typing import Any
 
 import ray
 
-from pipeline.config import DinoConfig
-from pipeline.train.checkpoint import (
+from pipeline.checkpoints import (
     checkpoint_uri,
     latest_checkpoint,
     newest_checkpoint,
@@ -35,6 +34,7 @@ from pipeline.train.checkpoint import (
     run_dir,
     write_run_file,
 )
+from pipeline.config import DinoConfig
 
 log = logging.getLogger("dino_ray.train")
 
