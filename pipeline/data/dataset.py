@@ -23,7 +23,7 @@ import ray
 
 from pipeline.data.augment import MultiCrop, view_specs
 from pipeline.data.datasource import CorpusDatasource, stable_hash
-from pipeline.data.decode import BadImage, decode_bytes
+from pipeline.data.decode import BadImage, decode_bytes, read_bytes
 from pipeline.data.sources import Corpus, list_corpus
 from pipeline.data.state import DataHandle
 from pipeline.ray_runtime import role_resources
@@ -38,14 +38,6 @@ READ_TASK_CPUS = 0.25  # the read stage only lists/slices paths or reads encoded
 def image_rng(seed: int, epoch: int, key: str) -> np.random.Generator:
     """The per-image generator: a pure function of (seed, epoch, key)."""
     return np.random.default_rng([int(seed) & 0xFFFFFFFF, int(epoch), stable_hash(key)])
-
-
-def _read_bytes(fs, path: str) -> bytes:
-    try:
-        with fs.open_input_stream(path) as f:
-            return f.read()
-    except Exception as exc:  # noqa: BLE001 - vanished / unreadable file: counted, skipped
-        raise BadImage("unreadable", f"{path}: {exc}") from None
 
 
 class MultiCropStage:
@@ -75,7 +67,7 @@ class MultiCropStage:
         for i in range(n):
             key = str(keys[i])
             try:
-                data = batch["bytes"][i] if "bytes" in batch else _read_bytes(self.fs, key)
+                data = batch["bytes"][i] if "bytes" in batch else read_bytes(self.fs, key)
                 crops = self.crop(data, image_rng(self.seed, int(batch["epoch"][i]), key))
             except Exception as exc:  # noqa: BLE001 - one bad file never kills a run
                 reason = exc.reason if isinstance(exc, BadImage) else "error"
@@ -207,7 +199,7 @@ def _eval_batch(batch: dict[str, np.ndarray], filesystem, image_size: int, resiz
     keep = np.zeros(n, bool)
     for i in range(n):
         try:
-            data = batch["bytes"][i] if "bytes" in batch else _read_bytes(filesystem,
+            data = batch["bytes"][i] if "bytes" in batch else read_bytes(filesystem,
                                                                           str(batch["key"][i]))
             images[i] = resize_center_crop(decode_bytes(data), image_size, resize)
             keep[i] = True

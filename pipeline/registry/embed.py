@@ -49,8 +49,8 @@ class Embedder:
         import torch
 
         from dino_model.normalize import normalize_uint8
-        from pipeline.data.dataset import _read_bytes, resize_center_crop
-        from pipeline.data.decode import decode_bytes
+        from pipeline.data.dataset import resize_center_crop
+        from pipeline.data.decode import decode_bytes, read_bytes
 
         n = len(batch["key"])
         images = np.empty((n, self.image_size, self.image_size, 3), np.uint8)
@@ -58,7 +58,7 @@ class Embedder:
         for i in range(n):
             try:
                 data = (batch["bytes"][i] if "bytes" in batch
-                        else _read_bytes(self.filesystem, str(batch["path"][i])))
+                        else read_bytes(self.filesystem, str(batch["path"][i])))
                 images[i] = resize_center_crop(decode_bytes(data), self.image_size, self.resize)
                 keep[i] = True
             except Exception:  # noqa: BLE001 - unreadable images are skipped, as in training
