@@ -9,9 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.evaluate.features import knn_metrics, pixel_features
-from pipeline.evaluate.knn_eval import (build_eval_sets, evaluate_knn, materialize,
-                                        pixel_knn_metrics)
+from dino_model.features import pixel_features
+from dino_model.knn import knn_metrics
+from pipeline.data.eval_sets import build_eval_sets, materialize
+from pipeline.evaluate.knn_eval import evaluate_knn
+from pipeline.train.knn import pixel_knn_metrics
 from pipeline.train.presets import tiny_config
 
 

@@ -12,7 +12,8 @@ import torch
 from pipeline.checkpoints import latest_checkpoint, load_state, load_teacher_backbone, read_meta
 from pipeline.preflight import PreflightError
 from pipeline.train.presets import tiny_config
-from pipeline.train.trainer import TrainingError, run_training
+from pipeline.train.trainer import TrainingError
+from pipeline.training_run import run_training
 
 pytestmark = pytest.mark.ray
 

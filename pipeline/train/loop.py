@@ -46,6 +46,7 @@ from pipeline.checkpoints import (
 from pipeline.config import DinoConfig
 from pipeline.train.control import StopPoller
 from pipeline.train.failures import ResumeMismatchError
+from pipeline.train.knn import knn_on_rank0, pixel_knn_metrics
 from pipeline.train.metrics import AVERAGED, EpochMeter, collapse_check, finite
 
 log = logging.getLogger("dino_ray.train")
@@ -237,13 +238,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 eval_ref = None  # unlabelled data or a failed read: no in-training k-NN
             else:
                 if init_knn_pending:
-                    summary.update(_knn_rank0(random_init_backbone(cfg).to(device), eval_data,
-                                              cfg, device, prefix="knn_init"))
-                    from pipeline.evaluate.knn_eval import pixel_knn_metrics
-
+                    summary.update(knn_on_rank0(random_init_backbone(cfg).to(device), eval_data,
+                                                cfg, device, prefix="knn_init"))
                     summary.update(pixel_knn_metrics(eval_data, cfg))  # the raw-pixel baseline
                     init_knn_pending = False
-                summary.update(_knn_rank0(teacher.backbone, eval_data, cfg, device, prefix="knn"))
+                summary.update(knn_on_rank0(teacher.backbone, eval_data, cfg, device, prefix="knn"))
                 _send_attention(config.get("metrics_queue"), teacher.backbone, eval_data,
                                 device, epoch)
         want_ckpt = meter.steps > 0 and (last or (finished_epoch and
@@ -407,17 +406,3 @@ def _fetch_eval_data(ref) -> dict | None:
     except Exception as exc:  # noqa: BLE001 - evaluation never stops training
         log.warning("in-training k-NN disabled: reading the eval sets failed: %s", exc)
         return None
-
-
-def _knn_rank0(backbone, eval_data: dict, cfg: DinoConfig, device, *, prefix: str) -> dict:
-    from pipeline.evaluate.features import embed, knn_metrics
-
-    kw = {"device": device, "batch_size": cfg.eval.batch_size,  # the training precision, no scaler
-          "autocast_dtype": resolve_precision(cfg.train.precision, device, training=False)[0]}
-    bank = embed(backbone, eval_data["bank_images"], **kw)
-    val = embed(backbone, eval_data["val_images"], **kw)
-    return knn_metrics(bank, eval_data["bank_labels"], val, eval_data["val_labels"],
-                       ks=cfg.eval.k, temperature=cfg.eval.temperature, prefix=prefix,
-                       headline_k=cfg.eval.headline_k)
-
-

@@ -1,6 +1,6 @@
-"""Build and run the ``TorchTrainer``; the Python API behind ``dino-ray train`` and jobs/train.py.
+"""Build and run the ``TorchTrainer`` (``pipeline.training_run.run_training`` adds the evaluation).
 
-``run_training(cfg)`` returns a ``TrainingResult``. Metrics flow: rank 0 puts step metrics on a
+``fit(cfg)`` returns a ``TrainingResult``. Metrics flow: rank 0 puts step metrics on a
 ``ray.util.queue.Queue`` read by the calling process; epoch metrics (with checkpoints) go through
 ``ray.train.report`` and a ``UserCallback`` (in the Train controller actor) forwards them to the
 same queue. The caller logs them to MLflow and hands them to ``on_epoch_metrics`` /
@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import ray
 
@@ -83,7 +83,21 @@ def _forward_callback(q):
     return ForwardMetrics(q)
 
 
-def run_training(
+class FinalEvaluation(Protocol):
+    """The end-of-run figures of the final checkpoint, logged into the run's MLflow run.
+
+    ``pipeline.training_run`` passes one built on ``pipeline.evaluate``: training and evaluation
+    only meet at checkpoints, so this package never imports the evaluation code.
+    """
+
+    def knn(self, cfg: DinoConfig, checkpoint_path: str) -> dict[str, Any]:
+        """k-NN of the teacher and the random-init backbone (``eval.at_end``)."""
+
+    def test_split(self, cfg: DinoConfig, checkpoint_path: str) -> dict[str, Any]:
+        """The once-only ``test_*`` figures on ``eval.test_path``."""
+
+
+def fit(
     cfg: DinoConfig,
     *,
     address: str | None = None,
@@ -92,8 +106,10 @@ def run_training(
     train_data: Any = None,
     config_path: str | Path | None = None,
     callbacks: list | None = None,
+    evaluation: FinalEvaluation | None = None,
 ) -> TrainingResult:
-    """Train DINO on Ray Train, then k-NN-evaluate the teacher (and the random-init backbone).
+    """Train DINO on Ray Train, then (with ``evaluation``) k-NN-evaluate the teacher and the
+    random-init backbone; ``pipeline.training_run.run_training`` is this with the evaluation.
 
     ``train_data``: optional object with ``dataset`` (Ray Dataset with global_0, global_1, local_*
     uint8 NHWC columns), ``num_images`` and optionally ``set_epoch``/``skip_counts`` (default:
@@ -126,7 +142,7 @@ def run_training(
         tracker = _open_tracking(cfg, run, config_path)
         history, steps, last = _launch_and_collect(cfg, run, tracker, on_epoch_metrics,
                                                    on_step_metrics, callbacks)
-        return _finish(cfg, run, tracker, history, steps, last, t0)
+        return _finish(cfg, run, tracker, history, steps, last, t0, evaluation)
     finally:
         release_nodes(view)
 
@@ -197,7 +213,7 @@ def _plan(cfg: DinoConfig, view, train_data, corpus=None) -> _Run:
     worker = {k: v for k, v in train_worker_bundle(cfg, view).items() if k != "GPU"}
     run = _Run(storage, rdir, train_data, plan, ipe, start_step, worker_resources=worker)
     if cfg.eval.every_epochs:  # the eval images are read by a Ray task while the workers start
-        from pipeline.evaluate.knn_eval import materialize_task
+        from pipeline.data.eval_sets import materialize_task
 
         run.eval_ref = materialize_task.remote(cfg.model_dump(mode="json"))
     return run
@@ -205,12 +221,12 @@ def _plan(cfg: DinoConfig, view, train_data, corpus=None) -> _Run:
 
 def ssl_indices(cfg: DinoConfig, corpus):
     """The images SSL trains on: without ``eval.val_path`` the k-NN validation split is carved
-    out of ``data.path`` (``pipeline.data.dataset.split_indices``, the same per-image hash the
+    out of ``data.path`` (``pipeline.data.split.split_indices``, the same per-image hash the
     evaluation uses), so the headline figure is on images the run never trained on."""
     e = cfg.eval
     if e.val_path is not None or not corpus.labelled or not (e.every_epochs or e.at_end):
         return None
-    from pipeline.data.dataset import split_indices
+    from pipeline.data.split import split_indices
 
     bank, _ = split_indices(corpus, e.val_fraction, cfg.train.seed)
     return bank
@@ -469,7 +485,8 @@ def _result_checkpoint(result) -> str | None:
     return checkpoint_uri(result.checkpoint) if result.checkpoint is not None else None
 
 
-def _finish(cfg: DinoConfig, run: _Run, tracker, history, steps, ckpt_path, t0) -> TrainingResult:
+def _finish(cfg: DinoConfig, run: _Run, tracker, history, steps, ckpt_path, t0,
+            evaluation: FinalEvaluation | None) -> TrainingResult:
     """Fail a run that trained nothing; final k-NN when the loop did not do it; close MLflow."""
     from pipeline.data.quality import DataQualityError, check_skip_share
 
@@ -488,21 +505,17 @@ def _finish(cfg: DinoConfig, run: _Run, tracker, history, steps, ckpt_path, t0) 
     for h in history:  # the random-init k-NN from the in-training eval rides on epoch 0
         metrics.update({k: v for k, v in h.items() if k.startswith(("knn_init", "knn_pixels"))})
 
-    if cfg.eval.at_end and ckpt_path and not _evaluated_in_loop(history):
-        from pipeline.evaluate.knn_eval import evaluate_knn
-
+    if evaluation is not None and cfg.eval.at_end and ckpt_path and not _evaluated_in_loop(history):
         try:
-            knn = evaluate_knn(cfg, ckpt_path, include_random_init=True)
+            knn = evaluation.knn(cfg, ckpt_path)
         except Exception as exc:  # noqa: BLE001 - a failed eval must not lose the trained model
             log.warning("k-NN evaluation failed: %s", exc)
             knn = {}
         metrics.update(knn)
         tracker.log_metrics(knn, step=int(metrics.get("step", 0)))
-    if cfg.eval.at_end and ckpt_path and cfg.eval.test_path is not None:
-        from pipeline.evaluate.knn_eval import evaluate_test_split
-
+    if evaluation is not None and cfg.eval.at_end and ckpt_path and cfg.eval.test_path is not None:
         try:
-            test = evaluate_test_split(cfg, ckpt_path)
+            test = evaluation.test_split(cfg, ckpt_path)
         except Exception as exc:  # noqa: BLE001 - a failed eval must not lose the trained model
             log.warning("test-split evaluation failed: %s", exc)
             test = {}
