@@ -2,7 +2,8 @@
 
 bank (labelled train images) and val: resize + centre crop (``pipeline.data.eval_sets``), one
 forward per image in ``map_batches`` on an actor pool (each actor holds the backbone), then
-weighted k-NN (``dino_model.knn``) on the driver. Every evaluation reports three rows on the same images:
+weighted k-NN (``dino_model.knn``) on the driver. Every evaluation reports three rows on the same
+images:
 
 * ``knn_*``: the checkpoint's teacher;
 * ``knn_init_*``: the same architecture and seed as the run's starting point, so

@@ -28,28 +28,20 @@ import ray
 from pipeline.checkpoints import (
     checkpoint_uri,
     latest_checkpoint,
-    newest_checkpoint,
     read_run_file,
     resolve_storage_path,
     run_dir,
     write_run_file,
 )
 from pipeline.config import DinoConfig
+from pipeline.train.control import RunControl, StopOnSignals, TrainingInterrupted
+from pipeline.train.failures import TrainingError
+from pipeline.train.rerun import rerun_policy, resumable_step
 
 log = logging.getLogger("dino_ray.train")
 
 MetricsHook = Callable[[dict[str, Any]], None]
 RUN_ID_FILE = "mlflow_run_id"  # in the run directory: a rerun logs to the same MLflow run
-
-
-class TrainingError(RuntimeError):
-    """Training stopped with an error; ``last_checkpoint`` is the last good checkpoint (or None)."""
-
-    def __init__(self, message: str, last_checkpoint: str | None = None,
-                 mlflow_run_id: str | None = None) -> None:
-        super().__init__(message)
-        self.last_checkpoint = last_checkpoint
-        self.mlflow_run_id = mlflow_run_id
 
 
 @dataclass
@@ -136,7 +128,7 @@ def fit(
     view = ClusterView.current()
     check_cluster(cfg, view)  # local paths on a multi-node cluster, workers no node can hold
     try:
-        cfg, changed = _rerun_policy(cfg)
+        cfg, changed = rerun_policy(cfg)
         run = _plan(cfg, view, train_data, corpus)
         run.new_tracking_run = changed
         tracker = _open_tracking(cfg, run, config_path)
@@ -165,19 +157,6 @@ class _Run:
     worker_resources: dict = field(default_factory=dict)
 
 
-def _rerun_policy(cfg: DinoConfig) -> tuple[DinoConfig, bool]:
-    """``pipeline.train.rerun``: refuse a changed config under an existing name, unless asked."""
-    from pipeline.train.rerun import check_rerun
-
-    found = newest_checkpoint(resolve_storage_path(cfg.train.storage_path), cfg.train.name)
-    saved = read_run_file(found[1], "config.yaml") if found else None
-    new_cfg, changed = check_rerun(cfg, saved)
-    if new_cfg.train.name != cfg.train.name:
-        log.warning("train.resume=never: %r exists, this run is %r", cfg.train.name,
-                    new_cfg.train.name)
-    return new_cfg, changed
-
-
 def _plan(cfg: DinoConfig, view, train_data, corpus=None) -> _Run:
     """List the corpus, check it, size the data stage, ask the autoscaler for the nodes."""
     from pipeline.cluster import request_nodes
@@ -204,7 +183,7 @@ def _plan(cfg: DinoConfig, view, train_data, corpus=None) -> _Run:
     else:
         check_corpus(cfg, train_data.num_images)
     ipe = iters_per_epoch(cfg, train_data.num_images, tc.num_workers)
-    start_step = _resumable_step(cfg, storage, ipe)
+    start_step = resumable_step(cfg, storage, ipe)
     data_bundle = {"CPU": plan.cpus_per_actor if plan else cfg.data.cpus_per_actor}
     if view.has_role("data"):
         data_bundle["data"] = data_bundle["CPU"]
@@ -230,40 +209,6 @@ def ssl_indices(cfg: DinoConfig, corpus):
 
     bank, _ = split_indices(corpus, e.val_fraction, cfg.train.seed)
     return bank
-
-
-def _resumable_step(cfg: DinoConfig, storage: str, ipe: int) -> int:
-    """The global step a rerun continues from (0 for a new run). A run directory whose newest
-    checkpoint has another iterations-per-epoch, or that already finished ``train.epochs``, is
-    refused here: the workers would fail on it (or train nothing)."""
-    from pipeline.preflight import PreflightError
-
-    tc = cfg.train
-    found = newest_checkpoint(storage, tc.name)
-    if found is None:
-        return 0
-    step, path = found
-    meta_ipe = _meta_ipe(path)
-    if meta_ipe is not None and meta_ipe != ipe:
-        raise PreflightError(
-            f"train.name: {tc.name!r} in {tc.storage_path} has a checkpoint with {meta_ipe} "
-            f"iterations per epoch, this run has {ipe}: resume with the same batch size, workers "
-            "and data, or choose another train.name")
-    if step >= tc.epochs * ipe:
-        raise PreflightError(
-            f"train.epochs: run {tc.name!r} already finished {step // ipe} epochs ({path}); raise "
-            "train.epochs to continue it, or choose another train.name for a new run")
-    return step
-
-
-def _meta_ipe(path: str) -> int | None:
-    import json
-
-    text = read_run_file(path, "meta.json")
-    try:
-        return int(json.loads(text)["iters_per_epoch"]) if text else None
-    except (ValueError, KeyError):
-        return None
 
 
 def _open_tracking(cfg: DinoConfig, run: _Run, config_path):
@@ -363,10 +308,8 @@ def _launch_and_collect(cfg: DinoConfig, run: _Run, tracker, on_epoch_metrics, o
             _log_epoch(m)
             _call(on_epoch_metrics, m)
 
-    from pipeline.train.control import RunControl
-
     control = RunControl.options(**on_this_node()).remote()
-    stopping = _StopOnSignals(control)
+    stopping = StopOnSignals(control)
     failures = 0
     try:
         while True:
@@ -408,51 +351,6 @@ def _launch_and_collect(cfg: DinoConfig, run: _Run, tracker, on_epoch_metrics, o
             q.shutdown()
         except Exception:  # noqa: BLE001
             pass
-
-
-class TrainingInterrupted(TrainingError):
-    """The run was stopped on request (Ctrl-C, SIGTERM); its last checkpoint is kept."""
-
-
-class _StopOnSignals:
-    """While a run trains on the main thread's watch: the first SIGINT/SIGTERM asks the workers
-    to checkpoint and stop (``pipeline.train.control``); a second SIGINT raises
-    KeyboardInterrupt. Off the main thread (a Tune trial) signals are left alone."""
-
-    def __init__(self, control) -> None:
-        self.control = control
-        self.reason: str | None = None
-        self._saved: dict = {}
-
-    def __enter__(self):
-        import signal
-
-        if threading.current_thread() is not threading.main_thread():
-            return self
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            self._saved[sig] = signal.signal(sig, self._on_signal)
-        return self
-
-    def _on_signal(self, signum, frame) -> None:
-        import signal
-
-        name = signal.Signals(signum).name
-        if self.reason is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.reason = self.reason or name
-        log.warning("%s: the workers stop after this step and write a checkpoint "
-                    "(Ctrl-C again to abandon the run now)", name)
-        try:
-            self.control.request_stop.remote(name)
-        except Exception:  # noqa: BLE001
-            pass
-
-    def __exit__(self, *exc) -> None:
-        import signal
-
-        for sig, handler in self._saved.items():
-            signal.signal(sig, handler)
-        self._saved.clear()
 
 
 def _fit_draining(trainer, q, handle) -> dict[str, Any]:
