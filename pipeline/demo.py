@@ -16,7 +16,8 @@ def run_demo(workdir: str | Path, overrides: list[str] | None = None) -> int:
     from pipeline.config import DinoConfig
     from pipeline.data.demo_corpus import build_digits_corpus
     from pipeline.ray_runtime import ensure_ray
-    from pipeline.train.trainer import TrainingError, run_training
+    from pipeline.train.failures import TrainingError
+    from pipeline.training_run import run_training
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     t0 = time.monotonic()

@@ -154,7 +154,7 @@ def test_submitted_run_on_s3_resumes_evaluates_registers_and_pulls(
     import torch
     from safetensors.torch import load_file
 
-    from pipeline.train.checkpoint import load_teacher_backbone
+    from pipeline.checkpoints import load_teacher_backbone
 
     backbone, _ = load_teacher_backbone(ckpt)  # downloaded from the bucket
     pulled = load_file(next(dst.rglob("backbone.safetensors")))

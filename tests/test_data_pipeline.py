@@ -13,7 +13,8 @@ import ray
 from data_images import bad_files, converted_files, id_color, solid_png, write, write_parquet
 from pipeline.config import AugmentConfig, DataConfig
 from pipeline.data.datasource import CorpusDatasource
-from pipeline.data.dataset import MultiCropStage, build_eval_datasets, build_train_dataset
+from pipeline.data.dataset import MultiCropStage, build_train_dataset
+from pipeline.data.eval_sets import build_eval_datasets
 from pipeline.data.sources import CorpusError, list_corpus
 from pipeline.data.state import DataHandle
 

@@ -24,7 +24,9 @@ def run(args: argparse.Namespace) -> int:
     import logging
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    from pipeline.train.trainer import TrainingError, TrainingInterrupted, run_training
+    from pipeline.train.control import TrainingInterrupted
+    from pipeline.train.failures import TrainingError
+    from pipeline.training_run import run_training
 
     try:
         result = run_training(cfg, address=args.address, config_path=args.config)

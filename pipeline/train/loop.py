@@ -32,20 +32,22 @@ from dino_model.precision import resolve_precision
 from dino_model.schedules import Schedules, scaled_lr
 from dino_model.sync_bn import convert_sync_batchnorm, has_batchnorm
 from dino_model.step import NonFiniteLossError, dino_step
-from pipeline.config import DinoConfig
-from pipeline.train.checkpoint import (
+from pipeline.checkpoints import (
     as_local_dir,
+    build_models,
     checkpoint_uri,
     load_state,
     newest_checkpoint,
+    random_init_backbone,
     read_run_file,
     save_checkpoint,
     write_run_file,
 )
+from pipeline.config import DinoConfig
 from pipeline.train.control import StopPoller
 from pipeline.train.failures import ResumeMismatchError
+from pipeline.train.knn import knn_on_rank0, pixel_knn_metrics
 from pipeline.train.metrics import AVERAGED, EpochMeter, collapse_check, finite
-from pipeline.train.model import build_models, random_init_backbone
 
 log = logging.getLogger("dino_ray.train")
 
@@ -236,13 +238,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 eval_ref = None  # unlabelled data or a failed read: no in-training k-NN
             else:
                 if init_knn_pending:
-                    summary.update(_knn_rank0(random_init_backbone(cfg).to(device), eval_data,
-                                              cfg, device, prefix="knn_init"))
-                    from pipeline.evaluate.knn_eval import pixel_knn_metrics
-
+                    summary.update(knn_on_rank0(random_init_backbone(cfg).to(device), eval_data,
+                                                cfg, device, prefix="knn_init"))
                     summary.update(pixel_knn_metrics(eval_data, cfg))  # the raw-pixel baseline
                     init_knn_pending = False
-                summary.update(_knn_rank0(teacher.backbone, eval_data, cfg, device, prefix="knn"))
+                summary.update(knn_on_rank0(teacher.backbone, eval_data, cfg, device, prefix="knn"))
                 _send_attention(config.get("metrics_queue"), teacher.backbone, eval_data,
                                 device, epoch)
         want_ckpt = meter.steps > 0 and (last or (finished_epoch and
@@ -406,17 +406,3 @@ def _fetch_eval_data(ref) -> dict | None:
     except Exception as exc:  # noqa: BLE001 - evaluation never stops training
         log.warning("in-training k-NN disabled: reading the eval sets failed: %s", exc)
         return None
-
-
-def _knn_rank0(backbone, eval_data: dict, cfg: DinoConfig, device, *, prefix: str) -> dict:
-    from pipeline.evaluate.features import embed, knn_metrics
-
-    kw = {"device": device, "batch_size": cfg.eval.batch_size,  # the training precision, no scaler
-          "autocast_dtype": resolve_precision(cfg.train.precision, device, training=False)[0]}
-    bank = embed(backbone, eval_data["bank_images"], **kw)
-    val = embed(backbone, eval_data["val_images"], **kw)
-    return knn_metrics(bank, eval_data["bank_labels"], val, eval_data["val_labels"],
-                       ks=cfg.eval.k, temperature=cfg.eval.temperature, prefix=prefix,
-                       headline_k=cfg.eval.headline_k)
-
-

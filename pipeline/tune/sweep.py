@@ -46,7 +46,7 @@ def run_sweep(cfg: DinoConfig, *, address: str | None = None, register: bool = T
 
     from pipeline.preflight import absolute_local_paths
     from pipeline.ray_runtime import ensure_ray
-    from pipeline.train.checkpoint import resolve_storage_path
+    from pipeline.checkpoints import resolve_storage_path
 
     ensure_ray(address)
     tc = cfg.tune
