@@ -36,6 +36,11 @@ def results_table(grid, cfg: DinoConfig) -> list[dict[str, Any]]:
             **{k: float(v) for k, v in m.items() if k.startswith("knn") and k != metric
                and isinstance(v, (int, float))},
         })
+        for key in ("knn_init_top1", "knn_pixels_top1"):  # measured once, at the first epoch
+            if key not in rows[-1] and history is not None and key in history:
+                first = history[key].dropna()
+                if len(first):
+                    rows[-1][key] = float(first.iloc[0])
     return rows
 
 
@@ -118,11 +123,17 @@ def plot_results(table: list[dict[str, Any]], cfg: DinoConfig, path: str | Path)
     keys = list(cfg.tune.search_space)
     fig, axes = plt.subplots(1, max(1, len(keys)), figsize=(4 * max(1, len(keys)), 3.2),
                              squeeze=False)
+    scored = [r for r in table if isinstance(r.get(metric), float) and not math.isnan(r[metric])]
     for ax, key in zip(axes[0], keys or [None]):
-        for row in table:
-            x = _fmt(row.get(key)) if key else row["trial_id"]
+        # categorical x: every choice in the order of the search space, then the trial ids
+        labels = ([_fmt(c) for c in cfg.tune.search_space[key]] if key
+                  else [r["trial_id"] for r in scored])
+        for row in scored:  # an errored or unfinished trial has no figure to place
+            x = labels.index(_fmt(row.get(key)) if key else row["trial_id"])
             ax.scatter([x], [row[metric]], marker="x" if row["stopped_early"] else "o",
                        color="tab:red" if row["stopped_early"] else "tab:blue")
+        ax.set_xticks(range(len(labels)), [lab.replace(",", "\n") for lab in labels],
+                      fontsize=6)
         ax.set_xlabel(key or "trial")
         ax.set_ylabel(metric)
     fig.suptitle(f"{metric} per trial (x = stopped early by ASHA)")
