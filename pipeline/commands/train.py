@@ -21,9 +21,9 @@ def run(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"dino-ray train: {exc}", file=sys.stderr)
         return 2
-    import logging
+    from pipeline.console import setup_console
 
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    setup_console()
     from pipeline.train.control import TrainingInterrupted
     from pipeline.train.failures import TrainingError
     from pipeline.training_run import run_training

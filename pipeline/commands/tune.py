@@ -41,9 +41,9 @@ def run(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"dino-ray tune: {exc}", file=sys.stderr)
         return 2
-    import logging
+    from pipeline.console import setup_console
 
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    setup_console()
     from pipeline.tune.sweep import run_sweep
 
     result = run_sweep(cfg, address=args.address, register=not args.no_register, name=args.name,

@@ -36,8 +36,10 @@ from pipeline.checkpoints import (
 from pipeline.config import DinoConfig
 from pipeline.train.control import RunControl, StopOnSignals, TrainingInterrupted
 from pipeline.train.failures import TrainingError
+from pipeline.train.progress import Progress
 from pipeline.train.rerun import rerun_policy, resumable_step
 
+progress_log = logging.getLogger("dino_ray.progress")
 log = logging.getLogger("dino_ray.train")
 
 MetricsHook = Callable[[dict[str, Any]], None]
@@ -177,7 +179,7 @@ def _plan(cfg: DinoConfig, view, train_data, corpus=None) -> _Run:
         # counted on the cluster as the autoscaler can grow it
         plan = plan_from_config(cfg.data, tc)
         for note in plan.notes:
-            log.warning("data stage: %s", note)
+            progress_log.info("data stage: %s", note)
         train_data = build_train_dataset(cfg.data, cfg.augment, seed=tc.seed, plan=plan,
                                          corpus=corpus, indices=ssl_indices(cfg, corpus))
     else:
@@ -191,6 +193,11 @@ def _plan(cfg: DinoConfig, view, train_data, corpus=None) -> _Run:
                   + [data_bundle] * (plan.num_actors if plan else cfg.data.num_actors), view)
     worker = {k: v for k, v in train_worker_bundle(cfg, view).items() if k != "GPU"}
     run = _Run(storage, rdir, train_data, plan, ipe, start_step, worker_resources=worker)
+    progress_log.info("%s: %d epochs x %d steps of %d images on %d worker(s)%s", cfg.train.name,
+                      cfg.train.epochs, ipe,
+                      cfg.train.batch_size_per_worker * cfg.train.num_workers,
+                      cfg.train.num_workers,
+                      f", continuing from step {start_step}" if start_step else "")
     if cfg.eval.every_epochs:  # the eval images are read by a Ray task while the workers start
         from pipeline.data.eval_sets import materialize_task
 
@@ -285,6 +292,7 @@ def _launch_and_collect(cfg: DinoConfig, run: _Run, tracker, on_epoch_metrics, o
     history: list[dict] = []
     last_ckpt: list[str | None] = [None]
     seen_epochs: set[tuple] = set()
+    progress = Progress(tc.epochs, run.ipe, run.start_step, cfg.eval.headline_k)
 
     def _handle(m: dict) -> None:
         if m.get("kind") == "artifact":  # e.g. the attention maps drawn on rank 0
@@ -302,10 +310,11 @@ def _launch_and_collect(cfg: DinoConfig, run: _Run, tracker, on_epoch_metrics, o
         tracker.log_metrics({k: v for k, v in m.items() if k not in ("step", "epoch")}, step=step)
         if kind == "step":
             steps.append(m)
+            progress.on_step(m)
             _call(on_step_metrics, m)
         elif kind == "epoch":
             history.append(m)
-            _log_epoch(m)
+            progress.on_epoch(m)
             _call(on_epoch_metrics, m)
 
     control = RunControl.options(**on_this_node()).remote()
@@ -423,7 +432,7 @@ def _finish(cfg: DinoConfig, run: _Run, tracker, history, steps, ckpt_path, t0,
         metrics["knn_gain_top1"] = metrics["knn_top1"] - metrics["knn_init_top1"]
         tracker.log_metrics({"knn_gain_top1": metrics["knn_gain_top1"]},
                             step=int(metrics.get("step", 0)))
-        log.warning("k-NN top-1: trained %.2f vs random init %.2f (gain %+.2f)",
+        progress_log.info("k-NN top-1: trained %.2f vs random init %.2f (gain %+.2f)",
                     metrics["knn_top1"], metrics["knn_init_top1"], metrics["knn_gain_top1"])
     _log_plot(tracker, steps, history, metrics)
     tracker.set_tags({"checkpoint_path": ckpt_path or ""})
@@ -448,17 +457,6 @@ def _evaluated_in_loop(history: list[dict]) -> bool:
 def _call(hook: MetricsHook | None, m: dict) -> None:
     if hook is not None:
         hook(dict(m))
-
-
-def _log_epoch(m: dict) -> None:
-    log.warning("epoch %s step %s: loss %.4f, entropy %.3f, kl %.4f, %.1f img/s, data wait %.0f%%, "
-                "sync %.0f%% (reports %.0f%%, agree %.0f%%)%s",
-                m.get("epoch"), m.get("step"), m.get("epoch_loss", float("nan")),
-                m.get("epoch_teacher_entropy", float("nan")), m.get("epoch_kl", float("nan")),
-                m.get("epoch_images_per_s", 0.0), 100 * m.get("epoch_data_wait_fraction", 0.0),
-                100 * m.get("epoch_sync_fraction", 0.0), 100 * m.get("epoch_report_fraction", 0.0),
-                100 * m.get("epoch_agree_fraction", 0.0),
-                f", k-NN top-1 {m['knn_top1']:.2f}" if "knn_top1" in m else "")
 
 
 def _log_bytes(tracker, data: bytes, name: str, artifact_path: str | None) -> None:
