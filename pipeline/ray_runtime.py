@@ -16,12 +16,6 @@ import ray
 OVERSUBSCRIBE = 2  # logical CPUs per physical core on an embedded cluster
 
 
-# Ray Train gives a worker group 60 s to start. On a loaded 2-core machine the workers' import of
-# torch took longer and failed 3 trials of a 12-trial sweep in a row; a cluster waiting for the
-# autoscaler to add a GPU node needs minutes too. Read by the Train controller actor.
-WORKER_GROUP_START_TIMEOUT = {"RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "600"}
-
-
 def ensure_ray(address: str | None = None, num_cpus: int | None = None, quiet: bool = False) -> None:
     """Join ``address`` (or $RAY_ADDRESS), else start an embedded local Ray. ``quiet`` keeps the
     workers' own log lines off the driver's console (the driver prints the summaries)."""
@@ -31,12 +25,14 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None, quiet: b
     if address:  # a submitted job already carries its runtime_env: do not merge another one
         ray.init(address=address, log_to_driver=True)
         return
-    runtime_env = {"env_vars": {"PYTHONWARNINGS": "ignore::DeprecationWarning",
-                                **WORKER_GROUP_START_TIMEOUT}}
+    runtime_env = {"env_vars": {"PYTHONWARNINGS": "ignore::DeprecationWarning"}}
     cores = os.cpu_count() or 1
     ray.init(
         num_cpus=num_cpus or max(4, OVERSUBSCRIBE * cores),
-        include_dashboard=False,
+        # the dashboard serves the State API, which Ray Train's PlacementGroupCleaner needs: without
+        # it a trial stopped by ASHA left its workers' placement group behind, and every later
+        # trial waited for the CPUs it held (a 12-trial sweep lost its last 8 trials to that)
+        include_dashboard=True, dashboard_host="127.0.0.1",
         runtime_env=runtime_env,
         log_to_driver=not quiet,
     )

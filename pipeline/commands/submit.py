@@ -107,9 +107,7 @@ def build_submission(verb: str, rest: list[str]) -> dict[str, Any]:
     _refuse_secrets(entry_args, opts.env)
     # not PYTHONWARNINGS: the job's driver adds it in ensure_ray(), and Ray refuses to merge a
     # driver runtime_env whose env_vars repeat a key of the job's runtime_env
-    from pipeline.ray_runtime import WORKER_GROUP_START_TIMEOUT
-
-    env_vars = {"PYTHONUNBUFFERED": "1", "RAY_TRAIN_V2_ENABLED": "1", **WORKER_GROUP_START_TIMEOUT}
+    env_vars = {"PYTHONUNBUFFERED": "1", "RAY_TRAIN_V2_ENABLED": "1"}
     sha = os.environ.get("DINO_RAY_GIT_SHA") or git_sha(root)
     if sha:
         env_vars["DINO_RAY_GIT_SHA"] = sha

@@ -20,6 +20,7 @@ from typing import Any
 
 from pipeline.config import DinoConfig
 from pipeline.tune.parent_run import ParentRun
+from pipeline.tune.placement import ReleaseTrialPlacementGroups
 from pipeline.tune.report import best_row, format_table, results_table
 from pipeline.tune.space import (DRIVER_RESOURCES, concurrent_trials, param_space, total_trials,
                                  trial_cpus, trial_overrides)
@@ -74,7 +75,8 @@ def run_sweep(cfg: DinoConfig, *, address: str | None = None, register: bool = T
         tune_config=tune.TuneConfig(metric=tc.metric, mode=tc.mode, scheduler=scheduler,
                                     num_samples=tc.num_samples,
                                     max_concurrent_trials=concurrency),
-        run_config=tune.RunConfig(name=sweep, storage_path=storage, verbose=1),
+        run_config=tune.RunConfig(name=sweep, storage_path=storage, verbose=1,
+                                  callbacks=[ReleaseTrialPlacementGroups(DRIVER_RESOURCES)]),
     )
     grid = tuner.fit()
     table = results_table(grid, cfg)
