@@ -81,8 +81,6 @@ def test_two_trial_sweep_registers_best(tmp_path, digits_dir, ray_session, capsy
     assert (tmp_path / "results" / "sw-test.csv").exists()
 
 
-
-
 def test_placement_group_left_by_a_stopped_trial_is_released(ray_session):
     """A trial stopped by ASHA cannot remove its workers' placement group: the sweep's callback
     removes the groups created during the trial once it has ended (and only then)."""
