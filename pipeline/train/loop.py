@@ -29,7 +29,7 @@ from dino_model.model import unwrap
 from dino_model.normalize import normalize_uint8
 from dino_model.optim import build_optimizer
 from dino_model.precision import resolve_precision
-from dino_model.schedules import Schedules, scaled_lr
+from dino_model.schedules import build_schedules, scaled_lr
 from dino_model.sync_bn import convert_sync_batchnorm, has_batchnorm
 from dino_model.step import NonFiniteLossError, dino_step
 from pipeline.checkpoints import (
@@ -89,13 +89,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                        center_momentum=cfg.loss.center_momentum)
     ipe = iters_per_epoch(cfg, config["num_images"], world)
     global_batch = tc.batch_size_per_worker * world
-    sched = Schedules(
+    sched = build_schedules(
         lr=scaled_lr(cfg.optim.lr, global_batch), min_lr=cfg.optim.min_lr,
         warmup_epochs=cfg.optim.warmup_epochs, weight_decay=cfg.optim.weight_decay,
         weight_decay_end=cfg.optim.weight_decay_end, momentum=cfg.optim.momentum_teacher,
         momentum_end=cfg.optim.momentum_teacher_end, warmup_teacher_temp=cfg.loss.warmup_teacher_temp,
         teacher_temp=cfg.loss.teacher_temp,
-        warmup_teacher_temp_epochs=cfg.loss.warmup_teacher_temp_epochs, epochs=tc.epochs,
+        warmup_teacher_temp_epochs=cfg.loss.warmup_teacher_temp_epochs,
+        freeze_last_layer_epochs=cfg.optim.freeze_last_layer_epochs, epochs=tc.epochs,
         iters_per_epoch=ipe)
 
     start_step = 0
@@ -190,10 +191,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             try:
                 res = dino_step(
                     student=student, teacher=teacher, loss_fn=loss_fn, optimizer=optimizer,
-                    crops=crops, schedule=sched.at(global_step), epoch=epoch, n_global=2,
-                    clip_grad=cfg.optim.clip_grad,
-                    freeze_last_layer_epochs=cfg.optim.freeze_last_layer_epochs,
-                    koleo_weight=cfg.loss.koleo_weight, autocast_dtype=autocast, scaler=scaler)
+                    crops=crops, schedule=sched.at(global_step), n_global=2,
+                    clip_grad=cfg.optim.clip_grad, koleo_weight=cfg.loss.koleo_weight,
+                    autocast_dtype=autocast, scaler=scaler)
+                res.raise_if_nonfinite()  # a read, beside the synchronize below
             except NonFiniteLossError as exc:
                 raise NonFiniteLossError(
                     f"rank {rank}: {exc} (global step {global_step}); the last checkpoint is "
@@ -201,15 +202,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             if device.type == "cuda":
                 torch.cuda.synchronize()
             compute = time.perf_counter() - t1
-            step_metrics = res.metrics()
-            meter.add(step_metrics, images=crops[0].shape[0], wait_s=wait, compute_s=compute)
+            meter.add(res.tensors(), images=crops[0].shape[0], wait_s=wait, compute_s=compute)
             global_step += 1
             if global_step % tc.log_every_steps == 0:
                 t_rep = time.perf_counter()
+                step_metrics = res.metrics()  # the step's tensors read once per log step
                 m = _mean_over_ranks({k: step_metrics[k] for k in AVERAGED if k in step_metrics})
                 if rank == 0:
                     mode = collapse_check(res.stats, where=f"step {global_step}")
-                    m.update(sched.at(global_step - 1))
+                    m.update(sched.at(global_step - 1).metrics())
                     m.update(kind="step", epoch=epoch, step=global_step, collapse=mode or "none",
                              images_per_s=crops[0].shape[0] * world / max(wait + compute, 1e-9),
                              data_wait_fraction=wait / max(wait + compute, 1e-9))
@@ -222,7 +223,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                        world_size=world, iters_per_epoch=ipe, global_batch=global_batch,
                        wall_s=time.monotonic() - t_start, stopped_early=stop,
                        precision=tc.precision)
-        summary.update({f"sched_{k}": v for k, v in sched.at(max(global_step - 1, 0)).items()})
+        summary.update({f"sched_{k}": v
+                        for k, v in sched.at(max(global_step - 1, 0)).metrics().items()})
         if hasattr(td, "skip_counts"):
             try:
                 summary.update({f"skipped_{k}": int(v) for k, v in td.skip_counts().items()})
