@@ -6,9 +6,10 @@ Both sides start from the same geometry-only uint8 crops (smooth random colour f
 texture) and do only what ``augment.photometric=device`` moves off the crop actors: parameter
 draws, jitter in a random order, grayscale, blur, solarize. An "image" is all ten views of one
 source image. For scale, the whole crop actor's work per image (decode a ~500x375 JPEG + all
-views) is timed with ``augment.photometric`` cpu and device: what a core does in either mode. The batch path is timed per batch of ``--batch`` images (all views); CUDA times
-include the synchronisation at the end of each batch, not the host-to-device copy (the loop makes
-that copy for normalisation anyway). Rounds alternate between implementations; best and median.
+views) is timed with ``augment.photometric`` cpu and device: what a core does in either mode.
+The batch path is timed per batch of ``--batch`` images (all views); CUDA times include the
+synchronisation at the end of each batch, not the host-to-device copy (the loop makes that copy
+for normalisation anyway). Rounds alternate between implementations; best and median.
 
     python bench/photometric.py [--batch 64] [--batches 3] [--rounds 5] [--core 0]
     python bench/photometric.py --global-size 64 --local-size 32 --batch 8 --rounds 2  # quick

@@ -99,7 +99,7 @@ def sample_params(n: int, recipe: PhotometricRecipe, generator: torch.Generator
     gray = uniform(n) < recipe.grayscale_p
     blur = uniform(n) < recipe.blur_p
     s_lo, s_hi = recipe.blur_sigma
-    sigma = torch.where(blur, s_lo + (s_hi - s_lo) * uniform(n), torch.zeros(n, dtype=torch.float64))
+    sigma = torch.where(blur, s_lo + (s_hi - s_lo) * uniform(n), 0.0)
     solarize = uniform(n) < recipe.solarize_p
     return PhotometricParams(jitter, factors.float(), order, gray, sigma.float(), solarize)
 

@@ -76,7 +76,8 @@ class AugmentConfig(Section):
         "cpu", description="where jitter, grayscale, blur and solarize run: cpu = in the crop "
         "actors; device = the actors only crop, resize and flip, and each training worker applies "
         "the same recipe to the batch on its device (dino_model.photometric), for GPU nodes with "
-        "few CPU cores")
+        "few CPU cores (on a CPU training device it costs more than it saves: "
+        "bench/photometric.py)")
     draft_decode: bool = Field(
         True, description="decode JPEGs at 1/2..1/8 scale when every crop stays at full output "
         "resolution (same crop geometry, much faster on large images)")

@@ -1,7 +1,7 @@
-"""``dino_model.photometric`` (the recipe's jitter/grayscale/blur/solarize on a torch device) against
-the OpenCV recipe of ``pipeline.data.augment``: op by op, with the same parameters image by image,
-and in distribution with independent draws; plus determinism and the ``augment.photometric``
-switch. CPU tensors only, no Ray."""
+"""``dino_model.photometric`` (the recipe's jitter/grayscale/blur/solarize on a torch device)
+against the OpenCV recipe of ``pipeline.data.augment``: op by op, with the same parameters image
+by image, and in distribution with independent draws; plus determinism and the
+``augment.photometric`` switch. CPU tensors only, no Ray."""
 
 from __future__ import annotations
 
@@ -168,7 +168,7 @@ def test_same_parameters_give_the_same_images(view):
     assert per_image.max() < 3.0
 
 
-# --- (b) statistics with independent draws ---------------------------------------------------------
+# --- (b) statistics with independent draws ----------------------------------------------------
 N_IMAGES, REPEATS, SIZE = 300, 6, 32  # 1800 draws per side and view
 KS_MAX = 0.085  # p ~ 1e-5 for 1800 vs 1800 draws of one distribution
 
@@ -198,7 +198,7 @@ def features(batch: np.ndarray, inputs: np.ndarray) -> dict[str, np.ndarray]:
     feats = {k: out[k] for k in ("mean", "std", "saturation", "sharpness")}
     feats.update({f"d_{k}": out[k] - before[k] for k in out})
     feats["d_hue"] = np.angle(np.exp(1j * feats["d_hue"]))  # wrapped to (-pi, pi]
-    gray = (batch[..., 0] == batch[..., 1]).all((1, 2)) & (batch[..., 1] == batch[..., 2]).all((1, 2))
+    gray = ((batch[..., 0] == batch[..., 1]) & (batch[..., 1] == batch[..., 2])).all((1, 2))
     # a gray image has no colour at all: the colour statistic is for the others
     feats["d_colourfulness"][gray] = np.nan
     feats["gray"] = gray.astype(float)
