@@ -184,7 +184,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             if i < skip:
                 continue
             _maybe_die(tc, rank, world, global_step, run_directory)
-            crops = _crops(batch, device)
+            crops = _crops(batch, device, cfg, (tc.seed, epoch, global_step, rank))
             if tc.nan_at_step is not None and global_step == tc.nan_at_step:
                 crops = [c * float("nan") for c in crops]  # fault injection: non-finite loss
             t1 = time.perf_counter()
@@ -266,12 +266,19 @@ def _iter_batches(shard, cfg: DinoConfig, epoch: int):
         local_shuffle_seed=(tc.seed + epoch) if cfg.data.local_shuffle_buffer else None))
 
 
-def _crops(batch: dict[str, torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+def _crops(batch: dict[str, torch.Tensor], device: torch.device, cfg: DinoConfig | None = None,
+           key: tuple[int, ...] = ()) -> list[torch.Tensor]:
+    """Normalised crops in view order; with ``augment.photometric=device`` the photometric ops
+    run here first, on the device, seeded by ``key`` = (seed, epoch, step, rank)."""
     names = sorted((k for k in batch if k.startswith("global_")), key=_index)
     names += sorted((k for k in batch if k.startswith("local_")), key=_index)
     if names[:2] != ["global_0", "global_1"]:
         raise ValueError("train batches need global_0, global_1 and any local_* columns, got "
                          f"{list(batch)}")
+    if cfg is not None and cfg.augment.photometric == "device":
+        from pipeline.train.device_augment import device_photometric
+
+        batch = {n: device_photometric(cfg.augment, n, batch[n], device, key) for n in names}
     return [normalize_uint8(batch[n], device) for n in names]
 
 
