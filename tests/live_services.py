@@ -86,21 +86,21 @@ _SQLITE_TEMPLATE: list[Path] = []
 
 def mlflow_sqlite(path: Path) -> str:
     """A new MLflow SQLite store at ``path``; its ``sqlite:///`` URI. The schema is copied from a
-    store migrated once per test process: MLflow creates a new store by running its ~50 schema
-    migrations, which took 5-12 s per store (and per server start) on a loaded 2-core machine.
-    The copy holds the tables only; MLflow adds its Default experiment on first use, as it does
-    in a new store."""
+    store made once per test process: MLflow creates a store by running its ~50 schema
+    migrations, 5-12 s per store (and per server start) on a loaded 2-core machine. The copy has
+    no Default experiment: MLflow adds it on first use with the artifact root of whoever opens
+    the store (a client's local folder, a server's proxy), as in a store it creates itself."""
     if not _SQLITE_TEMPLATE:
-        import sqlalchemy
-        from mlflow.store.db.utils import _initialize_tables  # what MLflow runs on a new store
+        import sqlite3
+
+        from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
 
         folder = Path(tempfile.mkdtemp(prefix="mlflow-schema-"))
         atexit.register(shutil.rmtree, folder, True)
-        engine = sqlalchemy.create_engine(f"sqlite:///{folder / 'schema.db'}")
-        try:
-            _initialize_tables(engine)
-        finally:
-            engine.dispose()
+        store = SqlAlchemyStore(f"sqlite:///{folder / 'schema.db'}", str(folder / "artifacts"))
+        store.engine.dispose()
+        with contextlib.closing(sqlite3.connect(folder / "schema.db")) as db, db:
+            db.execute("DELETE FROM experiments WHERE experiment_id = 0")
         _SQLITE_TEMPLATE.append(folder / "schema.db")
     path = Path(path)
     if not path.exists():
