@@ -29,3 +29,12 @@ def digits_dir(tmp_path_factory) -> Path:
     from pipeline.data.demo_corpus import build_digits_corpus
 
     return build_digits_corpus(tmp_path_factory.mktemp("digits"), size=32)
+
+
+@pytest.fixture
+def mlflow_sqlite():
+    """``mlflow_sqlite(path)``: a new MLflow SQLite store at ``path`` and its URI, its schema
+    copied instead of migrated (``live_services.mlflow_sqlite``)."""
+    from live_services import mlflow_sqlite
+
+    return mlflow_sqlite

@@ -22,7 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from live_services import BIN, REPO, _pids_mentioning, _stop_group, _wait_http, _wait_log, free_port
+from live_services import (BIN, REPO, MlflowServer, _pids_mentioning, _stop_group, _wait_http,
+                           _wait_log, free_port)
 
 
 class S3Server:
@@ -189,7 +190,7 @@ class LocalCluster:
                     return
             except Exception as exc:  # noqa: BLE001 - the API server may still be starting
                 error = exc
-            time.sleep(1)
+            time.sleep(0.25)
         raise TimeoutError(f"{want} nodes not alive after {timeout}s (last error: {error})")
 
     def tail(self, n: int = 3000) -> str:
@@ -207,28 +208,9 @@ class LocalCluster:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-class MlflowS3Server:
+class MlflowS3Server(MlflowServer):
     """An ``mlflow server`` whose artifact store is the S3 bucket (proxied: clients need no S3
     credentials), its runs in SQLite."""
 
     def __init__(self, s3: S3Server, prefix: str = "mlflow") -> None:
-        self.dir = Path(tempfile.mkdtemp(prefix="mlflow-s3-"))
-        self.port = free_port()
-        self.uri = f"http://127.0.0.1:{self.port}"
-        self.log = self.dir / "server.log"
-        self.proc = subprocess.Popen(
-            [str(BIN / "mlflow"), "server", "--backend-store-uri",
-             f"sqlite:///{self.dir}/mlflow.db", "--artifacts-destination",
-             f"s3://{s3.bucket}/{prefix}", "--host", "127.0.0.1", "--port", str(self.port),
-             "--workers", "1"],
-            stdout=self.log.open("w"), stderr=subprocess.STDOUT, start_new_session=True,
-            cwd=self.dir, env={**os.environ, **s3.env, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
-        try:
-            _wait_http(self.uri + "/health", 300, self.proc, self.log)
-        except Exception:
-            self.stop()
-            raise
-
-    def stop(self) -> None:
-        _stop_group(self.proc)
-        shutil.rmtree(self.dir, ignore_errors=True)
+        super().__init__(artifacts_destination=f"s3://{s3.bucket}/{prefix}", env=s3.env)

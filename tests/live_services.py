@@ -49,7 +49,7 @@ def _wait_http(url: str, timeout: float, proc: subprocess.Popen, log: Path) -> N
                 return
         except Exception:  # noqa: BLE001 - not up yet
             pass
-        time.sleep(0.5)
+        time.sleep(0.1)
     raise TimeoutError(f"{url} not up after {timeout}s:\n{log.read_text()[-3000:]}")
 
 
@@ -61,7 +61,7 @@ def _wait_log(log: Path, marker: str, timeout: float, proc: subprocess.Popen) ->
             return
         if proc.poll() is not None:
             raise RuntimeError(f"{proc.args[0]} exited {proc.returncode}:\n{text[-3000:]}")
-        time.sleep(0.5)
+        time.sleep(0.1)
     raise TimeoutError(f"no {marker!r} after {timeout}s")
 
 
@@ -81,23 +81,58 @@ def _stop_group(proc: subprocess.Popen, grace: float = 5.0) -> None:
         pass
 
 
+_SQLITE_TEMPLATE: list[Path] = []
+
+
+def mlflow_sqlite(path: Path) -> str:
+    """A new MLflow SQLite store at ``path``; its ``sqlite:///`` URI. The schema is copied from a
+    store made once per test process: MLflow creates a store by running its ~50 schema
+    migrations, 5-12 s per store (and per server start) on a loaded 2-core machine. The copy has
+    no Default experiment: MLflow adds it on first use with the artifact root of whoever opens
+    the store (a client's local folder, a server's proxy), as in a store it creates itself."""
+    if not _SQLITE_TEMPLATE:
+        import sqlite3
+
+        from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+        folder = Path(tempfile.mkdtemp(prefix="mlflow-schema-"))
+        atexit.register(shutil.rmtree, folder, True)
+        store = SqlAlchemyStore(f"sqlite:///{folder / 'schema.db'}", str(folder / "artifacts"))
+        store.engine.dispose()
+        with contextlib.closing(sqlite3.connect(folder / "schema.db")) as db, db:
+            db.execute("DELETE FROM experiments WHERE experiment_id = 0")
+        _SQLITE_TEMPLATE.append(folder / "schema.db")
+    path = Path(path)
+    if not path.exists():
+        shutil.copyfile(_SQLITE_TEMPLATE[0], path)
+    return f"sqlite:///{path}"
+
+
 class MlflowServer:
-    def __init__(self) -> None:
+    """``mlflow server`` on a free port, its runs in SQLite; artifacts proxied (clients need no
+    store credentials) to ``artifacts_destination`` (default: a folder of its own; an ``s3://``
+    URI with the store's variables in ``env``: tests/live_cluster.py)."""
+
+    def __init__(self, artifacts_destination: str | None = None,
+                 env: dict[str, str] | None = None) -> None:
         self.dir = Path(tempfile.mkdtemp(prefix="mlflow-srv-"))
         self.port = free_port()
         self.uri = f"http://127.0.0.1:{self.port}"
         self.log = self.dir / "server.log"
+        self.artifacts_destination = artifacts_destination or str(self.dir / "artifacts")
+        self.env = {**os.environ, **(env or {}), "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+        self.backend_store_uri = mlflow_sqlite(self.dir / "mlflow.db")
         self.start()
 
     def start(self) -> None:
-        """(Re)start the server on the same port, database and artifact folder."""
+        """(Re)start the server on the same port, database and artifact store."""
         self.proc = subprocess.Popen(
             [str(BIN / "mlflow"), "server",
-             "--backend-store-uri", f"sqlite:///{self.dir}/mlflow.db",
-             "--artifacts-destination", str(self.dir / "artifacts"),
+             "--backend-store-uri", self.backend_store_uri,
+             "--artifacts-destination", self.artifacts_destination,
              "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1"],
             stdout=self.log.open("a"), stderr=subprocess.STDOUT, start_new_session=True,
-            cwd=self.dir, env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
+            cwd=self.dir, env=self.env)
         try:
             _wait_http(self.uri + "/health", 300, self.proc, self.log)
         except Exception:

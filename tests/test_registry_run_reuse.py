@@ -8,9 +8,9 @@ from pipeline.checkpoints import build_models
 from pipeline.train.presets import tiny_config
 
 
-def test_register_into_run_of_another_experiment(tmp_path, digits_dir):
-    other = f"sqlite:///{tmp_path / 'other.db'}"
-    store = f"sqlite:///{tmp_path / 'store.db'}"
+def test_register_into_run_of_another_experiment(tmp_path, digits_dir, mlflow_sqlite):
+    other = mlflow_sqlite(tmp_path / "other.db")
+    store = mlflow_sqlite(tmp_path / "store.db")
     client = MlflowClient(tracking_uri=store)
     client.create_experiment("first")
     exp_id = client.create_experiment("second")  # ids differ from the other store's active one

@@ -8,8 +8,8 @@ import time
 from pipeline.tracking import Tracker, resolve_tracking_uri
 
 
-def test_tracker_logs_params_metrics_artifacts(tmp_path):
-    uri = f"sqlite:///{tmp_path / 'm.db'}"
+def test_tracker_logs_params_metrics_artifacts(tmp_path, mlflow_sqlite):
+    uri = mlflow_sqlite(tmp_path / "m.db")
     t = Tracker(uri, "exp", run_name="r")
     assert t.ok and t.run_id
     t.log_params({"train.epochs": 3, "eval.k": [10, 20]})
@@ -41,10 +41,10 @@ def test_relative_sqlite_uri_becomes_absolute(tmp_path):
     assert resolve_tracking_uri("http://host:5000") == "http://host:5000"
 
 
-def test_resume_reopens_the_run_and_skips_logged_params(tmp_path):
+def test_resume_reopens_the_run_and_skips_logged_params(tmp_path, mlflow_sqlite):
     from mlflow.tracking import MlflowClient
 
-    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    uri = mlflow_sqlite(tmp_path / "m.db")
     first = Tracker(uri, "exp", run_name="r")
     first.log_params({"train.epochs": 3})
     first.log_metrics({"loss": 2.0}, step=1)

@@ -8,7 +8,7 @@ import logging
 import time
 
 import pytest
-from live_services import MlflowServer
+from live_services import shared_mlflow_server
 from mlflow.tracking import MlflowClient
 
 from pipeline.tracking import Tracker
@@ -19,9 +19,9 @@ FAST = {"http_timeout_s": 2, "max_backoff_s": 1, "flush_interval_s": 0.2}
 
 @pytest.fixture(scope="module")
 def server():
-    srv = MlflowServer()  # our own: this module stops and restarts it
-    yield srv
-    srv.stop()
+    """The session's server: this module stops it and starts it again (same port and store);
+    a test that fails while it is down leaves it for ``shared_mlflow_server`` to replace."""
+    return shared_mlflow_server()
 
 
 def _steps(uri: str, run_id: str, key: str) -> list[int]:
