@@ -43,5 +43,6 @@ def setup_console(level: int = logging.WARNING) -> None:
         progress.addHandler(handler)
     progress.setLevel(logging.INFO)
     progress.propagate = False
+    progress.disabled = False  # a library's logging.config.dictConfig may have disabled it
     for name, lvl in QUIET.items():
         logging.getLogger(name).setLevel(lvl)
