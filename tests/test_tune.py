@@ -76,6 +76,8 @@ def test_two_trial_sweep_registers_best(tmp_path, digits_dir, ray_session, capsy
     # the test split: reported once, for the best trial, after the selection; no trial saw it
     assert "test_knn_top1" in parent.data.metrics
     assert not any("test_knn_top1" in c.data.metrics for c in children)
+    assert float(champion.tags["test_knn_top1"]) == pytest.approx(
+        parent.data.metrics["test_knn_top1"], abs=1e-4)  # for people to read, not to choose
     report = (tmp_path / "results" / "sw-test.md").read_text()
     assert best["trial_id"] in report and "test split" in report
     assert (tmp_path / "results" / "sw-test.csv").exists()

@@ -94,10 +94,14 @@ def run_sweep(cfg: DinoConfig, *, address: str | None = None, register: bool = T
 
         version = register_teacher(
             best["checkpoint_path"], None,
-            metrics={k: best[k] for k in best if k.startswith(("knn", "test_knn"))},
+            # validation figures only on the trial's run: the champion is chosen on run
+            # metrics, and the test split must never take part in a choice
+            metrics={k: best[k] for k in best if k.startswith("knn")},
             run_id=best.get("mlflow_run_id") or None, tracking_uri=cfg.tracking.tracking_uri,
             name=cfg.tracking.registered_model, set_champion=True,
-            extra_tags={"sweep": sweep, "trial_id": str(best["trial_id"])})
+            extra_tags={"sweep": sweep, "trial_id": str(best["trial_id"]),
+                        **{k: f"{float(v):.6g}" for k, v in test.items()
+                           if isinstance(v, (int, float))}})
         print(f"registered best trial {best['trial_id']} as {cfg.tracking.registered_model} "
               f"version {version}", flush=True)
         parent.set_tag("registered_version", str(version))
