@@ -153,10 +153,6 @@ class TrainConfig(Section):
     keep_checkpoints: int = Field(2, ge=1)
     max_failures: int = Field(0, ge=-1)
     log_every_steps: int = Field(10, ge=1)
-    fail_at_step: int | None = Field(
-        None, ge=0, description="fault injection: rank 1 (or 0) dies once at this global step")
-    nan_at_step: int | None = Field(
-        None, ge=0, description="fault injection: the crops become NaN at this global step")
     resume: Literal["auto", "changed", "never"] = Field(
         "auto", description="a rerun with the same name: auto = continue only with the same "
         "config (more train.epochs allowed), changed = continue with a changed config, never = "

@@ -12,6 +12,7 @@ import torch
 from pipeline.checkpoints import latest_checkpoint, load_state, load_teacher_backbone, read_meta
 from pipeline.preflight import PreflightError
 from pipeline.train.failures import TrainingError
+from pipeline.train.faults import Faults
 from pipeline.train.presets import tiny_config
 from pipeline.training_run import run_training
 
@@ -21,11 +22,12 @@ pytestmark = pytest.mark.ray
 def test_two_workers_survive_a_worker_death_and_log_to_mlflow(ray_session, digits_dir, tmp_path):
     db = tmp_path / "mlflow.db"
     cfg = tiny_config(digits_dir, tmp_path / "runs", "ft", train__num_workers=2,
-                      train__fail_at_step=4, train__max_failures=1, model__head_use_bn=True,
+                      train__max_failures=1, model__head_use_bn=True,
                       tracking__enabled=True, tracking__tracking_uri=f"sqlite:///{db}")
     steps: list[dict] = []
     epochs: list[dict] = []
-    result = run_training(cfg, on_step_metrics=steps.append, on_epoch_metrics=epochs.append)
+    result = run_training(cfg, on_step_metrics=steps.append, on_epoch_metrics=epochs.append,
+                          faults=Faults(fail_at_step=4))
 
     # rank 1 died once at step 4 (marker), the group restarted from the step-3 checkpoint
     assert (Path(result.storage_path) / ".fault_injected_step_4").is_file()
@@ -77,10 +79,10 @@ def test_resume_after_interruption_matches_uninterrupted_run(ray_session, digits
     assert full.mlflow_run_id is None
     assert full.metrics["step"] == 4 and Path(full.checkpoint_path, "state.pt").is_file()
 
-    interrupted = tiny_config(digits_dir, tmp_path / "runs", "cut", train__fail_at_step=3,
-                              train__max_failures=0, **common)
+    interrupted = tiny_config(digits_dir, tmp_path / "runs", "cut", train__max_failures=0,
+                              **common)
     with pytest.raises(TrainingError) as info:
-        run_training(interrupted)
+        run_training(interrupted, faults=Faults(fail_at_step=3))
     assert info.value.last_checkpoint is not None
     assert load_state(info.value.last_checkpoint)["global_step"] == 2
 
@@ -103,9 +105,9 @@ def test_resume_after_interruption_matches_uninterrupted_run(ray_session, digits
 def test_nan_loss_stops_with_clear_error_and_keeps_last_checkpoint(ray_session, digits_dir,
                                                                    tmp_path):
     cfg = tiny_config(digits_dir, tmp_path / "runs", "nan", train__epochs=2,
-                      train__max_steps_per_epoch=2, train__nan_at_step=3, data__limit=64)
+                      train__max_steps_per_epoch=2, data__limit=64)
     with pytest.raises(TrainingError) as info:
-        run_training(cfg.with_overrides({"train.max_failures": 2}))
+        run_training(cfg.with_overrides({"train.max_failures": 2}), faults=Faults(nan_at_step=3))
     msg = str(info.value)
     assert "NonFiniteLossError" in msg and "nan" in msg.lower()
     assert "restart" not in msg  # deterministic: failed once, whatever max_failures says

@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import tempfile
 import time
 from typing import Any
@@ -39,13 +38,12 @@ from pipeline.checkpoints import (
     load_state,
     newest_checkpoint,
     random_init_backbone,
-    read_run_file,
     save_checkpoint,
-    write_run_file,
 )
 from pipeline.config import DinoConfig
 from pipeline.train.control import StopPoller
 from pipeline.train.failures import ResumeMismatchError
+from pipeline.train.faults import Faults
 from pipeline.train.knn import knn_on_rank0, pixel_knn_metrics
 from pipeline.train.metrics import AVERAGED, EpochMeter, collapse_check, finite
 
@@ -69,6 +67,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     install_log_redaction()  # worker log lines reach the job's logs too
     cfg = DinoConfig.from_dict(config["cfg"])
     td = config["train_data"]
+    faults: Faults = config.get("faults") or Faults()  # tests only
     tc = cfg.train
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -183,10 +182,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 break
             if i < skip:
                 continue
-            _maybe_die(tc, rank, world, global_step, run_directory)
+            faults.maybe_die(rank=rank, world=world, global_step=global_step,
+                             run_directory=run_directory)
             crops = _crops(batch, device, cfg, (tc.seed, epoch, global_step, rank))
-            if tc.nan_at_step is not None and global_step == tc.nan_at_step:
-                crops = [c * float("nan") for c in crops]  # fault injection: non-finite loss
+            crops = faults.poison(crops, global_step)
             t1 = time.perf_counter()
             try:
                 res = dino_step(
@@ -351,20 +350,6 @@ def _mean_over_ranks(values: dict[str, float]) -> dict[str, float]:
     dist.all_reduce(t)
     t /= dist.get_world_size()
     return dict(zip(keys, t.tolist()))
-
-
-def _maybe_die(tc, rank: int, world: int, global_step: int, run_directory: str | None) -> None:
-    """Fault injection: one rank dies (once: a marker file in the run dir) at train.fail_at_step."""
-    if tc.fail_at_step is None or global_step != tc.fail_at_step:
-        return
-    if rank != (1 if world > 1 else 0) or run_directory is None:
-        return
-    marker = f".fault_injected_step_{global_step}"
-    if read_run_file(run_directory, marker) is not None:
-        return
-    write_run_file(run_directory, marker, f"rank {rank} died at step {global_step}\n")
-    log.warning("fault injection: rank %d exits at global step %d", rank, global_step)
-    os._exit(1)
 
 
 def _report_epoch(summary, want_ckpt, rank, cfg, student, teacher, loss_fn, optimizer, *,

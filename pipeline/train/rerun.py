@@ -6,7 +6,7 @@ name continues the run only when the config that defines the run is the same; ra
 differing fields listed, unless ``train.resume=changed`` (continue with the changes; MLflow gets
 a new run, linked to the old one, so its params are the ones in force) or ``train.resume=never``
 (a fresh run under a new name). Operational fields (where things run, how often to log or
-checkpoint, evaluation, tracking, sweeps, fault injection) never block a rerun.
+checkpoint, evaluation, tracking, sweeps) never block a rerun.
 
 The driver asks here before any worker starts: ``rerun_policy`` (the config in force for a rerun)
 and ``resumable_step`` (where it continues, refusing a run directory it cannot continue).
@@ -31,7 +31,7 @@ log = logging.getLogger("dino_ray.train")
 OPERATIONAL = {
     "train": {"name", "storage_path", "shared_filesystem", "epochs", "max_failures", "use_gpu",
               "cpus_per_worker", "max_wall_seconds", "checkpoint_every_epochs",
-              "keep_checkpoints", "log_every_steps", "fail_at_step", "nan_at_step", "resume"},
+              "keep_checkpoints", "log_every_steps", "resume"},
     "data": {"num_actors", "cpus_per_actor", "map_batch_size", "data_cpu_limit",
              "object_store_limit_mib", "max_skip_fraction"},
 }

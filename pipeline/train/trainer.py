@@ -36,6 +36,7 @@ from pipeline.checkpoints import (
 from pipeline.config import DinoConfig
 from pipeline.train.control import RunControl, StopOnSignals, TrainingInterrupted
 from pipeline.train.failures import TrainingError
+from pipeline.train.faults import Faults
 from pipeline.train.progress import Progress
 from pipeline.train.rerun import rerun_policy, resumable_step
 
@@ -101,6 +102,7 @@ def fit(
     config_path: str | Path | None = None,
     callbacks: list | None = None,
     evaluation: FinalEvaluation | None = None,
+    faults: Faults | None = None,
 ) -> TrainingResult:
     """Train DINO on Ray Train, then (with ``evaluation``) k-NN-evaluate the teacher and the
     random-init backbone; ``pipeline.training_run.run_training`` is this with the evaluation.
@@ -108,7 +110,8 @@ def fit(
     ``train_data``: optional object with ``dataset`` (Ray Dataset with global_0, global_1, local_*
     uint8 NHWC columns), ``num_images`` and optionally ``set_epoch``/``skip_counts`` (default:
     ``pipeline.data.dataset.build_train_dataset``). ``callbacks``: extra Ray Train callbacks
-    (e.g. ``ray.tune.integration.ray_train.TuneReportCallback()``).
+    (e.g. ``ray.tune.integration.ray_train.TuneReportCallback()``). ``faults``: for tests only,
+    the faults to inject in the workers (``pipeline.train.faults``).
     Raises ``PreflightError`` (a ``ConfigError``) before any Ray work for a run that cannot
     succeed, and ``TrainingError`` (with ``last_checkpoint``) when training fails.
     """
@@ -133,6 +136,7 @@ def fit(
         cfg, changed = rerun_policy(cfg)
         run = _plan(cfg, view, train_data, corpus)
         run.new_tracking_run = changed
+        run.faults = faults or Faults()
         tracker = _open_tracking(cfg, run, config_path)
         history, steps, last = _launch_and_collect(cfg, run, tracker, on_epoch_metrics,
                                                    on_step_metrics, callbacks)
@@ -153,6 +157,7 @@ class _Run:
     start_step: int
     eval_ref: Any = None
     new_tracking_run: bool = False  # continued with a changed config: a new MLflow run
+    faults: Faults = Faults()  # tests only: the faults the workers inject
     # what one Train worker asks for, fixed at plan time: a retry after the train node died must
     # still ask for the `train` role (asked afresh, with no train node alive at that moment, the
     # workers landed on the data node and took the CPUs the crop actor needed: a deadlock)
@@ -261,7 +266,7 @@ def _build_trainer(cfg: DinoConfig, run: _Run, q, callbacks, control=None):
         train_loop_config={"cfg": cfg.model_dump(mode="json"), "train_data": run.train_data,
                            "num_images": run.train_data.num_images, "eval_ref": run.eval_ref,
                            "storage": run.storage, "metrics_queue": q, "run_dir": run.rdir,
-                           "control": control},
+                           "control": control, "faults": run.faults},
         scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu,
                                      resources_per_worker=resources),
         run_config=RunConfig(
