@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import DinoConfig
+from pipeline.data.contract import TrainData
 from pipeline.evaluate.knn_eval import evaluate_knn, evaluate_test_split
 from pipeline.train.faults import Faults
 from pipeline.train.trainer import MetricsHook, TrainingResult, fit
@@ -35,7 +36,7 @@ def run_training(
     address: str | None = None,
     on_epoch_metrics: MetricsHook | None = None,
     on_step_metrics: MetricsHook | None = None,
-    train_data: Any = None,
+    train_data: TrainData | None = None,
     config_path: str | Path | None = None,
     callbacks: list | None = None,
     faults: Faults | None = None,

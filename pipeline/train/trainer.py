@@ -34,6 +34,7 @@ from pipeline.checkpoints import (
     write_run_file,
 )
 from pipeline.config import DinoConfig
+from pipeline.data.contract import DataStatistics, TrainData
 from pipeline.train.control import RunControl, StopOnSignals, TrainingInterrupted
 from pipeline.train.failures import TrainingError
 from pipeline.train.faults import Faults
@@ -98,7 +99,7 @@ def fit(
     address: str | None = None,
     on_epoch_metrics: MetricsHook | None = None,
     on_step_metrics: MetricsHook | None = None,
-    train_data: Any = None,
+    train_data: TrainData | None = None,
     config_path: str | Path | None = None,
     callbacks: list | None = None,
     evaluation: FinalEvaluation | None = None,
@@ -107,11 +108,12 @@ def fit(
     """Train DINO on Ray Train, then (with ``evaluation``) k-NN-evaluate the teacher and the
     random-init backbone; ``pipeline.training_run.run_training`` is this with the evaluation.
 
-    ``train_data``: optional object with ``dataset`` (Ray Dataset with global_0, global_1, local_*
-    uint8 NHWC columns), ``num_images`` and optionally ``set_epoch``/``skip_counts`` (default:
-    ``pipeline.data.dataset.build_train_dataset``). ``callbacks``: extra Ray Train callbacks
-    (e.g. ``ray.tune.integration.ray_train.TuneReportCallback()``). ``faults``: for tests only,
-    the faults to inject in the workers (``pipeline.train.faults``).
+    ``train_data``: optional ``pipeline.data.contract.TrainData`` (a Ray Dataset of global_0,
+    global_1, local_* uint8 NHWC columns and ``num_images``), optionally with the contract's
+    epoch and counter methods (default: ``pipeline.data.dataset.build_train_dataset``).
+    ``callbacks``: extra Ray Train callbacks (e.g.
+    ``ray.tune.integration.ray_train.TuneReportCallback()``). ``faults``: for tests only, the
+    faults to inject in the workers (``pipeline.train.faults``).
     Raises ``PreflightError`` (a ``ConfigError``) before any Ray work for a run that cannot
     succeed, and ``TrainingError`` (with ``last_checkpoint``) when training fails.
     """
@@ -151,7 +153,7 @@ class _Run:
 
     storage: str  # resolved storage_path
     rdir: str  # <storage>/<name>, local path or URI
-    train_data: Any
+    train_data: TrainData
     plan: Any  # ResourcePlan or None (caller-built data)
     ipe: int
     start_step: int
@@ -448,7 +450,7 @@ def _finish(cfg: DinoConfig, run: _Run, tracker, history, steps, ckpt_path, t0,
 
 def _data_stats(train_data) -> dict:
     try:
-        return train_data.stats() if hasattr(train_data, "stats") else {}
+        return train_data.stats() if isinstance(train_data, DataStatistics) else {}
     except Exception:  # noqa: BLE001 - counters are best effort
         return {}
 

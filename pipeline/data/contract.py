@@ -1,0 +1,62 @@
+"""What training asks of a training dataset: the driver (``pipeline.train.trainer.fit``'s
+``train_data``) and every worker (``pipeline.train.loop``).
+
+``pipeline.data.dataset.TrainDataset`` implements all of it; a caller-built dataset (a test, a
+benchmark) needs only ``TrainData``. The optional parts are runtime-checkable: the loop asks
+``isinstance(data, EpochStreaming)`` and so on, and skips what a dataset does not offer.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol, runtime_checkable
+
+
+class TrainData(Protocol):
+    """The required part: a Ray Dataset of ``global_0``, ``global_1`` and ``local_*`` uint8 NHWC
+    crop columns, and the number of images one epoch reads (it sizes the steps per epoch)."""
+
+    dataset: Any  # ray.data.Dataset
+    num_images: int
+
+
+@runtime_checkable
+class EpochSetting(Protocol):
+    """Crops that depend on the epoch: ``set_epoch(epoch)`` before iterating that epoch."""
+
+    def set_epoch(self, epoch: int) -> None:
+        """Make the next iteration of ``dataset`` produce epoch ``epoch``."""
+
+
+@runtime_checkable
+class EpochStreaming(Protocol):
+    """One iteration for many epochs. When ``streams_epochs`` is true, ``set_epoch(e, until=E,
+    rows_per_epoch=n)`` makes the next iteration stream epochs ``e .. E-1`` back to back, each
+    cut to its first ``n`` rows, so the data stage starts once for the whole run."""
+
+    streams_epochs: bool
+
+    def set_epoch(self, epoch: int, until: int | None = None,
+                  rows_per_epoch: int | None = None) -> None:
+        """Make the next iteration stream epochs ``epoch .. until-1`` (``epoch`` alone when
+        ``until`` is None), each of ``rows_per_epoch`` rows (all when None)."""
+
+
+@runtime_checkable
+class SkipCounting(Protocol):
+    """Counts of the images the data stage could not use."""
+
+    def skip_counts(self) -> dict[str, int]:
+        """Reason -> images skipped so far (cumulative over the run)."""
+
+
+@runtime_checkable
+class DataStatistics(Protocol):
+    """What the data stage read, for the data-quality check (``pipeline.data.quality``)."""
+
+    def stats(self) -> dict[str, Any]:
+        """``{"decoded": n, "skipped": {reason: n}, ...}`` (cumulative over the run)."""
+
+
+def streams_epochs(data: object) -> bool:
+    """Whether ``data`` streams many epochs in one iteration (``EpochStreaming`` and says so)."""
+    return isinstance(data, EpochStreaming) and bool(data.streams_epochs)
