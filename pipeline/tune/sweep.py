@@ -75,7 +75,9 @@ def run_sweep(cfg: DinoConfig, *, address: str | None = None, register: bool = T
         tune_config=tune.TuneConfig(metric=tc.metric, mode=tc.mode, scheduler=scheduler,
                                     num_samples=tc.num_samples,
                                     max_concurrent_trials=concurrency),
-        run_config=tune.RunConfig(name=sweep, storage_path=storage, verbose=1,
+        # verbose=0: Tune's status table repeats the whole base config every few seconds; the
+        # results table printed at the end (format_table, below) is the one to read
+        run_config=tune.RunConfig(name=sweep, storage_path=storage, verbose=0,
                                   callbacks=[ReleaseTrialPlacementGroups(DRIVER_RESOURCES)]),
     )
     grid = tuner.fit()
