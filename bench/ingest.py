@@ -129,9 +129,12 @@ def ray_epoch(td, epoch: int, batch_size: int, total: int) -> dict:
 def ray_stream(td, epochs: int, batch_size: int, per_epoch: int) -> dict:
     """What the training loop does: one execution streams ``epochs`` epochs back to back (the
     actor pool starts once). Whole-run rate, start-up included."""
-    td.set_epoch(0, until=epochs, rows_per_epoch=per_epoch)
     t0 = time.perf_counter()
-    n = sum(len(b["global_0"]) for b in td.dataset.iter_torch_batches(batch_size=batch_size))
+    n, epoch = 0, 0
+    while epoch < epochs:  # one execution per window of data.stream_rows rows (one here)
+        end = td.set_epoch(epoch, until=epochs, rows_per_epoch=per_epoch)
+        n += sum(len(b["global_0"]) for b in td.dataset.iter_torch_batches(batch_size=batch_size))
+        epoch = end
     wall = time.perf_counter() - t0
     return {"epochs": epochs, "images": n, "wall_s": round(wall, 2),
             "rate_incl_startup": round(n / wall, 1)}

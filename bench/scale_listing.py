@@ -41,7 +41,7 @@ def one_point(rows: int, epochs: int) -> dict:
     from pipeline.data.datasource import CorpusDatasource
     from pipeline.data.dataset import build_train_dataset
     from pipeline.data.sources import Corpus
-    from pipeline.data.state import DataHandle
+    from pipeline.data.state import DataHandle, stream_end
 
     tmp = Path(tempfile.mkdtemp(prefix="dino-scale-"))
     rng = np.random.default_rng(0)
@@ -62,8 +62,9 @@ def one_point(rows: int, epochs: int) -> dict:
     ray.data.DataContext.get_current().enable_progress_bars = False
     with MemorySampler() as mem:
         # planning alone: what the executor does when an execution starts
+        # the window the training loop asks for: all epochs, cut to data.stream_rows rows
         handle = DataHandle()
-        handle.set_epoch(0, until=epochs)
+        handle.set_epoch(0, stream_end(0, epochs, rows, DataConfig().stream_rows))
         source = CorpusDatasource(corpus, seed=0, state=handle, rows_per_task=256)
         t0 = time.perf_counter()
         tasks = source.get_read_tasks(200)

@@ -39,6 +39,10 @@ class DataConfig(Section):
     shuffle_window: int = Field(
         8, ge=1, description="Parquet: row groups (drawn at random across files every epoch) whose "
         "rows one read task interleaves; a task holds this many groups' encoded bytes")
+    stream_rows: int = Field(
+        4_000_000, ge=1, description="rows one Ray Data execution streams (whole epochs, at least "
+        "one; the training loop opens the next when it ends): its read tasks live as long as the "
+        "execution, so their number is bounded by this, not by train.epochs")
     local_shuffle_buffer: int = Field(0, ge=0, description="rows in the trainer-side shuffle buffer")
     limit: int | None = Field(
         None, ge=1, description="use N images spread evenly over the classes (seeded sample)")

@@ -5,7 +5,9 @@ INFO or WARNING (MLflow's model signature inference, alembic's migrations) kept 
 from __future__ import annotations
 
 import logging
+import os
 import sys
+import warnings
 
 QUIET = {
     "alembic": logging.WARNING,  # the SQLite store's schema migrations on first use
@@ -46,3 +48,9 @@ def setup_console(level: int = logging.WARNING) -> None:
     progress.disabled = False  # a library's logging.config.dictConfig may have disabled it
     for name, lvl in QUIET.items():
         logging.getLogger(name).setLevel(lvl)
+    # MLflow sets its own loggers' level when it is first imported (often after this call, in a
+    # lazy import), from MLFLOW_LOGGING_LEVEL; its artifact downloads draw progress bars
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", logging.getLevelName(QUIET["mlflow"]))
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    # Ray Train's own DataConfig still sets the deprecated ExecutionOptions.exclude_resources
+    warnings.filterwarnings("ignore", message=r".*exclude_resources.*is deprecated")

@@ -16,7 +16,7 @@ from pipeline.data.datasource import CorpusDatasource
 from pipeline.data.dataset import MultiCropStage, build_train_dataset
 from pipeline.data.eval_sets import build_eval_datasets
 from pipeline.data.sources import CorpusError, list_corpus
-from pipeline.data.state import DataHandle
+from pipeline.data.state import DataHandle, stream_end
 
 pytestmark = pytest.mark.ray
 
@@ -161,6 +161,28 @@ def test_one_execution_streams_an_epoch_window_cut_to_rows_per_epoch(ray_session
     pq_rows = rows(pq_src.get_read_tasks(4))
     assert [e for e, _ in pq_rows] == [0] * 7 + [1] * 7
     assert len({k for e, k in pq_rows if e == 0}) == 7
+
+
+def test_live_read_tasks_do_not_grow_with_epochs(ray_session, mixed_tree):
+    """An execution streams at most ``data.stream_rows`` rows of whole epochs, so the read tasks
+    Ray Data holds for it are as many for a 1000-epoch run as for a 10-epoch one; the training
+    loop opens the next window where ``set_epoch`` says this one ends."""
+    assert stream_end(0, 100, rows_per_epoch=20, max_rows=50) == 2
+    assert stream_end(5, 100, rows_per_epoch=80, max_rows=50) == 6  # at least one epoch
+    assert stream_end(3, None, rows_per_epoch=1, max_rows=50) == 4
+    assert stream_end(98, 100, rows_per_epoch=20, max_rows=50) == 100
+
+    td = build_train_dataset(DataConfig(path=str(mixed_tree), stream_rows=50),
+                             AugmentConfig(global_size=16, local_size=8, num_local=0))
+    src = CorpusDatasource(list_corpus(str(mixed_tree)), seed=0, state=td.handle,
+                           rows_per_task=8)
+    counts = {}
+    for epochs in (10, 1000):
+        assert td.set_epoch(0, until=epochs, rows_per_epoch=20) == 2
+        counts[epochs] = len(src.get_read_tasks(4))
+    assert counts[10] == counts[1000] == 2 * (20 // 8 + 1)
+    assert td.set_epoch(998, until=1000, rows_per_epoch=20) == 1000
+    assert td.handle.window() == (998, 1000, 20)
 
 
 def test_parquet_rows_are_shuffled_across_row_groups_and_files(tmp_path):

@@ -34,3 +34,20 @@ def test_progress_reaches_stdout_at_info_and_library_noise_does_not(capsys):
     out = capsys.readouterr()
     assert out.out.count("epoch 1/1 done") == 1
     assert "inferred a signature" not in out.out + out.err and "not shown" not in out.err
+
+
+def test_mlflow_imported_after_the_console_setup_stays_quiet():
+    """MLflow sets its loggers' level on first import (after ``setup_console`` when a command
+    imports it lazily): the setup reaches it through MLFLOW_LOGGING_LEVEL, and artifact downloads
+    draw no progress bar."""
+    import subprocess
+    import sys
+
+    code = ("import os, logging; from pipeline.console import setup_console; setup_console(); "
+            "import mlflow; from mlflow.environment_variables import "
+            "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR as bar; "
+            "print(logging.getLogger('mlflow').getEffectiveLevel(), bar.get())")
+    env = {k: v for k, v in __import__("os").environ.items() if not k.startswith("MLFLOW_")}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                         check=True).stdout.split()
+    assert out == [str(logging.ERROR), "False"]

@@ -25,7 +25,7 @@ from pipeline.data.augment import MultiCrop, view_specs
 from pipeline.data.datasource import CorpusDatasource, stable_hash
 from pipeline.data.decode import BadImage, read_bytes
 from pipeline.data.sources import Corpus, list_corpus
-from pipeline.data.state import DataHandle
+from pipeline.data.state import DataHandle, stream_end
 from pipeline.ray_runtime import role_resources
 
 if TYPE_CHECKING:
@@ -102,6 +102,7 @@ class TrainDataset:
     handle: DataHandle
     view_names: list[str]
     corpus_description: str = ""
+    stream_rows: int = 4_000_000  # ``data.stream_rows``: rows one execution streams at most
     streams_epochs = True  # ``set_epoch(e, until=E)`` makes one execution stream epochs e..E-1
 
     @property
@@ -109,11 +110,14 @@ class TrainDataset:
         return len(self.class_names)
 
     def set_epoch(self, epoch: int, until: int | None = None,
-                  rows_per_epoch: int | None = None) -> None:
+                  rows_per_epoch: int | None = None) -> int:
         """Idempotent, from any process: the next execution (iteration) streams epochs
-        ``epoch .. until-1`` (only ``epoch`` when ``until`` is None), each cut to its first
-        ``rows_per_epoch`` images (see ``pipeline.data.state``)."""
-        self.handle.set_epoch(epoch, until, rows_per_epoch)
+        ``epoch .. end-1``, each cut to its first ``rows_per_epoch`` images (see
+        ``pipeline.data.state``), and returns ``end``: ``until`` (``epoch + 1`` when None) cut to
+        the whole epochs that fit in ``stream_rows``. Iterate again from ``end`` when it ends."""
+        end = stream_end(epoch, until, rows_per_epoch or self.num_images, self.stream_rows)
+        self.handle.set_epoch(epoch, end, rows_per_epoch)
+        return end
 
     def skip_counts(self) -> dict[str, int]:
         """Cumulative reason -> number of images skipped since the dataset was built."""
@@ -170,4 +174,5 @@ def build_train_dataset(data: DataConfig, augment: AugmentConfig, seed: int = 0,
     view_bytes = sum(s.size * s.size * 3 for s in view_specs(augment)) + 8
     ds.context.target_max_block_size = max(1 << 20, view_bytes * data.map_batch_size)
     return TrainDataset(ds, source.num_rows(), list(corpus.class_names), handle,
-                        [s.name for s in view_specs(augment)], corpus.description)
+                        [s.name for s in view_specs(augment)], corpus.description,
+                        stream_rows=data.stream_rows)

@@ -67,6 +67,16 @@ class DataState:
                 "converted": dict(self.converted), "examples": list(self.examples)}
 
 
+def stream_end(epoch: int, until: int | None, rows_per_epoch: int, max_rows: int) -> int:
+    """The exclusive end of the epoch window one execution streams: ``until`` (``epoch + 1`` when
+    None), cut to the whole epochs that fit in ``max_rows`` rows (at least one). Ray Data keeps an
+    execution's read tasks for its whole life, so a run of 100 ImageNet epochs in one execution
+    held 100x the tasks of one; a bounded window keeps that count flat in ``train.epochs``."""
+    end = epoch + 1 if until is None else max(int(until), epoch + 1)
+    per_window = max(1, int(max_rows) // max(1, int(rows_per_epoch)))
+    return min(end, epoch + per_window)
+
+
 class DataHandle:
     """Picklable handle on a ``DataState`` actor: works in the driver and in Ray workers."""
 
