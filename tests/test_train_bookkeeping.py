@@ -10,7 +10,7 @@ import torch
 from ray.train import Checkpoint
 
 from pipeline.checkpoints import build_models, save_checkpoint
-from pipeline.train.loop import resume_state
+from pipeline.train.loop import BatchStream, resume_state
 from pipeline.train.metrics import EpochMeter
 from pipeline.train.presets import tiny_config
 from pipeline.train.trainer import _evaluated_in_loop
@@ -66,3 +66,29 @@ def test_final_knn_is_not_repeated_when_the_last_epoch_has_it():
     assert not _evaluated_in_loop([{"knn_init_top1": 30.0, "knn_top1": 31.0}, {"epoch_loss": 1.0}])
     assert not _evaluated_in_loop([{"knn_top1": 40.0}])  # random init unknown (resumed run)
     assert not _evaluated_in_loop([])
+
+
+def test_the_stream_opens_a_new_execution_where_each_window_ends():
+    """A dataset that bounds its windows (``data.stream_rows``): the loop opens the next
+    execution at the epoch the last one ended before, and not in between."""
+    opened: list[tuple[int, int]] = []
+
+    class Windowed:  # EpochStreaming with windows of 2 epochs
+        streams_epochs = True
+        dataset = None
+        num_images = 8
+
+        def set_epoch(self, epoch, until=None, rows_per_epoch=None):
+            end = min(until, epoch + 2)
+            opened.append((epoch, end))
+            return end
+
+    class Shard:
+        def iter_torch_batches(self, **kwargs):
+            return iter([{"epoch": len(opened) - 1}])
+
+    cfg = tiny_config("unused", "unused", "w", train__epochs=5)
+    stream = BatchStream(Windowed(), Shard(), cfg, rows_per_epoch=8)
+    for epoch in range(5):
+        stream.begin_epoch(epoch)
+    assert opened == [(0, 2), (2, 4), (4, 5)]

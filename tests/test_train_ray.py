@@ -72,9 +72,11 @@ def _final_teacher(result) -> dict[str, torch.Tensor]:
 def test_resume_after_interruption_matches_uninterrupted_run(ray_session, digits_dir, tmp_path):
     common = dict(train__epochs=2, train__max_steps_per_epoch=2, train__deterministic_data=True,
                   model__drop_path_rate=0.1, data__limit=64)
-    # the uninterrupted run also logs to an MLflow server that is down: a warning, no failure
+    # the uninterrupted run also logs to an MLflow server that is down: a warning, no failure;
+    # and it streams one epoch per execution (data.stream_rows below one epoch's rows), so the
+    # loop opens a second window at epoch 1 and must match the resumed run's crops
     full = run_training(tiny_config(
-        digits_dir, tmp_path / "runs", "full", tracking__enabled=True,
+        digits_dir, tmp_path / "runs", "full", tracking__enabled=True, data__stream_rows=1,
         tracking__tracking_uri="http://127.0.0.1:9", tracking__http_timeout_s=2, **common))
     assert full.mlflow_run_id is None
     assert full.metrics["step"] == 4 and Path(full.checkpoint_path, "state.pt").is_file()

@@ -30,15 +30,16 @@ class EpochSetting(Protocol):
 @runtime_checkable
 class EpochStreaming(Protocol):
     """One iteration for many epochs. When ``streams_epochs`` is true, ``set_epoch(e, until=E,
-    rows_per_epoch=n)`` makes the next iteration stream epochs ``e .. E-1`` back to back, each
-    cut to its first ``n`` rows, so the data stage starts once for the whole run."""
+    rows_per_epoch=n)`` makes the next iteration stream epochs ``e .. end-1`` back to back, each
+    cut to its first ``n`` rows, so the data stage starts once for many epochs; ``end <= E`` is
+    returned (a bounded window: iterate again from ``end``)."""
 
     streams_epochs: bool
 
     def set_epoch(self, epoch: int, until: int | None = None,
-                  rows_per_epoch: int | None = None) -> None:
-        """Make the next iteration stream epochs ``epoch .. until-1`` (``epoch`` alone when
-        ``until`` is None), each of ``rows_per_epoch`` rows (all when None)."""
+                  rows_per_epoch: int | None = None) -> int:
+        """Make the next iteration stream epochs ``epoch .. end-1`` (``epoch`` alone when
+        ``until`` is None), each of ``rows_per_epoch`` rows (all when None); returns ``end``."""
 
 
 @runtime_checkable

@@ -446,9 +446,10 @@ class BatchStream:
     """This worker's batches, epoch after epoch.
 
     A dataset that streams epochs (``pipeline.data.contract.EpochStreaming``) gets one execution
-    for every remaining epoch: the crop actors start once and the next epoch's crops are ready
-    while the last steps of this one run. Any other dataset gets one execution per epoch (after
-    ``set_epoch(epoch)`` when it has it)."""
+    for a window of epochs (all remaining ones, up to ``data.stream_rows`` rows): the crop actors
+    start once per window and the next epoch's crops are ready while the last steps of this one
+    run. Any other dataset gets one execution per epoch (after ``set_epoch(epoch)`` when it has
+    it)."""
 
     def __init__(self, data: TrainData, shard, cfg: DinoConfig, *, rows_per_epoch: int) -> None:
         self.data = data
@@ -457,11 +458,13 @@ class BatchStream:
         self.rows_per_epoch = rows_per_epoch  # ipe x global batch: where each epoch is cut
         self.one_stream = streams_epochs(data)
         self.batches: Iterator[dict[str, torch.Tensor]] | None = None
+        self.window_end = 0  # the single stream: the epoch its execution ends before
 
     def begin_epoch(self, epoch: int) -> None:
-        """Before ``epoch``: open its execution (the single stream: only for the first epoch)."""
+        """Before ``epoch``: open its execution (the single stream: at the first epoch and where
+        the last window ended; every rank computes the same ends, so all open it together)."""
         if self.one_stream:
-            if self.batches is None:
+            if self.batches is None or epoch >= self.window_end:
                 self.reopen(epoch)
             return
         if isinstance(self.data, EpochSetting):
@@ -469,9 +472,11 @@ class BatchStream:
         self.batches = _iter_batches(self.shard, self.cfg, epoch)
 
     def reopen(self, epoch: int) -> None:
-        """The single stream: a new execution of epochs ``epoch .. train.epochs - 1``."""
-        self.data.set_epoch(epoch, until=self.cfg.train.epochs,
-                            rows_per_epoch=self.rows_per_epoch)
+        """The single stream: a new execution of epochs ``epoch .. train.epochs - 1``, or of the
+        window of them the dataset bounds."""
+        end = self.data.set_epoch(epoch, until=self.cfg.train.epochs,
+                                  rows_per_epoch=self.rows_per_epoch)
+        self.window_end = int(end) if isinstance(end, int) else self.cfg.train.epochs
         self.batches = _iter_batches(self.shard, self.cfg, epoch)
 
     def next(self) -> dict[str, torch.Tensor] | None:

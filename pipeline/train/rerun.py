@@ -33,7 +33,7 @@ OPERATIONAL = {
               "cpus_per_worker", "max_wall_seconds", "checkpoint_every_epochs",
               "keep_checkpoints", "log_every_steps", "resume"},
     "data": {"num_actors", "cpus_per_actor", "map_batch_size", "data_cpu_limit",
-             "object_store_limit_mib", "max_skip_fraction"},
+             "object_store_limit_mib", "max_skip_fraction", "stream_rows"},
 }
 IGNORED_SECTIONS = {"eval", "tracking", "tune"}
 
