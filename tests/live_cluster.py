@@ -87,13 +87,19 @@ def _cluster_env(extra: dict[str, str]) -> dict[str, str]:
 class RayNode:
     """One ``ray start --block`` process (head or worker) in its own process group."""
 
-    def __init__(self, args: list[str], env: dict[str, str], log: Path, marker: str) -> None:
-        self.log = log
+    def __init__(self, args: list[str], env: dict[str, str], log: Path, marker: str,
+                 wait: bool = True) -> None:
+        self.log, self.marker = log, marker
         self.proc = subprocess.Popen([str(BIN / "ray"), "start", "--block", *args],
                                      stdout=log.open("w"), stderr=subprocess.STDOUT,
                                      start_new_session=True, env=env, cwd=REPO)
+        if wait:
+            self.wait()
+
+    def wait(self) -> None:
+        """Until the node is up (its log says so); a node that does not come up is stopped."""
         try:
-            _wait_log(log, marker, 300, self.proc)
+            _wait_log(self.log, self.marker, 300, self.proc)
         except Exception:
             self.stop()
             raise
@@ -107,6 +113,17 @@ class RayNode:
 
 
 class LocalCluster:
+    @classmethod
+    def start(cls, attempts: int = 3, **kwargs) -> LocalCluster:
+        """A cluster with its head up, retried as ``RayHead.start`` is."""
+        for attempt in range(attempts):
+            try:
+                return cls(**kwargs)
+            except (RuntimeError, TimeoutError):
+                if attempt == attempts - 1:
+                    raise
+        raise AssertionError("unreachable")
+
     def __init__(self, env: dict[str, str] | None = None, head_cpus: int = 1) -> None:
         self.dir = Path(tempfile.mkdtemp(prefix="rc", dir="/tmp"))  # short: socket path limits
         self.gcs_port, self.dash_port = free_port(), free_port()
@@ -123,8 +140,9 @@ class LocalCluster:
              f"--resources={json.dumps({'head': 1})}", f"--temp-dir={self.dir}",
              f"--ray-client-server-port={free_port()}", *self._ports(),
              "--include-dashboard=true", "--disable-usage-stats"],
-            self.env, self.dir / "head.log", "Ray runtime started")
+            self.env, self.dir / "head.log", "Ray runtime started", wait=False)
         try:
+            self.head.wait()
             _wait_http(self.address + "/api/version", 300, self.head.proc, self.head.log)
         except Exception:
             self.stop()
@@ -139,20 +157,50 @@ class LocalCluster:
 
     def add_node(self, role: str, cpus: int, amount: float | None = None) -> str:
         """Start a worker node with ``{role: amount}`` (default: its CPUs); returns its name."""
-        self._count += 1
-        name = f"{role}{self._count}"
+        return self.add_nodes([(role, cpus, amount)])[0]
+
+    def add_nodes(self, specs: list[tuple[str, int, float | None]],
+                  attempts: int = 3) -> list[str]:
+        """Start worker nodes side by side, one per ``(role, cpus, amount)``; their names once
+        all of them are up. A node that misses Ray's fixed registration window (a loaded 2-core
+        machine) is started again, up to ``attempts`` times."""
+        started: list[tuple[str, RayNode]] = []
+        try:
+            for role, cpus, amount in specs:
+                self._count += 1
+                name = f"{role}{self._count}"
+                started.append((name, self._start_node(name, role, cpus, amount, 0)))
+            for i, (name, node) in enumerate(started):
+                role, cpus, amount = specs[i]
+                for attempt in range(1, attempts + 1):
+                    try:
+                        node.wait()
+                        break
+                    except (RuntimeError, TimeoutError):
+                        if attempt == attempts:
+                            raise
+                    node = self._start_node(name, role, cpus, amount, attempt)
+                    started[i] = (name, node)
+        except Exception:
+            for _, node in started:
+                node.stop()
+            raise
+        self.nodes.update(started)
+        self.wait_for_nodes()
+        return [name for name, _ in started]
+
+    def _start_node(self, name: str, role: str, cpus: int, amount: float | None,
+                    attempt: int) -> RayNode:
         resources = {role: amount if amount is not None else cpus}
         # its own temp dir, as on a separate machine: nodes that shared one garbage-collected
         # each other's job working directories (runtime_resources/) mid-job
-        temp = self.dir / name
+        temp = self.dir / (f"{name}.{attempt}" if attempt else name)
         temp.mkdir()
-        node = RayNode([f"--address={self.gcs_address}", f"--num-cpus={cpus}", "--num-gpus=0",
+        return RayNode([f"--address={self.gcs_address}", f"--num-cpus={cpus}", "--num-gpus=0",
                         f"--resources={json.dumps(resources)}", f"--temp-dir={temp}",
                         *self._ports(), "--disable-usage-stats"],
-                       self.env, self.dir / f"{name}.log", "Ray runtime started")
-        self.nodes[name] = node
-        self.wait_for_nodes()
-        return name
+                       self.env, self.dir / f"{temp.name}.log", "Ray runtime started",
+                       wait=False)
 
     def kill_node(self, name: str) -> None:
         self.nodes.pop(name).stop()

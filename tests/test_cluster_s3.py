@@ -38,11 +38,22 @@ def s3():
 
 
 @pytest.fixture(scope="module")
-def cluster(s3):
-    c = LocalCluster(env=s3.env, head_cpus=1)
+def _mlflow_s3_starting(s3):
+    """The MLflow server starts on a thread of its own while the cluster comes up."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(1) as pool:
+        future = pool.submit(MlflowS3Server, s3)
+        yield future
+    if future.exception() is None:
+        future.result().stop()
+
+
+@pytest.fixture(scope="module")
+def cluster(s3, _mlflow_s3_starting):
+    c = LocalCluster.start(env=s3.env, head_cpus=1)
     try:
-        c.add_node("data", 2)
-        c.add_node("train", 2)
+        c.add_nodes([("data", 2, None), ("train", 2, None)])
     except Exception:
         c.stop()
         raise
@@ -51,10 +62,8 @@ def cluster(s3):
 
 
 @pytest.fixture(scope="module")
-def mlflow_s3(s3):
-    server = MlflowS3Server(s3)
-    yield server
-    server.stop()
+def mlflow_s3(_mlflow_s3_starting):
+    return _mlflow_s3_starting.result()
 
 
 @pytest.fixture(scope="module")
@@ -107,31 +116,95 @@ def _job_logs(cluster, sid) -> str:
     return logs
 
 
-def test_submitted_run_on_s3_resumes_evaluates_registers_and_pulls(
+def _wait_for(predicate, timeout: float, what: str, poll: float = 1.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(poll)
+    raise TimeoutError(f"no {what} after {timeout:.0f} s")
+
+
+def _job_status(cluster, sid) -> str:
+    return cluster.get(f"/api/jobs/{sid}")["status"]
+
+
+def _newest_step(s3, name) -> int:
+    steps = [int(c.rsplit("_", 1)[1]) for c in _checkpoints(s3, name)]
+    return max(steps, default=0)
+
+
+def _job_id(cluster, sid) -> str:
+    return cluster.get(f"/api/jobs/{sid}")["job_id"]
+
+
+def _submit_and_ctrl_c(cluster, s3, name, *args) -> tuple[str, str, float]:
+    """`dino-ray submit train ...` in a terminal of its own; Ctrl-C once run ``name`` has its first
+    checkpoint in the bucket. Returns the job id, the command's output and the time of the
+    Ctrl-C."""
+    import signal
+    import subprocess
+    import sys
+
+    sid = f"train-{uuid.uuid4().hex[:8]}"
+    env = {**os.environ, "RAY_AUTH_TOKEN": cluster.token}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pipeline.cli", "submit", "train", "--address", cluster.address,
+         "--submission-id", sid, *args],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True)
+    try:
+        _wait_for(lambda: _newest_step(s3, name) >= 2 or proc.poll() is not None, 600,
+                  "first checkpoint", poll=0.5)
+        assert proc.poll() is None, proc.stdout.read()[-4000:]
+        t_kill = time.monotonic()
+        proc.send_signal(signal.SIGINT)  # Ctrl-C in the terminal that submitted the job
+        out, _ = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, out[-4000:]
+    return sid, out, t_kill
+
+
+def test_submitted_run_stops_on_ctrl_c_resumes_from_s3_evaluates_registers_and_pulls(
         cluster, s3, corpus, mlflow_s3, tmp_path, monkeypatch, capsys):
+    """One tracked run driven through `dino-ray submit`, as a cluster user does: Ctrl-C on
+    `submit` stops the job on the cluster (its driver gets SIGTERM: the workers checkpoint and
+    stop); submitting the same command again resumes from S3 into the same MLflow run; then
+    `submit evaluate` and `submit register` on the S3 checkpoint, and `models pull`."""
+    epochs = 5  # the Ctrl-C lands a few steps after the first checkpoint, long before the end
     track = ["tracking.enabled=true", f"tracking.tracking_uri={mlflow_s3.uri}",
              "tracking.experiment=cluster"]
-    cfg = _job_config(tmp_path, corpus, "s3run")
+    cfg = _job_config(tmp_path, corpus, "s3run", train__epochs=epochs)
+    command = ["--config", str(cfg), *track]
 
-    # 1. train: checkpoints land in the bucket; work runs where its role says
-    rc, out, sid, _ = _submit(cluster, monkeypatch, capsys, "train", "--config", str(cfg), *track)
+    # 1. train, evaluated every epoch, checkpoints in the bucket; Ctrl-C stops the job
+    sid, out, t_kill = _submit_and_ctrl_c(cluster, s3, "s3run", *command)
+    assert f"stopping job {sid}" in out
+    status = _wait_for(lambda: (st := _job_status(cluster, sid)) in
+                       ("STOPPED", "FAILED", "SUCCEEDED") and st, 120, "stopped job", poll=0.5)
+    assert status == "STOPPED"
+    step_at_kill = _newest_step(s3, "s3run")
+    assert step_at_kill < 2 * epochs, "the stopped job ran to its end: nothing left to resume"
+
+    # 2. the same command again resumes from S3 and finishes; work ran where its role says
+    rc, out, sid, _ = _submit(cluster, monkeypatch, capsys, "train", *command)
     assert rc == 0, out[-5000:] + cluster.tail()
-    first = _checkpoints(s3, "s3run")
-    assert first, s3.keys("runs/")
-    actors = cluster.state("actors")
+    assert f"resuming from s3://dino/runs/s3run/checkpoint_step_{step_at_kill:08d}" in out
+    summary, _ = json.JSONDecoder().raw_decode(out[out.rindex('{\n "checkpoint_path"'):])
+    assert summary["metrics"]["step"] == 2 * epochs
+    assert summary["checkpoint_path"].startswith("s3://")
+    assert _newest_step(s3, "s3run") == 2 * epochs
+    print(f"job stopped (Ctrl-C on submit) at step {step_at_kill}: resubmitted run done "
+          f"{time.monotonic() - t_kill:.1f} s after the Ctrl-C")
+    job = _job_id(cluster, sid)
+    actors = [a for a in cluster.state("actors") if a["job_id"] == job]
     crop = [a for a in actors if "MultiCropStage" in a["class_name"]]
     workers = [a for a in actors if a["class_name"] == "RayTrainWorker"]
     assert crop and {a["node_id"] for a in crop} <= cluster.node_ids_with("data")
     assert len(workers) == 2 and {a["node_id"] for a in workers} <= cluster.node_ids_with("train")
     assert _driver_node(cluster, sid) in cluster.node_ids_with("head")
-
-    # 2. a second submission with the same name and more epochs resumes from S3
-    rc, out, _, _ = _submit(cluster, monkeypatch, capsys, "train", "--config", str(cfg),
-                            "train.epochs=2", *track)
-    assert rc == 0, out[-5000:]
-    assert "resuming from s3://dino/runs/s3run/checkpoint" in out
-    summary, _ = json.JSONDecoder().raw_decode(out[out.rindex('{\n "checkpoint_path"'):])
-    assert summary["metrics"]["step"] == 4 and summary["checkpoint_path"].startswith("s3://")
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri=mlflow_s3.uri)
@@ -192,112 +265,48 @@ def test_unreadable_corpus_fails_with_counts_and_examples(
     assert "restarting from the newest checkpoint" not in out  # deterministic: not retried
 
 
-def _wait_for(predicate, timeout: float, what: str, poll: float = 1.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(poll)
-    raise TimeoutError(f"no {what} after {timeout:.0f} s")
-
-
-def _job_status(cluster, sid) -> str:
-    return cluster.get(f"/api/jobs/{sid}")["status"]
-
-
-def _newest_step(s3, name) -> int:
-    steps = [int(c.rsplit("_", 1)[1]) for c in _checkpoints(s3, name)]
-    return max(steps, default=0)
-
-
-def _run_until_first_checkpoint(cluster, s3, corpus, tmp_path, monkeypatch, capsys, name):
-    """Submit a 4-epoch run without waiting; return its job id and step once a checkpoint is in
-    the bucket (the moment a fault is injected)."""
-    cfg = _job_config(tmp_path, corpus, name, train__epochs=4, train__max_failures=3,
+def _run_until_first_checkpoint(cluster, s3, corpus, tmp_path, monkeypatch, capsys, name,
+                                 epochs):
+    """Submit a run without waiting; return its job id and step once a checkpoint is in the
+    bucket (the moment a fault is injected)."""
+    cfg = _job_config(tmp_path, corpus, name, train__epochs=epochs, train__max_failures=3,
                       eval__every_epochs=0)
     rc, out, sid, _ = _submit(cluster, monkeypatch, capsys, "train", "--config", str(cfg),
                               "--no-wait")
     assert rc == 0, out
     _wait_for(lambda: _newest_step(s3, name) >= 2 or _job_status(cluster, sid)
-              in ("FAILED", "STOPPED"), 600, "first checkpoint")
+              in ("FAILED", "STOPPED"), 600, "first checkpoint", poll=0.5)
     assert _job_status(cluster, sid) == "RUNNING"
     return sid, _newest_step(s3, name)
 
 
 def _wait_for_end(cluster, sid) -> str:
     return _wait_for(lambda: (s := _job_status(cluster, sid)) in
-                     ("SUCCEEDED", "FAILED", "STOPPED") and s, 900, "end of the job")
+                     ("SUCCEEDED", "FAILED", "STOPPED") and s, 900, "end of the job", poll=0.5)
 
 
-def test_a_train_node_lost_mid_run_resumes_from_the_last_s3_checkpoint(
+def test_train_and_data_nodes_lost_mid_run_the_job_resumes_from_s3_and_finishes(
         cluster, s3, corpus, tmp_path, monkeypatch, capsys):
-    """The train node's raylet dies after the first checkpoint; an autoscaler (here: the test)
-    brings up another train node; the job resumes from S3 and finishes, losing under an epoch."""
+    """One job loses a node twice, as on an autoscaled cluster: the train node's raylet dies
+    after the first checkpoint and an autoscaler (here: the test) brings up another train node:
+    the job resumes from S3, losing under an epoch; once the resumed run has checkpointed, the
+    data node dies and another returns 5 s later: the stream resumes and the job finishes."""
+    epochs = 6  # room for both faults before the end
     sid, step_at_kill = _run_until_first_checkpoint(cluster, s3, corpus, tmp_path, monkeypatch,
-                                                    capsys, "nodefault")
+                                                    capsys, "nodefault", epochs)
     t_kill = time.monotonic()
     victim = next(n for n in cluster.nodes if n.startswith("train"))
     cluster.kill_node(victim)
+    step_at_train_loss = _newest_step(s3, "nodefault")  # nothing after this is the dead node's
     cluster.add_node("train", 2)  # what the autoscaler does for the pending workers
-    status = _wait_for_end(cluster, sid)
+    _wait_for(lambda: _newest_step(s3, "nodefault") > step_at_train_loss
+              or _job_status(cluster, sid) != "RUNNING", 600, "a checkpoint of the resumed run",
+              poll=0.5)
+    assert _job_status(cluster, sid) == "RUNNING", _job_logs(cluster, sid)[-6000:]
+    step_at_data_loss = _newest_step(s3, "nodefault")
+    assert step_at_data_loss < 2 * epochs, "the run ended before the data node was lost"
     recovered_s = time.monotonic() - t_kill
-    logs = _job_logs(cluster, sid)
-    assert status == "SUCCEEDED", logs[-6000:]
-    assert "restarting from the newest checkpoint" in logs
-    resumed = [int(x) for x in re.findall(r"resuming from s3://dino/runs/nodefault/"
-                                                        r"checkpoint_step_(\d+)", logs)]
-    assert resumed and max(resumed) >= step_at_kill  # at most the epoch in flight was lost
-    assert _newest_step(s3, "nodefault") == 8
-    print(f"train node lost at step {step_at_kill}: job finished {recovered_s:.1f} s after the "
-          f"kill, resumed from step {max(resumed)}")
-
-
-def test_ctrl_c_on_submit_stops_the_job_and_a_resubmission_resumes(
-        cluster, s3, corpus, tmp_path, monkeypatch, capsys):
-    """Ctrl-C on `dino-ray submit` stops the job on the cluster (its driver gets SIGTERM: the
-    workers checkpoint and stop); submitting the same command again resumes from S3."""
-    import signal
-    import subprocess
-    import sys
-
-    cfg = _job_config(tmp_path, corpus, "driverkill", train__epochs=12, eval__every_epochs=0)
-    sid = f"train-{uuid.uuid4().hex[:8]}"
-    env = {**os.environ, "RAY_AUTH_TOKEN": cluster.token}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "pipeline.cli", "submit", "train", "--address", cluster.address,
-         "--submission-id", sid, "--config", str(cfg)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True)
-    try:
-        _wait_for(lambda: _newest_step(s3, "driverkill") >= 2 or proc.poll() is not None, 600,
-                  "first checkpoint")
-        assert proc.poll() is None, proc.stdout.read()[-4000:]
-        t_kill = time.monotonic()
-        proc.send_signal(signal.SIGINT)  # Ctrl-C in the terminal that submitted the job
-        out, _ = proc.communicate(timeout=180)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 130, out[-4000:]
-    assert f"stopping job {sid}" in out
-    status = _wait_for(lambda: (st := _job_status(cluster, sid)) in
-                       ("STOPPED", "FAILED", "SUCCEEDED") and st, 120, "stopped job")
-    assert status == "STOPPED"
-    step_at_kill = _newest_step(s3, "driverkill")
-    assert step_at_kill < 24, "the stopped job ran to its end: nothing left to resume"
-    rc, out, _, _ = _submit(cluster, monkeypatch, capsys, "train", "--config", str(cfg))
-    assert rc == 0, out[-5000:]
-    assert f"resuming from s3://dino/runs/driverkill/checkpoint_step_{step_at_kill:08d}" in out
-    assert _newest_step(s3, "driverkill") == 24
-    print(f"job stopped (Ctrl-C on submit) at step {step_at_kill}: resubmitted run done "
-          f"{time.monotonic() - t_kill:.1f} s after the Ctrl-C")
-
-
-def test_a_data_node_lost_mid_run_and_the_stream_resumes_when_one_returns(
-        cluster, s3, corpus, tmp_path, monkeypatch, capsys):
-    sid, step_at_kill = _run_until_first_checkpoint(cluster, s3, corpus, tmp_path, monkeypatch,
-                                                    capsys, "datafault")
-    t_kill = time.monotonic()
+    t_data = time.monotonic()
     victim = next(n for n in cluster.nodes if n.startswith("data"))
     cluster.kill_node(victim)
     time.sleep(5)  # the stream is without a data node for a while
@@ -305,6 +314,11 @@ def test_a_data_node_lost_mid_run_and_the_stream_resumes_when_one_returns(
     status = _wait_for_end(cluster, sid)
     logs = _job_logs(cluster, sid)
     assert status == "SUCCEEDED", logs[-6000:]
-    assert _newest_step(s3, "datafault") == 8
-    print(f"data node lost at step {step_at_kill}: job finished "
-          f"{time.monotonic() - t_kill:.1f} s after the kill")
+    assert "restarting from the newest checkpoint" in logs
+    resumed = [int(x) for x in re.findall(r"resuming from s3://dino/runs/nodefault/"
+                                                        r"checkpoint_step_(\d+)", logs)]
+    assert resumed and max(resumed) >= step_at_kill  # at most the epoch in flight was lost
+    assert _newest_step(s3, "nodefault") == 2 * epochs
+    print(f"train node lost at step {step_at_kill}: resumed from step {min(resumed)}, "
+          f"checkpointing again {recovered_s:.1f} s after the kill; data node lost at step "
+          f"{step_at_data_loss}: job finished {time.monotonic() - t_data:.1f} s after that kill")

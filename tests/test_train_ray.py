@@ -17,11 +17,12 @@ from pipeline.train.trainer import TrainingError, run_training
 pytestmark = pytest.mark.ray
 
 
-def test_two_workers_survive_a_worker_death_and_log_to_mlflow(ray_session, digits_dir, tmp_path):
-    db = tmp_path / "mlflow.db"
+def test_two_workers_survive_a_worker_death_and_log_to_mlflow(ray_session, digits_dir, tmp_path,
+                                                             mlflow_sqlite):
+    uri = mlflow_sqlite(tmp_path / "mlflow.db")
     cfg = tiny_config(digits_dir, tmp_path / "runs", "ft", train__num_workers=2,
                       train__fail_at_step=4, train__max_failures=1, model__head_use_bn=True,
-                      tracking__enabled=True, tracking__tracking_uri=f"sqlite:///{db}")
+                      tracking__enabled=True, tracking__tracking_uri=uri)
     steps: list[dict] = []
     epochs: list[dict] = []
     result = run_training(cfg, on_step_metrics=steps.append, on_epoch_metrics=epochs.append)
@@ -52,7 +53,7 @@ def test_two_workers_survive_a_worker_death_and_log_to_mlflow(ray_session, digit
     # MLflow: params, metrics, artifacts in the run whose id came back
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(tracking_uri=f"sqlite:///{db}")
+    client = MlflowClient(tracking_uri=uri)
     run = client.get_run(result.mlflow_run_id)
     assert run.data.params["train.num_workers"] == "2"
     assert run.data.params["model.out_dim"] == "256"
@@ -116,7 +117,7 @@ def test_nan_loss_stops_with_clear_error_and_keeps_last_checkpoint(ray_session, 
 
 
 def test_ctrl_c_stops_with_a_checkpoint_and_a_killed_mlflow_run(ray_session, digits_dir,
-                                                                tmp_path):
+                                                                tmp_path, mlflow_sqlite):
     import os
     import signal
     import threading
@@ -126,10 +127,10 @@ def test_ctrl_c_stops_with_a_checkpoint_and_a_killed_mlflow_run(ray_session, dig
 
     from pipeline.train.trainer import TrainingInterrupted
 
-    db = tmp_path / "mlflow.db"
+    uri = mlflow_sqlite(tmp_path / "mlflow.db")
     cfg = tiny_config(digits_dir, tmp_path / "runs", "sigint", train__epochs=50,
                       train__max_steps_per_epoch=2, data__limit=64, tracking__enabled=True,
-                      tracking__tracking_uri=f"sqlite:///{db}")
+                      tracking__tracking_uri=uri)
     sent: list[int] = []
 
     def _interrupt_after_first_checkpoint() -> None:
@@ -139,7 +140,7 @@ def test_ctrl_c_stops_with_a_checkpoint_and_a_killed_mlflow_run(ray_session, dig
             if found:
                 sent.append(load_state(found)["global_step"])
                 os.kill(os.getpid(), signal.SIGINT)  # what Ctrl-C in a terminal sends
-            time.sleep(0.5)
+            time.sleep(0.2)
 
     threading.Thread(target=_interrupt_after_first_checkpoint, daemon=True).start()
     with pytest.raises(TrainingInterrupted) as info:
@@ -148,7 +149,7 @@ def test_ctrl_c_stops_with_a_checkpoint_and_a_killed_mlflow_run(ray_session, dig
     good = info.value.last_checkpoint
     assert good and load_state(good)["global_step"] >= sent[0]  # it checkpointed on the way out
     assert load_state(good)["global_step"] < 100  # and stopped long before the 50 epochs
-    run = MlflowClient(tracking_uri=f"sqlite:///{db}").get_run(info.value.mlflow_run_id)
+    run = MlflowClient(tracking_uri=uri).get_run(info.value.mlflow_run_id)
     assert run.info.status == "KILLED" and run.data.tags["stopped_by"] == "SIGINT"
 
 
