@@ -39,7 +39,7 @@ def main() -> int:
 
     from pipeline.config import DinoConfig
     from pipeline.ray_runtime import ensure_ray
-    from pipeline.train.trainer import run_training
+    from pipeline.training_run import run_training
 
     work = Path(args.workdir).resolve()
     work.mkdir(parents=True, exist_ok=True)

@@ -9,6 +9,19 @@ from torch.nn.utils.parametrizations import weight_norm
 
 
 class DINOHead(nn.Module):
+    """The projection head h of g = h o f (DINO paper, sec. 3.1): an MLP to a bottleneck,
+    L2 normalisation, then a weight-normalised linear layer without bias onto K prototypes.
+
+    Args:
+        in_dim: D, the backbone's embedding width.
+        out_dim: K, the number of prototypes (65536 in the paper).
+        hidden_dim: the MLP's hidden width (2048).
+        bottleneck_dim: the bottleneck width before the prototypes (256).
+        nlayers: MLP layers (3).
+        use_bn: BatchNorm after each hidden layer (off for ViTs).
+        norm_last_layer: fix the weight-norm magnitude g at 1 (cosine logits; ViT stabiliser).
+    """
+
     def __init__(
         self,
         in_dim: int,
@@ -46,6 +59,7 @@ class DINOHead(nn.Module):
             magnitude.requires_grad = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, D) backbone features -> (N, K) logits g(x), before any temperature."""
         x = self.mlp(x)
         x = F.normalize(x, dim=-1, p=2)
         return self.last_layer(x)

@@ -1,13 +1,18 @@
 """Weighted k-NN classification on L2-normalised features (Wu et al. 2018, as in DINO).
 
 Each of the k nearest bank features (cosine similarity s) votes for its label with weight
-exp(s / T); class scores are the summed votes.
+exp(s / T); class scores are the summed votes. ``knn_metrics`` names the figures as the runs log
+them (``knn_top1``, ``knn_top1_k20``, ...).
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+
+# DINO reports k-NN at k=20 (Caron et al. 2021, section 4.1); the config may change it
+DEFAULT_HEADLINE_K = 20
 
 
 class NeighbourVotes:
@@ -88,3 +93,31 @@ def knn_classify(
         votes.add(bank_features[start:start + 8 * chunk], bank_labels[start:start + 8 * chunk],
                   chunk=chunk)
     return votes.classify(query_labels, ks=ks, temperature=temperature, num_classes=n_classes)
+
+
+def knn_metrics(bank_feats: torch.Tensor, bank_labels, val_feats: torch.Tensor, val_labels, *,
+                ks: list[int], temperature: float, prefix: str = "knn",
+                headline_k: int = DEFAULT_HEADLINE_K) -> dict[str, float]:
+    """Weighted k-NN figures in percent.
+
+    Returns ``{prefix}_top1_k{k}``, ``{prefix}_top5_k{k}`` for each k in ``ks`` and
+    ``headline_k``, and ``{prefix}_top1`` / ``{prefix}_top5`` = the figures at ``headline_k``
+    (a k fixed in advance: taking the best k over ``ks`` would pick it on the evaluation set and
+    flatter the figure). ``headline_k`` is added to the computed ks when absent.
+    """
+    all_ks = sorted(set(int(k) for k in ks) | {int(headline_k)})
+    res = knn_classify(bank_feats, torch.as_tensor(np.asarray(bank_labels)), val_feats,
+                       torch.as_tensor(np.asarray(val_labels)), ks=tuple(all_ks),
+                       temperature=temperature)
+    return knn_figures(res, prefix, headline_k)
+
+
+def knn_figures(res: dict[int, tuple[float, float]], prefix: str,
+                headline_k: int) -> dict[str, float]:
+    """``{k: (top1, top5)}`` -> the metric names of ``knn_metrics``."""
+    out: dict[str, float] = {}
+    for k, (top1, top5) in res.items():
+        out[f"{prefix}_top1_k{k}"] = top1
+        out[f"{prefix}_top5_k{k}"] = top5
+    out[f"{prefix}_top1"], out[f"{prefix}_top5"] = res[int(headline_k)]
+    return out

@@ -129,6 +129,15 @@ def linear_probe(train_x, train_y, test_x, test_y, *, seed: int = 0,
                              holdout_top1=100.0 * float(search.best_score_))
 
 
+def linear_metrics(bank_feats, bank_labels, val_feats, val_labels, *, prefix: str = "linear",
+                   seed: int = 0) -> dict[str, float]:
+    """Linear probe (``linear_probe``): fit on the bank (C picked on a split of the bank), scored
+    on val. Returns ``{prefix}_top1`` (percent), ``{prefix}_C`` and
+    ``{prefix}_holdout_top1`` (the bank hold-out accuracy that picked C)."""
+    r = linear_probe(bank_feats, bank_labels, val_feats, val_labels, seed=seed)
+    return {f"{prefix}_top1": r.top1, f"{prefix}_C": r.C, f"{prefix}_holdout_top1": r.holdout_top1}
+
+
 def _as_numpy(a, dtype) -> np.ndarray:
     if isinstance(a, torch.Tensor):
         a = a.detach().cpu().numpy()

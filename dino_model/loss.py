@@ -20,28 +20,43 @@ import torch.nn.functional as F
 
 @dataclass
 class LossStats:
-    """Collapse monitors computed from the same forward pass as the loss."""
+    """Collapse monitors computed from the same forward pass as the loss: 0-d tensors on the
+    device (reading one waits for the step; ``collapse`` reads them)."""
 
-    teacher_entropy: float  # mean per-sample entropy of p_t: -> ln K when p_t is uniform
-    teacher_batch_entropy: float  # entropy of the batch-mean p_t: -> 0 when one prototype wins
-    kl: float  # mean KL(p_t || p_s) over pairs: -> 0 when student copies teacher
+    teacher_entropy: torch.Tensor  # mean per-sample entropy of p_t: -> ln K when p_t is uniform
+    teacher_batch_entropy: torch.Tensor  # entropy of the batch-mean p_t: -> 0 when one prototype wins
+    kl: torch.Tensor  # mean KL(p_t || p_s) over pairs: -> 0 when student copies teacher
     log_k: float
 
+    def values(self) -> dict[str, torch.Tensor]:
+        """The monitors by metric name (no ``log_k``), still on the device."""
+        return {"teacher_entropy": self.teacher_entropy,
+                "teacher_batch_entropy": self.teacher_batch_entropy, "kl": self.kl}
+
     def collapse(self, tol: float = 0.02) -> str | None:
-        if self.teacher_entropy > (1 - tol) * self.log_k:
+        if float(self.teacher_entropy) > (1 - tol) * self.log_k:
             return "uniform"
-        if self.teacher_batch_entropy < tol * self.log_k:
+        if float(self.teacher_batch_entropy) < tol * self.log_k:
             return "one-prototype"
         return None
 
 
 class DINOLoss(nn.Module):
+    """Cross-entropy H(P_t, P_s) of the DINO paper (eq. 1-2), summed over the pairs of distinct
+    views, with the teacher centring c and sharpening T_t; one instance per run (it holds c).
+
+    Args:
+        out_dim: K, the number of prototypes (the head's output width).
+        student_temp: T_s, the student temperature (0.1 in the paper).
+        center_momentum: m of the centre update c <- m c + (1 - m) mean_b(g_t) (0.9).
+    """
+
     def __init__(self, out_dim: int, *, student_temp: float = 0.1, center_momentum: float = 0.9):
         super().__init__()
         self.out_dim = out_dim
         self.student_temp = student_temp
         self.center_momentum = center_momentum
-        self.register_buffer("center", torch.zeros(1, out_dim))
+        self.register_buffer("center", torch.zeros(1, out_dim))  # c: (1, K)
 
     def forward(
         self,
@@ -52,10 +67,19 @@ class DINOLoss(nn.Module):
         teacher_temp: float,
         update_center: bool = True,
     ) -> tuple[torch.Tensor, LossStats]:
-        """``student_out``: (V_s*B, K) with the teacher's views first; ``teacher_out``: (V_t*B, K).
+        """The loss L and its monitors; updates c from ``teacher_out`` (in training mode).
 
-        Student view i and teacher view i are the same crop when i < V_t, and such pairs are
-        skipped.
+        Args:
+            student_out: g_s logits, (V_s * B, K), view by view, the teacher's V_t views first
+                (student view i and teacher view i are the same crop when i < V_t: such pairs
+                are skipped).
+            teacher_out: g_t logits, (V_t * B, K), view by view; no gradient flows into it.
+            n_student_views: V_s.
+            teacher_temp: T_t of this step.
+            update_center: False to leave c as it is (evaluation of the loss only).
+
+        Returns:
+            L, a 0-d float32 tensor (with the graph to ``student_out``), and ``LossStats``.
         """
         student_views = (student_out.float() / self.student_temp).chunk(n_student_views)
         teacher_detached = teacher_out.detach().float()
@@ -63,8 +87,11 @@ class DINOLoss(nn.Module):
         teacher_probs = F.softmax((teacher_detached - self.center) / teacher_temp, dim=-1)
         teacher_views = teacher_probs.chunk(n_teacher)
 
+        with torch.no_grad():  # per-sample entropy H(p_t), (V_t * B,)
+            entropy_rows = -(teacher_probs * torch.log(teacher_probs + 1e-12)).sum(-1)
+            entropy_views = entropy_rows.view(n_teacher, -1).mean(1)
         total = student_out.new_zeros((), dtype=torch.float32)
-        kl_total = 0.0
+        entropy_of_pairs = torch.zeros((), device=total.device)
         pairs = 0
         log_students = [F.log_softmax(s, dim=-1) for s in student_views]
         for t_idx, p_t in enumerate(teacher_views):
@@ -72,29 +99,40 @@ class DINOLoss(nn.Module):
                 if s_idx == t_idx:
                     continue
                 total = total + torch.sum(-p_t * log_p_s, dim=-1).mean()
-                with torch.no_grad():
-                    kl_total += float(torch.sum(p_t * (torch.log(p_t + 1e-12) - log_p_s), -1).mean())
+                entropy_of_pairs = entropy_of_pairs + entropy_views[t_idx]
                 pairs += 1
         if pairs == 0:
             raise ValueError("DINO loss needs at least one student view that is not a teacher view")
         loss = total / pairs
 
         with torch.no_grad():
-            entropy = float(-(teacher_probs * torch.log(teacher_probs + 1e-12)).sum(-1).mean())
+            # KL(p_t || p_s) = H(p_t, p_s) - H(p_t): the pair's loss term less the teacher view's
+            # entropy, so the monitor costs no pass over the (B, K) pairs of its own
+            kl = (total.detach() - entropy_of_pairs) / pairs
             mean_p = teacher_probs.mean(0)
-            batch_entropy = float(-(mean_p * torch.log(mean_p + 1e-12)).sum())
+            batch_entropy = -(mean_p * torch.log(mean_p + 1e-12)).sum()
         if update_center and self.training:
             self.update_center(teacher_detached)
-        stats = LossStats(entropy, batch_entropy, kl_total / pairs, math.log(self.out_dim))
+        stats = LossStats(entropy_rows.mean(), batch_entropy, kl, math.log(self.out_dim))
         return loss, stats
 
     @torch.no_grad()
-    def update_center(self, teacher_out: torch.Tensor) -> None:
-        """c <- m c + (1 - m) * mean of teacher logits over the global (all-rank) batch."""
+    def update_center(self, teacher_out: torch.Tensor, keep: torch.Tensor | None = None) -> None:
+        """c <- m c + (1 - m) * mean of teacher logits over the global (all-rank) batch.
+
+        ``teacher_out``: (V_t * B, K); ``keep``: a 0-d bool device tensor, True to leave c as it
+        is (a skipped step), decided on the device (every rank still joins the all-reduce)."""
         batch_sum = teacher_out.float().sum(dim=0, keepdim=True)
-        count = torch.tensor([teacher_out.shape[0]], dtype=torch.float32, device=teacher_out.device)
+        count: torch.Tensor | int = teacher_out.shape[0]
         if dist.is_available() and dist.is_initialized():
+            # filled on the device: ``torch.tensor([n], device=cuda)`` copies from the host and
+            # waits for the stream, a sync in every step
+            count = torch.full((1,), float(count), device=teacher_out.device)
             dist.all_reduce(batch_sum)
             dist.all_reduce(count)
         batch_center = batch_sum / count
-        self.center.mul_(self.center_momentum).add_(batch_center * (1 - self.center_momentum))
+        if keep is None:
+            self.center.mul_(self.center_momentum).add_(batch_center * (1 - self.center_momentum))
+            return
+        new = self.center * self.center_momentum + batch_center * (1 - self.center_momentum)
+        self.center.copy_(torch.where(keep, self.center, new))

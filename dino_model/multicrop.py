@@ -18,7 +18,13 @@ def resolution_groups(crops: list[torch.Tensor]) -> list[tuple[int, int]]:
 
 
 class MultiCropWrapper(nn.Module):
-    """backbone + head over a list of crops; output rows are ordered crop by crop."""
+    """The network g = h o f over a list of crops: one backbone pass per run of crops of equal
+    size (the official ``utils.MultiCropWrapper``), one head pass for all of them.
+
+    Args:
+        backbone: f, images (B, 3, H, W) -> features (B, D) (``dino_model.backbone``).
+        head: h, (N, D) -> (N, K) (``DINOHead``).
+    """
 
     def __init__(self, backbone: nn.Module, head: nn.Module) -> None:
         super().__init__()
@@ -28,6 +34,9 @@ class MultiCropWrapper(nn.Module):
     def forward(
         self, crops: list[torch.Tensor] | torch.Tensor, return_features: bool = False
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """``crops``: V tensors (B, 3, H_v, W_v), equal sizes adjacent (globals, then locals), or
+        one tensor. Returns the (V * B, K) logits, crop by crop (rows v*B .. v*B + B - 1 are
+        crop v), and with ``return_features`` also the (V * B, D) backbone features."""
         if isinstance(crops, torch.Tensor):
             crops = [crops]
         features = torch.cat(

@@ -56,12 +56,10 @@ def resolve_precision(precision: str, device: torch.device | str, *,
     return Precision(dtype, scaler)
 
 
-def optimizer_step(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None) -> bool:
-    """One optimiser step, through ``scaler`` when given; False when the scaler skipped it."""
-    if scaler is None:
-        optimizer.step()
-        return True
-    scale_before = scaler.get_scale()
-    scaler.step(optimizer)  # skipped when ``unscale_`` found inf/NaN gradients ...
-    scaler.update()  # ... and then S shrinks (backoff): the public sign of a skipped step
-    return scaler.get_scale() >= scale_before
+def scale_tensor(scaler: torch.amp.GradScaler) -> torch.Tensor:
+    """The scaler's current S as a 0-d device tensor, a copy: ``get_scale()`` reads it on the
+    host, which waits for the device (torch keeps S on the device as ``_scale``)."""
+    scale = getattr(scaler, "_scale", None)
+    if scale is None:  # not created yet (no ``scale()`` call), or a torch that stores it apart
+        return torch.tensor(scaler.get_scale())
+    return scale.detach().reshape(()).clone()

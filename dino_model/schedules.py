@@ -2,9 +2,14 @@
 
 cosine: v(i) = final + (base - final) * (1 + cos(pi * i / (n - 1))) / 2 after an optional linear
 warm-up; the first post-warm-up value is ``base`` and the last is exactly ``final``.
+
+``build_schedules`` lays out one run's arrays (``Schedules``); ``Schedules.at(step)`` gives the
+typed record of one step (``StepSchedule``) that ``dino_step`` takes.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -44,23 +49,65 @@ def teacher_temp_schedule(
     return np.concatenate([ramp, np.full(total - len(ramp), temp)])
 
 
+@dataclass(frozen=True)
+class StepSchedule:
+    """The scheduled values of one optimisation step (what ``dino_step`` reads).
+
+    ``teacher_momentum`` is the EMA coefficient m of the teacher update (named apart from the
+    optimiser's own momentum: ``optim.optimizer=sgd`` has one too); ``freeze_last_layer`` drops
+    the prototypes' gradients in this step (the first ``freeze_last_layer_epochs`` epochs).
+    """
+
+    lr: float
+    weight_decay: float
+    teacher_momentum: float
+    teacher_temp: float
+    freeze_last_layer: bool = False
+
+    def metrics(self) -> dict[str, float]:
+        """The logged values, under the metric names the runs have always used."""
+        return {"lr": self.lr, "weight_decay": self.weight_decay,
+                "teacher_momentum": self.teacher_momentum, "teacher_temp": self.teacher_temp}
+
+
+@dataclass(frozen=True)
 class Schedules:
-    """All per-iteration values of one run, indexed by global step."""
+    """All per-step values of one run: arrays of length ``epochs * iters_per_epoch``."""
 
-    def __init__(self, *, lr: float, min_lr: float, warmup_epochs: float, weight_decay: float,
-                 weight_decay_end: float, momentum: float, momentum_end: float,
-                 warmup_teacher_temp: float, teacher_temp: float, warmup_teacher_temp_epochs: int,
-                 epochs: int, iters_per_epoch: int) -> None:
-        self.iters_per_epoch = iters_per_epoch
-        self.total = epochs * iters_per_epoch
-        self.lr = cosine_schedule(lr, min_lr, epochs, iters_per_epoch, warmup_epochs=warmup_epochs)
-        self.wd = cosine_schedule(weight_decay, weight_decay_end, epochs, iters_per_epoch)
-        self.momentum = cosine_schedule(momentum, momentum_end, epochs, iters_per_epoch)
-        self.teacher_temp = teacher_temp_schedule(
-            warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs, epochs, iters_per_epoch)
+    lr: np.ndarray
+    weight_decay: np.ndarray
+    teacher_momentum: np.ndarray
+    teacher_temp: np.ndarray
+    freeze_last_layer: np.ndarray  # bool
+    iters_per_epoch: int
 
-    def at(self, step: int) -> dict[str, float]:
+    @property
+    def total(self) -> int:
+        return len(self.lr)
+
+    def at(self, step: int) -> StepSchedule:
+        """The record of global step ``step`` (past the end: the last step's values)."""
         i = min(step, self.total - 1)
-        return {"lr": float(self.lr[i]), "weight_decay": float(self.wd[i]),
-                "teacher_momentum": float(self.momentum[i]),
-                "teacher_temp": float(self.teacher_temp[i])}
+        return StepSchedule(lr=float(self.lr[i]), weight_decay=float(self.weight_decay[i]),
+                            teacher_momentum=float(self.teacher_momentum[i]),
+                            teacher_temp=float(self.teacher_temp[i]),
+                            freeze_last_layer=bool(self.freeze_last_layer[i]))
+
+
+def build_schedules(*, lr: float, min_lr: float, warmup_epochs: float, weight_decay: float,
+                    weight_decay_end: float, momentum: float, momentum_end: float,
+                    warmup_teacher_temp: float, teacher_temp: float,
+                    warmup_teacher_temp_epochs: int, freeze_last_layer_epochs: int = 1,
+                    epochs: int, iters_per_epoch: int) -> Schedules:
+    """The official DINO schedules, one value per step: lr (linear warm-up, then cosine to
+    ``min_lr``), weight decay and teacher momentum (cosine), teacher temperature (linear warm-up,
+    then constant), and the last-layer freeze (the first ``freeze_last_layer_epochs`` epochs)."""
+    total = epochs * iters_per_epoch
+    return Schedules(
+        lr=cosine_schedule(lr, min_lr, epochs, iters_per_epoch, warmup_epochs=warmup_epochs),
+        weight_decay=cosine_schedule(weight_decay, weight_decay_end, epochs, iters_per_epoch),
+        teacher_momentum=cosine_schedule(momentum, momentum_end, epochs, iters_per_epoch),
+        teacher_temp=teacher_temp_schedule(warmup_teacher_temp, teacher_temp,
+                                           warmup_teacher_temp_epochs, epochs, iters_per_epoch),
+        freeze_last_layer=np.arange(total) < freeze_last_layer_epochs * iters_per_epoch,
+        iters_per_epoch=iters_per_epoch)

@@ -56,8 +56,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from pipeline.data.quality import DataQualityError
     from pipeline.data.resources import ResourceError
     from pipeline.data.sources import CorpusError
-    from pipeline.train.failures import ResumeMismatchError
-    from pipeline.train.trainer import TrainingError
+    from pipeline.train.failures import ResumeMismatchError, TrainingError
 
     errors: list[type[BaseException]] = [ConfigError, CorpusError, DataQualityError, ResourceError,
                                          ResumeMismatchError, TrainingError, FileNotFoundError]

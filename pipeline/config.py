@@ -72,6 +72,12 @@ class AugmentConfig(Section):
     blur_p_local: float = Field(0.5, ge=0, le=1)
     solarize_p_global2: float = Field(0.2, ge=0, le=1)
     solarize_threshold: int = Field(128, ge=0, le=256)
+    photometric: Literal["cpu", "device"] = Field(
+        "cpu", description="where jitter, grayscale, blur and solarize run: cpu = in the crop "
+        "actors; device = the actors only crop, resize and flip, and each training worker applies "
+        "the same recipe to the batch on its device (dino_model.photometric), for GPU nodes with "
+        "few CPU cores (on a CPU training device it costs more than it saves: "
+        "bench/photometric.py)")
     draft_decode: bool = Field(
         True, description="decode JPEGs at 1/2..1/8 scale when every crop stays at full output "
         "resolution (same crop geometry, much faster on large images)")

@@ -4,7 +4,6 @@ random-init backbone -> MLflow (SQLite under the workdir) -> teacher backbone in
 from __future__ import annotations
 
 import json
-import logging
 import sys
 import time
 from pathlib import Path
@@ -16,9 +15,12 @@ def run_demo(workdir: str | Path, overrides: list[str] | None = None) -> int:
     from pipeline.config import DinoConfig
     from pipeline.data.demo_corpus import build_digits_corpus
     from pipeline.ray_runtime import ensure_ray
-    from pipeline.train.trainer import TrainingError, run_training
+    from pipeline.train.failures import TrainingError
+    from pipeline.training_run import run_training
 
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    from pipeline.console import setup_console
+
+    setup_console()
     t0 = time.monotonic()
     workdir = Path(workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)

@@ -29,7 +29,10 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None, quiet: b
     cores = os.cpu_count() or 1
     ray.init(
         num_cpus=num_cpus or max(4, OVERSUBSCRIBE * cores),
-        include_dashboard=False,
+        # the dashboard serves the State API, which Ray Train's PlacementGroupCleaner needs: without
+        # it a trial stopped by ASHA left its workers' placement group behind, and every later
+        # trial waited for the CPUs it held (a 12-trial sweep lost its last 8 trials to that)
+        include_dashboard=True, dashboard_host="127.0.0.1",
         runtime_env=runtime_env,
         log_to_driver=not quiet,
     )

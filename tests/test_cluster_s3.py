@@ -227,7 +227,7 @@ def test_submitted_run_stops_on_ctrl_c_resumes_from_s3_evaluates_registers_and_p
     import torch
     from safetensors.torch import load_file
 
-    from pipeline.train.checkpoint import load_teacher_backbone
+    from pipeline.checkpoints import load_teacher_backbone
 
     backbone, _ = load_teacher_backbone(ckpt)  # downloaded from the bucket
     pulled = load_file(next(dst.rglob("backbone.safetensors")))

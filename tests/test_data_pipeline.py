@@ -13,7 +13,8 @@ import ray
 from data_images import bad_files, converted_files, id_color, solid_png, write, write_parquet
 from pipeline.config import AugmentConfig, DataConfig
 from pipeline.data.datasource import CorpusDatasource
-from pipeline.data.dataset import MultiCropStage, build_eval_datasets, build_train_dataset
+from pipeline.data.dataset import MultiCropStage, build_train_dataset
+from pipeline.data.eval_sets import build_eval_datasets
 from pipeline.data.sources import CorpusError, list_corpus
 from pipeline.data.state import DataHandle
 
@@ -230,3 +231,53 @@ def test_eval_split_is_disjoint_and_complete(ray_session, mixed_tree):
 def test_missing_path_fails_before_any_worker(ray_session, tmp_path):
     with pytest.raises(CorpusError, match="not found"):
         build_train_dataset(DataConfig(path=str(tmp_path / "missing")), PLAIN)
+
+
+class _Window:
+    """A stand-in for ``DataHandle``: a fixed epoch window."""
+
+    def __init__(self, first: int, end: int) -> None:
+        self.first, self.end = first, end
+
+    def window(self) -> tuple[int, int, None]:
+        return self.first, self.end, None
+
+
+def test_planning_is_lazy_and_the_listing_travels_by_reference(ray_session):
+    """Read tasks name where they read (a few integers), not which rows: their size depends
+    neither on the listing size nor on the number of epochs planned, and pickling the
+    datasource (what ``datasets=`` ships to every worker) carries a reference to the listing,
+    not the listing."""
+    import cloudpickle
+    import pyarrow as pa
+    import pyarrow.fs as pafs
+
+    from pipeline.data.sources import Corpus
+
+    def source(rows: int, epochs: int) -> CorpusDatasource:
+        entries = pa.table({"path": [f"images/{i:07d}.jpg" for i in range(rows)],
+                            "label": pa.array(np.arange(rows) % 10, pa.int64())})
+        corpus = Corpus("files", pafs.LocalFileSystem(), entries, [str(i) for i in range(10)],
+                        True, num_images=rows)
+        return CorpusDatasource(corpus, seed=0, state=_Window(0, epochs), rows_per_task=256,
+                                indices=np.arange(0, rows, 2))
+
+    def per_task_bytes(src: CorpusDatasource) -> tuple[int, float]:
+        tasks = src.get_read_tasks(8)
+        return len(tasks), sum(len(cloudpickle.dumps(t)) for t in tasks) / len(tasks)
+
+    n1, small = per_task_bytes(source(4_000, 1))
+    n10, small10 = per_task_bytes(source(4_000, 10))
+    _, large = per_task_bytes(source(40_000, 1))
+    assert n10 == 10 * n1
+    assert small10 < 1.2 * small and large < 1.2 * small  # no per-row payload
+    assert large < 4_000  # bytes; the rows of one 2,500-image task alone were 20 kB
+    big = source(40_000, 1)
+    assert len(cloudpickle.dumps(big)) < 20_000  # the 40k-row listing is ~1.2 MB
+    # the tasks still read exactly the subset, each row once per epoch, in a per-epoch order
+    keys = [[k for t in big.get_read_tasks(8) for b in t() for k in b.column("key").to_pylist()]]
+    big.state = _Window(1, 2)
+    keys.append([k for t in big.get_read_tasks(8) for b in t() for k in b.column("key").to_pylist()])
+    assert sorted(keys[0]) == sorted(keys[1]) == sorted(f"images/{i:07d}.jpg"
+                                                        for i in range(0, 40_000, 2))
+    assert keys[0] != keys[1]

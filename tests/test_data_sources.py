@@ -72,7 +72,7 @@ def test_parquet_without_labels_and_bad_column(tmp_path):
 def test_eval_split_does_not_depend_on_where_the_corpus_lives(tree, tmp_path_factory):
     import shutil
 
-    from pipeline.data.dataset import split_indices
+    from pipeline.data.split import split_indices
 
     copy = tmp_path_factory.mktemp("elsewhere") / "corpus"
     shutil.copytree(tree, copy)

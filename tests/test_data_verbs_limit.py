@@ -11,8 +11,9 @@ import numpy as np
 from data_images import solid_png, write_parquet
 from pipeline.cli import main
 from pipeline.config import DataConfig
-from pipeline.data.dataset import image_keys, list_data
+from pipeline.data.dataset import list_data
 from pipeline.data.sampling import even_quotas, proportional_prefixes
+from pipeline.data.split import image_keys
 from pipeline.data.sources import list_corpus
 
 

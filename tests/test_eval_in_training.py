@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from pipeline.config import DinoConfig
-from pipeline.evaluate.knn_eval import materialize_for_training
+from pipeline.data.eval_sets import materialize_for_training
 
 
 @pytest.mark.ray

@@ -9,9 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.evaluate.features import knn_metrics, pixel_features
-from pipeline.evaluate.knn_eval import (build_eval_sets, evaluate_knn, materialize,
-                                        pixel_knn_metrics)
+from dino_model.features import pixel_features
+from dino_model.knn import knn_metrics
+from pipeline.data.eval_sets import build_eval_sets, materialize
+from pipeline.evaluate.knn_eval import evaluate_knn
+from pipeline.train.knn import pixel_knn_metrics
 from pipeline.train.presets import tiny_config
 
 
@@ -100,8 +102,7 @@ def test_random_init_and_pixel_knn_on_digits_split(ray_session, digits_dir, tmp_
 @pytest.fixture
 def random_checkpoint(digits_dir, tmp_path):
     """A real checkpoint whose teacher is the random init (saved without training)."""
-    from pipeline.train.checkpoint import save_checkpoint
-    from pipeline.train.model import build_models
+    from pipeline.checkpoints import build_models, save_checkpoint
 
     # 16 px crops keep the probe cheap (768 pixel dims); all digits, so every class is in the bank
     cfg = tiny_config(digits_dir, tmp_path, "ck", data__limit=None, augment__global_size=16,

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from dino_model.backbone import build_backbone
+from dino_model.features import embed
 from dino_model.linear_probe import DEFAULT_CS, LinearProbeError, linear_probe, probe_features
-from pipeline.evaluate.features import embed
 
 
 def _blobs(seed: int, n: int = 400, classes: int = 4):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from pipeline.config import DinoConfig
-from pipeline.data.dataset import image_keys, split_indices
+from pipeline.data.split import image_keys, split_indices
 from pipeline.data.sources import list_corpus
 from pipeline.train.trainer import ssl_indices
 

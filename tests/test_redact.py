@@ -72,7 +72,7 @@ def test_nothing_secret_in_mlflow_params_tags_artifacts(tmp_path):
 
 
 def test_checkpoint_config_yaml_has_no_secret(tmp_path):
-    from pipeline.train.checkpoint import CONFIG_FILE, load_config, save_checkpoint
+    from pipeline.checkpoints import CONFIG_FILE, load_config, save_checkpoint
 
     net = torch.nn.Linear(2, 2)
     save_checkpoint(tmp_path / "ck", student=net, teacher=net, center=torch.zeros(2),

@@ -15,8 +15,7 @@ import torch
 from live_services import shared_mlflow_server
 
 from pipeline.cli import main
-from pipeline.train.checkpoint import load_teacher_backbone, save_checkpoint
-from pipeline.train.model import build_models
+from pipeline.checkpoints import build_models, load_teacher_backbone, save_checkpoint
 from pipeline.train.presets import tiny_config
 
 NAME = "reg-teacher"
@@ -41,7 +40,7 @@ def _checkpoint(root: Path, digits_dir, knn: float, seed: int) -> Path:
 
 def _images(digits_dir, n: int, size: int = 32) -> torch.Tensor:
     from dino_model.normalize import normalize_uint8
-    from pipeline.data.dataset import resize_center_crop
+    from pipeline.data.eval_crop import resize_center_crop
     from pipeline.data.decode import decode_bytes
 
     files = sorted(Path(digits_dir).rglob("*.png"))[:n]
@@ -137,7 +136,7 @@ def test_embed_job_writes_parquet(registered, digits_dir, mlflow_uri, tmp_path, 
     assert Path(row["id"]).is_file() and row["label_name"] == Path(row["id"]).parent.name
     model = load_backbone(f"models:/{NAME}@champion", mlflow_uri)
     from dino_model.normalize import normalize_uint8
-    from pipeline.data.dataset import resize_center_crop
+    from pipeline.data.eval_crop import resize_center_crop
     from pipeline.data.decode import decode_bytes
 
     img = resize_center_crop(decode_bytes(Path(row["id"]).read_bytes()), 32, 37)

@@ -9,7 +9,7 @@ from live_services import shared_mlflow_server
 from pipeline.registry.champion import champion_alias, update_champion
 from pipeline.registry.eval_key import eval_identity, eval_key
 from pipeline.registry.register import EvalKeyConflictError, register_teacher
-from pipeline.train.model import build_models
+from pipeline.checkpoints import build_models
 from pipeline.train.presets import tiny_config
 
 NAME = "champ-teacher"

@@ -4,7 +4,7 @@ import mlflow
 from mlflow.tracking import MlflowClient
 
 from pipeline.registry import register_teacher
-from pipeline.train.model import build_models
+from pipeline.checkpoints import build_models
 from pipeline.train.presets import tiny_config
 
 

@@ -13,7 +13,7 @@ from live_services import shared_mlflow_server
 
 from pipeline.registry import load_backbone, pull, register_teacher
 from pipeline.registry.arch import ArchError, WeightsError
-from pipeline.train.model import build_models
+from pipeline.checkpoints import build_models
 from pipeline.train.presets import tiny_config
 
 NAME = "trust-teacher"

@@ -9,10 +9,9 @@ from pathlib import Path
 import torch
 from ray.train import Checkpoint
 
-from pipeline.train.checkpoint import save_checkpoint
+from pipeline.checkpoints import build_models, save_checkpoint
 from pipeline.train.loop import resume_state
 from pipeline.train.metrics import EpochMeter
-from pipeline.train.model import build_models
 from pipeline.train.presets import tiny_config
 from pipeline.train.trainer import _evaluated_in_loop
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from pipeline.config import ConfigError, DinoConfig
-from pipeline.train.checkpoint import load_state, save_checkpoint
+from pipeline.checkpoints import load_state, save_checkpoint
 
 
 def test_precision_field_takes_fp16_and_names_a_bad_value():

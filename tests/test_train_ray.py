@@ -9,10 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.train.checkpoint import latest_checkpoint, load_state, load_teacher_backbone, read_meta
+from pipeline.checkpoints import latest_checkpoint, load_state, load_teacher_backbone, read_meta
 from pipeline.preflight import PreflightError
+from pipeline.train.failures import TrainingError
 from pipeline.train.presets import tiny_config
-from pipeline.train.trainer import TrainingError, run_training
+from pipeline.training_run import run_training
 
 pytestmark = pytest.mark.ray
 
@@ -125,7 +126,7 @@ def test_ctrl_c_stops_with_a_checkpoint_and_a_killed_mlflow_run(ray_session, dig
 
     from mlflow.tracking import MlflowClient
 
-    from pipeline.train.trainer import TrainingInterrupted
+    from pipeline.train.control import TrainingInterrupted
 
     uri = mlflow_sqlite(tmp_path / "mlflow.db")
     cfg = tiny_config(digits_dir, tmp_path / "runs", "sigint", train__epochs=50,

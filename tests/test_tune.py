@@ -42,6 +42,7 @@ def test_two_trial_sweep_registers_best(tmp_path, digits_dir, ray_session, capsy
     cfg_file = tmp_path / "sweep.yaml"
     cfg_file.write_text(cfg.to_yaml())
     rc = main(["tune", "--config", str(cfg_file), "--name", "sw-test",
+               "--results-dir", str(tmp_path / "results"), f"eval.test_path={digits_dir}",
                "tracking.enabled=true", f"tracking.tracking_uri={uri}",
                "tracking.experiment=sweeps", "tracking.registered_model=sweep-teacher",
                'tune.search_space={"loss.teacher_temp": [0.04, 0.07]}', "tune.grid=true",
@@ -72,3 +73,47 @@ def test_two_trial_sweep_registers_best(tmp_path, digits_dir, ray_session, capsy
     assert float(champion.tags["knn_top1"]) == pytest.approx(float(best["knn_top1"]), abs=1e-4)
     assert champion.run_id == best["mlflow_run_id"]
     assert parent.data.tags["best_trial"] == best["trial_id"]
+    # the test split: reported once, for the best trial, after the selection; no trial saw it
+    assert "test_knn_top1" in parent.data.metrics
+    assert not any("test_knn_top1" in c.data.metrics for c in children)
+    assert float(champion.tags["test_knn_top1"]) == pytest.approx(
+        parent.data.metrics["test_knn_top1"], abs=1e-4)  # for people to read, not to choose
+    report = (tmp_path / "results" / "sw-test.md").read_text()
+    assert best["trial_id"] in report and "test split" in report
+    assert (tmp_path / "results" / "sw-test.csv").exists()
+
+
+def test_placement_group_left_by_a_stopped_trial_is_released(ray_session):
+    """A trial stopped by ASHA cannot remove its workers' placement group: the sweep's callback
+    removes the groups created during the trial once it has ended (and only then)."""
+    from types import SimpleNamespace
+
+    import ray
+    from ray.util.placement_group import placement_group
+
+    from pipeline.tune.placement import ReleaseTrialPlacementGroups
+    from pipeline.tune.space import DRIVER_RESOURCES
+
+    def state(pg) -> str:
+        return ray.util.placement_group_table(pg)["state"]
+
+    older = placement_group([{"CPU": 0.01}])
+    ray.get(older.ready())
+    cb = ReleaseTrialPlacementGroups(DRIVER_RESOURCES)
+    first, second = SimpleNamespace(trial_id="a"), SimpleNamespace(trial_id="b")
+    cb.on_trial_start(0, [], first)
+    leaked = placement_group([{"CPU": 0.01}, {"CPU": 0.01}])
+    tune_own = placement_group([dict(DRIVER_RESOURCES)])
+    ray.get([leaked.ready(), tune_own.ready()])
+    cb.on_trial_start(0, [], second)
+    cb.on_trial_complete(0, [], first)  # another trial still runs: nothing is touched
+    assert state(leaked) == "CREATED"
+    cb.on_trial_complete(0, [], second)
+    cb.on_trial_start(0, [], first)
+    cb.on_trial_error(0, [], first)
+    assert state(older) == state(tune_own) == "CREATED"
+    cb.before = {"a": set()}
+    cb.on_trial_complete(0, [], first)
+    assert state(leaked) == "REMOVED" and state(tune_own) == "CREATED"
+    ray.util.remove_placement_group(older)
+    ray.util.remove_placement_group(tune_own)

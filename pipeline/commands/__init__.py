@@ -1,7 +1,14 @@
-"""One module per ``dino-ray`` verb: ``add_arguments(parser)`` and ``run(args) -> int``."""
+"""One module per ``dino-ray`` verb: ``add_arguments(parser)`` and ``run(args) -> int``.
+
+The top layer of the package: a verb may import any layer below it (``pipeline.tune``,
+``pipeline.registry``, ``pipeline.training_run``, ...); nothing but ``pipeline.cli`` imports a verb.
+Shared here: ``add_config_arguments`` (``--config`` and ``section.field=value`` overrides).
+"""
 
 import argparse
 import sys
+
+__all__ = ["add_config_arguments", "not_yet"]
 
 
 def not_yet(verb: str, issue: str) -> int:

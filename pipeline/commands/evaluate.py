@@ -29,7 +29,7 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from pipeline.config import ConfigError, DinoConfig, apply_override
-    from pipeline.train.checkpoint import CONFIG_FILE, STATE_FILE, latest_checkpoint, load_config
+    from pipeline.checkpoints import CONFIG_FILE, STATE_FILE, latest_checkpoint, load_config
 
     ckpt = args.checkpoint
     if "://" not in ckpt and not (Path(ckpt) / STATE_FILE).is_file():
@@ -43,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
         if args.config:
             cfg = DinoConfig.load(args.config, args.overrides)
         else:
-            from pipeline.train.checkpoint import as_local_dir
+            from pipeline.checkpoints import as_local_dir
 
             with as_local_dir(ckpt) as d:
                 if not (Path(d) / CONFIG_FILE).is_file():

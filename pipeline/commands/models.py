@@ -62,10 +62,13 @@ def run(args: argparse.Namespace) -> int:
         print(f"pulled {args.model_uri} to {local}")
         print("load it with: pipeline.registry.load_backbone(DIR) or mlflow.pyfunc.load_model(DIR)")
         return 0
-    from pipeline.registry.embed import embed_corpus
+    from pipeline.evaluate.embed import embed_corpus
+    from pipeline.registry.pull import load_package_bytes, module_from_bytes
 
+    # the registry fetches and validates the package; evaluation only runs it
+    package = load_package_bytes(args.model_uri, _uri(args))
     result = embed_corpus(
-        args.model_uri, args.src, args.dst, tracking_uri=_uri(args), num_actors=args.num_actors,
+        package, args.src, args.dst, build_module=module_from_bytes, num_actors=args.num_actors,
         cpus_per_actor=args.cpus_per_actor, batch_size=args.batch_size,
         image_size=args.image_size, image_column=args.image_column,
         label_column=args.label_column or None, limit=args.limit, address=args.address)

@@ -66,14 +66,14 @@ def run(args: argparse.Namespace) -> int:
         checkpoint = found.data.tags.get("checkpoint_path") or found.data.params.get(
             "checkpoint_path")
         if not checkpoint:
-            from pipeline.train.checkpoint import latest_checkpoint
+            from pipeline.checkpoints import latest_checkpoint
 
             checkpoint = latest_checkpoint(base.train.storage_path, args.run_name)
         if not checkpoint:
             print(f"register: run {args.run_name!r} has no checkpoint under "
                   f"{base.train.storage_path}", file=sys.stderr)
             return 1
-    from pipeline.train.checkpoint import load_teacher_backbone, read_meta, read_run_file
+    from pipeline.checkpoints import load_teacher_backbone, read_meta, read_run_file
 
     if read_run_file(checkpoint, "config.yaml") is None:
         print(f"register: no checkpoint at {checkpoint} (no config.yaml there)", file=sys.stderr)

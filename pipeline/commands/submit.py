@@ -84,7 +84,7 @@ def config_arguments(config: str | None, root: Path) -> list[str]:
 
 def build_submission(verb: str, rest: list[str]) -> dict[str, Any]:
     """The keyword arguments of ``JobSubmissionClient.submit_job`` plus ``address``/``wait``."""
-    from pipeline.registry.register import git_sha
+    from pipeline.version import git_sha
 
     opts, job_args = submit_parser().parse_known_args(rest)
     root = Path(opts.working_dir).resolve() if opts.working_dir else repo_root()

@@ -21,10 +21,12 @@ def run(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"dino-ray train: {exc}", file=sys.stderr)
         return 2
-    import logging
+    from pipeline.console import setup_console
 
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    from pipeline.train.trainer import TrainingError, TrainingInterrupted, run_training
+    setup_console()
+    from pipeline.train.control import TrainingInterrupted
+    from pipeline.train.failures import TrainingError
+    from pipeline.training_run import run_training
 
     try:
         result = run_training(cfg, address=args.address, config_path=args.config)

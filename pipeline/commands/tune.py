@@ -19,6 +19,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--address", default=None,
                         help="Ray cluster to join (default: $RAY_ADDRESS, else an embedded Ray)")
     parser.add_argument("--name", help="sweep name (default <train.name>-sweep-<time>)")
+    parser.add_argument("--results-dir", help="also write <sweep>.csv/.png/.md here "
+                        "(e.g. bench/results)")
     parser.add_argument("--no-register", action="store_true",
                         help="do not register the best trial's teacher")
 
@@ -39,12 +41,13 @@ def run(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"dino-ray tune: {exc}", file=sys.stderr)
         return 2
-    import logging
+    from pipeline.console import setup_console
 
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    setup_console()
     from pipeline.tune.sweep import run_sweep
 
-    result = run_sweep(cfg, address=args.address, register=not args.no_register, name=args.name)
+    result = run_sweep(cfg, address=args.address, register=not args.no_register, name=args.name,
+                       results_dir=args.results_dir)
     if result.best is None:
         print("dino-ray tune: no trial finished", file=sys.stderr)
         return 1

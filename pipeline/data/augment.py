@@ -198,10 +198,11 @@ def resize_region(region: np.ndarray, size: int, interpolation: str) -> np.ndarr
 
 
 def render_view(image: np.ndarray, p: ViewParams, interpolation: str = "bicubic",
-                solarize_threshold: int = 128, src_size: tuple[int, int] | None = None
-                ) -> np.ndarray:
+                solarize_threshold: int = 128, src_size: tuple[int, int] | None = None,
+                photometric: bool = True) -> np.ndarray:
     """Crop ``p.box`` (given on ``src_size`` = (H, W); ``image`` may be a reduced decode of it),
-    resize to ``p.size`` and apply the photometric ops. Returns a new uint8 HWC array."""
+    resize to ``p.size``, flip, and (unless ``photometric`` is False: ``augment.photometric=device``
+    leaves them to the training device) apply the photometric ops. Returns a new uint8 HWC array."""
     top, left, h, w = p.box
     if src_size is not None and src_size != image.shape[:2]:
         fy, fx = image.shape[0] / src_size[0], image.shape[1] / src_size[1]
@@ -214,6 +215,13 @@ def render_view(image: np.ndarray, p: ViewParams, interpolation: str = "bicubic"
     out = resize_region(region, p.size, interpolation)
     if p.flip:
         out = cv2.flip(out, 1)
+    return apply_photometric(out, p, solarize_threshold) if photometric else out
+
+
+def apply_photometric(img: np.ndarray, p: ViewParams, solarize_threshold: int = 128
+                      ) -> np.ndarray:
+    """Jitter -> grayscale -> blur -> solarize of one rendered view, as ``p`` says."""
+    out = img
     if p.jitter:
         for name, factor in p.jitter:
             out = _JITTER_FN[name](out, factor)
@@ -234,6 +242,9 @@ class MultiCrop:
         self.cfg = cfg
         self.specs = view_specs(cfg)
         self.draft = draft and getattr(cfg, "draft_decode", True)
+        # "device": geometry only here; dino_model.photometric runs on the training device. The
+        # photometric choices are still drawn, so the crop boxes do not depend on the switch.
+        self.photometric = getattr(cfg, "photometric", "cpu") == "cpu"
         self.last_mode = ""
         self.last_orientation = 1
 
@@ -250,4 +261,4 @@ class MultiCrop:
         reduce = max_reduction(params) if self.draft else 1.0
         arr = decode_rgb(img, reduce=reduce)
         return [render_view(arr, p, self.cfg.interpolation, self.cfg.solarize_threshold,
-                            (height, width)) for p in params]
+                            (height, width), self.photometric) for p in params]

@@ -1,4 +1,4 @@
-"""Ray Data datasets for training (multi-crop) and evaluation (resize + centre crop).
+"""The Ray Data dataset for training: multi-crop views of every image, streamed to the workers.
 
 Train: ``CorpusDatasource`` (paths or encoded bytes, epoch-stamped, order permuted per epoch)
 -> ``map_batches(MultiCropStage)`` on a fixed ``ActorPoolStrategy`` pool, ``cpus_per_actor`` each.
@@ -23,7 +23,7 @@ import ray
 
 from pipeline.data.augment import MultiCrop, view_specs
 from pipeline.data.datasource import CorpusDatasource, stable_hash
-from pipeline.data.decode import BadImage, decode_bytes
+from pipeline.data.decode import BadImage, read_bytes
 from pipeline.data.sources import Corpus, list_corpus
 from pipeline.data.state import DataHandle
 from pipeline.ray_runtime import role_resources
@@ -38,14 +38,6 @@ READ_TASK_CPUS = 0.25  # the read stage only lists/slices paths or reads encoded
 def image_rng(seed: int, epoch: int, key: str) -> np.random.Generator:
     """The per-image generator: a pure function of (seed, epoch, key)."""
     return np.random.default_rng([int(seed) & 0xFFFFFFFF, int(epoch), stable_hash(key)])
-
-
-def _read_bytes(fs, path: str) -> bytes:
-    try:
-        with fs.open_input_stream(path) as f:
-            return f.read()
-    except Exception as exc:  # noqa: BLE001 - vanished / unreadable file: counted, skipped
-        raise BadImage("unreadable", f"{path}: {exc}") from None
 
 
 class MultiCropStage:
@@ -75,7 +67,7 @@ class MultiCropStage:
         for i in range(n):
             key = str(keys[i])
             try:
-                data = batch["bytes"][i] if "bytes" in batch else _read_bytes(self.fs, key)
+                data = batch["bytes"][i] if "bytes" in batch else read_bytes(self.fs, key)
                 crops = self.crop(data, image_rng(self.seed, int(batch["epoch"][i]), key))
             except Exception as exc:  # noqa: BLE001 - one bad file never kills a run
                 reason = exc.reason if isinstance(exc, BadImage) else "error"
@@ -91,7 +83,8 @@ class MultiCropStage:
             if self.crop.last_orientation != 1:
                 converted["exif_rotated"] += 1
         if self.state is not None:
-            self.state.add(int(keep.sum()), dict(skipped), dict(converted), examples)
+            # sent without waiting: a blocking round trip per batch held every crop actor up
+            self.state.add(int(keep.sum()), dict(skipped), dict(converted), examples, wait=False)
         if not keep.all():
             out = {k: v[keep] for k, v in out.items()}
         if self.with_label:
@@ -178,109 +171,3 @@ def build_train_dataset(data: DataConfig, augment: AugmentConfig, seed: int = 0,
     ds.context.target_max_block_size = max(1 << 20, view_bytes * data.map_batch_size)
     return TrainDataset(ds, source.num_rows(), list(corpus.class_names), handle,
                         [s.name for s in view_specs(augment)], corpus.description)
-
-
-# --- evaluation ---------------------------------------------------------------------------------
-def resize_center_crop(image: np.ndarray, size: int, resize: int) -> np.ndarray:
-    """Resize the shorter side to ``resize`` then take the central ``size`` x ``size``."""
-    h, w = image.shape[:2]
-    s = resize / min(h, w)
-    nh, nw = max(size, int(round(h * s))), max(size, int(round(w * s)))
-    # resize_region makes squares; do the aspect-preserving resize by hand
-    import cv2
-
-    region = image
-    while region.shape[0] >= 2 * nh and region.shape[1] >= 2 * nw:
-        region = cv2.pyrDown(region)
-    out = cv2.resize(region, (nw, nh), interpolation=cv2.INTER_CUBIC)
-    top, left = (nh - size) // 2, (nw - size) // 2
-    return np.ascontiguousarray(out[top:top + size, left:left + size])
-
-
-def _eval_batch(batch: dict[str, np.ndarray], filesystem, image_size: int, resize: int,
-                with_label: bool) -> dict[str, np.ndarray]:
-    import cv2
-
-    cv2.setNumThreads(1)
-    n = len(batch["key"])
-    images = np.empty((n, image_size, image_size, 3), np.uint8)
-    keep = np.zeros(n, bool)
-    for i in range(n):
-        try:
-            data = batch["bytes"][i] if "bytes" in batch else _read_bytes(filesystem,
-                                                                          str(batch["key"][i]))
-            images[i] = resize_center_crop(decode_bytes(data), image_size, resize)
-            keep[i] = True
-        except Exception:  # noqa: BLE001 - skipped like in training
-            continue
-    out = {"image": images[keep]}
-    if with_label:
-        out["label"] = np.asarray(batch["label"], np.int64)[keep]
-    return out
-
-
-def _eval_from_corpus(corpus: Corpus, image_size: int, resize: int | None,
-                      indices: np.ndarray | None, batch_size: int, num_cpus: float
-                      ) -> ray.data.Dataset:
-    _ensure_ray()
-    resize = resize or int(round(image_size * 8 / 7))
-    source = CorpusDatasource(corpus, shuffle=False, rows_per_task=batch_size, indices=indices)
-    return ray.data.read_datasource(source, num_cpus=READ_TASK_CPUS).map_batches(
-        _eval_batch, fn_kwargs={"filesystem": corpus.filesystem, "image_size": image_size,
-                                "resize": resize, "with_label": corpus.labelled},
-        batch_size=batch_size, batch_format="numpy", num_cpus=num_cpus)
-
-
-def build_eval_dataset(paths_or_cfg: str | list[str] | DataConfig, image_size: int = 32,
-                       resize: int | None = None, *, limit: int | None = None,
-                       batch_size: int = 64, num_cpus: float = 1.0) -> ray.data.Dataset:
-    """``image`` uint8 (S, S, 3) (shorter side -> ``resize``, default S*8/7, centre crop) and
-    ``label`` int64 when labelled. Unreadable images are dropped."""
-    if isinstance(paths_or_cfg, (str, list)):
-        corpus = list_corpus(paths_or_cfg, limit=limit)
-    else:
-        cfg = paths_or_cfg
-        corpus = list_corpus(cfg.path, cfg.format, cfg.image_column, cfg.label_column,
-                             limit or cfg.limit)
-    return _eval_from_corpus(corpus, image_size, resize, None, batch_size, num_cpus)
-
-
-def image_keys(corpus: Corpus) -> list[str]:
-    """The stable key of every image in listing order (no file is read)."""
-    if corpus.kind == "files":
-        return corpus.entries.column("path").to_pylist()
-    keys: list[str] = []
-    offsets: dict[str, int] = {}
-    for path, n in zip(corpus.entries.column("path").to_pylist(),
-                       corpus.entries.column("num_rows").to_pylist()):
-        start = offsets.get(path, 0)
-        keys += [f"{path}#{start + r}" for r in range(n)]
-        offsets[path] = start + n
-    return keys
-
-
-def split_indices(corpus: Corpus, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Deterministic (bank, val) split by a hash of (seed, the key's last two path parts, e.g.
-    ``cat/0042.png`` or ``part-00000.parquet#17``): independent of listing order, stable when
-    images are added, and the same wherever the corpus is stored (so figures compare across
-    machines)."""
-    u = np.array([stable_hash(f"{seed}:{_local_key(k)}") for k in image_keys(corpus)],
-                 np.float64) / 2.0 ** 63
-    val = u < val_fraction
-    return np.flatnonzero(~val), np.flatnonzero(val)
-
-
-def _local_key(key: str) -> str:
-    return "/".join(key.replace("\\", "/").rsplit("/", 2)[-2:])
-
-
-def build_eval_datasets(data: DataConfig, val_fraction: float, seed: int = 0,
-                        image_size: int = 32, resize: int | None = None, *,
-                        limit: int | None = None, batch_size: int = 64, num_cpus: float = 1.0
-                        ) -> tuple[ray.data.Dataset, ray.data.Dataset]:
-    """(bank, val) from one labelled source, split by ``val_fraction``."""
-    corpus = list_corpus(data.path, data.format, data.image_column, data.label_column,
-                         limit or data.limit)
-    bank, val = split_indices(corpus, val_fraction, seed)
-    return (_eval_from_corpus(corpus, image_size, resize, bank, batch_size, num_cpus),
-            _eval_from_corpus(corpus, image_size, resize, val, batch_size, num_cpus))

@@ -4,6 +4,7 @@ Two steps so the caller can plan crops between them: ``open_image`` reads only t
 EXIF orientation), ``decode_rgb`` decodes, optionally at a reduced JPEG scale, applies the EXIF
 orientation and converts any mode (L, LA, P, RGBA, CMYK, 16-bit, 1-bit, float) to 8-bit RGB.
 Anything that cannot be converted raises ``BadImage`` with a short ``reason`` that is counted.
+``read_bytes`` fetches a file's encoded bytes, with an unreadable file as ``BadImage`` too.
 """
 
 from __future__ import annotations
@@ -32,6 +33,15 @@ class BadImage(Exception):
     def __init__(self, reason: str, detail: str = ""):
         super().__init__(f"{reason}: {detail}" if detail else reason)
         self.reason = reason
+
+
+def read_bytes(fs, path: str) -> bytes:
+    """The encoded bytes of ``path`` on the pyarrow filesystem ``fs``."""
+    try:
+        with fs.open_input_stream(path) as f:
+            return f.read()
+    except Exception as exc:  # noqa: BLE001 - vanished / unreadable file: counted, skipped
+        raise BadImage("unreadable", f"{path}: {exc}") from None
 
 
 def open_image(data: bytes) -> Image.Image:

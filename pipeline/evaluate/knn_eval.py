@@ -1,8 +1,9 @@
 """k-NN (and linear-probe) evaluation of a teacher backbone as Ray Data batch inference.
 
-bank (labelled train images) and val: resize + centre crop (``pipeline.data.dataset``), one forward
-per image in ``map_batches`` on an actor pool (each actor holds the backbone), then weighted k-NN
-(``dino_model.knn``) on the driver. Every evaluation reports three rows on the same images:
+bank (labelled train images) and val: resize + centre crop (``pipeline.data.eval_sets``), one
+forward per image in ``map_batches`` on an actor pool (each actor holds the backbone), then
+weighted k-NN (``dino_model.knn``) on the driver. Every evaluation reports three rows on the same
+images:
 
 * ``knn_*``: the checkpoint's teacher;
 * ``knn_init_*``: the same architecture and seed as the run's starting point, so
@@ -17,75 +18,19 @@ val. With ``linear=True`` a logistic-regression probe (C picked on a split of th
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import ray
 import torch
 
+from dino_model.features import embed, pixel_features
+from dino_model.knn import knn_metrics
+from dino_model.linear_probe import linear_metrics
 from pipeline.config import DinoConfig
-from pipeline.evaluate.features import embed, knn_metrics, linear_metrics, pixel_features
+from pipeline.data.eval_sets import EvalSets, build_eval_sets
 
 log = logging.getLogger("dino_ray.evaluate")
-
-
-@dataclass
-class EvalSets:
-    bank: ray.data.Dataset
-    val: ray.data.Dataset
-
-
-def build_eval_sets(cfg: DinoConfig) -> EvalSets | None:
-    """bank/val datasets from eval.train_path/val_path, else a deterministic split of data.path.
-    None when the data carries no labels."""
-    from pipeline.data.dataset import build_eval_dataset, build_eval_datasets
-
-    size = cfg.augment.global_size
-    e = cfg.eval
-    if e.train_path is not None and e.val_path is not None:
-        bank = build_eval_dataset(e.train_path, size, e.resize, limit=e.limit,
-                                  batch_size=min(e.batch_size, 256))
-        val = build_eval_dataset(e.val_path, size, e.resize, limit=e.limit,
-                                 batch_size=min(e.batch_size, 256))
-        return EvalSets(bank, val)
-    if cfg.data.label_column is None:
-        return None
-    try:
-        bank, val = build_eval_datasets(cfg.data, e.val_fraction, cfg.train.seed, size, e.resize,
-                                        limit=e.limit, batch_size=min(e.batch_size, 256))
-    except Exception as exc:  # noqa: BLE001 - e.g. an unlabelled corpus
-        log.warning("no k-NN evaluation: %s", exc)
-        return None
-    return EvalSets(bank, val)
-
-
-def materialize(ds: ray.data.Dataset) -> tuple[np.ndarray, np.ndarray]:
-    """(images uint8 N,S,S,3; labels int64 N) in memory (for the in-training eval on rank 0)."""
-    images, labels = [], []
-    for b in ds.iter_batches(batch_size=1024, batch_format="numpy"):
-        images.append(b["image"])
-        labels.append(b["label"])
-    if not images:
-        raise ValueError("empty evaluation set")
-    return np.concatenate(images), np.concatenate(labels).astype(np.int64)
-
-
-def materialize_for_training(cfg_dict: dict) -> dict[str, np.ndarray] | None:
-    """The in-training eval sets as arrays (bank/val images and labels), or None when the data
-    carries no labels. Run as a Ray task (``materialize_task``) so it overlaps the start of the
-    worker group instead of delaying it."""
-    cfg = DinoConfig.from_dict(cfg_dict)
-    limit = min(cfg.eval.limit or cfg.eval.in_training_limit, cfg.eval.in_training_limit)
-    sets = build_eval_sets(cfg.with_overrides({"eval.limit": limit}))  # bounded, class-balanced
-    if sets is None:
-        return None
-    bank_x, bank_y = materialize(sets.bank)
-    val_x, val_y = materialize(sets.val)
-    return {"bank_images": bank_x, "bank_labels": bank_y, "val_images": val_x, "val_labels": val_y}
-
-
-materialize_task = ray.remote(num_cpus=0, max_retries=1)(materialize_for_training)
 
 
 class EmbedBatch:
@@ -98,8 +43,7 @@ class EmbedBatch:
 
     def __init__(self, cfg: dict, checkpoint_path: str | None, include_random_init: bool,
                  batch_size: int, include_pixels: bool = False, probe: dict | None = None) -> None:
-        from pipeline.train.checkpoint import load_teacher_backbone
-        from pipeline.train.model import random_init_backbone
+        from pipeline.checkpoints import load_teacher_backbone, random_init_backbone
 
         torch.set_num_threads(1)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -259,8 +203,7 @@ def knn_streamed(sets: EvalSets, cfg: DinoConfig, checkpoint_path: str | None,
     whatever the bank size (a 50k-image bank and a 1.28M-image bank cost the same). Two passes,
     not one ordered union: Ray Data does not promise the order of a union's rows, and a bank row
     before the last val row cannot be folded."""
-    from dino_model.knn import NeighbourVotes
-    from pipeline.evaluate.features import knn_figures
+    from dino_model.knn import NeighbourVotes, knn_figures
 
     e = cfg.eval
     ks = sorted(set(int(k) for k in e.k) | {int(e.headline_k)})
@@ -305,17 +248,6 @@ def knn_streamed(sets: EvalSets, cfg: DinoConfig, checkpoint_path: str | None,
         out[f"{name}_bank_size"] = int(v.bank_size)
         out[f"{name}_val_size"] = int(len(val_labels))
     return out
-
-
-def pixel_knn_metrics(eval_data: dict[str, np.ndarray], cfg: DinoConfig) -> dict[str, float]:
-    """``knn_pixels_*`` from in-memory eval arrays (``materialize_for_training``'s dict): the
-    raw-pixel baseline for the in-training evaluation. Pixels do not change during training, so
-    compute it once (with ``knn_init_*``), not every epoch."""
-    e = cfg.eval
-    return knn_metrics(pixel_features(eval_data["bank_images"]), eval_data["bank_labels"],
-                       pixel_features(eval_data["val_images"]), eval_data["val_labels"],
-                       ks=e.k, temperature=e.temperature, prefix="knn_pixels",
-                       headline_k=e.headline_k)
 
 
 def eval_on_gpu(cfg: DinoConfig) -> bool:

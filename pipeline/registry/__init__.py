@@ -1,6 +1,6 @@
 """Teacher backbones in the MLflow model registry: package (safetensors + arch.json + pyfunc),
 register (tags, signature, champion aliases per eval_key), pull/load without running registry
-code (validated arch.json), and Ray Data batch embedding."""
+code (validated arch.json)."""
 
 from pipeline.registry.arch import ArchError, WeightsError
 from pipeline.registry.champion import update_champion

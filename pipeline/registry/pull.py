@@ -19,6 +19,7 @@ import torch.nn as nn
 
 from pipeline.registry import package
 from pipeline.registry.arch import build_verified, load_verified, parse_arch
+from pipeline.tracking.global_uri import use_tracking_uri
 
 
 def normalize_uri(model_uri: str) -> str:
@@ -31,8 +32,6 @@ def pull(model_uri: str, dst_dir: str | Path, tracking_uri: str | None = None) -
     """Download the whole MLflow model (MLmodel, pyfunc code, weights, arch.json) to ``dst_dir``."""
     import mlflow
 
-    from pipeline.registry.register import _tracking
-
     dst = Path(dst_dir)
     dst.mkdir(parents=True, exist_ok=True)
     model_uri = normalize_uri(model_uri)
@@ -41,7 +40,7 @@ def pull(model_uri: str, dst_dir: str | Path, tracking_uri: str | None = None) -
 
         shutil.copytree(model_uri, dst, dirs_exist_ok=True)
         return dst
-    with _tracking(tracking_uri or mlflow.get_tracking_uri()):
+    with use_tracking_uri(tracking_uri or mlflow.get_tracking_uri()):
         local = mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(dst))
     package.find_package(local)  # fail here, not later, if it is not one of ours
     return Path(local)

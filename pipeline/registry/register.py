@@ -13,8 +13,6 @@ The run the version is logged into keeps the evaluation record that ``champion``
 from __future__ import annotations
 
 import contextlib
-import os
-import subprocess
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -25,6 +23,8 @@ from pipeline.config import DinoConfig
 from pipeline.registry import package
 from pipeline.registry.champion import CHAMPION, EVAL_KEY_PARAM, update_champion
 from pipeline.registry.eval_key import eval_identity, eval_key
+from pipeline.tracking.global_uri import use_tracking_uri
+from pipeline.version import code_version
 
 __all__ = ["CHAMPION", "EvalKeyConflictError", "register_teacher", "update_champion"]
 
@@ -33,27 +33,6 @@ MODEL_ARTIFACT = "teacher_backbone"
 
 class EvalKeyConflictError(ValueError):
     """The target run already records a different evaluation setting."""
-
-
-def code_version() -> str:
-    """``<package version>+g<git sha>`` ($DINO_RAY_GIT_SHA wins: jobs ship without .git)."""
-    try:
-        from importlib.metadata import version
-
-        ver = version("dino-ray")
-    except Exception:  # noqa: BLE001 - not installed
-        ver = "0+unknown"
-    sha = os.environ.get("DINO_RAY_GIT_SHA") or git_sha()
-    return f"{ver}+g{sha}" if sha else ver
-
-
-def git_sha(cwd: str | Path | None = None) -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], capture_output=True,
-                             text=True, timeout=5, cwd=cwd or Path(__file__).resolve().parent)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() or None if out.returncode == 0 else None
 
 
 def arch_description(cfg: DinoConfig, embed_dim: int) -> dict[str, Any]:
@@ -98,7 +77,7 @@ def _resolve_backbone(backbone_or_checkpoint_dir, cfg: DinoConfig | None):
         if cfg is None:
             raise ValueError("register_teacher: a module needs its DinoConfig (cfg=...)")
         return backbone_or_checkpoint_dir, cfg, {}
-    from pipeline.train.checkpoint import load_teacher_backbone, read_meta
+    from pipeline.checkpoints import load_teacher_backbone, read_meta
 
     backbone, ckpt_cfg = load_teacher_backbone(backbone_or_checkpoint_dir)
     meta = {}
@@ -165,7 +144,7 @@ def register_teacher(
     }
     extra_tags = dict(extra_tags or {})
 
-    with _tracking(tracking_uri), tempfile.TemporaryDirectory(prefix="dino-pkg-") as tmp:
+    with use_tracking_uri(tracking_uri), tempfile.TemporaryDirectory(prefix="dino-pkg-") as tmp:
         pkg = package.save_package(backbone, arch_description(cfg, embed_dim), tmp)
         client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
         if run_id is not None:  # before start_run, which would leave the run RUNNING
@@ -236,18 +215,3 @@ def _record_evaluation(client, run_id: str, key: str, metrics: dict[str, Any]) -
 def _short(value: Any, limit: int = 250) -> str:
     text = value if isinstance(value, str) else ",".join(map(str, value))
     return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-@contextlib.contextmanager
-def _tracking(uri: str):
-    """Temporarily point the global MLflow client at ``uri`` (registry too)."""
-    import mlflow
-
-    prev_t, prev_r = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
-    try:
-        yield
-    finally:
-        mlflow.set_tracking_uri(prev_t)
-        mlflow.set_registry_uri(prev_r)

@@ -7,11 +7,21 @@ workers to stop through this zero-CPU actor; rank 0 polls it without blocking (`
 ``timeout=0`` on a pending call, so no step waits on an RPC), all ranks agree through the step's
 existing all-reduce, write a checkpoint and return; the driver marks the MLflow run KILLED. A
 second Ctrl-C abandons the run at once.
+
+``StopOnSignals`` installs the driver's handlers around ``trainer.fit()``; ``RunControl`` is the
+actor; ``StopPoller`` is rank 0's view of it; ``TrainingInterrupted`` is what the caller gets.
 """
 
 from __future__ import annotations
 
+import logging
+import threading
+
 import ray
+
+from pipeline.train.failures import TrainingError
+
+log = logging.getLogger("dino_ray.train")
 
 
 @ray.remote(num_cpus=0, max_restarts=-1)
@@ -45,3 +55,48 @@ class StopPoller:
                 self.reason = None
             self.pending = None if self.reason else self.control.stop_reason.remote()
         return self.reason is not None
+
+
+class TrainingInterrupted(TrainingError):
+    """The run was stopped on request (Ctrl-C, SIGTERM); its last checkpoint is kept."""
+
+
+class StopOnSignals:
+    """While a run trains on the main thread's watch: the first SIGINT/SIGTERM asks the workers
+    to checkpoint and stop (through ``RunControl``); a second SIGINT raises
+    KeyboardInterrupt. Off the main thread (a Tune trial) signals are left alone."""
+
+    def __init__(self, control) -> None:
+        self.control = control
+        self.reason: str | None = None
+        self._saved: dict = {}
+
+    def __enter__(self):
+        import signal
+
+        if threading.current_thread() is not threading.main_thread():
+            return self
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._saved[sig] = signal.signal(sig, self._on_signal)
+        return self
+
+    def _on_signal(self, signum, frame) -> None:
+        import signal
+
+        name = signal.Signals(signum).name
+        if self.reason is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.reason = self.reason or name
+        log.warning("%s: the workers stop after this step and write a checkpoint "
+                    "(Ctrl-C again to abandon the run now)", name)
+        try:
+            self.control.request_stop.remote(name)
+        except Exception:  # noqa: BLE001
+            pass
+
+    def __exit__(self, *exc) -> None:
+        import signal
+
+        for sig, handler in self._saved.items():
+            signal.signal(sig, handler)
+        self._saved.clear()

@@ -6,6 +6,7 @@ runs the ``TorchTrainer`` with no retries of its own and decides here: a determi
 (bad config, unknown arch, NaN, corpus problems, a resume mismatch) fails the run at once; a
 death (actor/node died, a peer's collective broken by that death) or a transient storage error
 reruns the trainer with the same name and storage path, which resumes from the last checkpoint.
+A run that fails for good raises ``TrainingError`` to the caller.
 """
 
 from __future__ import annotations
@@ -20,6 +21,16 @@ def _deterministic_types() -> tuple[type[BaseException], ...]:
     from pipeline.data.sources import CorpusError
 
     return (NonFiniteLossError, ConfigError, DataQualityError, CorpusError, ResumeMismatchError)
+
+
+class TrainingError(RuntimeError):
+    """Training stopped with an error; ``last_checkpoint`` is the last good checkpoint (or None)."""
+
+    def __init__(self, message: str, last_checkpoint: str | None = None,
+                 mlflow_run_id: str | None = None) -> None:
+        super().__init__(message)
+        self.last_checkpoint = last_checkpoint
+        self.mlflow_run_id = mlflow_run_id
 
 
 class ResumeMismatchError(ValueError):

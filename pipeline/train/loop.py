@@ -29,23 +29,25 @@ from dino_model.model import unwrap
 from dino_model.normalize import normalize_uint8
 from dino_model.optim import build_optimizer
 from dino_model.precision import resolve_precision
-from dino_model.schedules import Schedules, scaled_lr
+from dino_model.schedules import build_schedules, scaled_lr
 from dino_model.sync_bn import convert_sync_batchnorm, has_batchnorm
 from dino_model.step import NonFiniteLossError, dino_step
-from pipeline.config import DinoConfig
-from pipeline.train.checkpoint import (
+from pipeline.checkpoints import (
     as_local_dir,
+    build_models,
     checkpoint_uri,
     load_state,
     newest_checkpoint,
+    random_init_backbone,
     read_run_file,
     save_checkpoint,
     write_run_file,
 )
+from pipeline.config import DinoConfig
 from pipeline.train.control import StopPoller
 from pipeline.train.failures import ResumeMismatchError
+from pipeline.train.knn import knn_on_rank0, pixel_knn_metrics
 from pipeline.train.metrics import AVERAGED, EpochMeter, collapse_check, finite
-from pipeline.train.model import build_models, random_init_backbone
 
 log = logging.getLogger("dino_ray.train")
 
@@ -87,13 +89,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                        center_momentum=cfg.loss.center_momentum)
     ipe = iters_per_epoch(cfg, config["num_images"], world)
     global_batch = tc.batch_size_per_worker * world
-    sched = Schedules(
+    sched = build_schedules(
         lr=scaled_lr(cfg.optim.lr, global_batch), min_lr=cfg.optim.min_lr,
         warmup_epochs=cfg.optim.warmup_epochs, weight_decay=cfg.optim.weight_decay,
         weight_decay_end=cfg.optim.weight_decay_end, momentum=cfg.optim.momentum_teacher,
         momentum_end=cfg.optim.momentum_teacher_end, warmup_teacher_temp=cfg.loss.warmup_teacher_temp,
         teacher_temp=cfg.loss.teacher_temp,
-        warmup_teacher_temp_epochs=cfg.loss.warmup_teacher_temp_epochs, epochs=tc.epochs,
+        warmup_teacher_temp_epochs=cfg.loss.warmup_teacher_temp_epochs,
+        freeze_last_layer_epochs=cfg.optim.freeze_last_layer_epochs, epochs=tc.epochs,
         iters_per_epoch=ipe)
 
     start_step = 0
@@ -181,17 +184,17 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             if i < skip:
                 continue
             _maybe_die(tc, rank, world, global_step, run_directory)
-            crops = _crops(batch, device)
+            crops = _crops(batch, device, cfg, (tc.seed, epoch, global_step, rank))
             if tc.nan_at_step is not None and global_step == tc.nan_at_step:
                 crops = [c * float("nan") for c in crops]  # fault injection: non-finite loss
             t1 = time.perf_counter()
             try:
                 res = dino_step(
                     student=student, teacher=teacher, loss_fn=loss_fn, optimizer=optimizer,
-                    crops=crops, schedule=sched.at(global_step), epoch=epoch, n_global=2,
-                    clip_grad=cfg.optim.clip_grad,
-                    freeze_last_layer_epochs=cfg.optim.freeze_last_layer_epochs,
-                    koleo_weight=cfg.loss.koleo_weight, autocast_dtype=autocast, scaler=scaler)
+                    crops=crops, schedule=sched.at(global_step), n_global=2,
+                    clip_grad=cfg.optim.clip_grad, koleo_weight=cfg.loss.koleo_weight,
+                    autocast_dtype=autocast, scaler=scaler)
+                res.raise_if_nonfinite()  # a read, beside the synchronize below
             except NonFiniteLossError as exc:
                 raise NonFiniteLossError(
                     f"rank {rank}: {exc} (global step {global_step}); the last checkpoint is "
@@ -199,15 +202,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             if device.type == "cuda":
                 torch.cuda.synchronize()
             compute = time.perf_counter() - t1
-            step_metrics = res.metrics()
-            meter.add(step_metrics, images=crops[0].shape[0], wait_s=wait, compute_s=compute)
+            meter.add(res.tensors(), images=crops[0].shape[0], wait_s=wait, compute_s=compute)
             global_step += 1
             if global_step % tc.log_every_steps == 0:
                 t_rep = time.perf_counter()
+                step_metrics = res.metrics()  # the step's tensors read once per log step
                 m = _mean_over_ranks({k: step_metrics[k] for k in AVERAGED if k in step_metrics})
                 if rank == 0:
                     mode = collapse_check(res.stats, where=f"step {global_step}")
-                    m.update(sched.at(global_step - 1))
+                    m.update(sched.at(global_step - 1).metrics())
                     m.update(kind="step", epoch=epoch, step=global_step, collapse=mode or "none",
                              images_per_s=crops[0].shape[0] * world / max(wait + compute, 1e-9),
                              data_wait_fraction=wait / max(wait + compute, 1e-9))
@@ -220,7 +223,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                        world_size=world, iters_per_epoch=ipe, global_batch=global_batch,
                        wall_s=time.monotonic() - t_start, stopped_early=stop,
                        precision=tc.precision)
-        summary.update({f"sched_{k}": v for k, v in sched.at(max(global_step - 1, 0)).items()})
+        summary.update({f"sched_{k}": v
+                        for k, v in sched.at(max(global_step - 1, 0)).metrics().items()})
         if hasattr(td, "skip_counts"):
             try:
                 summary.update({f"skipped_{k}": int(v) for k, v in td.skip_counts().items()})
@@ -236,13 +240,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 eval_ref = None  # unlabelled data or a failed read: no in-training k-NN
             else:
                 if init_knn_pending:
-                    summary.update(_knn_rank0(random_init_backbone(cfg).to(device), eval_data,
-                                              cfg, device, prefix="knn_init"))
-                    from pipeline.evaluate.knn_eval import pixel_knn_metrics
-
+                    summary.update(knn_on_rank0(random_init_backbone(cfg).to(device), eval_data,
+                                                cfg, device, prefix="knn_init"))
                     summary.update(pixel_knn_metrics(eval_data, cfg))  # the raw-pixel baseline
                     init_knn_pending = False
-                summary.update(_knn_rank0(teacher.backbone, eval_data, cfg, device, prefix="knn"))
+                summary.update(knn_on_rank0(teacher.backbone, eval_data, cfg, device, prefix="knn"))
                 _send_attention(config.get("metrics_queue"), teacher.backbone, eval_data,
                                 device, epoch)
         want_ckpt = meter.steps > 0 and (last or (finished_epoch and
@@ -264,12 +266,19 @@ def _iter_batches(shard, cfg: DinoConfig, epoch: int):
         local_shuffle_seed=(tc.seed + epoch) if cfg.data.local_shuffle_buffer else None))
 
 
-def _crops(batch: dict[str, torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+def _crops(batch: dict[str, torch.Tensor], device: torch.device, cfg: DinoConfig | None = None,
+           key: tuple[int, ...] = ()) -> list[torch.Tensor]:
+    """Normalised crops in view order; with ``augment.photometric=device`` the photometric ops
+    run here first, on the device, seeded by ``key`` = (seed, epoch, step, rank)."""
     names = sorted((k for k in batch if k.startswith("global_")), key=_index)
     names += sorted((k for k in batch if k.startswith("local_")), key=_index)
     if names[:2] != ["global_0", "global_1"]:
         raise ValueError("train batches need global_0, global_1 and any local_* columns, got "
                          f"{list(batch)}")
+    if cfg is not None and cfg.augment.photometric == "device":
+        from pipeline.train.device_augment import device_photometric
+
+        batch = {n: device_photometric(cfg.augment, n, batch[n], device, key) for n in names}
     return [normalize_uint8(batch[n], device) for n in names]
 
 
@@ -406,17 +415,3 @@ def _fetch_eval_data(ref) -> dict | None:
     except Exception as exc:  # noqa: BLE001 - evaluation never stops training
         log.warning("in-training k-NN disabled: reading the eval sets failed: %s", exc)
         return None
-
-
-def _knn_rank0(backbone, eval_data: dict, cfg: DinoConfig, device, *, prefix: str) -> dict:
-    from pipeline.evaluate.features import embed, knn_metrics
-
-    kw = {"device": device, "batch_size": cfg.eval.batch_size,  # the training precision, no scaler
-          "autocast_dtype": resolve_precision(cfg.train.precision, device, training=False)[0]}
-    bank = embed(backbone, eval_data["bank_images"], **kw)
-    val = embed(backbone, eval_data["val_images"], **kw)
-    return knn_metrics(bank, eval_data["bank_labels"], val, eval_data["val_labels"],
-                       ks=cfg.eval.k, temperature=cfg.eval.temperature, prefix=prefix,
-                       headline_k=cfg.eval.headline_k)
-
-

@@ -33,11 +33,11 @@ class EpochMeter:
         self.agree_s = 0.0  # the per-step agreement of all ranks to go on (waits for the slowest)
         self.started = time.perf_counter()
 
-    def add(self, step_metrics: dict[str, float], *, images: int, wait_s: float,
+    def add(self, step_metrics: dict, *, images: int, wait_s: float,
             compute_s: float) -> None:
-        for key in AVERAGED:
+        for key in AVERAGED:  # floats or device tensors (summed there, read in ``summary``)
             if key in step_metrics:
-                self.sums[key] += float(step_metrics[key])
+                self.sums[key] += step_metrics[key]
         self.steps += 1
         self.images += images
         self.wait_s += wait_s
@@ -45,7 +45,7 @@ class EpochMeter:
 
     def summary(self, world_size: int) -> dict[str, float]:
         n = max(self.steps, 1)
-        out = {f"epoch_{k}": v / n for k, v in self.sums.items()}
+        out = {f"epoch_{k}": float(v) / n for k, v in self.sums.items()}
         wall = max(time.perf_counter() - self.started, self.wait_s + self.compute_s, 1e-9)
         out["epoch_images_per_s"] = self.images * world_size / wall
         out["epoch_data_wait_fraction"] = self.wait_s / wall

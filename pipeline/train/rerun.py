@@ -7,17 +7,25 @@ differing fields listed, unless ``train.resume=changed`` (continue with the chan
 a new run, linked to the old one, so its params are the ones in force) or ``train.resume=never``
 (a fresh run under a new name). Operational fields (where things run, how often to log or
 checkpoint, evaluation, tracking, sweeps, fault injection) never block a rerun.
+
+The driver asks here before any worker starts: ``rerun_policy`` (the config in force for a rerun)
+and ``resumable_step`` (where it continues, refusing a run directory it cannot continue).
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import time
 from typing import Any
 
 import yaml
 
+from pipeline.checkpoints import newest_checkpoint, read_run_file, resolve_storage_path
 from pipeline.config import DinoConfig
 from pipeline.preflight import PreflightError
+
+log = logging.getLogger("dino_ray.train")
 
 # fields that do not change what is trained
 OPERATIONAL = {
@@ -74,3 +82,45 @@ def check_rerun(cfg: DinoConfig, saved_yaml: str | None) -> tuple[DinoConfig, bo
         f"train.name: run {cfg.train.name!r} in {cfg.train.storage_path} was started with another "
         f"config ({shown}). Set train.resume=changed to continue it with these changes, "
         "train.resume=never for a fresh run under a new name, or choose another train.name")
+
+
+def rerun_policy(cfg: DinoConfig) -> tuple[DinoConfig, bool]:
+    """``check_rerun`` against the newest checkpoint of ``train.name``: refuse a changed config
+    under an existing name, unless asked."""
+    found = newest_checkpoint(resolve_storage_path(cfg.train.storage_path), cfg.train.name)
+    saved = read_run_file(found[1], "config.yaml") if found else None
+    new_cfg, changed = check_rerun(cfg, saved)
+    if new_cfg.train.name != cfg.train.name:
+        log.warning("train.resume=never: %r exists, this run is %r", cfg.train.name,
+                    new_cfg.train.name)
+    return new_cfg, changed
+
+
+def resumable_step(cfg: DinoConfig, storage: str, ipe: int) -> int:
+    """The global step a rerun continues from (0 for a new run). A run directory whose newest
+    checkpoint has another iterations-per-epoch, or that already finished ``train.epochs``, is
+    refused here: the workers would fail on it (or train nothing)."""
+    tc = cfg.train
+    found = newest_checkpoint(storage, tc.name)
+    if found is None:
+        return 0
+    step, path = found
+    meta_ipe = _meta_ipe(path)
+    if meta_ipe is not None and meta_ipe != ipe:
+        raise PreflightError(
+            f"train.name: {tc.name!r} in {tc.storage_path} has a checkpoint with {meta_ipe} "
+            f"iterations per epoch, this run has {ipe}: resume with the same batch size, workers "
+            "and data, or choose another train.name")
+    if step >= tc.epochs * ipe:
+        raise PreflightError(
+            f"train.epochs: run {tc.name!r} already finished {step // ipe} epochs ({path}); raise "
+            "train.epochs to continue it, or choose another train.name for a new run")
+    return step
+
+
+def _meta_ipe(path: str) -> int | None:
+    text = read_run_file(path, "meta.json")
+    try:
+        return int(json.loads(text)["iters_per_epoch"]) if text else None
+    except (ValueError, KeyError):
+        return None

@@ -1,6 +1,6 @@
-"""Build and run the ``TorchTrainer``; the Python API behind ``dino-ray train`` and jobs/train.py.
+"""Build and run the ``TorchTrainer`` (``pipeline.training_run.run_training`` adds the evaluation).
 
-``run_training(cfg)`` returns a ``TrainingResult``. Metrics flow: rank 0 puts step metrics on a
+``fit(cfg)`` returns a ``TrainingResult``. Metrics flow: rank 0 puts step metrics on a
 ``ray.util.queue.Queue`` read by the calling process; epoch metrics (with checkpoints) go through
 ``ray.train.report`` and a ``UserCallback`` (in the Train controller actor) forwards them to the
 same queue. The caller logs them to MLflow and hands them to ``on_epoch_metrics`` /
@@ -21,35 +21,29 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import ray
 
-from pipeline.config import DinoConfig
-from pipeline.train.checkpoint import (
+from pipeline.checkpoints import (
     checkpoint_uri,
     latest_checkpoint,
-    newest_checkpoint,
     read_run_file,
     resolve_storage_path,
     run_dir,
     write_run_file,
 )
+from pipeline.config import DinoConfig
+from pipeline.train.control import RunControl, StopOnSignals, TrainingInterrupted
+from pipeline.train.failures import TrainingError
+from pipeline.train.progress import Progress
+from pipeline.train.rerun import rerun_policy, resumable_step
 
+progress_log = logging.getLogger("dino_ray.progress")
 log = logging.getLogger("dino_ray.train")
 
 MetricsHook = Callable[[dict[str, Any]], None]
 RUN_ID_FILE = "mlflow_run_id"  # in the run directory: a rerun logs to the same MLflow run
-
-
-class TrainingError(RuntimeError):
-    """Training stopped with an error; ``last_checkpoint`` is the last good checkpoint (or None)."""
-
-    def __init__(self, message: str, last_checkpoint: str | None = None,
-                 mlflow_run_id: str | None = None) -> None:
-        super().__init__(message)
-        self.last_checkpoint = last_checkpoint
-        self.mlflow_run_id = mlflow_run_id
 
 
 @dataclass
@@ -83,7 +77,21 @@ def _forward_callback(q):
     return ForwardMetrics(q)
 
 
-def run_training(
+class FinalEvaluation(Protocol):
+    """The end-of-run figures of the final checkpoint, logged into the run's MLflow run.
+
+    ``pipeline.training_run`` passes one built on ``pipeline.evaluate``: training and evaluation
+    only meet at checkpoints, so this package never imports the evaluation code.
+    """
+
+    def knn(self, cfg: DinoConfig, checkpoint_path: str) -> dict[str, Any]:
+        """k-NN of the teacher and the random-init backbone (``eval.at_end``)."""
+
+    def test_split(self, cfg: DinoConfig, checkpoint_path: str) -> dict[str, Any]:
+        """The once-only ``test_*`` figures on ``eval.test_path``."""
+
+
+def fit(
     cfg: DinoConfig,
     *,
     address: str | None = None,
@@ -92,8 +100,10 @@ def run_training(
     train_data: Any = None,
     config_path: str | Path | None = None,
     callbacks: list | None = None,
+    evaluation: FinalEvaluation | None = None,
 ) -> TrainingResult:
-    """Train DINO on Ray Train, then k-NN-evaluate the teacher (and the random-init backbone).
+    """Train DINO on Ray Train, then (with ``evaluation``) k-NN-evaluate the teacher and the
+    random-init backbone; ``pipeline.training_run.run_training`` is this with the evaluation.
 
     ``train_data``: optional object with ``dataset`` (Ray Dataset with global_0, global_1, local_*
     uint8 NHWC columns), ``num_images`` and optionally ``set_epoch``/``skip_counts`` (default:
@@ -120,13 +130,13 @@ def run_training(
     view = ClusterView.current()
     check_cluster(cfg, view)  # local paths on a multi-node cluster, workers no node can hold
     try:
-        cfg, changed = _rerun_policy(cfg)
+        cfg, changed = rerun_policy(cfg)
         run = _plan(cfg, view, train_data, corpus)
         run.new_tracking_run = changed
         tracker = _open_tracking(cfg, run, config_path)
         history, steps, last = _launch_and_collect(cfg, run, tracker, on_epoch_metrics,
                                                    on_step_metrics, callbacks)
-        return _finish(cfg, run, tracker, history, steps, last, t0)
+        return _finish(cfg, run, tracker, history, steps, last, t0, evaluation)
     finally:
         release_nodes(view)
 
@@ -149,19 +159,6 @@ class _Run:
     worker_resources: dict = field(default_factory=dict)
 
 
-def _rerun_policy(cfg: DinoConfig) -> tuple[DinoConfig, bool]:
-    """``pipeline.train.rerun``: refuse a changed config under an existing name, unless asked."""
-    from pipeline.train.rerun import check_rerun
-
-    found = newest_checkpoint(resolve_storage_path(cfg.train.storage_path), cfg.train.name)
-    saved = read_run_file(found[1], "config.yaml") if found else None
-    new_cfg, changed = check_rerun(cfg, saved)
-    if new_cfg.train.name != cfg.train.name:
-        log.warning("train.resume=never: %r exists, this run is %r", cfg.train.name,
-                    new_cfg.train.name)
-    return new_cfg, changed
-
-
 def _plan(cfg: DinoConfig, view, train_data, corpus=None) -> _Run:
     """List the corpus, check it, size the data stage, ask the autoscaler for the nodes."""
     from pipeline.cluster import request_nodes
@@ -182,13 +179,13 @@ def _plan(cfg: DinoConfig, view, train_data, corpus=None) -> _Run:
         # counted on the cluster as the autoscaler can grow it
         plan = plan_from_config(cfg.data, tc)
         for note in plan.notes:
-            log.warning("data stage: %s", note)
+            progress_log.info("data stage: %s", note)
         train_data = build_train_dataset(cfg.data, cfg.augment, seed=tc.seed, plan=plan,
                                          corpus=corpus, indices=ssl_indices(cfg, corpus))
     else:
         check_corpus(cfg, train_data.num_images)
     ipe = iters_per_epoch(cfg, train_data.num_images, tc.num_workers)
-    start_step = _resumable_step(cfg, storage, ipe)
+    start_step = resumable_step(cfg, storage, ipe)
     data_bundle = {"CPU": plan.cpus_per_actor if plan else cfg.data.cpus_per_actor}
     if view.has_role("data"):
         data_bundle["data"] = data_bundle["CPU"]
@@ -196,8 +193,13 @@ def _plan(cfg: DinoConfig, view, train_data, corpus=None) -> _Run:
                   + [data_bundle] * (plan.num_actors if plan else cfg.data.num_actors), view)
     worker = {k: v for k, v in train_worker_bundle(cfg, view).items() if k != "GPU"}
     run = _Run(storage, rdir, train_data, plan, ipe, start_step, worker_resources=worker)
+    progress_log.info("%s: %d epochs x %d steps of %d images on %d worker(s)%s", cfg.train.name,
+                      cfg.train.epochs, ipe,
+                      cfg.train.batch_size_per_worker * cfg.train.num_workers,
+                      cfg.train.num_workers,
+                      f", continuing from step {start_step}" if start_step else "")
     if cfg.eval.every_epochs:  # the eval images are read by a Ray task while the workers start
-        from pipeline.evaluate.knn_eval import materialize_task
+        from pipeline.data.eval_sets import materialize_task
 
         run.eval_ref = materialize_task.remote(cfg.model_dump(mode="json"))
     return run
@@ -205,49 +207,15 @@ def _plan(cfg: DinoConfig, view, train_data, corpus=None) -> _Run:
 
 def ssl_indices(cfg: DinoConfig, corpus):
     """The images SSL trains on: without ``eval.val_path`` the k-NN validation split is carved
-    out of ``data.path`` (``pipeline.data.dataset.split_indices``, the same per-image hash the
+    out of ``data.path`` (``pipeline.data.split.split_indices``, the same per-image hash the
     evaluation uses), so the headline figure is on images the run never trained on."""
     e = cfg.eval
     if e.val_path is not None or not corpus.labelled or not (e.every_epochs or e.at_end):
         return None
-    from pipeline.data.dataset import split_indices
+    from pipeline.data.split import split_indices
 
     bank, _ = split_indices(corpus, e.val_fraction, cfg.train.seed)
     return bank
-
-
-def _resumable_step(cfg: DinoConfig, storage: str, ipe: int) -> int:
-    """The global step a rerun continues from (0 for a new run). A run directory whose newest
-    checkpoint has another iterations-per-epoch, or that already finished ``train.epochs``, is
-    refused here: the workers would fail on it (or train nothing)."""
-    from pipeline.preflight import PreflightError
-
-    tc = cfg.train
-    found = newest_checkpoint(storage, tc.name)
-    if found is None:
-        return 0
-    step, path = found
-    meta_ipe = _meta_ipe(path)
-    if meta_ipe is not None and meta_ipe != ipe:
-        raise PreflightError(
-            f"train.name: {tc.name!r} in {tc.storage_path} has a checkpoint with {meta_ipe} "
-            f"iterations per epoch, this run has {ipe}: resume with the same batch size, workers "
-            "and data, or choose another train.name")
-    if step >= tc.epochs * ipe:
-        raise PreflightError(
-            f"train.epochs: run {tc.name!r} already finished {step // ipe} epochs ({path}); raise "
-            "train.epochs to continue it, or choose another train.name for a new run")
-    return step
-
-
-def _meta_ipe(path: str) -> int | None:
-    import json
-
-    text = read_run_file(path, "meta.json")
-    try:
-        return int(json.loads(text)["iters_per_epoch"]) if text else None
-    except (ValueError, KeyError):
-        return None
 
 
 def _open_tracking(cfg: DinoConfig, run: _Run, config_path):
@@ -324,6 +292,7 @@ def _launch_and_collect(cfg: DinoConfig, run: _Run, tracker, on_epoch_metrics, o
     history: list[dict] = []
     last_ckpt: list[str | None] = [None]
     seen_epochs: set[tuple] = set()
+    progress = Progress(tc.epochs, run.ipe, run.start_step, cfg.eval.headline_k)
 
     def _handle(m: dict) -> None:
         if m.get("kind") == "artifact":  # e.g. the attention maps drawn on rank 0
@@ -341,16 +310,15 @@ def _launch_and_collect(cfg: DinoConfig, run: _Run, tracker, on_epoch_metrics, o
         tracker.log_metrics({k: v for k, v in m.items() if k not in ("step", "epoch")}, step=step)
         if kind == "step":
             steps.append(m)
+            progress.on_step(m)
             _call(on_step_metrics, m)
         elif kind == "epoch":
             history.append(m)
-            _log_epoch(m)
+            progress.on_epoch(m)
             _call(on_epoch_metrics, m)
 
-    from pipeline.train.control import RunControl
-
     control = RunControl.options(**on_this_node()).remote()
-    stopping = _StopOnSignals(control)
+    stopping = StopOnSignals(control)
     failures = 0
     try:
         while True:
@@ -394,51 +362,6 @@ def _launch_and_collect(cfg: DinoConfig, run: _Run, tracker, on_epoch_metrics, o
             pass
 
 
-class TrainingInterrupted(TrainingError):
-    """The run was stopped on request (Ctrl-C, SIGTERM); its last checkpoint is kept."""
-
-
-class _StopOnSignals:
-    """While a run trains on the main thread's watch: the first SIGINT/SIGTERM asks the workers
-    to checkpoint and stop (``pipeline.train.control``); a second SIGINT raises
-    KeyboardInterrupt. Off the main thread (a Tune trial) signals are left alone."""
-
-    def __init__(self, control) -> None:
-        self.control = control
-        self.reason: str | None = None
-        self._saved: dict = {}
-
-    def __enter__(self):
-        import signal
-
-        if threading.current_thread() is not threading.main_thread():
-            return self
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            self._saved[sig] = signal.signal(sig, self._on_signal)
-        return self
-
-    def _on_signal(self, signum, frame) -> None:
-        import signal
-
-        name = signal.Signals(signum).name
-        if self.reason is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.reason = self.reason or name
-        log.warning("%s: the workers stop after this step and write a checkpoint "
-                    "(Ctrl-C again to abandon the run now)", name)
-        try:
-            self.control.request_stop.remote(name)
-        except Exception:  # noqa: BLE001
-            pass
-
-    def __exit__(self, *exc) -> None:
-        import signal
-
-        for sig, handler in self._saved.items():
-            signal.signal(sig, handler)
-        self._saved.clear()
-
-
 def _fit_draining(trainer, q, handle) -> dict[str, Any]:
     """``trainer.fit()`` on a thread while this thread hands queued metrics to ``handle``."""
     outcome: dict[str, Any] = {}
@@ -469,7 +392,8 @@ def _result_checkpoint(result) -> str | None:
     return checkpoint_uri(result.checkpoint) if result.checkpoint is not None else None
 
 
-def _finish(cfg: DinoConfig, run: _Run, tracker, history, steps, ckpt_path, t0) -> TrainingResult:
+def _finish(cfg: DinoConfig, run: _Run, tracker, history, steps, ckpt_path, t0,
+            evaluation: FinalEvaluation | None) -> TrainingResult:
     """Fail a run that trained nothing; final k-NN when the loop did not do it; close MLflow."""
     from pipeline.data.quality import DataQualityError, check_skip_share
 
@@ -488,21 +412,17 @@ def _finish(cfg: DinoConfig, run: _Run, tracker, history, steps, ckpt_path, t0) 
     for h in history:  # the random-init k-NN from the in-training eval rides on epoch 0
         metrics.update({k: v for k, v in h.items() if k.startswith(("knn_init", "knn_pixels"))})
 
-    if cfg.eval.at_end and ckpt_path and not _evaluated_in_loop(history):
-        from pipeline.evaluate.knn_eval import evaluate_knn
-
+    if evaluation is not None and cfg.eval.at_end and ckpt_path and not _evaluated_in_loop(history):
         try:
-            knn = evaluate_knn(cfg, ckpt_path, include_random_init=True)
+            knn = evaluation.knn(cfg, ckpt_path)
         except Exception as exc:  # noqa: BLE001 - a failed eval must not lose the trained model
             log.warning("k-NN evaluation failed: %s", exc)
             knn = {}
         metrics.update(knn)
         tracker.log_metrics(knn, step=int(metrics.get("step", 0)))
-    if cfg.eval.at_end and ckpt_path and cfg.eval.test_path is not None:
-        from pipeline.evaluate.knn_eval import evaluate_test_split
-
+    if evaluation is not None and cfg.eval.at_end and ckpt_path and cfg.eval.test_path is not None:
         try:
-            test = evaluate_test_split(cfg, ckpt_path)
+            test = evaluation.test_split(cfg, ckpt_path)
         except Exception as exc:  # noqa: BLE001 - a failed eval must not lose the trained model
             log.warning("test-split evaluation failed: %s", exc)
             test = {}
@@ -512,7 +432,7 @@ def _finish(cfg: DinoConfig, run: _Run, tracker, history, steps, ckpt_path, t0) 
         metrics["knn_gain_top1"] = metrics["knn_top1"] - metrics["knn_init_top1"]
         tracker.log_metrics({"knn_gain_top1": metrics["knn_gain_top1"]},
                             step=int(metrics.get("step", 0)))
-        log.warning("k-NN top-1: trained %.2f vs random init %.2f (gain %+.2f)",
+        progress_log.info("k-NN top-1: trained %.2f vs random init %.2f (gain %+.2f)",
                     metrics["knn_top1"], metrics["knn_init_top1"], metrics["knn_gain_top1"])
     _log_plot(tracker, steps, history, metrics)
     tracker.set_tags({"checkpoint_path": ckpt_path or ""})
@@ -537,17 +457,6 @@ def _evaluated_in_loop(history: list[dict]) -> bool:
 def _call(hook: MetricsHook | None, m: dict) -> None:
     if hook is not None:
         hook(dict(m))
-
-
-def _log_epoch(m: dict) -> None:
-    log.warning("epoch %s step %s: loss %.4f, entropy %.3f, kl %.4f, %.1f img/s, data wait %.0f%%, "
-                "sync %.0f%% (reports %.0f%%, agree %.0f%%)%s",
-                m.get("epoch"), m.get("step"), m.get("epoch_loss", float("nan")),
-                m.get("epoch_teacher_entropy", float("nan")), m.get("epoch_kl", float("nan")),
-                m.get("epoch_images_per_s", 0.0), 100 * m.get("epoch_data_wait_fraction", 0.0),
-                100 * m.get("epoch_sync_fraction", 0.0), 100 * m.get("epoch_report_fraction", 0.0),
-                100 * m.get("epoch_agree_fraction", 0.0),
-                f", k-NN top-1 {m['knn_top1']:.2f}" if "knn_top1" in m else "")
 
 
 def _log_bytes(tracker, data: bytes, name: str, artifact_path: str | None) -> None:

@@ -20,6 +20,7 @@ from typing import Any
 
 from pipeline.config import DinoConfig
 from pipeline.tune.parent_run import ParentRun
+from pipeline.tune.placement import ReleaseTrialPlacementGroups
 from pipeline.tune.report import best_row, format_table, results_table
 from pipeline.tune.space import (DRIVER_RESOURCES, concurrent_trials, param_space, total_trials,
                                  trial_cpus, trial_overrides)
@@ -39,14 +40,14 @@ class SweepResult:
 
 
 def run_sweep(cfg: DinoConfig, *, address: str | None = None, register: bool = True,
-              name: str | None = None) -> SweepResult:
+              name: str | None = None, results_dir: str | None = None) -> SweepResult:
     import ray
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
     from pipeline.preflight import absolute_local_paths
     from pipeline.ray_runtime import ensure_ray
-    from pipeline.train.checkpoint import resolve_storage_path
+    from pipeline.checkpoints import resolve_storage_path
 
     ensure_ray(address)
     tc = cfg.tune
@@ -74,7 +75,8 @@ def run_sweep(cfg: DinoConfig, *, address: str | None = None, register: bool = T
         tune_config=tune.TuneConfig(metric=tc.metric, mode=tc.mode, scheduler=scheduler,
                                     num_samples=tc.num_samples,
                                     max_concurrent_trials=concurrency),
-        run_config=tune.RunConfig(name=sweep, storage_path=storage, verbose=1),
+        run_config=tune.RunConfig(name=sweep, storage_path=storage, verbose=1,
+                                  callbacks=[ReleaseTrialPlacementGroups(DRIVER_RESOURCES)]),
     )
     grid = tuner.fit()
     table = results_table(grid, cfg)
@@ -83,6 +85,8 @@ def run_sweep(cfg: DinoConfig, *, address: str | None = None, register: bool = T
     test = report_test_once(cfg, best)
     csv_path, plot_path = parent.log_results(table, best, cfg)
     parent.log_metrics(test)
+    if results_dir:
+        keep_results(results_dir, sweep, table, cfg, best, test, csv_path, plot_path)
     print(format_table(table, cfg), flush=True)
     version = None
     if register and tc.register_best and best is not None and best.get("checkpoint_path") and cfg.tracking.enabled:
@@ -90,15 +94,37 @@ def run_sweep(cfg: DinoConfig, *, address: str | None = None, register: bool = T
 
         version = register_teacher(
             best["checkpoint_path"], None,
-            metrics={k: best[k] for k in best if k.startswith(("knn", "test_knn"))},
+            # validation figures only on the trial's run: the champion is chosen on run
+            # metrics, and the test split must never take part in a choice
+            metrics={k: best[k] for k in best if k.startswith("knn")},
             run_id=best.get("mlflow_run_id") or None, tracking_uri=cfg.tracking.tracking_uri,
             name=cfg.tracking.registered_model, set_champion=True,
-            extra_tags={"sweep": sweep, "trial_id": str(best["trial_id"])})
+            extra_tags={"sweep": sweep, "trial_id": str(best["trial_id"]),
+                        **{k: f"{float(v):.6g}" for k, v in test.items()
+                           if isinstance(v, (int, float))}})
         print(f"registered best trial {best['trial_id']} as {cfg.tracking.registered_model} "
               f"version {version}", flush=True)
         parent.set_tag("registered_version", str(version))
     parent.finish("FINISHED" if best is not None else "FAILED")
     return SweepResult(table, best, parent.run_id, version, csv_path, plot_path, test=test)
+
+
+def keep_results(results_dir: str, sweep: str, table, cfg: DinoConfig, best, test,
+                 csv_path: str | None, plot_path: str | None) -> None:
+    """Copy the CSV and plot to ``results_dir`` and write the Markdown table beside them
+    (``<sweep>.csv``, ``<sweep>.png``, ``<sweep>.md``)."""
+    import shutil
+    from pathlib import Path
+
+    from pipeline.tune.report import write_markdown
+
+    out = Path(results_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for src, suffix in ((csv_path, ".csv"), (plot_path, ".png")):
+        if src:
+            shutil.copyfile(src, out / f"{sweep}{suffix}")
+    write_markdown(table, cfg, out / f"{sweep}.md", best, test, title=f"Sweep {sweep}")
+    print(f"results: {out / sweep}.{{csv,png,md}}", flush=True)
 
 
 def report_test_once(cfg: DinoConfig, best: dict[str, Any] | None) -> dict[str, Any]:

@@ -31,7 +31,7 @@ def train_trial(params: dict[str, Any]) -> None:
     """Tune function trainable: one DINO training run (a TorchTrainer) per trial."""
     import ray.tune
 
-    from pipeline.train.trainer import run_training
+    from pipeline.training_run import run_training
 
     ctx = ray.tune.get_context()
     name = trial_name(params["_sweep"], ctx.get_trial_id())

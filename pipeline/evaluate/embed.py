@@ -4,13 +4,18 @@ Ray Data job: list the corpus (``pipeline.data.sources.list_corpus``), read rows
 bytes (no pixels in the object store), then ``map_batches(Embedder, compute=ActorPoolStrategy)``:
 each actor rebuilds the backbone once from the package (safetensors bytes + arch, fetched once
 by the driver and shipped through the object store), decodes, resizes + centre-crops to the
-backbone's evaluation size and embeds. Output Parquet columns: ``id`` (file path, or
-``file#row`` for Parquet), ``label`` (int64) and ``label_name`` when the corpus is labelled,
-``embedding`` (list<float32>).
+backbone's evaluation size (``pipeline.data.eval_crop``, as the k-NN evaluation) and embeds.
+Output Parquet columns: ``id`` (file path, or ``file#row`` for Parquet), ``label`` (int64) and
+``label_name`` when the corpus is labelled, ``embedding`` (list<float32>).
+
+The package and the function that rebuilds its module come from the caller
+(``pipeline.registry.pull.load_package_bytes`` / ``module_from_bytes`` for ``dino-ray models
+embed``): evaluation sits below the registry and never imports it.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,20 +26,19 @@ import pyarrow as pa
 class Embedder:
     """Callable class for ``map_batches``: decode + resize/centre-crop + backbone forward."""
 
-    def __init__(self, package: Any, filesystem=None, image_size: int | None = None,
+    def __init__(self, package: Any, build_module: Callable[[dict[str, Any]], Any],
+                 filesystem=None, image_size: int | None = None,
                  resize: int | None = None, with_label: bool = False,
                  class_names: list[str] | None = None, device: str = "cpu"):
         import cv2
         import ray
         import torch
 
-        from pipeline.registry.pull import module_from_bytes
-
         cv2.setNumThreads(1)
         torch.set_num_threads(1)
         if isinstance(package, ray.ObjectRef):
             package = ray.get(package)
-        self.model = module_from_bytes(package).to(device)
+        self.model = build_module(package).to(device)
         arch = package["arch"]
         self.device = device
         self.image_size = int(image_size or arch.get("eval_size") or arch["resolutions"][0])
@@ -49,20 +53,10 @@ class Embedder:
         import torch
 
         from dino_model.normalize import normalize_uint8
-        from pipeline.data.dataset import _read_bytes, resize_center_crop
-        from pipeline.data.decode import decode_bytes
+        from pipeline.data.eval_crop import center_crops
 
-        n = len(batch["key"])
-        images = np.empty((n, self.image_size, self.image_size, 3), np.uint8)
-        keep = np.zeros(n, bool)
-        for i in range(n):
-            try:
-                data = (batch["bytes"][i] if "bytes" in batch
-                        else _read_bytes(self.filesystem, str(batch["path"][i])))
-                images[i] = resize_center_crop(decode_bytes(data), self.image_size, self.resize)
-                keep[i] = True
-            except Exception:  # noqa: BLE001 - unreadable images are skipped, as in training
-                continue
+        # unreadable images are skipped, as in training
+        images, keep = center_crops(batch, self.filesystem, self.image_size, self.resize)
         x = normalize_uint8(torch.from_numpy(images[keep]), self.device, self.mean, self.std)
         with torch.inference_mode():
             emb = self.model(x).float().cpu().numpy() if len(x) else np.zeros((0, 1), np.float32)
@@ -89,30 +83,31 @@ class EmbedResult:
     embed_dim: int
 
 
-def embed_corpus(model_uri: str, src: str | list[str], dst: str, *,
-                 tracking_uri: str | None = None, num_actors: int = 1,
+def embed_corpus(package: dict[str, Any], src: str | list[str], dst: str, *,
+                 build_module: Callable[[dict[str, Any]], Any], num_actors: int = 1,
                  cpus_per_actor: float = 1.0, batch_size: int = 64,
                  image_size: int | None = None, resize: int | None = None,
                  format: str = "auto", image_column: str = "image",
                  label_column: str | None = "label", limit: int | None = None,
                  address: str | None = None) -> EmbedResult:
-    """Embed ``src`` (image folder tree or Parquet) with ``model_uri`` into Parquet at ``dst``."""
+    """Embed ``src`` (image folder tree or Parquet) into Parquet at ``dst`` with the backbone of
+    ``package`` (``{"arch": dict, "weights": bytes}``), which each actor rebuilds with
+    ``build_module(package)``: a module-level function, so Ray ships it by reference."""
     import ray
 
     from pipeline.data.datasource import CorpusDatasource
     from pipeline.data.sources import list_corpus
     from pipeline.ray_runtime import ensure_ray
-    from pipeline.registry.pull import load_package_bytes
 
     ensure_ray(address)
-    pkg = load_package_bytes(model_uri, tracking_uri)
     corpus = list_corpus(src, format, image_column, label_column, limit)
     source = CorpusDatasource(corpus, shuffle=False, rows_per_task=batch_size)
     ds = ray.data.read_datasource(source, num_cpus=0.25)
     ds = ds.map_batches(
         Embedder,
         fn_constructor_kwargs={
-            "package": ray.put(pkg), "filesystem": corpus.filesystem, "image_size": image_size,
+            "package": ray.put(package), "build_module": build_module,
+            "filesystem": corpus.filesystem, "image_size": image_size,
             "resize": resize, "with_label": corpus.labelled,
             "class_names": list(corpus.class_names)},
         batch_size=batch_size, batch_format="numpy",
@@ -121,4 +116,4 @@ def embed_corpus(model_uri: str, src: str | list[str], dst: str, *,
     )
     ds.write_parquet(dst)
     out = ray.data.read_parquet(dst)
-    return EmbedResult(dst, out.count(), int(pkg["arch"]["embed_dim"]))
+    return EmbedResult(dst, out.count(), int(package["arch"]["embed_dim"]))

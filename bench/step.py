@@ -1,0 +1,219 @@
+"""One DINO training step: ours (``dino_model.step.dino_step``) against the official DINO
+``train_one_epoch`` step (re-created in ``bench/official_dino.py``), on the same network, batch,
+crops and precision.
+
+Both sides start from the same student, teacher and centre and take the same batch at every
+step; each keeps its own optimiser, schedules and step counter. After one warm-up step each
+(optimiser state, allocator), rounds alternate between the two (A/B/A/B...) so that machine load
+affects both alike; a round is ``--steps`` steps, timed from start to a device sync at its end,
+and ours reads its metrics once per round, as the training loop reads them every N steps. Each
+side's step time is the median over rounds of round time / steps.
+
+Defaults: ViT-tiny/16 (timm ``vit_tiny_patch16_224``), 2 x 224 + 8 x 96 crops, batch 32,
+K = 65536 and the official head, fp32, on CPU, past the frozen epoch. On CUDA: ViT-S/16, batch 64,
+ours in bf16 against the official fp16 with its GradScaler (``--official-precision`` to change).
+
+    python bench/step.py [--device cpu] [--arch vit_tiny] [--batch 32] [--rounds 5] [--steps 3]
+                         [--precision fp32|bf16] [--official-precision fp32|bf16|fp16]
+                         [--epoch 1] [--compile]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import shlex
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench import official_dino as official  # noqa: E402
+from bench._corpus import machine  # noqa: E402
+from dino_model.loss import DINOLoss  # noqa: E402
+from dino_model.model import build_student_teacher  # noqa: E402
+from dino_model.optim import build_optimizer  # noqa: E402
+from dino_model.precision import resolve_precision  # noqa: E402
+from dino_model.schedules import build_schedules, scaled_lr  # noqa: E402
+from dino_model.step import dino_step  # noqa: E402
+
+# the official ViT-S/16 recipe (main_dino.py defaults = dino_ray's config defaults)
+LR, MIN_LR, WARMUP_EPOCHS, WD, WD_END = 5e-4, 1e-6, 10, 0.04, 0.4
+MOMENTUM, MOMENTUM_END, TEACHER_TEMP, CLIP, FREEZE_EPOCHS = 0.996, 1.0, 0.04, 3.0, 1
+EPOCHS, IPE = 100, 1000  # schedule length; the steps timed are the first ones of ``--epoch``
+
+
+def parse_args() -> argparse.Namespace:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--arch", help="vit_tiny on CPU, vit_small on CUDA")
+    ap.add_argument("--batch", type=int, help="32 on CPU, 64 on CUDA")
+    ap.add_argument("--patch", type=int, default=16)
+    ap.add_argument("--global-size", type=int, default=224)
+    ap.add_argument("--local-size", type=int, default=96)
+    ap.add_argument("--local-crops", type=int, default=8)
+    ap.add_argument("--out-dim", type=int, default=65536)
+    ap.add_argument("--hidden-dim", type=int, default=2048)
+    ap.add_argument("--bottleneck-dim", type=int, default=256)
+    ap.add_argument("--precision", choices=["fp32", "bf16", "fp16"],
+                    help="ours: fp32 on CPU, bf16 on CUDA")
+    ap.add_argument("--official-precision", choices=["fp32", "bf16", "fp16"],
+                    help="the official: as ours on CPU, fp16 (+ GradScaler) on CUDA")
+    ap.add_argument("--epoch", type=int, default=1, help="0: the frozen last layer's epoch")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--steps", type=int, default=3, help="steps per round")
+    ap.add_argument("--warmup", type=int, default=1, help="untimed steps per side first")
+    ap.add_argument("--compile", action="store_true", help="torch.compile our networks (opt-in)")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    cuda = args.device.startswith("cuda")
+    args.arch = args.arch or ("vit_small" if cuda else "vit_tiny")
+    args.batch = args.batch or (64 if cuda else 32)
+    args.precision = args.precision or ("bf16" if cuda else "fp32")
+    args.official_precision = args.official_precision or ("fp16" if cuda else args.precision)
+    return args
+
+
+def make_crops(args, device: torch.device) -> list[torch.Tensor]:
+    """Normalised crops (the training loop normalises on the device): globals, then locals."""
+    g = torch.Generator().manual_seed(args.seed)
+    sizes = [args.global_size] * 2 + [args.local_size] * args.local_crops
+    return [torch.randn(args.batch, 3, s, s, generator=g).to(device) for s in sizes]
+
+
+class Ours:
+    def __init__(self, student, teacher, args, device) -> None:
+        self.student, self.teacher = student, teacher
+        if args.compile:
+            from dino_model.compile import compile_networks
+
+            compile_networks(student, teacher)
+        self.loss_fn = DINOLoss(args.out_dim).to(device)
+        self.optimizer = build_optimizer(student)
+        self.autocast, self.scaler = resolve_precision(args.precision, device)
+        self.sched = build_schedules(
+            lr=scaled_lr(LR, args.batch), min_lr=MIN_LR, warmup_epochs=WARMUP_EPOCHS,
+            weight_decay=WD, weight_decay_end=WD_END, momentum=MOMENTUM,
+            momentum_end=MOMENTUM_END, warmup_teacher_temp=TEACHER_TEMP,
+            teacher_temp=TEACHER_TEMP, warmup_teacher_temp_epochs=0,
+            freeze_last_layer_epochs=FREEZE_EPOCHS, epochs=EPOCHS, iters_per_epoch=IPE)
+        self.it = args.epoch * IPE
+        self.last = None
+
+    def step(self, crops) -> None:
+        self.last = dino_step(
+            student=self.student, teacher=self.teacher, loss_fn=self.loss_fn,
+            optimizer=self.optimizer, crops=crops, schedule=self.sched.at(self.it),
+            clip_grad=CLIP, autocast_dtype=self.autocast, scaler=self.scaler)
+        self.it += 1
+
+    def read(self) -> dict:
+        return self.last.metrics()  # every N steps: the one read of the device
+
+
+class Official:
+    def __init__(self, student, teacher, args, device) -> None:
+        self.student = official.MultiCropWrapper(student.backbone, student.head)
+        self.teacher = official.MultiCropWrapper(teacher.backbone, teacher.head)
+        self.loss_fn = official.DINOLoss(
+            args.out_dim, 2 + args.local_crops, TEACHER_TEMP, TEACHER_TEMP, 0, EPOCHS).to(device)
+        self.optimizer = official.build_optimizer(self.student)
+        self.autocast = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[
+            args.official_precision]
+        self.scaler = (torch.amp.GradScaler(device.type)
+                       if args.official_precision == "fp16" else None)
+        self.lr = official.cosine_scheduler(scaled_lr(LR, args.batch), MIN_LR, EPOCHS, IPE,
+                                            warmup_epochs=WARMUP_EPOCHS)
+        self.wd = official.cosine_scheduler(WD, WD_END, EPOCHS, IPE)
+        self.momentum = official.cosine_scheduler(MOMENTUM, MOMENTUM_END, EPOCHS, IPE)
+        self.it = args.epoch * IPE
+        self.last = None
+
+    def step(self, crops) -> None:
+        self.last = official.train_step(
+            self.student, self.teacher, self.loss_fn, self.optimizer, crops,
+            epoch=self.it // IPE, it=self.it, lr_schedule=self.lr, wd_schedule=self.wd,
+            momentum_schedule=self.momentum, clip_grad=CLIP, freeze_last_layer=FREEZE_EPOCHS,
+            fp16_scaler=self.scaler, autocast_dtype=self.autocast)
+        self.it += 1
+
+    def read(self) -> dict:
+        return {"loss": self.last.loss}  # read in every step already (``loss.item()``)
+
+
+def timed_round(impl, crops, steps: int, device: torch.device) -> float:
+    """Seconds per step over ``steps`` steps, with the device drained at the end."""
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        impl.step(crops)
+    impl.read()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / steps
+
+
+def main() -> None:
+    args = parse_args()
+    device = torch.device(args.device)
+    torch.manual_seed(args.seed)
+    student, teacher = build_student_teacher(
+        args.arch, img_size=args.global_size, patch_size=args.patch, out_dim=args.out_dim,
+        hidden_dim=args.hidden_dim, bottleneck_dim=args.bottleneck_dim, drop_path_rate=0.1)
+    # the same starting weights for both sides (``official.MultiCropWrapper`` takes the modules)
+    impls = {
+        "official": Official(copy.deepcopy(student).to(device), copy.deepcopy(teacher).to(device),
+                             args, device),
+        "ours": Ours(student.to(device), teacher.to(device), args, device),
+    }
+    crops = make_crops(args, device)
+    for impl in impls.values():  # warm-up: optimiser state, allocator, (compile)
+        timed_round(impl, crops, args.warmup, device)
+    per_round: dict[str, list[float]] = {k: [] for k in impls}
+    for r in range(args.rounds):  # A/B, then B/A: neither side always runs first
+        order = list(impls) if r % 2 == 0 else list(impls)[::-1]
+        for name in order:
+            per_round[name].append(timed_round(impls[name], crops, args.steps, device))
+    med = {k: statistics.median(v) for k, v in per_round.items()}
+    losses = {k: round(float(impl.read()["loss"]), 4) for k, impl in impls.items()}
+    print(json.dumps({
+        "benchmark": "one DINO training step: dino_model.step.dino_step vs the official "
+                     "train_one_epoch step (bench/official_dino.py)",
+        "command": " ".join(shlex.quote(a) for a in [sys.executable] + sys.argv),
+        "machine": {**machine(), "platform": platform.platform(), "torch": torch.__version__,
+                    "torch_threads": torch.get_num_threads(),
+                    "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None},
+        "settings": {"device": str(device), "arch": args.arch, "patch": args.patch,
+                     "batch": args.batch,
+                     "crops": f"2x{args.global_size} + {args.local_crops}x{args.local_size}",
+                     "out_dim": args.out_dim, "hidden_dim": args.hidden_dim,
+                     "bottleneck_dim": args.bottleneck_dim, "ours_precision": args.precision,
+                     "official_precision": args.official_precision
+                     + (" + GradScaler" if args.official_precision == "fp16" else ""),
+                     "epoch": args.epoch, "frozen_last_layer": args.epoch < FREEZE_EPOCHS,
+                     "rounds": args.rounds, "steps_per_round": args.steps,
+                     "warmup_steps": args.warmup, "compile": args.compile,
+                     "ours_optimizer": _optimizer_kind(impls["ours"].optimizer)},
+        "official_step_s": round(med["official"], 4),
+        "ours_step_s": round(med["ours"], 4),
+        "speedup": round(med["official"] / med["ours"], 3),
+        "official_images_per_s": round(args.batch / med["official"], 2),
+        "ours_images_per_s": round(args.batch / med["ours"], 2),
+        "per_round_step_s": {k: [round(x, 4) for x in v] for k, v in per_round.items()},
+        "last_loss": losses,
+        "target_speedup": 1.0,
+    }))
+
+
+def _optimizer_kind(optimizer: torch.optim.Optimizer) -> str:
+    d = optimizer.defaults
+    mode = "fused" if d.get("fused") else "foreach" if d.get("foreach") else "per-parameter"
+    return f"{type(optimizer).__name__} ({mode})"
+
+
+if __name__ == "__main__":
+    main()

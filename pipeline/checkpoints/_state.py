@@ -1,0 +1,74 @@
+"""The files of one checkpoint directory: writing the full training state, reading it back.
+
+A checkpoint is a directory (persisted by Ray Train under ``<storage_path>/<name>/checkpoint_*``)::
+
+    state.pt      torch.save of plain tensors/dicts (load with ``torch.load(weights_only=True)``):
+                  student, teacher (state dicts, un-wrapped), center (DINO loss centre),
+                  optimizer (state dict), scaler (the fp16 GradScaler's state; None for fp32/bf16),
+                  epoch (epoch the next step belongs to), global_step (optimiser steps done),
+                  iters_per_epoch
+    config.yaml   the full DinoConfig of the run
+    meta.json     epoch, global_step, iters_per_epoch and the metrics reported with it
+
+Resuming from ``global_step`` continues at epoch ``global_step // iters_per_epoch`` and skips
+``global_step % iters_per_epoch`` batches of that epoch (non-zero only after a wall-clock stop).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from pipeline.config import DinoConfig
+
+STATE_FILE = "state.pt"
+CONFIG_FILE = "config.yaml"
+META_FILE = "meta.json"
+
+
+def save_checkpoint(directory: str | Path, *, student: nn.Module, teacher: nn.Module,
+                    center: torch.Tensor, optimizer: torch.optim.Optimizer, epoch: int,
+                    global_step: int, iters_per_epoch: int, cfg: DinoConfig,
+                    metrics: dict[str, Any] | None = None,
+                    scaler: torch.amp.GradScaler | None = None) -> Path:
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {
+        "student": _cpu(student.state_dict()),
+        "teacher": _cpu(teacher.state_dict()),
+        "center": center.detach().cpu().clone(),
+        "optimizer": optimizer.state_dict(),
+        "scaler": scaler.state_dict() if scaler is not None else None,  # fp16 loss scale S
+        "epoch": int(epoch),
+        "global_step": int(global_step),
+        "iters_per_epoch": int(iters_per_epoch),
+    }
+    torch.save(state, directory / STATE_FILE)
+    (directory / CONFIG_FILE).write_text(cfg.to_yaml(redact=True))  # no secrets at rest
+    meta = {"epoch": int(epoch), "global_step": int(global_step),
+            "iters_per_epoch": int(iters_per_epoch),
+            "metrics": {k: v for k, v in (metrics or {}).items() if _jsonable(v)}}
+    (directory / META_FILE).write_text(json.dumps(meta, indent=1))
+    return directory
+
+def load_state(directory: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    return torch.load(Path(directory) / STATE_FILE, map_location=map_location, weights_only=True)
+
+def load_config(directory: str | Path) -> DinoConfig:
+    import yaml
+
+    return DinoConfig.from_dict(yaml.safe_load((Path(directory) / CONFIG_FILE).read_text()))
+
+def read_meta(directory: str | Path) -> dict[str, Any]:
+    path = Path(directory) / META_FILE
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+def _cpu(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu() for k, v in sd.items()}
+
+def _jsonable(v: Any) -> bool:
+    return isinstance(v, (int, float, str, bool)) or v is None

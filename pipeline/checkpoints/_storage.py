@@ -1,0 +1,103 @@
+"""Where checkpoints live: the run directory under ``train.storage_path`` (a local path or a
+URI: s3://, gs://, ...), the newest complete checkpoint in it, and small text files beside them."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+from pipeline.checkpoints._state import META_FILE, STATE_FILE
+from pipeline.data.sources import resolve_filesystem
+
+
+def run_dir(storage_path: str, name: str) -> str:
+    return storage_path.rstrip("/") + "/" + name
+
+def resolve_storage_path(path: str) -> str:
+    """Local paths become absolute (Ray workers run in other directories); URIs are kept."""
+    if "://" in path:
+        return path
+    return os.path.abspath(os.path.expanduser(path))
+
+def latest_checkpoint(storage_path: str, name: str) -> str | None:
+    """Path (or URI) of the checkpoint with the highest global step under storage_path/name."""
+    found = newest_checkpoint(storage_path, name)
+    return found[1] if found else None
+
+def newest_checkpoint(storage_path: str, name: str) -> tuple[int, str] | None:
+    """``(global_step, path or URI)`` of the newest complete checkpoint under storage_path/name."""
+    import pyarrow.fs as pafs
+
+    root = run_dir(resolve_storage_path(storage_path), name)
+    fs, base = pafs.FileSystem.from_uri(root) if "://" in root else (pafs.LocalFileSystem(), root)
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(base, allow_not_found=True))
+    except OSError:
+        return None
+    best: tuple[int, str] | None = None
+    for info in infos:
+        if info.type != pafs.FileType.Directory or not Path(info.path).name.startswith("checkpoint"):
+            continue
+        if fs.get_file_info(info.path + "/" + STATE_FILE).type != pafs.FileType.File:
+            continue  # incomplete upload
+        step = -1
+        try:
+            with fs.open_input_stream(info.path + "/" + META_FILE) as f:
+                step = int(json.loads(f.read().decode())["global_step"])
+        except Exception:  # noqa: BLE001 - meta is optional
+            m = re.search(r"step_(\d+)", info.path)
+            step = int(m.group(1)) if m else -1
+        if best is None or (step, info.path) > best:
+            best = (step, info.path)
+    if best is None:
+        return None
+    return best[0], best[1] if "://" not in root else root.split("://")[0] + "://" + best[1]
+
+def checkpoint_uri(checkpoint) -> str:
+    """A ``ray.train.Checkpoint``'s location with its scheme (``Checkpoint.path`` drops it:
+    ``bucket/runs/x/checkpoint_...`` for an S3 checkpoint)."""
+    path = checkpoint.path
+    fs = checkpoint.filesystem
+    if "://" not in path and fs is not None and fs.type_name not in ("local",):
+        return f"{fs.type_name}://{path}"
+    return path
+
+def read_run_file(run_directory: str, name: str) -> str | None:
+    """A small text file of the run directory (local or s3://, gs://...), None when absent."""
+    try:
+        fs, base = resolve_filesystem(run_directory)
+        with fs.open_input_stream(base.rstrip("/") + "/" + name) as f:
+            return f.read().decode()
+    except (FileNotFoundError, OSError):
+        return None
+
+def write_run_file(run_directory: str, name: str, text: str) -> None:
+    """Write a small text file into the run directory (created if needed)."""
+    fs, base = resolve_filesystem(run_directory)
+    fs.create_dir(base, recursive=True)
+    with fs.open_output_stream(base.rstrip("/") + "/" + name) as f:
+        f.write(text.encode())
+
+class as_local_dir:
+    """Context manager: a local directory with the checkpoint's files (downloads URIs)."""
+
+    def __init__(self, path: str | Path):
+        self.path = str(path)
+        self._tmp: str | None = None
+
+    def __enter__(self) -> Path:
+        if "://" not in self.path:
+            return Path(self.path)
+        import pyarrow.fs as pafs
+
+        self._tmp = tempfile.mkdtemp(prefix="dino-ckpt-")
+        pafs.copy_files(self.path, self._tmp)
+        return Path(self._tmp)
+
+    def __exit__(self, *exc) -> None:
+        if self._tmp:
+            shutil.rmtree(self._tmp, ignore_errors=True)
