@@ -115,7 +115,8 @@ class RayNode:
 class LocalCluster:
     @classmethod
     def start(cls, attempts: int = 3, **kwargs) -> LocalCluster:
-        """A cluster with its head up, retried as ``RayHead.start`` is."""
+        """A cluster with its head up; retried: on a loaded 2-core CI machine the raylet
+        sometimes misses Ray's fixed 30 s registration window."""
         for attempt in range(attempts):
             try:
                 return cls(**kwargs)

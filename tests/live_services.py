@@ -1,11 +1,7 @@
-"""Real services for the registry / submit / tune tests: an ``mlflow server`` and a ``ray start
---head`` process, each on free ports, each stopped by process id when done.
-
-The Ray head uses its own ``--temp-dir``, so its ``ray_current_cluster`` file is not the default
-one and the in-process ``ray_session`` fixture (tests/conftest.py) never attaches to it; the tests
-reach the head only through ``JobSubmissionClient`` (its dashboard URL). We stop the head by
-killing the process group we started (``ray stop`` would also stop other engineers' Ray
-processes on the same machine).
+"""Real services for the tests: an ``mlflow server`` on a free port (one per pytest process,
+``shared_mlflow_server``), stopped by process id when done, and the process helpers the test
+cluster uses (tests/live_cluster.py). We stop what we started by killing its own process group
+(``ray stop`` would also stop other engineers' Ray processes on the same machine).
 """
 
 from __future__ import annotations
@@ -13,7 +9,6 @@ from __future__ import annotations
 import atexit
 import contextlib
 import os
-import secrets
 import shutil
 import signal
 import socket
@@ -145,70 +140,6 @@ class MlflowServer:
 
     def stop(self) -> None:
         _stop_group(self.proc)
-        shutil.rmtree(self.dir, ignore_errors=True)
-
-
-class RayHead:
-    """``RayHead.start()`` retries: on a loaded 2-core CI machine the raylet sometimes misses
-    Ray's fixed 30 s registration window."""
-
-    @classmethod
-    def start(cls, num_cpus: int = 4, attempts: int = 3) -> RayHead:
-        for attempt in range(attempts):
-            try:
-                return cls(num_cpus)
-            except (RuntimeError, TimeoutError):
-                if attempt == attempts - 1:
-                    raise
-        raise AssertionError("unreachable")
-
-    def __init__(self, num_cpus: int = 4) -> None:
-        self.dir = Path(tempfile.mkdtemp(prefix="rh", dir="/tmp"))  # short: socket path limits
-        self.gcs_port, self.dash_port = free_port(), free_port()
-        self.address = f"http://127.0.0.1:{self.dash_port}"
-        self.log = self.dir / "head.log"
-        env = dict(os.environ)
-        env.pop("RAY_ADDRESS", None)
-        env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"  # `python` in job entrypoints
-        env["RAY_TRAIN_V2_ENABLED"] = "1"
-        # token auth on, with a token of our own (clients send it as RAY_AUTH_TOKEN)
-        self.token = secrets.token_hex(32)
-        env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=self.token)
-        # CPU-starved CI: do not declare the only node dead after a few missed health checks
-        env.update(RAY_health_check_period_ms="3000", RAY_health_check_timeout_ms="20000",
-                   RAY_health_check_failure_threshold="20")
-        self.proc = subprocess.Popen(
-            [str(BIN / "ray"), "start", "--head", "--block", f"--port={self.gcs_port}",
-             "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dash_port}",
-             f"--num-cpus={num_cpus}", "--num-gpus=0", f"--temp-dir={self.dir}",
-             f"--ray-client-server-port={free_port()}",
-             f"--dashboard-agent-listen-port={free_port()}", "--include-dashboard=true",
-             "--disable-usage-stats"],
-            stdout=self.log.open("w"), stderr=subprocess.STDOUT, start_new_session=True,
-            env=env, cwd=REPO)
-        try:
-            _wait_log(self.log, "Ray runtime started", 300, self.proc)  # raylet registered
-            _wait_http(self.address + "/api/version", 300, self.proc, self.log)
-        except Exception:
-            self.stop()
-            raise
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def tail(self, n: int = 3000) -> str:
-        return self.log.read_text(errors="replace")[-n:] if self.log.exists() else ""
-
-    def stop(self) -> None:
-        _stop_group(self.proc)
-        with contextlib.suppress(OSError):  # keep the log of the last head for a post-mortem
-            shutil.copy(self.log, Path(tempfile.gettempdir()) / "dino-ray-test-head.log")
-        # workers re-parented away from our group still carry our temp dir in their command line
-        for pid in _pids_mentioning(str(self.dir)):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
         shutil.rmtree(self.dir, ignore_errors=True)
 
 

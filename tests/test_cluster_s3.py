@@ -3,7 +3,9 @@
 One cluster for the module (``tests/live_cluster.py``): a head (``head: 1``), a data node
 (``data: 2``) and a train node (``train: 2``), separate ``ray start`` processes on 127.0.0.1 that
 share no path the pipeline uses; a real S3 server (moto) holds the corpus as Parquet, the run's
-checkpoints and the MLflow server's artifacts. Every job goes through ``dino-ray submit``.
+checkpoints and the MLflow server's artifacts. Every job goes through ``dino-ray submit``; this
+is also the test session's only Ray cluster for submissions (tests/test_submit.py checks the
+plan without one).
 """
 
 from __future__ import annotations
@@ -211,7 +213,19 @@ def test_submitted_run_stops_on_ctrl_c_resumes_from_s3_evaluates_registers_and_p
     runs = client.search_runs([client.get_experiment_by_name("cluster").experiment_id],
                               "attributes.run_name = 's3run'")
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"  # the same MLflow run
+    assert '"mlflow_run_id"' in out  # the job's own output, streamed back
+    assert "knn_top1" in runs[0].data.metrics  # the in-training k-NN, logged by the job
     ckpt = summary["checkpoint_path"]
+
+    # register that run's teacher by its MLflow run name (what `submit register --run-name` runs)
+    assert main(["register", "--run-name", "s3run", "--tracking-uri", mlflow_s3.uri,
+                 "--name", "run-teacher", "tracking.experiment=cluster"]) == 0
+    version = MlflowClient(tracking_uri=mlflow_s3.uri,
+                           registry_uri=mlflow_s3.uri).get_model_version_by_alias(
+        "run-teacher", "champion")
+    assert version.run_id == runs[0].info.run_id
+    assert float(version.tags["knn_top1"]) == pytest.approx(runs[0].data.metrics["knn_top1"],
+                                                            abs=1e-4)
 
     # 3. evaluate and register the S3 checkpoint on the cluster; pull the registered teacher
     rc, out, _, _ = _submit(cluster, monkeypatch, capsys, "evaluate", ckpt, "--no-random-init")
@@ -239,10 +253,14 @@ def test_submitted_run_stops_on_ctrl_c_resumes_from_s3_evaluates_registers_and_p
 
 def test_local_storage_path_on_a_multi_node_cluster_fails_fast(
         cluster, corpus, tmp_path, monkeypatch, capsys):
+    """A local train.storage_path on a multi-node cluster fails in the job's driver before any
+    worker starts; like every failing job, `submit` then exits 1 and prints its FAILED status
+    (on stderr: the job's own output goes to stdout)."""
     cfg = _job_config(tmp_path, corpus, "localrun")
-    rc, out, _, wall = _submit(cluster, monkeypatch, capsys, "train", "--config", str(cfg),
-                               "train.storage_path=./runs")
+    rc, out, sid, wall = _submit(cluster, monkeypatch, capsys, "train", "--config", str(cfg),
+                                 "train.storage_path=./runs")
     assert rc == 1
+    assert f"job {sid}: FAILED" in out  # submit_and_follow's status line (stderr)
     assert "train.storage_path='./runs' is a local path" in out
     assert "TorchTrainer" not in out and "RayTrainWorker" not in out  # nothing was started
     print(f"fail-fast submission took {wall:.1f} s")
