@@ -275,7 +275,7 @@ def test_unreadable_corpus_fails_with_counts_and_examples(
         bucket.put_object(Bucket=s3.bucket, Key=f"broken/cls{i % 2}/img{i:03d}.jpg",
                           Body=b"not a jpeg " * 20)
     cfg = _job_config(tmp_path, f"s3://{s3.bucket}/broken", "broken", data__limit=None,
-                      eval__every_epochs=0)
+                      eval__every_epochs=0, train__num_workers=1)  # one worker fails as well
     rc, out, _, _ = _submit(cluster, monkeypatch, capsys, "train", "--config", str(cfg))
     assert rc == 1, out[-4000:]
     assert "DataQualityError" in out and "images skipped" in out
@@ -287,8 +287,10 @@ def _run_until_first_checkpoint(cluster, s3, corpus, tmp_path, monkeypatch, caps
                                  epochs):
     """Submit a run without waiting; return its job id and step once a checkpoint is in the
     bucket (the moment a fault is injected)."""
+    # one worker: a node loss stops it as it stops two (the 2-worker restart after a worker
+    # death: tests/test_train_ray.py), and each restart starts one process less
     cfg = _job_config(tmp_path, corpus, name, train__epochs=epochs, train__max_failures=3,
-                      eval__every_epochs=0)
+                      eval__every_epochs=0, train__num_workers=1)
     rc, out, sid, _ = _submit(cluster, monkeypatch, capsys, "train", "--config", str(cfg),
                               "--no-wait")
     assert rc == 0, out
