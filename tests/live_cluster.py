@@ -1,9 +1,9 @@
 """A real multi-node Ray cluster and a real S3 server on 127.0.0.1, for the cluster tests.
 
-* ``S3Server``: moto's server mode (``moto_server``, from the lock file) on a free port. The
-  pipeline, pyarrow, Ray Train's ``storage_path`` and MLflow's artifact store reach it through
-  the standard endpoint override (``AWS_ENDPOINT_URL``) and dummy credentials in the environment
-  of every process: ``S3Server.env``.
+* ``S3Server`` (tests/live_services.py): moto's server mode on a free port, one per test
+  session (``shared_s3_server``). The pipeline, pyarrow, Ray Train's ``storage_path`` and
+  MLflow's artifact store reach it through the standard endpoint override (``AWS_ENDPOINT_URL``)
+  and dummy credentials in the environment of every process: ``S3Server.env``.
 * ``LocalCluster``: separate ``ray start`` processes on one machine, each with its own custom
   resources, like ``cluster.yaml``'s node types: a head (``head: 1``), data nodes (``data: N``)
   and train nodes (``train: N``). The head has token auth and a dashboard (job submission); a
@@ -22,53 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from live_services import (BIN, REPO, MlflowServer, _pids_mentioning, _stop_group, _wait_http,
-                           _wait_log, free_port)
-
-
-class S3Server:
-    def __init__(self, bucket: str = "dino") -> None:
-        self.dir = Path(tempfile.mkdtemp(prefix="s3srv-"))
-        self.port = free_port()
-        self.endpoint = f"http://127.0.0.1:{self.port}"
-        self.bucket = bucket
-        self.log = self.dir / "moto.log"
-        self.proc = subprocess.Popen(
-            [str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(self.port)],
-            stdout=self.log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            _wait_http(self.endpoint + "/moto-api/", 120, self.proc, self.log)
-        except Exception:
-            self.stop()
-            raise
-        import boto3
-
-        boto3.client("s3", **self.client_kwargs()).create_bucket(Bucket=bucket)
-
-    @property
-    def env(self) -> dict[str, str]:
-        """What every process that talks to the bucket needs (never written into a config)."""
-        return {"AWS_ENDPOINT_URL": self.endpoint, "MLFLOW_S3_ENDPOINT_URL": self.endpoint,
-                "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
-
-    def client_kwargs(self) -> dict[str, str]:
-        return {"endpoint_url": self.endpoint, "aws_access_key_id": "testing",
-                "aws_secret_access_key": "testing", "region_name": "us-east-1"}
-
-    def keys(self, prefix: str) -> list[str]:
-        import boto3
-
-        s3 = boto3.client("s3", **self.client_kwargs())
-        out: list[str] = []
-        for page in s3.get_paginator("list_objects_v2").paginate(Bucket=self.bucket,
-                                                                  Prefix=prefix):
-            out += [o["Key"] for o in page.get("Contents", [])]
-        return out
-
-    def stop(self) -> None:
-        _stop_group(self.proc)
-        shutil.rmtree(self.dir, ignore_errors=True)
+from live_services import BIN, REPO, _pids_mentioning, _stop_group, _wait_http, _wait_log, free_port
 
 
 def _cluster_env(extra: dict[str, str]) -> dict[str, str]:
@@ -255,11 +209,3 @@ class LocalCluster:
             except (ProcessLookupError, PermissionError):
                 pass
         shutil.rmtree(self.dir, ignore_errors=True)
-
-
-class MlflowS3Server(MlflowServer):
-    """An ``mlflow server`` whose artifact store is the S3 bucket (proxied: clients need no S3
-    credentials), its runs in SQLite."""
-
-    def __init__(self, s3: S3Server, prefix: str = "mlflow") -> None:
-        super().__init__(artifacts_destination=f"s3://{s3.bucket}/{prefix}", env=s3.env)

@@ -1,6 +1,7 @@
-"""Real services for the tests: an ``mlflow server`` on a free port (one per pytest process,
-``shared_mlflow_server``), stopped by process id when done, and the process helpers the test
-cluster uses (tests/live_cluster.py). We stop what we started by killing its own process group
+"""Real services for the tests, one of each per pytest process: an S3 server (moto,
+``shared_s3_server``) and an ``mlflow server`` whose artifacts go to it (``shared_mlflow_server``),
+each on free ports, stopped by process id at exit; and the process helpers the test cluster uses
+(tests/live_cluster.py). We stop what we started by killing its own process group
 (``ray stop`` would also stop other engineers' Ray processes on the same machine).
 """
 
@@ -143,6 +144,60 @@ class MlflowServer:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
+class S3Server:
+    def __init__(self, bucket: str = "dino") -> None:
+        self.dir = Path(tempfile.mkdtemp(prefix="s3srv-"))
+        self.port = free_port()
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self.bucket = bucket
+        self.log = self.dir / "moto.log"
+        self.proc = subprocess.Popen(
+            [str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(self.port)],
+            stdout=self.log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            _wait_http(self.endpoint + "/moto-api/", 120, self.proc, self.log)
+        except Exception:
+            self.stop()
+            raise
+        import boto3
+
+        boto3.client("s3", **self.client_kwargs()).create_bucket(Bucket=bucket)
+
+    @property
+    def env(self) -> dict[str, str]:
+        """What every process that talks to the bucket needs (never written into a config)."""
+        return {"AWS_ENDPOINT_URL": self.endpoint, "MLFLOW_S3_ENDPOINT_URL": self.endpoint,
+                "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
+
+    def client_kwargs(self) -> dict[str, str]:
+        return {"endpoint_url": self.endpoint, "aws_access_key_id": "testing",
+                "aws_secret_access_key": "testing", "region_name": "us-east-1"}
+
+    def keys(self, prefix: str) -> list[str]:
+        import boto3
+
+        s3 = boto3.client("s3", **self.client_kwargs())
+        out: list[str] = []
+        for page in s3.get_paginator("list_objects_v2").paginate(Bucket=self.bucket,
+                                                                  Prefix=prefix):
+            out += [o["Key"] for o in page.get("Contents", [])]
+        return out
+
+    def stop(self) -> None:
+        _stop_group(self.proc)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+
+class MlflowS3Server(MlflowServer):
+    """An ``mlflow server`` whose artifact store is the S3 bucket (proxied: clients need no S3
+    credentials), its runs in SQLite."""
+
+    def __init__(self, s3: S3Server, prefix: str = "mlflow") -> None:
+        super().__init__(artifacts_destination=f"s3://{s3.bucket}/{prefix}", env=s3.env)
+
+
 def _pids_mentioning(text: str) -> list[int]:
     pids = []
     for entry in Path("/proc").iterdir():
@@ -157,13 +212,26 @@ def _pids_mentioning(text: str) -> list[int]:
     return pids
 
 
+_S3: S3Server | None = None
 _MLFLOW: MlflowServer | None = None
 
 
+def shared_s3_server() -> S3Server:
+    """One S3 server (moto) per pytest process, shared by the test modules, stopped at exit."""
+    global _S3
+    if _S3 is None or _S3.proc.poll() is not None:
+        _S3 = S3Server()
+        atexit.register(_S3.stop)
+    return _S3
+
+
 def shared_mlflow_server() -> MlflowServer:
-    """One server per pytest process, shared by the test modules, stopped at exit."""
+    """One ``mlflow server`` per pytest process, shared by the test modules (the cluster tests
+    included), stopped at exit: runs in SQLite, artifacts in the shared S3 bucket under
+    ``mlflow/`` (proxied: clients need no S3 credentials). A server stopped by a test (an outage
+    that failed half-way) is replaced by a new one."""
     global _MLFLOW
     if _MLFLOW is None or _MLFLOW.proc.poll() is not None:
-        _MLFLOW = MlflowServer()
+        _MLFLOW = MlflowS3Server(shared_s3_server())
         atexit.register(_MLFLOW.stop)
     return _MLFLOW

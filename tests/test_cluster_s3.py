@@ -17,7 +17,8 @@ import time
 import uuid
 
 import pytest
-from live_cluster import LocalCluster, MlflowS3Server, S3Server
+from live_cluster import LocalCluster
+from live_services import shared_mlflow_server, shared_s3_server
 
 from pipeline.cli import main
 from pipeline.train.presets import tiny_config
@@ -27,7 +28,9 @@ pytestmark = [pytest.mark.slow, pytest.mark.cluster, pytest.mark.timeout(1500)]
 
 @pytest.fixture(scope="module")
 def s3():
-    server = S3Server()
+    """The session's S3 server (``live_services.shared_s3_server``; the shared MLflow server keeps
+    its artifacts there too)."""
+    server = shared_s3_server()
     saved = {k: os.environ.get(k) for k in server.env}
     os.environ.update(server.env)  # this process reads and writes the bucket too
     yield server
@@ -36,19 +39,16 @@ def s3():
             os.environ.pop(k, None)
         else:
             os.environ[k] = v
-    server.stop()
 
 
 @pytest.fixture(scope="module")
 def _mlflow_s3_starting(s3):
-    """The MLflow server starts on a thread of its own while the cluster comes up."""
+    """The session's MLflow server (artifacts in the bucket) starts on a thread of its own while
+    the cluster comes up, unless an earlier module started it already."""
     from concurrent.futures import ThreadPoolExecutor
 
     with ThreadPoolExecutor(1) as pool:
-        future = pool.submit(MlflowS3Server, s3)
-        yield future
-    if future.exception() is None:
-        future.result().stop()
+        yield pool.submit(shared_mlflow_server)
 
 
 @pytest.fixture(scope="module")
@@ -228,13 +228,14 @@ def test_submitted_run_stops_on_ctrl_c_resumes_from_s3_evaluates_registers_and_p
                                                             abs=1e-4)
 
     # 3. evaluate and register the S3 checkpoint on the cluster; pull the registered teacher
+    stored = set(s3.keys("mlflow/"))  # the session's MLflow server shares the bucket
     rc, out, _, _ = _submit(cluster, monkeypatch, capsys, "evaluate", ckpt, "--no-random-init")
     assert rc == 0, out[-5000:]
     assert "knn_top1" in out
     rc, out, _, _ = _submit(cluster, monkeypatch, capsys, "register", "--checkpoint", ckpt,
                             "--tracking-uri", mlflow_s3.uri, "--name", "s3-teacher")
     assert rc == 0, out[-5000:]
-    assert any(k.startswith("mlflow/") for k in s3.keys("mlflow/"))  # artifacts went to S3
+    assert set(s3.keys("mlflow/")) - stored  # the registered model's artifacts went to S3
     dst = tmp_path / "pulled"
     assert main(["models", "--tracking-uri", mlflow_s3.uri, "pull", "models:/s3-teacher/1",
                  str(dst)]) == 0
