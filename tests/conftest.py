@@ -9,6 +9,12 @@ import pytest
 
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+# Test-run settings of Ray Train (inherited by the embedded Ray and by the test clusters' nodes):
+# its controller polls the workers every 0.5 s instead of 2 s (the end of every run, and an
+# epoch report while the previous one is unread, wait for that poll), and no preemption-watcher
+# actor (it reports cloud node drains, which no test has; one process less per run to start).
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
 
 @pytest.fixture(scope="session")

@@ -1,9 +1,9 @@
 """A real multi-node Ray cluster and a real S3 server on 127.0.0.1, for the cluster tests.
 
-* ``S3Server``: moto's server mode (``moto_server``, from the lock file) on a free port. The
-  pipeline, pyarrow, Ray Train's ``storage_path`` and MLflow's artifact store reach it through
-  the standard endpoint override (``AWS_ENDPOINT_URL``) and dummy credentials in the environment
-  of every process: ``S3Server.env``.
+* ``S3Server`` (tests/live_services.py): moto's server mode on a free port, one per test
+  session (``shared_s3_server``). The pipeline, pyarrow, Ray Train's ``storage_path`` and
+  MLflow's artifact store reach it through the standard endpoint override (``AWS_ENDPOINT_URL``)
+  and dummy credentials in the environment of every process: ``S3Server.env``.
 * ``LocalCluster``: separate ``ray start`` processes on one machine, each with its own custom
   resources, like ``cluster.yaml``'s node types: a head (``head: 1``), data nodes (``data: N``)
   and train nodes (``train: N``). The head has token auth and a dashboard (job submission); a
@@ -22,53 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from live_services import (BIN, REPO, MlflowServer, _pids_mentioning, _stop_group, _wait_http,
-                           _wait_log, free_port)
-
-
-class S3Server:
-    def __init__(self, bucket: str = "dino") -> None:
-        self.dir = Path(tempfile.mkdtemp(prefix="s3srv-"))
-        self.port = free_port()
-        self.endpoint = f"http://127.0.0.1:{self.port}"
-        self.bucket = bucket
-        self.log = self.dir / "moto.log"
-        self.proc = subprocess.Popen(
-            [str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(self.port)],
-            stdout=self.log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            _wait_http(self.endpoint + "/moto-api/", 120, self.proc, self.log)
-        except Exception:
-            self.stop()
-            raise
-        import boto3
-
-        boto3.client("s3", **self.client_kwargs()).create_bucket(Bucket=bucket)
-
-    @property
-    def env(self) -> dict[str, str]:
-        """What every process that talks to the bucket needs (never written into a config)."""
-        return {"AWS_ENDPOINT_URL": self.endpoint, "MLFLOW_S3_ENDPOINT_URL": self.endpoint,
-                "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
-
-    def client_kwargs(self) -> dict[str, str]:
-        return {"endpoint_url": self.endpoint, "aws_access_key_id": "testing",
-                "aws_secret_access_key": "testing", "region_name": "us-east-1"}
-
-    def keys(self, prefix: str) -> list[str]:
-        import boto3
-
-        s3 = boto3.client("s3", **self.client_kwargs())
-        out: list[str] = []
-        for page in s3.get_paginator("list_objects_v2").paginate(Bucket=self.bucket,
-                                                                  Prefix=prefix):
-            out += [o["Key"] for o in page.get("Contents", [])]
-        return out
-
-    def stop(self) -> None:
-        _stop_group(self.proc)
-        shutil.rmtree(self.dir, ignore_errors=True)
+from live_services import BIN, REPO, _pids_mentioning, _stop_group, _wait_http, _wait_log, free_port
 
 
 def _cluster_env(extra: dict[str, str]) -> dict[str, str]:
@@ -87,13 +41,19 @@ def _cluster_env(extra: dict[str, str]) -> dict[str, str]:
 class RayNode:
     """One ``ray start --block`` process (head or worker) in its own process group."""
 
-    def __init__(self, args: list[str], env: dict[str, str], log: Path, marker: str) -> None:
-        self.log = log
+    def __init__(self, args: list[str], env: dict[str, str], log: Path, marker: str,
+                 wait: bool = True) -> None:
+        self.log, self.marker = log, marker
         self.proc = subprocess.Popen([str(BIN / "ray"), "start", "--block", *args],
                                      stdout=log.open("w"), stderr=subprocess.STDOUT,
                                      start_new_session=True, env=env, cwd=REPO)
+        if wait:
+            self.wait()
+
+    def wait(self) -> None:
+        """Until the node is up (its log says so); a node that does not come up is stopped."""
         try:
-            _wait_log(log, marker, 300, self.proc)
+            _wait_log(self.log, self.marker, 300, self.proc)
         except Exception:
             self.stop()
             raise
@@ -107,6 +67,18 @@ class RayNode:
 
 
 class LocalCluster:
+    @classmethod
+    def start(cls, attempts: int = 3, **kwargs) -> LocalCluster:
+        """A cluster with its head up; retried: on a loaded 2-core CI machine the raylet
+        sometimes misses Ray's fixed 30 s registration window."""
+        for attempt in range(attempts):
+            try:
+                return cls(**kwargs)
+            except (RuntimeError, TimeoutError):
+                if attempt == attempts - 1:
+                    raise
+        raise AssertionError("unreachable")
+
     def __init__(self, env: dict[str, str] | None = None, head_cpus: int = 1) -> None:
         self.dir = Path(tempfile.mkdtemp(prefix="rc", dir="/tmp"))  # short: socket path limits
         self.gcs_port, self.dash_port = free_port(), free_port()
@@ -123,8 +95,9 @@ class LocalCluster:
              f"--resources={json.dumps({'head': 1})}", f"--temp-dir={self.dir}",
              f"--ray-client-server-port={free_port()}", *self._ports(),
              "--include-dashboard=true", "--disable-usage-stats"],
-            self.env, self.dir / "head.log", "Ray runtime started")
+            self.env, self.dir / "head.log", "Ray runtime started", wait=False)
         try:
+            self.head.wait()
             _wait_http(self.address + "/api/version", 300, self.head.proc, self.head.log)
         except Exception:
             self.stop()
@@ -139,20 +112,50 @@ class LocalCluster:
 
     def add_node(self, role: str, cpus: int, amount: float | None = None) -> str:
         """Start a worker node with ``{role: amount}`` (default: its CPUs); returns its name."""
-        self._count += 1
-        name = f"{role}{self._count}"
+        return self.add_nodes([(role, cpus, amount)])[0]
+
+    def add_nodes(self, specs: list[tuple[str, int, float | None]],
+                  attempts: int = 3) -> list[str]:
+        """Start worker nodes side by side, one per ``(role, cpus, amount)``; their names once
+        all of them are up. A node that misses Ray's fixed registration window (a loaded 2-core
+        machine) is started again, up to ``attempts`` times."""
+        started: list[tuple[str, RayNode]] = []
+        try:
+            for role, cpus, amount in specs:
+                self._count += 1
+                name = f"{role}{self._count}"
+                started.append((name, self._start_node(name, role, cpus, amount, 0)))
+            for i, (name, node) in enumerate(started):
+                role, cpus, amount = specs[i]
+                for attempt in range(1, attempts + 1):
+                    try:
+                        node.wait()
+                        break
+                    except (RuntimeError, TimeoutError):
+                        if attempt == attempts:
+                            raise
+                    node = self._start_node(name, role, cpus, amount, attempt)
+                    started[i] = (name, node)
+        except Exception:
+            for _, node in started:
+                node.stop()
+            raise
+        self.nodes.update(started)
+        self.wait_for_nodes()
+        return [name for name, _ in started]
+
+    def _start_node(self, name: str, role: str, cpus: int, amount: float | None,
+                    attempt: int) -> RayNode:
         resources = {role: amount if amount is not None else cpus}
         # its own temp dir, as on a separate machine: nodes that shared one garbage-collected
         # each other's job working directories (runtime_resources/) mid-job
-        temp = self.dir / name
+        temp = self.dir / (f"{name}.{attempt}" if attempt else name)
         temp.mkdir()
-        node = RayNode([f"--address={self.gcs_address}", f"--num-cpus={cpus}", "--num-gpus=0",
+        return RayNode([f"--address={self.gcs_address}", f"--num-cpus={cpus}", "--num-gpus=0",
                         f"--resources={json.dumps(resources)}", f"--temp-dir={temp}",
                         *self._ports(), "--disable-usage-stats"],
-                       self.env, self.dir / f"{name}.log", "Ray runtime started")
-        self.nodes[name] = node
-        self.wait_for_nodes()
-        return name
+                       self.env, self.dir / f"{temp.name}.log", "Ray runtime started",
+                       wait=False)
 
     def kill_node(self, name: str) -> None:
         self.nodes.pop(name).stop()
@@ -206,11 +209,3 @@ class LocalCluster:
             except (ProcessLookupError, PermissionError):
                 pass
         shutil.rmtree(self.dir, ignore_errors=True)
-
-
-class MlflowS3Server(MlflowServer):
-    """An ``mlflow server`` whose artifact store is the S3 bucket (proxied: clients need no S3
-    credentials), its runs in SQLite."""
-
-    def __init__(self, s3: S3Server, prefix: str = "mlflow") -> None:
-        super().__init__(artifacts_destination=f"s3://{s3.bucket}/{prefix}", env=s3.env)

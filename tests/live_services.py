@@ -1,11 +1,8 @@
-"""Real services for the registry / submit / tune tests: an ``mlflow server`` and a ``ray start
---head`` process, each on free ports, each stopped by process id when done.
-
-The Ray head uses its own ``--temp-dir``, so its ``ray_current_cluster`` file is not the default
-one and the in-process ``ray_session`` fixture (tests/conftest.py) never attaches to it; the tests
-reach the head only through ``JobSubmissionClient`` (its dashboard URL). We stop the head by
-killing the process group we started (``ray stop`` would also stop other engineers' Ray
-processes on the same machine).
+"""Real services for the tests, one of each per pytest process: an S3 server (moto,
+``shared_s3_server``) and an ``mlflow server`` whose artifacts go to it (``shared_mlflow_server``),
+each on free ports, stopped by process id at exit; and the process helpers the test cluster uses
+(tests/live_cluster.py). We stop what we started by killing its own process group
+(``ray stop`` would also stop other engineers' Ray processes on the same machine).
 """
 
 from __future__ import annotations
@@ -13,7 +10,6 @@ from __future__ import annotations
 import atexit
 import contextlib
 import os
-import secrets
 import shutil
 import signal
 import socket
@@ -148,68 +144,58 @@ class MlflowServer:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-class RayHead:
-    """``RayHead.start()`` retries: on a loaded 2-core CI machine the raylet sometimes misses
-    Ray's fixed 30 s registration window."""
-
-    @classmethod
-    def start(cls, num_cpus: int = 4, attempts: int = 3) -> RayHead:
-        for attempt in range(attempts):
-            try:
-                return cls(num_cpus)
-            except (RuntimeError, TimeoutError):
-                if attempt == attempts - 1:
-                    raise
-        raise AssertionError("unreachable")
-
-    def __init__(self, num_cpus: int = 4) -> None:
-        self.dir = Path(tempfile.mkdtemp(prefix="rh", dir="/tmp"))  # short: socket path limits
-        self.gcs_port, self.dash_port = free_port(), free_port()
-        self.address = f"http://127.0.0.1:{self.dash_port}"
-        self.log = self.dir / "head.log"
-        env = dict(os.environ)
-        env.pop("RAY_ADDRESS", None)
-        env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"  # `python` in job entrypoints
-        env["RAY_TRAIN_V2_ENABLED"] = "1"
-        # token auth on, with a token of our own (clients send it as RAY_AUTH_TOKEN)
-        self.token = secrets.token_hex(32)
-        env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=self.token)
-        # CPU-starved CI: do not declare the only node dead after a few missed health checks
-        env.update(RAY_health_check_period_ms="3000", RAY_health_check_timeout_ms="20000",
-                   RAY_health_check_failure_threshold="20")
+class S3Server:
+    def __init__(self, bucket: str = "dino") -> None:
+        self.dir = Path(tempfile.mkdtemp(prefix="s3srv-"))
+        self.port = free_port()
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self.bucket = bucket
+        self.log = self.dir / "moto.log"
         self.proc = subprocess.Popen(
-            [str(BIN / "ray"), "start", "--head", "--block", f"--port={self.gcs_port}",
-             "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dash_port}",
-             f"--num-cpus={num_cpus}", "--num-gpus=0", f"--temp-dir={self.dir}",
-             f"--ray-client-server-port={free_port()}",
-             f"--dashboard-agent-listen-port={free_port()}", "--include-dashboard=true",
-             "--disable-usage-stats"],
-            stdout=self.log.open("w"), stderr=subprocess.STDOUT, start_new_session=True,
-            env=env, cwd=REPO)
+            [str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(self.port)],
+            stdout=self.log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
         try:
-            _wait_log(self.log, "Ray runtime started", 300, self.proc)  # raylet registered
-            _wait_http(self.address + "/api/version", 300, self.proc, self.log)
+            _wait_http(self.endpoint + "/moto-api/", 120, self.proc, self.log)
         except Exception:
             self.stop()
             raise
+        import boto3
 
-    def alive(self) -> bool:
-        return self.proc.poll() is None
+        boto3.client("s3", **self.client_kwargs()).create_bucket(Bucket=bucket)
 
-    def tail(self, n: int = 3000) -> str:
-        return self.log.read_text(errors="replace")[-n:] if self.log.exists() else ""
+    @property
+    def env(self) -> dict[str, str]:
+        """What every process that talks to the bucket needs (never written into a config)."""
+        return {"AWS_ENDPOINT_URL": self.endpoint, "MLFLOW_S3_ENDPOINT_URL": self.endpoint,
+                "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
+
+    def client_kwargs(self) -> dict[str, str]:
+        return {"endpoint_url": self.endpoint, "aws_access_key_id": "testing",
+                "aws_secret_access_key": "testing", "region_name": "us-east-1"}
+
+    def keys(self, prefix: str) -> list[str]:
+        import boto3
+
+        s3 = boto3.client("s3", **self.client_kwargs())
+        out: list[str] = []
+        for page in s3.get_paginator("list_objects_v2").paginate(Bucket=self.bucket,
+                                                                  Prefix=prefix):
+            out += [o["Key"] for o in page.get("Contents", [])]
+        return out
 
     def stop(self) -> None:
         _stop_group(self.proc)
-        with contextlib.suppress(OSError):  # keep the log of the last head for a post-mortem
-            shutil.copy(self.log, Path(tempfile.gettempdir()) / "dino-ray-test-head.log")
-        # workers re-parented away from our group still carry our temp dir in their command line
-        for pid in _pids_mentioning(str(self.dir)):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+
+class MlflowS3Server(MlflowServer):
+    """An ``mlflow server`` whose artifact store is the S3 bucket (proxied: clients need no S3
+    credentials), its runs in SQLite."""
+
+    def __init__(self, s3: S3Server, prefix: str = "mlflow") -> None:
+        super().__init__(artifacts_destination=f"s3://{s3.bucket}/{prefix}", env=s3.env)
 
 
 def _pids_mentioning(text: str) -> list[int]:
@@ -226,13 +212,26 @@ def _pids_mentioning(text: str) -> list[int]:
     return pids
 
 
+_S3: S3Server | None = None
 _MLFLOW: MlflowServer | None = None
 
 
+def shared_s3_server() -> S3Server:
+    """One S3 server (moto) per pytest process, shared by the test modules, stopped at exit."""
+    global _S3
+    if _S3 is None or _S3.proc.poll() is not None:
+        _S3 = S3Server()
+        atexit.register(_S3.stop)
+    return _S3
+
+
 def shared_mlflow_server() -> MlflowServer:
-    """One server per pytest process, shared by the test modules, stopped at exit."""
+    """One ``mlflow server`` per pytest process, shared by the test modules (the cluster tests
+    included), stopped at exit: runs in SQLite, artifacts in the shared S3 bucket under
+    ``mlflow/`` (proxied: clients need no S3 credentials). A server stopped by a test (an outage
+    that failed half-way) is replaced by a new one."""
     global _MLFLOW
     if _MLFLOW is None or _MLFLOW.proc.poll() is not None:
-        _MLFLOW = MlflowServer()
+        _MLFLOW = MlflowS3Server(shared_s3_server())
         atexit.register(_MLFLOW.stop)
     return _MLFLOW

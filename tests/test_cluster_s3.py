@@ -3,7 +3,9 @@
 One cluster for the module (``tests/live_cluster.py``): a head (``head: 1``), a data node
 (``data: 2``) and a train node (``train: 2``), separate ``ray start`` processes on 127.0.0.1 that
 share no path the pipeline uses; a real S3 server (moto) holds the corpus as Parquet, the run's
-checkpoints and the MLflow server's artifacts. Every job goes through ``dino-ray submit``.
+checkpoints and the MLflow server's artifacts. Every job goes through ``dino-ray submit``; this
+is also the test session's only Ray cluster for submissions (tests/test_submit.py checks the
+plan without one).
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ import time
 import uuid
 
 import pytest
-from live_cluster import LocalCluster, MlflowS3Server, S3Server
+from live_cluster import LocalCluster
+from live_services import shared_mlflow_server, shared_s3_server
 
 from pipeline.cli import main
 from pipeline.train.presets import tiny_config
@@ -25,7 +28,9 @@ pytestmark = [pytest.mark.slow, pytest.mark.cluster, pytest.mark.timeout(1500)]
 
 @pytest.fixture(scope="module")
 def s3():
-    server = S3Server()
+    """The session's S3 server (``live_services.shared_s3_server``; the shared MLflow server keeps
+    its artifacts there too)."""
+    server = shared_s3_server()
     saved = {k: os.environ.get(k) for k in server.env}
     os.environ.update(server.env)  # this process reads and writes the bucket too
     yield server
@@ -34,15 +39,23 @@ def s3():
             os.environ.pop(k, None)
         else:
             os.environ[k] = v
-    server.stop()
 
 
 @pytest.fixture(scope="module")
-def cluster(s3):
-    c = LocalCluster(env=s3.env, head_cpus=1)
+def _mlflow_s3_starting(s3):
+    """The session's MLflow server (artifacts in the bucket) starts on a thread of its own while
+    the cluster comes up, unless an earlier module started it already."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(1) as pool:
+        yield pool.submit(shared_mlflow_server)
+
+
+@pytest.fixture(scope="module")
+def cluster(s3, _mlflow_s3_starting):
+    c = LocalCluster.start(env=s3.env, head_cpus=1)
     try:
-        c.add_node("data", 2)
-        c.add_node("train", 2)
+        c.add_nodes([("data", 2, None), ("train", 2, None)])
     except Exception:
         c.stop()
         raise
@@ -51,10 +64,8 @@ def cluster(s3):
 
 
 @pytest.fixture(scope="module")
-def mlflow_s3(s3):
-    server = MlflowS3Server(s3)
-    yield server
-    server.stop()
+def mlflow_s3(_mlflow_s3_starting):
+    return _mlflow_s3_starting.result()
 
 
 @pytest.fixture(scope="module")
@@ -107,91 +118,6 @@ def _job_logs(cluster, sid) -> str:
     return logs
 
 
-def test_submitted_run_on_s3_resumes_evaluates_registers_and_pulls(
-        cluster, s3, corpus, mlflow_s3, tmp_path, monkeypatch, capsys):
-    track = ["tracking.enabled=true", f"tracking.tracking_uri={mlflow_s3.uri}",
-             "tracking.experiment=cluster"]
-    cfg = _job_config(tmp_path, corpus, "s3run")
-
-    # 1. train: checkpoints land in the bucket; work runs where its role says
-    rc, out, sid, _ = _submit(cluster, monkeypatch, capsys, "train", "--config", str(cfg), *track)
-    assert rc == 0, out[-5000:] + cluster.tail()
-    first = _checkpoints(s3, "s3run")
-    assert first, s3.keys("runs/")
-    actors = cluster.state("actors")
-    crop = [a for a in actors if "MultiCropStage" in a["class_name"]]
-    workers = [a for a in actors if a["class_name"] == "RayTrainWorker"]
-    assert crop and {a["node_id"] for a in crop} <= cluster.node_ids_with("data")
-    assert len(workers) == 2 and {a["node_id"] for a in workers} <= cluster.node_ids_with("train")
-    assert _driver_node(cluster, sid) in cluster.node_ids_with("head")
-
-    # 2. a second submission with the same name and more epochs resumes from S3
-    rc, out, _, _ = _submit(cluster, monkeypatch, capsys, "train", "--config", str(cfg),
-                            "train.epochs=2", *track)
-    assert rc == 0, out[-5000:]
-    assert "resuming from s3://dino/runs/s3run/checkpoint" in out
-    summary, _ = json.JSONDecoder().raw_decode(out[out.rindex('{\n "checkpoint_path"'):])
-    assert summary["metrics"]["step"] == 4 and summary["checkpoint_path"].startswith("s3://")
-    from mlflow import MlflowClient
-
-    client = MlflowClient(tracking_uri=mlflow_s3.uri)
-    runs = client.search_runs([client.get_experiment_by_name("cluster").experiment_id],
-                              "attributes.run_name = 's3run'")
-    assert len(runs) == 1 and runs[0].info.status == "FINISHED"  # the same MLflow run
-    ckpt = summary["checkpoint_path"]
-
-    # 3. evaluate and register the S3 checkpoint on the cluster; pull the registered teacher
-    rc, out, _, _ = _submit(cluster, monkeypatch, capsys, "evaluate", ckpt, "--no-random-init")
-    assert rc == 0, out[-5000:]
-    assert "knn_top1" in out
-    rc, out, _, _ = _submit(cluster, monkeypatch, capsys, "register", "--checkpoint", ckpt,
-                            "--tracking-uri", mlflow_s3.uri, "--name", "s3-teacher")
-    assert rc == 0, out[-5000:]
-    assert any(k.startswith("mlflow/") for k in s3.keys("mlflow/"))  # artifacts went to S3
-    dst = tmp_path / "pulled"
-    assert main(["models", "--tracking-uri", mlflow_s3.uri, "pull", "models:/s3-teacher/1",
-                 str(dst)]) == 0
-    import torch
-    from safetensors.torch import load_file
-
-    from pipeline.checkpoints import load_teacher_backbone
-
-    backbone, _ = load_teacher_backbone(ckpt)  # downloaded from the bucket
-    pulled = load_file(next(dst.rglob("backbone.safetensors")))
-    expected = backbone.state_dict()
-    assert pulled.keys() == expected.keys()
-    for key, value in expected.items():
-        torch.testing.assert_close(pulled[key], value, msg=key)
-
-
-def test_local_storage_path_on_a_multi_node_cluster_fails_fast(
-        cluster, corpus, tmp_path, monkeypatch, capsys):
-    cfg = _job_config(tmp_path, corpus, "localrun")
-    rc, out, _, wall = _submit(cluster, monkeypatch, capsys, "train", "--config", str(cfg),
-                               "train.storage_path=./runs")
-    assert rc == 1
-    assert "train.storage_path='./runs' is a local path" in out
-    assert "TorchTrainer" not in out and "RayTrainWorker" not in out  # nothing was started
-    print(f"fail-fast submission took {wall:.1f} s")
-
-
-def test_unreadable_corpus_fails_with_counts_and_examples(
-        cluster, s3, tmp_path, monkeypatch, capsys):
-    import boto3
-
-    bucket = boto3.client("s3", **s3.client_kwargs())
-    for i in range(40):  # an image export gone wrong: every file is garbage
-        bucket.put_object(Bucket=s3.bucket, Key=f"broken/cls{i % 2}/img{i:03d}.jpg",
-                          Body=b"not a jpeg " * 20)
-    cfg = _job_config(tmp_path, f"s3://{s3.bucket}/broken", "broken", data__limit=None,
-                      eval__every_epochs=0)
-    rc, out, _, _ = _submit(cluster, monkeypatch, capsys, "train", "--config", str(cfg))
-    assert rc == 1, out[-4000:]
-    assert "DataQualityError" in out and "images skipped" in out
-    assert "broken/cls" in out  # example paths are named
-    assert "restarting from the newest checkpoint" not in out  # deterministic: not retried
-
-
 def _wait_for(predicate, timeout: float, what: str, poll: float = 1.0):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -211,68 +137,27 @@ def _newest_step(s3, name) -> int:
     return max(steps, default=0)
 
 
-def _run_until_first_checkpoint(cluster, s3, corpus, tmp_path, monkeypatch, capsys, name):
-    """Submit a 4-epoch run without waiting; return its job id and step once a checkpoint is in
-    the bucket (the moment a fault is injected)."""
-    cfg = _job_config(tmp_path, corpus, name, train__epochs=4, train__max_failures=3,
-                      eval__every_epochs=0)
-    rc, out, sid, _ = _submit(cluster, monkeypatch, capsys, "train", "--config", str(cfg),
-                              "--no-wait")
-    assert rc == 0, out
-    _wait_for(lambda: _newest_step(s3, name) >= 2 or _job_status(cluster, sid)
-              in ("FAILED", "STOPPED"), 600, "first checkpoint")
-    assert _job_status(cluster, sid) == "RUNNING"
-    return sid, _newest_step(s3, name)
+def _job_id(cluster, sid) -> str:
+    return cluster.get(f"/api/jobs/{sid}")["job_id"]
 
 
-def _wait_for_end(cluster, sid) -> str:
-    return _wait_for(lambda: (s := _job_status(cluster, sid)) in
-                     ("SUCCEEDED", "FAILED", "STOPPED") and s, 900, "end of the job")
-
-
-def test_a_train_node_lost_mid_run_resumes_from_the_last_s3_checkpoint(
-        cluster, s3, corpus, tmp_path, monkeypatch, capsys):
-    """The train node's raylet dies after the first checkpoint; an autoscaler (here: the test)
-    brings up another train node; the job resumes from S3 and finishes, losing under an epoch."""
-    sid, step_at_kill = _run_until_first_checkpoint(cluster, s3, corpus, tmp_path, monkeypatch,
-                                                    capsys, "nodefault")
-    t_kill = time.monotonic()
-    victim = next(n for n in cluster.nodes if n.startswith("train"))
-    cluster.kill_node(victim)
-    cluster.add_node("train", 2)  # what the autoscaler does for the pending workers
-    status = _wait_for_end(cluster, sid)
-    recovered_s = time.monotonic() - t_kill
-    logs = _job_logs(cluster, sid)
-    assert status == "SUCCEEDED", logs[-6000:]
-    assert "restarting from the newest checkpoint" in logs
-    resumed = [int(x) for x in re.findall(r"resuming from s3://dino/runs/nodefault/"
-                                                        r"checkpoint_step_(\d+)", logs)]
-    assert resumed and max(resumed) >= step_at_kill  # at most the epoch in flight was lost
-    assert _newest_step(s3, "nodefault") == 8
-    print(f"train node lost at step {step_at_kill}: job finished {recovered_s:.1f} s after the "
-          f"kill, resumed from step {max(resumed)}")
-
-
-def test_ctrl_c_on_submit_stops_the_job_and_a_resubmission_resumes(
-        cluster, s3, corpus, tmp_path, monkeypatch, capsys):
-    """Ctrl-C on `dino-ray submit` stops the job on the cluster (its driver gets SIGTERM: the
-    workers checkpoint and stop); submitting the same command again resumes from S3."""
+def _submit_and_ctrl_c(cluster, s3, name, *args) -> tuple[str, str, float]:
+    """`dino-ray submit train ...` in a terminal of its own; Ctrl-C once run ``name`` has its first
+    checkpoint in the bucket. Returns the job id, the command's output and the time of the
+    Ctrl-C."""
     import signal
     import subprocess
     import sys
 
-    # 30 epochs of 2 steps: room between the first checkpoint and the end for the poll, the
-    # Ctrl-C and the job stop on a loaded machine (with 12, a loaded run ended before the stop)
-    cfg = _job_config(tmp_path, corpus, "driverkill", train__epochs=30, eval__every_epochs=0)
     sid = f"train-{uuid.uuid4().hex[:8]}"
     env = {**os.environ, "RAY_AUTH_TOKEN": cluster.token}
     proc = subprocess.Popen(
         [sys.executable, "-m", "pipeline.cli", "submit", "train", "--address", cluster.address,
-         "--submission-id", sid, "--config", str(cfg)],
+         "--submission-id", sid, *args],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True)
     try:
-        _wait_for(lambda: _newest_step(s3, "driverkill") >= 2 or proc.poll() is not None, 600,
-                  "first checkpoint")
+        _wait_for(lambda: _newest_step(s3, name) >= 2 or proc.poll() is not None, 600,
+                  "first checkpoint", poll=0.5)
         assert proc.poll() is None, proc.stdout.read()[-4000:]
         t_kill = time.monotonic()
         proc.send_signal(signal.SIGINT)  # Ctrl-C in the terminal that submitted the job
@@ -281,25 +166,170 @@ def test_ctrl_c_on_submit_stops_the_job_and_a_resubmission_resumes(
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == 130, out[-4000:]
+    return sid, out, t_kill
+
+
+def test_submitted_run_stops_on_ctrl_c_resumes_from_s3_evaluates_registers_and_pulls(
+        cluster, s3, corpus, mlflow_s3, tmp_path, monkeypatch, capsys):
+    """One tracked run driven through `dino-ray submit`, as a cluster user does: Ctrl-C on
+    `submit` stops the job on the cluster (its driver gets SIGTERM: the workers checkpoint and
+    stop); submitting the same command again resumes from S3 into the same MLflow run; then
+    `submit evaluate` and `submit register` on the S3 checkpoint, and `models pull`."""
+    # the Ctrl-C lands a few steps after the first checkpoint, long before the end (a loaded
+    # machine ran a 12-step job to its end before the stop landed; 8 epochs give room)
+    epochs = 8
+    track = ["tracking.enabled=true", f"tracking.tracking_uri={mlflow_s3.uri}",
+             "tracking.experiment=cluster"]
+    cfg = _job_config(tmp_path, corpus, "s3run", train__epochs=epochs)
+    command = ["--config", str(cfg), *track]
+
+    # 1. train, evaluated every epoch, checkpoints in the bucket; Ctrl-C stops the job
+    sid, out, t_kill = _submit_and_ctrl_c(cluster, s3, "s3run", *command)
     assert f"stopping job {sid}" in out
     status = _wait_for(lambda: (st := _job_status(cluster, sid)) in
-                       ("STOPPED", "FAILED", "SUCCEEDED") and st, 120, "stopped job")
+                       ("STOPPED", "FAILED", "SUCCEEDED") and st, 120, "stopped job", poll=0.5)
     assert status == "STOPPED"
-    step_at_kill = _newest_step(s3, "driverkill")
-    assert step_at_kill < 60, "the stopped job ran to its end: nothing left to resume"
-    rc, out, _, _ = _submit(cluster, monkeypatch, capsys, "train", "--config", str(cfg))
-    assert rc == 0, out[-5000:]
-    assert f"resuming from s3://dino/runs/driverkill/checkpoint_step_{step_at_kill:08d}" in out
-    assert _newest_step(s3, "driverkill") == 60
+    step_at_kill = _newest_step(s3, "s3run")
+    assert step_at_kill < 2 * epochs, "the stopped job ran to its end: nothing left to resume"
+
+    # 2. the same command again resumes from S3 and finishes; work ran where its role says
+    rc, out, sid, _ = _submit(cluster, monkeypatch, capsys, "train", *command)
+    assert rc == 0, out[-5000:] + cluster.tail()
+    assert f"resuming from s3://dino/runs/s3run/checkpoint_step_{step_at_kill:08d}" in out
+    summary, _ = json.JSONDecoder().raw_decode(out[out.rindex('{\n "checkpoint_path"'):])
+    assert summary["metrics"]["step"] == 2 * epochs
+    assert summary["checkpoint_path"].startswith("s3://")
+    assert _newest_step(s3, "s3run") == 2 * epochs
     print(f"job stopped (Ctrl-C on submit) at step {step_at_kill}: resubmitted run done "
           f"{time.monotonic() - t_kill:.1f} s after the Ctrl-C")
+    job = _job_id(cluster, sid)
+    actors = [a for a in cluster.state("actors") if a["job_id"] == job]
+    crop = [a for a in actors if "MultiCropStage" in a["class_name"]]
+    workers = [a for a in actors if a["class_name"] == "RayTrainWorker"]
+    assert crop and {a["node_id"] for a in crop} <= cluster.node_ids_with("data")
+    assert len(workers) == 2 and {a["node_id"] for a in workers} <= cluster.node_ids_with("train")
+    assert _driver_node(cluster, sid) in cluster.node_ids_with("head")
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=mlflow_s3.uri)
+    runs = client.search_runs([client.get_experiment_by_name("cluster").experiment_id],
+                              "attributes.run_name = 's3run'")
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"  # the same MLflow run
+    assert '"mlflow_run_id"' in out  # the job's own output, streamed back
+    assert "knn_top1" in runs[0].data.metrics  # the in-training k-NN, logged by the job
+    ckpt = summary["checkpoint_path"]
+
+    # register that run's teacher by its MLflow run name (what `submit register --run-name` runs)
+    assert main(["register", "--run-name", "s3run", "--tracking-uri", mlflow_s3.uri,
+                 "--name", "run-teacher", "tracking.experiment=cluster"]) == 0
+    version = MlflowClient(tracking_uri=mlflow_s3.uri,
+                           registry_uri=mlflow_s3.uri).get_model_version_by_alias(
+        "run-teacher", "champion")
+    assert version.run_id == runs[0].info.run_id
+    assert float(version.tags["knn_top1"]) == pytest.approx(runs[0].data.metrics["knn_top1"],
+                                                            abs=1e-4)
+
+    # 3. evaluate and register the S3 checkpoint on the cluster; pull the registered teacher
+    stored = set(s3.keys("mlflow/"))  # the session's MLflow server shares the bucket
+    rc, out, _, _ = _submit(cluster, monkeypatch, capsys, "evaluate", ckpt, "--no-random-init")
+    assert rc == 0, out[-5000:]
+    assert "knn_top1" in out
+    rc, out, _, _ = _submit(cluster, monkeypatch, capsys, "register", "--checkpoint", ckpt,
+                            "--tracking-uri", mlflow_s3.uri, "--name", "s3-teacher")
+    assert rc == 0, out[-5000:]
+    assert set(s3.keys("mlflow/")) - stored  # the registered model's artifacts went to S3
+    dst = tmp_path / "pulled"
+    assert main(["models", "--tracking-uri", mlflow_s3.uri, "pull", "models:/s3-teacher/1",
+                 str(dst)]) == 0
+    import torch
+    from safetensors.torch import load_file
+
+    from pipeline.checkpoints import load_teacher_backbone
+
+    backbone, _ = load_teacher_backbone(ckpt)  # downloaded from the bucket
+    pulled = load_file(next(dst.rglob("backbone.safetensors")))
+    expected = backbone.state_dict()
+    assert pulled.keys() == expected.keys()
+    for key, value in expected.items():
+        torch.testing.assert_close(pulled[key], value, msg=key)
 
 
-def test_a_data_node_lost_mid_run_and_the_stream_resumes_when_one_returns(
+def test_local_storage_path_on_a_multi_node_cluster_fails_fast(
+        cluster, corpus, tmp_path, monkeypatch, capsys):
+    """A local train.storage_path on a multi-node cluster fails in the job's driver before any
+    worker starts; like every failing job, `submit` then exits 1 and prints its FAILED status
+    (on stderr: the job's own output goes to stdout)."""
+    cfg = _job_config(tmp_path, corpus, "localrun")
+    rc, out, sid, wall = _submit(cluster, monkeypatch, capsys, "train", "--config", str(cfg),
+                                 "train.storage_path=./runs")
+    assert rc == 1
+    assert f"job {sid}: FAILED" in out  # submit_and_follow's status line (stderr)
+    assert "train.storage_path='./runs' is a local path" in out
+    assert "TorchTrainer" not in out and "RayTrainWorker" not in out  # nothing was started
+    print(f"fail-fast submission took {wall:.1f} s")
+
+
+def test_unreadable_corpus_fails_with_counts_and_examples(
+        cluster, s3, tmp_path, monkeypatch, capsys):
+    import boto3
+
+    bucket = boto3.client("s3", **s3.client_kwargs())
+    for i in range(40):  # an image export gone wrong: every file is garbage
+        bucket.put_object(Bucket=s3.bucket, Key=f"broken/cls{i % 2}/img{i:03d}.jpg",
+                          Body=b"not a jpeg " * 20)
+    cfg = _job_config(tmp_path, f"s3://{s3.bucket}/broken", "broken", data__limit=None,
+                      eval__every_epochs=0, train__num_workers=1)  # one worker fails as well
+    rc, out, _, _ = _submit(cluster, monkeypatch, capsys, "train", "--config", str(cfg))
+    assert rc == 1, out[-4000:]
+    assert "DataQualityError" in out and "images skipped" in out
+    assert "broken/cls" in out  # example paths are named
+    assert "restarting from the newest checkpoint" not in out  # deterministic: not retried
+
+
+def _run_until_first_checkpoint(cluster, s3, corpus, tmp_path, monkeypatch, capsys, name,
+                                 epochs):
+    """Submit a run without waiting; return its job id and step once a checkpoint is in the
+    bucket (the moment a fault is injected)."""
+    # one worker: a node loss stops it as it stops two (the 2-worker restart after a worker
+    # death: tests/test_train_ray.py), and each restart starts one process less
+    cfg = _job_config(tmp_path, corpus, name, train__epochs=epochs, train__max_failures=3,
+                      eval__every_epochs=0, train__num_workers=1)
+    rc, out, sid, _ = _submit(cluster, monkeypatch, capsys, "train", "--config", str(cfg),
+                              "--no-wait")
+    assert rc == 0, out
+    _wait_for(lambda: _newest_step(s3, name) >= 2 or _job_status(cluster, sid)
+              in ("FAILED", "STOPPED"), 600, "first checkpoint", poll=0.5)
+    assert _job_status(cluster, sid) == "RUNNING"
+    return sid, _newest_step(s3, name)
+
+
+def _wait_for_end(cluster, sid) -> str:
+    return _wait_for(lambda: (s := _job_status(cluster, sid)) in
+                     ("SUCCEEDED", "FAILED", "STOPPED") and s, 900, "end of the job", poll=0.5)
+
+
+def test_train_and_data_nodes_lost_mid_run_the_job_resumes_from_s3_and_finishes(
         cluster, s3, corpus, tmp_path, monkeypatch, capsys):
+    """One job loses a node twice, as on an autoscaled cluster: the train node's raylet dies
+    after the first checkpoint and an autoscaler (here: the test) brings up another train node:
+    the job resumes from S3, losing under an epoch; once the resumed run has checkpointed, the
+    data node dies and another returns 5 s later: the stream resumes and the job finishes."""
+    epochs = 6  # room for both faults before the end
     sid, step_at_kill = _run_until_first_checkpoint(cluster, s3, corpus, tmp_path, monkeypatch,
-                                                    capsys, "datafault")
+                                                    capsys, "nodefault", epochs)
     t_kill = time.monotonic()
+    victim = next(n for n in cluster.nodes if n.startswith("train"))
+    cluster.kill_node(victim)
+    step_at_train_loss = _newest_step(s3, "nodefault")  # nothing after this is the dead node's
+    cluster.add_node("train", 2)  # what the autoscaler does for the pending workers
+    _wait_for(lambda: _newest_step(s3, "nodefault") > step_at_train_loss
+              or _job_status(cluster, sid) != "RUNNING", 600, "a checkpoint of the resumed run",
+              poll=0.5)
+    assert _job_status(cluster, sid) == "RUNNING", _job_logs(cluster, sid)[-6000:]
+    step_at_data_loss = _newest_step(s3, "nodefault")
+    assert step_at_data_loss < 2 * epochs, "the run ended before the data node was lost"
+    recovered_s = time.monotonic() - t_kill
+    t_data = time.monotonic()
     victim = next(n for n in cluster.nodes if n.startswith("data"))
     cluster.kill_node(victim)
     time.sleep(5)  # the stream is without a data node for a while
@@ -307,6 +337,11 @@ def test_a_data_node_lost_mid_run_and_the_stream_resumes_when_one_returns(
     status = _wait_for_end(cluster, sid)
     logs = _job_logs(cluster, sid)
     assert status == "SUCCEEDED", logs[-6000:]
-    assert _newest_step(s3, "datafault") == 8
-    print(f"data node lost at step {step_at_kill}: job finished "
-          f"{time.monotonic() - t_kill:.1f} s after the kill")
+    assert "restarting from the newest checkpoint" in logs
+    resumed = [int(x) for x in re.findall(r"resuming from s3://dino/runs/nodefault/"
+                                                        r"checkpoint_step_(\d+)", logs)]
+    assert resumed and max(resumed) >= step_at_kill  # at most the epoch in flight was lost
+    assert _newest_step(s3, "nodefault") == 2 * epochs
+    print(f"train node lost at step {step_at_kill}: resumed from step {min(resumed)}, "
+          f"checkpointing again {recovered_s:.1f} s after the kill; data node lost at step "
+          f"{step_at_data_loss}: job finished {time.monotonic() - t_data:.1f} s after that kill")

@@ -8,7 +8,9 @@ from pipeline.demo import run_demo
 
 
 @pytest.mark.ray
-def test_demo_runs_end_to_end(ray_session, tmp_path, capsys):
+def test_demo_runs_end_to_end(ray_session, tmp_path, capsys, mlflow_sqlite):
+    # the demo's SQLite store, its schema copied (conftest.mlflow_sqlite), not migrated: 5-12 s
+    uri = mlflow_sqlite(tmp_path / "mlflow.db")
     code = run_demo(tmp_path, overrides=["train.epochs=1", "train.max_steps_per_epoch=2",
                                          "train.batch_size_per_worker=32", "eval.k=[10,20]"])
     out = capsys.readouterr().out
@@ -17,7 +19,6 @@ def test_demo_runs_end_to_end(ray_session, tmp_path, capsys):
     assert "raw pixels" in out
     from mlflow.tracking import MlflowClient
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     exp = client.get_experiment_by_name("dino-ray-demo")
     runs = client.search_runs([exp.experiment_id])
