@@ -2,11 +2,15 @@
 
 ViTs return the CLS token and interpolate their position embeddings, so one model takes global
 and local crops of different resolutions; CNNs return the globally pooled feature.
+
+timm is imported where a backbone is built, not with this module: its import (torchvision, then
+``torch._dynamo``) took 6.5 s of CPU on one idle core, and every Ray process that unpickles a
+function of ours (the Train controller, Ray Data's coordinator, the crop and bookkeeping actors)
+paid it without building any model.
 """
 
 from __future__ import annotations
 
-import timm
 import torch.nn as nn
 
 # short names -> timm model names (patch size and image size are set separately)
@@ -29,6 +33,8 @@ def timm_name(name: str) -> str:
 
 def is_known_backbone(name: str) -> bool:
     """A short name or a timm model name (checked without building anything)."""
+    import timm
+
     full = timm_name(name)
     return full in timm.list_models() or full in timm.list_models(pretrained=True)
 
@@ -58,6 +64,8 @@ def build_backbone(
         kwargs.update(img_size=img_size, dynamic_img_size=True, global_pool="token")
         if patch_size is not None:
             kwargs["patch_size"] = patch_size
+    import timm
+
     model = timm.create_model(full, **kwargs)
     if cifar_stem:
         use_cifar_stem(model)

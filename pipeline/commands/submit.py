@@ -105,9 +105,10 @@ def build_submission(verb: str, rest: list[str]) -> dict[str, Any]:
                   file=sys.stderr)
     entry_args = config_arguments(opts.config, root) + job_args
     _refuse_secrets(entry_args, opts.env)
-    # not PYTHONWARNINGS: the job's driver adds it in ensure_ray(), and Ray refuses to merge a
-    # driver runtime_env whose env_vars repeat a key of the job's runtime_env
-    env_vars = {"PYTHONUNBUFFERED": "1", "RAY_TRAIN_V2_ENABLED": "1"}
+    # the job's runtime_env reaches its driver and every worker (ensure_ray() joins the cluster
+    # without adding one): expected deprecation warnings stay out of the job's log
+    env_vars = {"PYTHONUNBUFFERED": "1", "RAY_TRAIN_V2_ENABLED": "1",
+                "PYTHONWARNINGS": "ignore::DeprecationWarning"}
     sha = os.environ.get("DINO_RAY_GIT_SHA") or git_sha(root)
     if sha:
         env_vars["DINO_RAY_GIT_SHA"] = sha
