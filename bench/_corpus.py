@@ -33,6 +33,21 @@ def make_jpegs(dst: str | Path, n: int, size: tuple[int, int] = (500, 375),
     return dst
 
 
+def command_line() -> str:
+    """This benchmark's command as run from the repository root, without the machine's paths:
+    ``python bench/x.py ARGS``."""
+    import shlex
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    script = Path(sys.argv[0]).resolve()
+    try:
+        script = script.relative_to(root)
+    except ValueError:
+        script = Path(script.name)
+    return " ".join(shlex.quote(a) for a in ["python", str(script), *sys.argv[1:]])
+
+
 def machine() -> dict:
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
     return {"platform": platform.platform(), "python": platform.python_version(),

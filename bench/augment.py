@@ -16,7 +16,6 @@ import argparse
 import io
 import json
 import os
-import shlex
 import statistics
 import sys
 import tempfile
@@ -24,7 +23,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench._corpus import machine, make_jpegs  # noqa: E402
+from bench._corpus import command_line, machine, make_jpegs  # noqa: E402
 
 
 def reference_transform(normalize_tensors: bool = True):
@@ -129,7 +128,7 @@ def main() -> None:
     med = {k: round(statistics.median(v), 1) for k, v in rates.items()}
     print(json.dumps({
         "benchmark": "multi-crop images/s on one core (2x224 + 8x96, ~500x375 JPEG)",
-        "command": " ".join(shlex.quote(a) for a in [sys.executable] + sys.argv),
+        "command": command_line(),
         "machine": machine(),
         "images": len(files), "image_size": [500, 375], "rounds": args.rounds,
         "pinned_core": args.core,

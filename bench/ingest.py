@@ -13,7 +13,6 @@ import json
 import multiprocessing as mp
 import os
 import re
-import shlex
 import sys
 import tempfile
 import threading
@@ -21,7 +20,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench._corpus import machine, make_jpegs  # noqa: E402
+from bench._corpus import command_line, machine, make_jpegs  # noqa: E402
 
 _WORKER = {}
 
@@ -202,7 +201,7 @@ def main() -> None:
     ray.shutdown()
     print(json.dumps({
         "benchmark": "Ray Data ingest (decode + 2x224 + 8x96 multi-crop) into iter_torch_batches",
-        "command": " ".join(shlex.quote(a) for a in [sys.executable] + sys.argv),
+        "command": command_line(),
         "machine": machine(),
         "resource_plan": plan.as_dict(),
         "standalone_processes": plan.num_actors,

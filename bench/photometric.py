@@ -20,14 +20,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shlex
 import statistics
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench._corpus import machine  # noqa: E402
+from bench._corpus import command_line, machine  # noqa: E402
 
 
 def crops(n: int, size: int, seed: int):
@@ -139,7 +138,7 @@ def main() -> None:
     out = {
         "benchmark": f"photometric images/s (2x{args.global_size} + {args.num_local}x"
                      f"{args.local_size} crops per image, batch {n})",
-        "command": " ".join(shlex.quote(a) for a in [sys.executable] + sys.argv),
+        "command": command_line(),
         "machine": machine(),
         "torch": torch.__version__,
         "cuda_device": torch.cuda.get_device_name() if cuda else None,

@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench._corpus import command_line  # noqa: E402
 
 
 def main() -> int:
@@ -90,7 +91,7 @@ def main() -> int:
         "total_wall_s": round(time.monotonic() - t0, 1),
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
                     "gpu": _gpu(), "python": platform.python_version()},
-        "command": " ".join([sys.executable, *sys.argv]),
+        "command": command_line(),
         "config": cfg.model_dump(mode="json"),
         "checkpoint": result.checkpoint_path, "mlflow_run_id": result.mlflow_run_id,
     }

@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench._corpus import machine  # noqa: E402
+from bench._corpus import command_line, machine  # noqa: E402
 
 
 def one_point(rows: int, epochs: int) -> dict:
@@ -116,7 +116,7 @@ def main() -> int:
             f"plan_s_{hi}_over_{lo}_epochs": round(b["plan_s"] / max(a["plan_s"], 1e-3), 2),
         }
     print(json.dumps({"bench": "scale_listing", "machine": machine(),
-                      "command": " ".join([sys.executable, *sys.argv]), "points": points,
+                      "command": command_line(), "points": points,
                       "growth": growth}))
     return 0
 

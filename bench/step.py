@@ -24,7 +24,6 @@ import argparse
 import copy
 import json
 import platform
-import shlex
 import statistics
 import sys
 import time
@@ -34,7 +33,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench import official_dino as official  # noqa: E402
-from bench._corpus import machine  # noqa: E402
+from bench._corpus import command_line, machine  # noqa: E402
 from dino_model.loss import DINOLoss  # noqa: E402
 from dino_model.model import build_student_teacher  # noqa: E402
 from dino_model.optim import build_optimizer  # noqa: E402
@@ -183,7 +182,7 @@ def main() -> None:
     print(json.dumps({
         "benchmark": "one DINO training step: dino_model.step.dino_step vs the official "
                      "train_one_epoch step (bench/official_dino.py)",
-        "command": " ".join(shlex.quote(a) for a in [sys.executable] + sys.argv),
+        "command": command_line(),
         "machine": {**machine(), "platform": platform.platform(), "torch": torch.__version__,
                     "torch_threads": torch.get_num_threads(),
                     "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None},
