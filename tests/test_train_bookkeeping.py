@@ -1,11 +1,13 @@
 """Training-loop bookkeeping that needs no cluster: which checkpoint a restart resumes from, the
-epoch meter's wall-clock fractions, and when the final k-NN is not run twice."""
+epoch meter's wall-clock fractions, when the final k-NN is not run twice, and how the batch stream
+opens its executions."""
 
 from __future__ import annotations
 
 import time
 from pathlib import Path
 
+import pytest
 import torch
 from ray.train import Checkpoint
 
@@ -92,3 +94,56 @@ def test_the_stream_opens_a_new_execution_where_each_window_ends():
     for epoch in range(5):
         stream.begin_epoch(epoch)
     assert opened == [(0, 2), (2, 4), (4, 5)]
+
+
+def test_the_first_batch_is_fetched_in_the_background_and_handed_over_once():
+    """``BatchStream.start``: the first batch is fetched on a thread while the worker builds its
+    networks; ``next`` returns it, then the rest of the stream; opening the started epoch again
+    does nothing; an error while fetching it reaches the caller of ``next``."""
+    import threading
+
+    release = threading.Event()
+    fetched_on: list[str] = []
+
+    class PerEpoch:  # a dataset with one execution per epoch
+        dataset = None
+        num_images = 8
+
+    class Shard:
+        def __init__(self):
+            self.opened = 0
+
+        def iter_torch_batches(self, **kwargs):
+            self.opened += 1
+
+            def batches():
+                release.wait(10)  # held until the "networks are built"
+                fetched_on.append(threading.current_thread().name)
+                yield {"i": 0}
+                yield {"i": 1}
+            return batches()
+
+    cfg = tiny_config("unused", "unused", "w", train__epochs=2)
+    shard = Shard()
+    stream = BatchStream(PerEpoch(), shard, cfg, rows_per_epoch=8)
+    stream.start(0)
+    assert shard.opened == 1 and not fetched_on  # started, not waited for
+    release.set()
+    stream.begin_epoch(0)  # the loop's own call for the started epoch
+    assert shard.opened == 1
+    assert [stream.next(), stream.next(), stream.next()] == [{"i": 0}, {"i": 1}, None]
+    assert fetched_on[0].startswith("dino-ray-first-batch")
+    stream.begin_epoch(1)
+    assert shard.opened == 2
+
+    class Broken(Shard):
+        def iter_torch_batches(self, **kwargs):
+            def batches():
+                raise OSError("bucket unreachable")
+                yield
+            return batches()
+
+    stream = BatchStream(PerEpoch(), Broken(), cfg, rows_per_epoch=8)
+    stream.start(0)
+    with pytest.raises(OSError, match="bucket unreachable"):
+        stream.next()

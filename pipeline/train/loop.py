@@ -1,10 +1,13 @@
 """``train_loop_per_worker``: what every Ray Train worker runs. Read it top to bottom, like the
 official DINO ``main_dino.py`` (``train_dino`` + ``train_one_epoch``) and DINOv2's ``do_train``.
 
+* resume point: the newest checkpoint of the run, when there is one (read, not yet loaded)
+* data: the stream opens at the epoch this attempt starts in and fetches its first batch in the
+  background, so Ray Data's actors start while the networks are built
 * setup: student + EMA teacher (identical on every rank; SyncBatchNorm with BN on several
   workers), the DINO loss, the student wrapped for DDP (``prepare_model``; the teacher is only
   moved to the device), the optimizer and the per-step schedules
-* resume: the newest checkpoint of the run, when there is one
+* resume: the checkpoint's state loaded into them
 * ``train_one_epoch``: stream the shard (one execution for all epochs when the dataset streams
   epochs, each cut to ``iters_per_epoch`` steps); per step normalise the crops on the device and
   run ``dino_step`` (teacher on globals, loss, backward, clip, frozen last layer, scheduled
@@ -21,6 +24,7 @@ import logging
 import tempfile
 import time
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -74,16 +78,24 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     install_log_redaction()  # worker log lines reach the job's logs too
     inputs = LoopInputs.from_config(config)
     cfg = inputs.cfg
+    world = ray.train.get_context().get_world_size()
+    ipe = iters_per_epoch(cfg, inputs.num_images, world)
+
+    # resume point
+    point = resume_point(ray.train.get_checkpoint(), inputs.storage, cfg.train.name, ipe)
+
+    # data: its actors start (seconds each) while the networks are built
+    batches = BatchStream(inputs.train_data, ray.train.get_dataset_shard("train"), cfg,
+                          rows_per_epoch=ipe * cfg.train.batch_size_per_worker * world)
+    batches.start(point.global_step // ipe if point else 0)
 
     # setup
     state = setup(cfg, inputs.num_images)
 
     # resume
-    resume(state, inputs.storage)
+    resume(state, point)
 
     # epochs
-    batches = BatchStream(inputs.train_data, ray.train.get_dataset_shard("train"), cfg,
-                          rows_per_epoch=state.ipe * state.global_batch)
     stopping = StopConditions(cfg.train.max_wall_seconds,
                               StopPoller(inputs.control if state.rank == 0 else None))
     knn = InTrainingKnn(cfg, state.device, inputs.eval_ref if state.rank == 0 else None,
@@ -224,17 +236,37 @@ def _schedules(cfg: DinoConfig, ipe: int, *, global_batch: int) -> Schedules:
         iters_per_epoch=ipe)
 
 
-def resume(state: TrainState, storage: str | None) -> None:
-    """Load the newest checkpoint of the run into ``state`` (networks, centre, optimizer, fp16
-    scaler; ``start_step`` and ``global_step``), as the official ``restart_from_checkpoint``. A new
-    run: nothing. ``ResumeMismatchError`` when the checkpoint had other steps per epoch."""
-    saved, source = resume_state(ray.train.get_checkpoint(), storage, state.cfg.train.name)
+@dataclass
+class ResumePoint:
+    """The checkpoint an attempt resumes from, read but not yet loaded into the networks."""
+
+    saved: dict[str, Any]  # ``state.pt``: networks, centre, optimizer, scaler, counters
+    source: str  # where it was read from (a path or URI)
+
+    @property
+    def global_step(self) -> int:
+        return int(self.saved["global_step"])
+
+
+def resume_point(ckpt, storage: str | None, name: str, ipe: int) -> ResumePoint | None:
+    """The newest checkpoint of the run (``resume_state``), or None for a new run;
+    ``ResumeMismatchError`` when it had other steps per epoch than ``ipe``."""
+    saved, source = resume_state(ckpt, storage, name)
     if saved is None:
-        return
-    if int(saved["iters_per_epoch"]) != state.ipe:
+        return None
+    if int(saved["iters_per_epoch"]) != ipe:
         raise ResumeMismatchError(f"checkpoint has {saved['iters_per_epoch']} iterations per "
-                                  f"epoch, this run {state.ipe}: resume with the same batch "
-                                  "size, workers and data")
+                                  f"epoch, this run {ipe}: resume with the same batch size, "
+                                  "workers and data")
+    return ResumePoint(saved, source)
+
+
+def resume(state: TrainState, point: ResumePoint | None) -> None:
+    """Load ``point`` into ``state`` (networks, centre, optimizer, fp16 scaler; ``start_step``
+    and ``global_step``), as the official ``restart_from_checkpoint``. A new run: nothing."""
+    if point is None:
+        return
+    saved = point.saved
     # every rank loads the same state, so the DDP replicas stay identical
     unwrap(state.student).load_state_dict(saved["student"])
     state.teacher.load_state_dict(saved["teacher"])
@@ -242,10 +274,10 @@ def resume(state: TrainState, storage: str | None) -> None:
     state.optimizer.load_state_dict(saved["optimizer"])
     if state.scaler is not None and saved.get("scaler"):  # {} / None: saved without fp16
         state.scaler.load_state_dict(saved["scaler"])
-    state.start_step = state.global_step = int(saved["global_step"])
+    state.start_step = state.global_step = point.global_step
     if state.rank == 0:
-        log.warning("resuming from %s at global step %d (epoch %d)", source, state.global_step,
-                    state.global_step // state.ipe)
+        log.warning("resuming from %s at global step %d (epoch %d)", point.source,
+                    state.global_step, state.global_step // state.ipe)
 
 
 def resume_state(ckpt, storage: str | None, name: str) -> tuple[dict | None, str | None]:
@@ -453,6 +485,8 @@ class BatchStream:
 
     def __init__(self, data: TrainData, shard, cfg: DinoConfig, *, rows_per_epoch: int) -> None:
         self.data = data
+        self.opened_epoch: int | None = None  # the epoch ``begin_epoch`` last opened
+        self.first: Future | None = None  # the first batch of ``start``, fetched on a thread
         self.shard = shard  # this worker's ray.train.get_dataset_shard("train")
         self.cfg = cfg
         self.rows_per_epoch = rows_per_epoch  # ipe x global batch: where each epoch is cut
@@ -460,9 +494,22 @@ class BatchStream:
         self.batches: Iterator[dict[str, torch.Tensor]] | None = None
         self.window_end = 0  # the single stream: the epoch its execution ends before
 
+    def start(self, epoch: int) -> None:
+        """Open ``epoch`` (the first of this attempt) and fetch its first batch on a thread:
+        the execution's actors start while the caller builds the networks, and ``next`` hands
+        that batch over (or raises what fetching it raised)."""
+        self.begin_epoch(epoch)
+        pool = ThreadPoolExecutor(1, thread_name_prefix="dino-ray-first-batch")
+        self.first = pool.submit(next, self.batches, None)
+        pool.shutdown(wait=False)  # the thread ends with the fetch
+
     def begin_epoch(self, epoch: int) -> None:
         """Before ``epoch``: open its execution (the single stream: at the first epoch and where
-        the last window ended; every rank computes the same ends, so all open it together)."""
+        the last window ended; every rank computes the same ends, so all open it together).
+        The epoch ``start`` opened is not opened again."""
+        if epoch == self.opened_epoch:
+            return
+        self.opened_epoch = epoch
         if self.one_stream:
             if self.batches is None or epoch >= self.window_end:
                 self.reopen(epoch)
@@ -481,6 +528,9 @@ class BatchStream:
 
     def next(self) -> dict[str, torch.Tensor] | None:
         """The next batch, or None when the execution has no more."""
+        if self.first is not None:
+            first, self.first = self.first, None
+            return first.result()
         return next(self.batches, None)
 
 
