@@ -12,7 +12,8 @@ import torch
 from ray.train import Checkpoint
 
 from pipeline.checkpoints import build_models, save_checkpoint
-from pipeline.train.loop import BatchStream, resume_state
+from pipeline.train.resume_point import resume_state
+from pipeline.train.stream import BatchStream
 from pipeline.train.metrics import EpochMeter
 from pipeline.train.presets import tiny_config
 from pipeline.train.trainer import _evaluated_in_loop

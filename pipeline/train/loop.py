@@ -23,8 +23,6 @@ from __future__ import annotations
 import logging
 import tempfile
 import time
-from collections.abc import Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,27 +40,15 @@ from dino_model.precision import resolve_precision
 from dino_model.schedules import Schedules, build_schedules, scaled_lr
 from dino_model.step import NonFiniteLossError, StepResult, dino_step
 from dino_model.sync_bn import convert_sync_batchnorm, has_batchnorm
-from pipeline.checkpoints import (
-    as_local_dir,
-    build_models,
-    checkpoint_uri,
-    load_state,
-    newest_checkpoint,
-    save_checkpoint,
-)
+from pipeline.checkpoints import build_models, save_checkpoint
 from pipeline.config import DinoConfig
-from pipeline.data.contract import (
-    DataStatistics,
-    EpochSetting,
-    SkipCounting,
-    TrainData,
-    streams_epochs,
-)
+from pipeline.data.contract import DataStatistics, SkipCounting, TrainData
 from pipeline.train.control import StopPoller
-from pipeline.train.failures import ResumeMismatchError
 from pipeline.train.faults import Faults
 from pipeline.train.knn import InTrainingKnn
 from pipeline.train.metrics import AVERAGED, EpochMeter, collapse_check, finite
+from pipeline.train.resume_point import ResumePoint, resume_point
+from pipeline.train.stream import BatchStream
 
 log = logging.getLogger("dino_ray.train")
 
@@ -236,31 +222,6 @@ def _schedules(cfg: DinoConfig, ipe: int, *, global_batch: int) -> Schedules:
         iters_per_epoch=ipe)
 
 
-@dataclass
-class ResumePoint:
-    """The checkpoint an attempt resumes from, read but not yet loaded into the networks."""
-
-    saved: dict[str, Any]  # ``state.pt``: networks, centre, optimizer, scaler, counters
-    source: str  # where it was read from (a path or URI)
-
-    @property
-    def global_step(self) -> int:
-        return int(self.saved["global_step"])
-
-
-def resume_point(ckpt, storage: str | None, name: str, ipe: int) -> ResumePoint | None:
-    """The newest checkpoint of the run (``resume_state``), or None for a new run;
-    ``ResumeMismatchError`` when it had other steps per epoch than ``ipe``."""
-    saved, source = resume_state(ckpt, storage, name)
-    if saved is None:
-        return None
-    if int(saved["iters_per_epoch"]) != ipe:
-        raise ResumeMismatchError(f"checkpoint has {saved['iters_per_epoch']} iterations per "
-                                  f"epoch, this run {ipe}: resume with the same batch size, "
-                                  "workers and data")
-    return ResumePoint(saved, source)
-
-
 def resume(state: TrainState, point: ResumePoint | None) -> None:
     """Load ``point`` into ``state`` (networks, centre, optimizer, fp16 scaler; ``start_step``
     and ``global_step``), as the official ``restart_from_checkpoint``. A new run: nothing."""
@@ -278,28 +239,6 @@ def resume(state: TrainState, point: ResumePoint | None) -> None:
     if state.rank == 0:
         log.warning("resuming from %s at global step %d (epoch %d)", point.source,
                     state.global_step, state.global_step // state.ipe)
-
-
-def resume_state(ckpt, storage: str | None, name: str) -> tuple[dict | None, str | None]:
-    """The state to resume from: the newest of Ray Train's checkpoint and the newest complete one
-    in the run directory. Ray Train registers a reported checkpoint asynchronously, so a worker
-    that dies right after ``report`` leaves a persisted checkpoint the controller never heard of;
-    without this scan the restart would repeat that epoch (or start over)."""
-    best: tuple[int, dict, str] | None = None
-    if ckpt is not None:
-        with ckpt.as_directory() as d:
-            state = load_state(d)
-        best = (int(state["global_step"]), state, checkpoint_uri(ckpt))
-    found = newest_checkpoint(storage, name) if storage else None
-    if found and (best is None or found[0] > best[0]):
-        newest = found[1]
-        try:
-            with as_local_dir(newest) as d:
-                state = load_state(d)
-            best = (int(state["global_step"]), state, newest)
-        except Exception as exc:  # noqa: BLE001 - an incomplete copy: keep Ray's checkpoint
-            log.warning("ignoring unreadable checkpoint %s: %s", newest, exc)
-    return (best[1], best[2]) if best else (None, None)
 
 
 # --- one epoch ----------------------------------------------------------------------------------
@@ -470,76 +409,6 @@ def report_epoch(state: TrainState, summary: dict[str, Any], *, with_checkpoint:
                         scaler=state.scaler)
         ray.train.report(summary, checkpoint=ray.train.Checkpoint.from_directory(d),
                          checkpoint_dir_name=f"checkpoint_step_{state.global_step:08d}")
-
-
-# --- the data stream ----------------------------------------------------------------------------
-
-class BatchStream:
-    """This worker's batches, epoch after epoch.
-
-    A dataset that streams epochs (``pipeline.data.contract.EpochStreaming``) gets one execution
-    for a window of epochs (all remaining ones, up to ``data.stream_rows`` rows): the crop actors
-    start once per window and the next epoch's crops are ready while the last steps of this one
-    run. Any other dataset gets one execution per epoch (after ``set_epoch(epoch)`` when it has
-    it)."""
-
-    def __init__(self, data: TrainData, shard, cfg: DinoConfig, *, rows_per_epoch: int) -> None:
-        self.data = data
-        self.opened_epoch: int | None = None  # the epoch ``begin_epoch`` last opened
-        self.first: Future | None = None  # the first batch of ``start``, fetched on a thread
-        self.shard = shard  # this worker's ray.train.get_dataset_shard("train")
-        self.cfg = cfg
-        self.rows_per_epoch = rows_per_epoch  # ipe x global batch: where each epoch is cut
-        self.one_stream = streams_epochs(data)
-        self.batches: Iterator[dict[str, torch.Tensor]] | None = None
-        self.window_end = 0  # the single stream: the epoch its execution ends before
-
-    def start(self, epoch: int) -> None:
-        """Open ``epoch`` (the first of this attempt) and fetch its first batch on a thread:
-        the execution's actors start while the caller builds the networks, and ``next`` hands
-        that batch over (or raises what fetching it raised)."""
-        self.begin_epoch(epoch)
-        pool = ThreadPoolExecutor(1, thread_name_prefix="dino-ray-first-batch")
-        self.first = pool.submit(next, self.batches, None)
-        pool.shutdown(wait=False)  # the thread ends with the fetch
-
-    def begin_epoch(self, epoch: int) -> None:
-        """Before ``epoch``: open its execution (the single stream: at the first epoch and where
-        the last window ended; every rank computes the same ends, so all open it together).
-        The epoch ``start`` opened is not opened again."""
-        if epoch == self.opened_epoch:
-            return
-        self.opened_epoch = epoch
-        if self.one_stream:
-            if self.batches is None or epoch >= self.window_end:
-                self.reopen(epoch)
-            return
-        if isinstance(self.data, EpochSetting):
-            self.data.set_epoch(epoch)
-        self.batches = _iter_batches(self.shard, self.cfg, epoch)
-
-    def reopen(self, epoch: int) -> None:
-        """The single stream: a new execution of epochs ``epoch .. train.epochs - 1``, or of the
-        window of them the dataset bounds."""
-        end = self.data.set_epoch(epoch, until=self.cfg.train.epochs,
-                                  rows_per_epoch=self.rows_per_epoch)
-        self.window_end = int(end) if isinstance(end, int) else self.cfg.train.epochs
-        self.batches = _iter_batches(self.shard, self.cfg, epoch)
-
-    def next(self) -> dict[str, torch.Tensor] | None:
-        """The next batch, or None when the execution has no more."""
-        if self.first is not None:
-            first, self.first = self.first, None
-            return first.result()
-        return next(self.batches, None)
-
-
-def _iter_batches(shard, cfg: DinoConfig, epoch: int) -> Iterator[dict[str, torch.Tensor]]:
-    tc = cfg.train
-    return iter(shard.iter_torch_batches(
-        batch_size=tc.batch_size_per_worker, drop_last=True, prefetch_batches=2,
-        local_shuffle_buffer_size=cfg.data.local_shuffle_buffer or None,
-        local_shuffle_seed=(tc.seed + epoch) if cfg.data.local_shuffle_buffer else None))
 
 
 def _crops(batch: dict[str, torch.Tensor], device: torch.device, cfg: DinoConfig | None = None,
