@@ -26,7 +26,8 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None, quiet: b
         ray.init(address=address, log_to_driver=True)
         return
     # the workers inherit this process's environment (the embedded raylet is its child); a
-    # runtime_env would start every worker through Ray's setup_worker.py (0.85 s of CPU each)
+    # runtime_env would start every worker through Ray's setup_worker.py (0.85 s of CPU each).
+    # A PYTHONWARNINGS the user set wins; later subprocesses of this one inherit it too
     os.environ.setdefault("PYTHONWARNINGS", "ignore::DeprecationWarning")
     cores = os.cpu_count() or 1
     ray.init(

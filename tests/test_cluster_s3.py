@@ -175,15 +175,16 @@ def test_submitted_run_stops_on_ctrl_c_resumes_from_s3_evaluates_registers_and_p
     `submit` stops the job on the cluster (its driver gets SIGTERM: the workers checkpoint and
     stop); submitting the same command again resumes from S3 into the same MLflow run; then
     `submit evaluate` and `submit register` on the S3 checkpoint, and `models pull`."""
-    # the Ctrl-C lands a few steps after the first checkpoint, long before the end (a loaded
-    # machine ran a 12-step job to its end before the stop landed; 8 epochs give room)
-    epochs = 8
+    # the Ctrl-C lands a few steps after the first checkpoint, long before the end: jobs of 8 and
+    # 12 epochs (1.6 s each) ran to their end before the stop landed; 30 epochs, evaluated every
+    # 10 (the k-NN is still logged)
+    epochs = 30
     track = ["tracking.enabled=true", f"tracking.tracking_uri={mlflow_s3.uri}",
              "tracking.experiment=cluster"]
-    cfg = _job_config(tmp_path, corpus, "s3run", train__epochs=epochs)
+    cfg = _job_config(tmp_path, corpus, "s3run", train__epochs=epochs, eval__every_epochs=10)
     command = ["--config", str(cfg), *track]
 
-    # 1. train, evaluated every epoch, checkpoints in the bucket; Ctrl-C stops the job
+    # 1. train, checkpoints in the bucket; Ctrl-C stops the job
     sid, out, t_kill = _submit_and_ctrl_c(cluster, s3, "s3run", *command)
     assert f"stopping job {sid}" in out
     status = _wait_for(lambda: (st := _job_status(cluster, sid)) in
@@ -340,7 +341,9 @@ def test_train_and_data_nodes_lost_mid_run_the_job_resumes_from_s3_and_finishes(
     assert "restarting from the newest checkpoint" in logs
     resumed = [int(x) for x in re.findall(r"resuming from s3://dino/runs/nodefault/"
                                                         r"checkpoint_step_(\d+)", logs)]
-    assert resumed and max(resumed) >= step_at_kill  # at most the epoch in flight was lost
+    # the first resume is the train node's: at most the epoch in flight (2 steps; its checkpoint
+    # may have been mid-upload at the kill) was lost (a later one, after the data node, is not it)
+    assert resumed and resumed[0] >= step_at_kill - 2
     assert _newest_step(s3, "nodefault") == 2 * epochs
     print(f"train node lost at step {step_at_kill}: resumed from step {min(resumed)}, "
           f"checkpointing again {recovered_s:.1f} s after the kill; data node lost at step "

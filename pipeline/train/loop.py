@@ -73,13 +73,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     # data: its actors start (seconds each) while the networks are built
     batches = BatchStream(inputs.train_data, ray.train.get_dataset_shard("train"), cfg,
                           rows_per_epoch=ipe * cfg.train.batch_size_per_worker * world)
-    batches.start(point.global_step // ipe if point else 0)
+    first_epoch = point.global_step // ipe if point else 0
+    if first_epoch < cfg.train.epochs:  # a restart after the last report trains nothing
+        batches.start(first_epoch)
 
     # setup
     state = setup(cfg, inputs.num_images)
 
     # resume
     resume(state, point)
+    del point  # the checkpoint's tensors (networks and optimizer state) are in the state now
 
     # epochs
     stopping = StopConditions(cfg.train.max_wall_seconds,
