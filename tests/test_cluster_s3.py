@@ -148,6 +148,7 @@ def _submit_and_ctrl_c(cluster, s3, name, *args) -> tuple[str, str, float]:
     import signal
     import subprocess
     import sys
+    import threading
 
     sid = f"train-{uuid.uuid4().hex[:8]}"
     env = {**os.environ, "RAY_AUTH_TOKEN": cluster.token}
@@ -155,16 +156,23 @@ def _submit_and_ctrl_c(cluster, s3, name, *args) -> tuple[str, str, float]:
         [sys.executable, "-m", "pipeline.cli", "submit", "train", "--address", cluster.address,
          "--submission-id", sid, *args],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True)
+    # read the output as it comes, as a terminal does: a pipe nobody reads fills up (64 KB, a
+    # few epochs of the job's log), the command blocks in a write, and Ctrl-C waits with it
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
+    reader.start()
     try:
         _wait_for(lambda: _newest_step(s3, name) >= 2 or proc.poll() is not None, 600,
                   "first checkpoint", poll=0.5)
-        assert proc.poll() is None, proc.stdout.read()[-4000:]
+        assert proc.poll() is None, "".join(lines)[-4000:]
         t_kill = time.monotonic()
         proc.send_signal(signal.SIGINT)  # Ctrl-C in the terminal that submitted the job
-        out, _ = proc.communicate(timeout=180)
+        proc.wait(timeout=180)
+        reader.join(timeout=30)
     finally:
         if proc.poll() is None:
             proc.kill()
+    out = "".join(lines)
     assert proc.returncode == 130, out[-4000:]
     return sid, out, t_kill
 
