@@ -152,8 +152,13 @@ def _submit_and_ctrl_c(cluster, s3, name, *args) -> tuple[str, str, float]:
 
     sid = f"train-{uuid.uuid4().hex[:8]}"
     env = {**os.environ, "RAY_AUTH_TOKEN": cluster.token}
+    # as in a terminal, Ctrl-C raises KeyboardInterrupt: a test run started in the background
+    # (`make test &`, nohup, some CI runners) hands its children SIGINT ignored, and Python keeps
+    # it ignored (the job then ran to its end, exit 0, in every clean-clone run started that way)
+    terminal = ("import runpy, signal; signal.signal(signal.SIGINT, signal.default_int_handler); "
+                "runpy.run_module('pipeline.cli', run_name='__main__', alter_sys=True)")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "pipeline.cli", "submit", "train", "--address", cluster.address,
+        [sys.executable, "-c", terminal, "submit", "train", "--address", cluster.address,
          "--submission-id", sid, *args],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True)
     # read the output as it comes, as a terminal does: a pipe nobody reads fills up (64 KB, a
