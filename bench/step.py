@@ -3,11 +3,14 @@
 crops and precision.
 
 Both sides start from the same student, teacher and centre and take the same batch at every
-step; each keeps its own optimiser, schedules and step counter. After one warm-up step each
-(optimiser state, allocator), rounds alternate between the two (A/B/A/B...) so that machine load
-affects both alike; a round is ``--steps`` steps, timed from start to a device sync at its end,
-and ours reads its metrics once per round, as the training loop reads them every N steps. Each
-side's step time is the median over rounds of round time / steps.
+step; each keeps its own optimiser, schedules and step counter. Ours is built by
+``build_student_teacher`` (the last ViT block computes the CLS token alone,
+``dino_model.cls_block``); the official's last block computes every token, as its code does.
+After one warm-up step each (optimiser state, allocator), rounds alternate between the two
+(A/B/A/B...) so that machine load affects both alike; a round is ``--steps`` steps, timed from
+start to a device sync at its end, and ours reads its metrics once per round, as the training
+loop reads them every N steps. Each side's step time is the median over rounds of round time /
+steps.
 
 Defaults: ViT-tiny/16 (timm ``vit_tiny_patch16_224``), 2 x 224 + 8 x 96 crops, batch 32,
 K = 65536 and the official head, fp32, on CPU, past the frozen epoch. On CUDA: ViT-S/16, batch 64,
@@ -21,7 +24,6 @@ ours in bf16 against the official fp16 with its GradScaler (``--official-precisi
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import platform
 import statistics
@@ -159,14 +161,21 @@ def timed_round(impl, crops, steps: int, device: torch.device) -> float:
 def main() -> None:
     args = parse_args()
     device = torch.device(args.device)
-    torch.manual_seed(args.seed)
-    student, teacher = build_student_teacher(
-        args.arch, img_size=args.global_size, patch_size=args.patch, out_dim=args.out_dim,
-        hidden_dim=args.hidden_dim, bottleneck_dim=args.bottleneck_dim, drop_path_rate=0.1)
-    # the same starting weights for both sides (``official.MultiCropWrapper`` takes the modules)
+
+    def build(cls_only_last_block: bool):
+        torch.manual_seed(args.seed)  # the same starting weights for both sides
+        return build_student_teacher(
+            args.arch, img_size=args.global_size, patch_size=args.patch, out_dim=args.out_dim,
+            hidden_dim=args.hidden_dim, bottleneck_dim=args.bottleneck_dim, drop_path_rate=0.1,
+            cls_only_last_block=cls_only_last_block)
+
+    student, teacher = build(True)
+    # the official ViT computes every token in its last block (``official.MultiCropWrapper``
+    # takes the modules)
+    official_student, official_teacher = build(False)
     impls = {
-        "official": Official(copy.deepcopy(student).to(device), copy.deepcopy(teacher).to(device),
-                             args, device),
+        "official": Official(official_student.to(device), official_teacher.to(device), args,
+                             device),
         "ours": Ours(student.to(device), teacher.to(device), args, device),
     }
     crops = make_crops(args, device)

@@ -64,10 +64,15 @@ def probe_features(backbone: nn.Module, images: torch.Tensor, *, n_last_blocks: 
         raise LinearProbeError(
             f"n_last_blocks={n_last_blocks} but the backbone has {n_blocks} blocks: use at most "
             f"{n_blocks}")
-    # norm=True applies the final LayerNorm to every intermediate, as DINO's get_intermediate_layers
-    outs = backbone.forward_intermediates(images, indices=n_last_blocks, norm=True,
-                                          output_fmt="NLC", intermediates_only=True,
-                                          return_prefix_tokens=True)
+    from dino_model.cls_block import all_tokens  # a ViT: timm is imported already
+
+    # norm=True applies the final LayerNorm to every intermediate, as DINO's
+    # get_intermediate_layers; all_tokens: the last block's patch tokens too, where training has
+    # it compute its CLS token alone
+    with all_tokens(backbone):
+        outs = backbone.forward_intermediates(images, indices=n_last_blocks, norm=True,
+                                              output_fmt="NLC", intermediates_only=True,
+                                              return_prefix_tokens=True)
     feats = [prefix[:, 0] for _, prefix in outs]  # the CLS token is the first prefix token
     if avgpool:
         feats.append(outs[-1][0].mean(dim=1))  # spatial tokens only (no CLS / registers)

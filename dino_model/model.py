@@ -22,13 +22,24 @@ def build_student_teacher(
     use_bn: bool = False,
     norm_last_layer: bool = True,
     cifar_stem: bool = False,
+    cls_only_last_block: bool = True,
 ) -> tuple[MultiCropWrapper, MultiCropWrapper]:
-    """Student (trainable, stochastic depth) and teacher (same weights, no grad, no drop path)."""
+    """Student (trainable, stochastic depth) and teacher (same weights, no grad, no drop path).
+
+    ``cls_only_last_block``: a ViT's last block computes the CLS token alone, the only token the
+    head reads (``dino_model.cls_block``; same outputs, fewer FLOPs). Turn it off for a loss on
+    the last block's patch tokens (iBOT); other backbones are unaffected.
+    """
     student_backbone = build_backbone(
         arch, img_size=img_size, patch_size=patch_size, drop_path_rate=drop_path_rate,
         cifar_stem=cifar_stem)
     teacher_backbone = build_backbone(arch, img_size=img_size, patch_size=patch_size,
                                       cifar_stem=cifar_stem)
+    if cls_only_last_block:
+        from dino_model.cls_block import query_cls_only  # imports timm, as build_backbone did
+
+        query_cls_only(student_backbone)
+        query_cls_only(teacher_backbone)
     head_kwargs = dict(hidden_dim=hidden_dim, bottleneck_dim=bottleneck_dim, nlayers=nlayers,
                        use_bn=use_bn)
     student = MultiCropWrapper(
