@@ -58,6 +58,16 @@ def test_dino_step_matches_the_official_iteration(epoch, norm_last_layer):
         torch.set_default_dtype(torch.float32)
 
 
+def _full_blocks(backbone):
+    """A copy of ``backbone`` whose last block computes every token (timm's own ``Block``)."""
+    from timm.models.vision_transformer import Block
+
+    ref = copy.deepcopy(backbone)
+    assert type(ref.blocks[-1]) is not Block  # ours is switched: the comparison means something
+    ref.blocks[-1].__class__ = Block
+    return ref
+
+
 def _compare(epoch, norm_last_layer):
     student, teacher = build_student_teacher(  # no drop path: both sides must be deterministic
         "test_vit", img_size=32, patch_size=4, out_dim=K, hidden_dim=32, bottleneck_dim=16,
@@ -65,9 +75,10 @@ def _compare(epoch, norm_last_layer):
     with torch.no_grad():  # a mid-training teacher (!= student), so the EMA momentum matters
         for p in teacher.parameters():
             p.add_(0.02 * torch.randn_like(p))
-    ref_student = official.MultiCropWrapper(copy.deepcopy(student.backbone),
+    # the reference runs the full last block, as the official ViT does (ours: the CLS row only)
+    ref_student = official.MultiCropWrapper(_full_blocks(student.backbone),
                                             copy.deepcopy(student.head))
-    ref_teacher = official.MultiCropWrapper(copy.deepcopy(teacher.backbone),
+    ref_teacher = official.MultiCropWrapper(_full_blocks(teacher.backbone),
                                             copy.deepcopy(teacher.head))
     center = torch.randn(1, K) * 0.1  # a mid-training centre, so centring is exercised
     images = ([torch.randn(4, 3, 32, 32) for _ in range(2)]  # 2 global crops, then 3 local
