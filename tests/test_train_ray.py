@@ -17,7 +17,7 @@ from pipeline.train.faults import Faults
 from pipeline.train.presets import tiny_config
 from pipeline.training_run import run_training
 
-pytestmark = pytest.mark.ray
+pytestmark = [pytest.mark.ray, pytest.mark.slow]  # fault-tolerance runs: `make test-all`, CI
 
 
 def test_two_workers_survive_a_worker_death_and_log_to_mlflow(ray_session, digits_dir, tmp_path,
