@@ -72,6 +72,14 @@ def signature(embed_dim: int):
     )
 
 
+def input_example(cfg: DinoConfig):
+    """One normalised black image, (1, 3, S, S) float32, at the smallest resolution trained at."""
+    import numpy as np
+
+    size = min(cfg.augment.global_size, cfg.augment.local_size)
+    return np.zeros((1, 3, size, size), np.float32)
+
+
 def _resolve_backbone(backbone_or_checkpoint_dir, cfg: DinoConfig | None):
     if isinstance(backbone_or_checkpoint_dir, nn.Module):
         if cfg is None:
@@ -165,6 +173,9 @@ def register_teacher(
                 artifacts={"weights": str(pkg / package.WEIGHTS_FILE),
                            "arch": str(pkg / package.ARCH_FILE)},
                 signature=signature(embed_dim),
+                # one image at the smallest trained resolution: MLflow warns on every log_model
+                # without an example, and the example documents the expected input
+                input_example=input_example(cfg),
                 pip_requirements=_pip_requirements(),
                 registered_model_name=name,
                 await_registration_for=60,
