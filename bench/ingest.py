@@ -1,5 +1,6 @@
 """End-to-end ingest: Ray Data (list -> decode+multi-crop actors -> iter_torch_batches) vs the same
-decode+crop function run standalone on the same number of CPU processes, plus peak memory of
+decode+crop function run standalone on the same number of CPU processes (measured before and
+after the Ray run), the CPU seconds each role used (crop actors, consumer, Ray), plus peak memory of
 the Ray processes and of the object store for a small and a 5x larger corpus (should be flat:
 streaming holds a bounded number of blocks, whatever the corpus size).
 
@@ -54,11 +55,27 @@ def standalone_rate(files: list[str], procs: int) -> float:
         return n / (time.perf_counter() - t0)
 
 
+def process_role(p) -> str:
+    """Which part of the pipeline a process is, from the title Ray gives its workers."""
+    name = " ".join(p.cmdline()[:1]) or p.name()
+    if "MapWorker" in name:
+        return "crop_actors"
+    if "ReadListCorpus" in name or "ray::IDLE" in name:
+        return "read_tasks_and_idle_workers"
+    if name.startswith("ray::"):
+        return "other_ray_actors"  # Ray Data's stats/autoscaling actors, our DataState
+    return "ray_system"  # raylet, gcs, dashboard, log monitor
+
+
 class MemorySampler:
-    """Peak summed RSS of Ray processes (+ this driver) and peak plasma (object store) usage."""
+    """Peak summed RSS of Ray processes (+ this driver), peak plasma (object store) usage, and
+    the CPU seconds each role used while sampling (a process's last reading before it exits)."""
 
     def __init__(self, interval: float = 0.25):
         self.interval, self.peak_rss, self.peak_plasma = interval, 0, 0
+        self._cpu: dict[int, tuple[str, float, float]] = {}  # pid -> (role, first, last)
+        self._sweeps = 0
+        self.own_cpu_s = 0.0
         self.plasma_timeline: list[int] = []  # MiB, one sample a second: a plateau = bounded
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -75,15 +92,35 @@ class MemorySampler:
             for p in [me] + me.children(recursive=True):
                 try:
                     total += p.memory_info().rss
+                    t = p.cpu_times()
+                    cpu = t.user + t.system
+                    role = "consumer_driver" if p.pid == me.pid else process_role(p)
+                    # a process born while sampling counts from its birth, the others from now
+                    born = 0.0 if self._sweeps and p.pid not in self._cpu else cpu
+                    first = self._cpu.get(p.pid, (role, born, cpu))[1]
+                    self._cpu[p.pid] = (role, first, cpu)
                 except Exception:  # noqa: BLE001 - processes come and go
                     continue
+            self._sweeps += 1
             self.peak_rss = max(self.peak_rss, total)
             if time.time() - last_plasma > 1.0:
                 last_plasma = time.time()
                 used = _plasma_used()
                 self.plasma_timeline.append(round(used / 2 ** 20))
                 self.peak_plasma = max(self.peak_plasma, used)
+            self.own_cpu_s = time.thread_time()  # this sampler, counted in the driver's CPU
             self._stop.wait(self.interval)
+
+    def cpu_by_role(self) -> dict[str, float]:
+        """CPU seconds per role while sampling: from the first sample for the processes already
+        running, from birth for those started since, to each process's last sample (the last
+        ~0.25 s of a process that exits is missed)."""
+        out: dict[str, float] = {}
+        for role, first, last in self._cpu.values():
+            out[role] = out.get(role, 0.0) + last - first
+        out["consumer_driver"] = out.get("consumer_driver", 0.0) - self.own_cpu_s
+        out["sampler_thread"] = self.own_cpu_s
+        return {k: round(v, 1) for k, v in sorted(out.items())}
 
     def __enter__(self):
         self._thread.start()
@@ -127,16 +164,22 @@ def ray_epoch(td, epoch: int, batch_size: int, total: int) -> dict:
 
 def ray_stream(td, epochs: int, batch_size: int, per_epoch: int) -> dict:
     """What the training loop does: one execution streams ``epochs`` epochs back to back (the
-    actor pool starts once). Whole-run rate, start-up included."""
+    actor pool starts once). Whole-run rate, start-up included, and the rate from the first
+    batch on (what a longer run tends to: the start-up is paid once per execution)."""
     t0 = time.perf_counter()
-    n, epoch = 0, 0
+    n, epoch, first = 0, 0, None
     while epoch < epochs:  # one execution per window of data.stream_rows rows (one here)
         end = td.set_epoch(epoch, until=epochs, rows_per_epoch=per_epoch)
-        n += sum(len(b["global_0"]) for b in td.dataset.iter_torch_batches(batch_size=batch_size))
+        for b in td.dataset.iter_torch_batches(batch_size=batch_size):
+            if first is None:
+                first = (time.perf_counter(), len(b["global_0"]))
+            n += len(b["global_0"])
         epoch = end
     wall = time.perf_counter() - t0
     return {"epochs": epochs, "images": n, "wall_s": round(wall, 2),
-            "rate_incl_startup": round(n / wall, 1)}
+            "rate_incl_startup": round(n / wall, 1),
+            "first_batch_s": round(first[0] - t0, 2),
+            "rate_after_first_batch": round((n - first[1]) / (t0 + wall - first[0]), 1)}
 
 
 def main() -> None:
@@ -149,7 +192,11 @@ def main() -> None:
                     help="epochs of the one-execution stream (what training runs)")
     ap.add_argument("--stream-only", action="store_true",
                     help="only the large corpus, only the whole-run stream (no per-epoch runs)")
-    ap.add_argument("--map-batch-size", type=int, default=16)
+    ap.add_argument("--map-batch-size", type=int, default=None,
+                    help="images per decode+crop call (default: data.map_batch_size's)")
+    ap.add_argument("--tasks-in-flight", type=int, default=None,
+                    help="calls queued on each crop actor (DataContext."
+                    "max_tasks_in_flight_per_actor; Ray's default is 2)")
     ap.add_argument("--object-store-mib", type=float, default=None,
                     help="cap Ray Data's object store use (plan.object_store_bytes)")
     ap.add_argument("--corpus", default=os.path.join(tempfile.gettempdir(), "dino-ray-bench-jpegs"))
@@ -168,6 +215,8 @@ def main() -> None:
 
     ensure_ray()
     ray.data.DataContext.get_current().enable_progress_bars = False
+    if args.tasks_in_flight:
+        ray.data.DataContext.get_current().max_tasks_in_flight_per_actor = args.tasks_in_flight
     # no Train in this benchmark: every CPU but the headroom may go to data
     plan = plan_data_resources(cluster_cpus(), 0, 1, num_actors=args.actors, cpus_per_actor=1,
                                object_store_bytes=(args.object_store_mib * 2 ** 20
@@ -175,28 +224,37 @@ def main() -> None:
     results = {}
     sizes = [("large", big_n)] if args.stream_only else [("small", args.images), ("large", big_n)]
     for label, n in sizes:
-        # the reference is measured right before each Ray run so both see the same machine load
-        standalone = standalone_rate(files[: min(n, args.images)], plan.num_actors)
+        # the reference is measured right before and right after each Ray run, so that both see
+        # the same machine load (a few seconds of it varied by +-10% across runs)
+        reference = [standalone_rate(files[: min(n, args.images)], plan.num_actors)]
         cfg = DataConfig(path=str(root), num_actors=plan.num_actors, limit=n,
-                         map_batch_size=args.map_batch_size)
+                         **({"map_batch_size": args.map_batch_size}
+                            if args.map_batch_size else {}))
         td = build_train_dataset(cfg, AugmentConfig(), seed=0, plan=plan)
         with MemorySampler() as mem:
             epochs = ([] if args.stream_only
                       else [ray_epoch(td, e, args.batch_size, n) for e in range(2)])
             stream = ray_stream(td, args.stream_epochs, args.batch_size, n)
+        reference.append(standalone_rate(files[: min(n, args.images)], plan.num_actors))
+        standalone = sum(reference) / len(reference)
         per_epoch = {}
         if epochs:
             steady = max(e["rate_steady"] for e in epochs)
             whole = max(e["rate_incl_startup"] for e in epochs)
             per_epoch = {"ratio_steady_vs_standalone": round(steady / standalone, 3),
                          "ratio_whole_epoch_vs_standalone": round(whole / standalone, 3)}
-        results[label] = {"images": n, "standalone_images_per_s": round(standalone, 1),
+        results[label] = {"images": n, "map_batch_size": cfg.map_batch_size,
+                          "standalone_images_per_s": round(standalone, 1),
+                          "standalone_before_after": [round(r, 1) for r in reference],
                           "epochs": epochs, "stream": stream, **per_epoch,
                           "ratio_stream_whole_run_vs_standalone": round(
                               stream["rate_incl_startup"] / standalone, 3),
+                          "ratio_stream_after_first_batch_vs_standalone": round(
+                              stream["rate_after_first_batch"] / standalone, 3),
                           "peak_ray_rss_mib": round(mem.peak_rss / 2 ** 20),
                           "peak_object_store_mib": round(mem.peak_plasma / 2 ** 20),
                           "object_store_mib_per_s": mem.plasma_timeline,
+                          "cpu_s_by_role": mem.cpu_by_role(),
                           "skips": td.skip_counts(), "loadavg_after": os.getloadavg()}
     ray.shutdown()
     print(json.dumps({
