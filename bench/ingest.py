@@ -67,9 +67,9 @@ def process_role(p) -> str:
     return "ray_system"  # raylet, gcs, dashboard, log monitor
 
 
-class MemorySampler:
-    """Peak summed RSS of Ray processes (+ this driver), peak plasma (object store) usage, and
-    the CPU seconds each role used while sampling (a process's last reading before it exits)."""
+class ProcessSampler:
+    """Samples this driver and the Ray processes it started: peak summed RSS, peak plasma
+    (object store) usage, and the CPU seconds each role used (``cpu_by_role``)."""
 
     def __init__(self, interval: float = 0.25):
         self.interval, self.peak_rss, self.peak_plasma = interval, 0, 0
@@ -95,9 +95,10 @@ class MemorySampler:
                     t = p.cpu_times()
                     cpu = t.user + t.system
                     role = "consumer_driver" if p.pid == me.pid else process_role(p)
-                    # a process born while sampling counts from its birth, the others from now
-                    born = 0.0 if self._sweeps and p.pid not in self._cpu else cpu
-                    first = self._cpu.get(p.pid, (role, born, cpu))[1]
+                    if p.pid in self._cpu:
+                        first = self._cpu[p.pid][1]
+                    else:  # a process born while sampling counts from its birth
+                        first = 0.0 if self._sweeps else cpu
                     self._cpu[p.pid] = (role, first, cpu)
                 except Exception:  # noqa: BLE001 - processes come and go
                     continue
@@ -228,10 +229,10 @@ def main() -> None:
         # the same machine load (a few seconds of it varied by +-10% across runs)
         reference = [standalone_rate(files[: min(n, args.images)], plan.num_actors)]
         cfg = DataConfig(path=str(root), num_actors=plan.num_actors, limit=n,
-                         **({"map_batch_size": args.map_batch_size}
-                            if args.map_batch_size else {}))
+                         map_batch_size=(args.map_batch_size
+                                         or DataConfig.model_fields["map_batch_size"].default))
         td = build_train_dataset(cfg, AugmentConfig(), seed=0, plan=plan)
-        with MemorySampler() as mem:
+        with ProcessSampler() as mem:
             epochs = ([] if args.stream_only
                       else [ray_epoch(td, e, args.batch_size, n) for e in range(2)])
             stream = ray_stream(td, args.stream_epochs, args.batch_size, n)

@@ -36,7 +36,7 @@ def one_point(rows: int, epochs: int) -> dict:
     import ray
     from PIL import Image
 
-    from bench.ingest import MemorySampler
+    from bench.ingest import ProcessSampler
     from pipeline.config import AugmentConfig, DataConfig
     from pipeline.data.datasource import CorpusDatasource
     from pipeline.data.dataset import build_train_dataset
@@ -60,7 +60,7 @@ def one_point(rows: int, epochs: int) -> dict:
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
              logging_level="ERROR")
     ray.data.DataContext.get_current().enable_progress_bars = False
-    with MemorySampler() as mem:
+    with ProcessSampler() as mem:
         # planning alone: what the executor does when an execution starts
         # the window the training loop asks for: all epochs, cut to data.stream_rows rows
         handle = DataHandle()
