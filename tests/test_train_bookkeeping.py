@@ -49,6 +49,36 @@ def test_restart_takes_the_newest_complete_checkpoint(tmp_path):
     assert resume_state(None, str(tmp_path / "runs"), "other") == (None, None)
 
 
+def test_a_checkpoint_still_being_copied_is_never_the_newest(tmp_path):
+    """Ray Train persists a checkpoint file by file: a reader that lists the run directory
+    mid-copy sees a growing state.pt or no meta.json yet, and takes the newest whole one."""
+    import json
+    import shutil
+
+    from pipeline.checkpoints import META_FILE, STATE_FILE, latest_checkpoint, newest_checkpoint
+
+    cfg = tiny_config(tmp_path, tmp_path / "runs", "c")
+    run = tmp_path / "runs" / "c"
+    whole = _save(run, 4, cfg)
+    growing = _save(run, 6, cfg)  # meta.json copied first, state.pt half way
+    data = (growing / STATE_FILE).read_bytes()
+    (growing / STATE_FILE).write_bytes(data[: len(data) // 2])
+    no_meta = _save(run, 8, cfg)  # every file but meta.json copied
+    (no_meta / META_FILE).unlink()
+    assert newest_checkpoint(str(tmp_path / "runs"), "c") == (4, str(whole))
+    assert latest_checkpoint(str(tmp_path / "runs"), "c") == str(whole)
+    state, _ = resume_state(None, str(tmp_path / "runs"), "c")  # not a fresh start
+    assert state["global_step"] == 4
+
+    # a checkpoint written before meta.json held file sizes still counts when state.pt is there
+    shutil.rmtree(no_meta)
+    meta = json.loads((growing / META_FILE).read_text())
+    del meta["file_sizes"]
+    (growing / META_FILE).write_text(json.dumps(meta))
+    (growing / STATE_FILE).write_bytes(data)
+    assert newest_checkpoint(str(tmp_path / "runs"), "c") == (6, str(growing))
+
+
 def test_epoch_meter_counts_time_outside_wait_and_compute():
     meter = EpochMeter()
     meter.add({"loss": 2.0}, images=8, wait_s=0.0, compute_s=0.0)

@@ -8,7 +8,8 @@ A checkpoint is a directory (persisted by Ray Train under ``<storage_path>/<name
                   epoch (epoch the next step belongs to), global_step (optimiser steps done),
                   iters_per_epoch
     config.yaml   the full DinoConfig of the run
-    meta.json     epoch, global_step, iters_per_epoch and the metrics reported with it
+    meta.json     epoch, global_step, iters_per_epoch, the metrics reported with it and the
+                  byte sizes of state.pt and config.yaml (how a reader knows the copy is whole)
 
 Resuming from ``global_step`` continues at epoch ``global_step // iters_per_epoch`` and skips
 ``global_step % iters_per_epoch`` batches of that epoch (non-zero only after a wall-clock stop).
@@ -54,7 +55,10 @@ def save_checkpoint(directory: str | Path, *, student: nn.Module, teacher: nn.Mo
     (directory / CONFIG_FILE).write_text(cfg.to_yaml(redact=True))  # no secrets at rest
     meta = {"epoch": int(epoch), "global_step": int(global_step),
             "iters_per_epoch": int(iters_per_epoch),
-            "metrics": {k: v for k, v in (metrics or {}).items() if _jsonable(v)}}
+            "metrics": {k: v for k, v in (metrics or {}).items() if _jsonable(v)},
+            # Ray Train persists the directory file by file (pyarrow copy_files): a reader tells
+            # a finished copy from one in flight by these sizes (``checkpoint_is_complete``)
+            "file_sizes": {f: (directory / f).stat().st_size for f in (STATE_FILE, CONFIG_FILE)}}
     (directory / META_FILE).write_text(json.dumps(meta, indent=1))
     return directory
 

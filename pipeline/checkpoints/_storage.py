@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -42,20 +41,32 @@ def newest_checkpoint(storage_path: str, name: str) -> tuple[int, str] | None:
     for info in infos:
         if info.type != pafs.FileType.Directory or not Path(info.path).name.startswith("checkpoint"):
             continue
-        if fs.get_file_info(info.path + "/" + STATE_FILE).type != pafs.FileType.File:
-            continue  # incomplete upload
-        step = -1
-        try:
-            with fs.open_input_stream(info.path + "/" + META_FILE) as f:
-                step = int(json.loads(f.read().decode())["global_step"])
-        except Exception:  # noqa: BLE001 - meta is optional
-            m = re.search(r"step_(\d+)", info.path)
-            step = int(m.group(1)) if m else -1
-        if best is None or (step, info.path) > best:
+        step = _complete_step(fs, info.path)
+        if step is not None and (best is None or (step, info.path) > best):
             best = (step, info.path)
     if best is None:
         return None
     return best[0], best[1] if "://" not in root else root.split("://")[0] + "://" + best[1]
+
+def _complete_step(fs, path: str) -> int | None:
+    """The global step of the checkpoint directory ``path``, or None while it is incomplete.
+    Ray Train persists a checkpoint file by file, so a listed ``state.pt`` may still be growing
+    (a reader saw a truncated one under load); meta.json names the size of each file."""
+    import pyarrow.fs as pafs
+
+    try:
+        with fs.open_input_stream(path + "/" + META_FILE) as f:
+            meta = json.loads(f.read().decode())
+        step = int(meta["global_step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # meta.json not copied yet, or copied in part
+    # checkpoints written before meta.json held file sizes: state.pt present is all we can check
+    sizes = meta.get("file_sizes") or {STATE_FILE: None}
+    for name, size in sizes.items():
+        found = fs.get_file_info(path + "/" + name)
+        if found.type != pafs.FileType.File or (size is not None and found.size != size):
+            return None
+    return step
 
 def checkpoint_uri(checkpoint) -> str:
     """A ``ray.train.Checkpoint``'s location with its scheme (``Checkpoint.path`` drops it:

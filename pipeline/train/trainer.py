@@ -346,8 +346,10 @@ def _launch_and_collect(cfg: DinoConfig, run: _Run, tracker, on_epoch_metrics, o
             if kind == "retryable" and (tc.max_failures < 0 or failures < tc.max_failures):
                 failures += 1
                 log.warning("training attempt %d failed (%s): restarting from the newest "
-                            "checkpoint (%d of %s retries)", failures, _root_message(exc),
-                            failures, "unlimited" if tc.max_failures < 0 else tc.max_failures)
+                            "checkpoint (%s; %d of %s retries)", failures, _root_message(exc),
+                            latest_checkpoint(run.storage, tc.name)
+                            or "none complete yet: step 0", failures,
+                            "unlimited" if tc.max_failures < 0 else tc.max_failures)
                 tracker.log_metrics({"restarts": failures}, step=int(history[-1]["step"])
                                     if history else 0)
                 continue
