@@ -112,3 +112,20 @@ def test_deterministic_errors_are_not_retried_and_deaths_are():
     assert classify(WorkerGroupError("x", {0: DataQualityError("bad")})) == "deterministic"
     assert classify(WorkerGroupError("x", {0: OSError("S3 503 SlowDown")})) == "retryable"
     assert classify(WorkerGroupError("x", {0: ZeroDivisionError()})) == "deterministic"
+
+
+def test_a_peer_lost_before_ray_reports_the_death_is_retried_and_a_bug_is_not():
+    """A node's loss reaches its peers' collectives at once and Ray's health checks seconds
+    later: the survivors' errors alone retry; a bug on one rank, with its peers' collateral
+    errors, does not."""
+    import torch.distributed as dist
+    from ray.train import WorkerGroupError
+
+    # what gloo raised in a surviving rank when its peer's process exited (torch 2.x)
+    gloo = RuntimeError("[gloo/transport/tcp/pair.cc:561] Connection closed by peer "
+                        "[127.0.0.1]:1759. This is typically caused by a remote worker crashing.")
+    assert classify(WorkerGroupError("x", {0: gloo})) == "retryable"
+    nccl = dist.DistBackendError("NCCL error: remote process exited or there was a network error")
+    assert classify(WorkerGroupError("x", {0: nccl, 2: gloo})) == "retryable"
+    assert classify(WorkerGroupError("x", {0: gloo, 1: ZeroDivisionError()})) == "deterministic"
+    assert classify(WorkerGroupError("x", {0: RuntimeError("shape mismatch")})) == "deterministic"

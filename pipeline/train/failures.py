@@ -11,7 +11,14 @@ A run that fails for good raises ``TrainingError`` to the caller.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
+
+# what a surviving rank raises when a peer's process or node is gone: gloo raises a plain
+# RuntimeError ("Connection closed by peer ... typically caused by a remote worker crashing",
+# torch 2.x), NCCL and the rendezvous store raise torch.distributed's DistError subclasses
+_PEER_LOST = re.compile(r"Connection (closed|reset) by peer|remote worker crash|Broken pipe|"
+                        r"remote process exited|ncclRemoteError", re.IGNORECASE)
 
 
 def _deterministic_types() -> tuple[type[BaseException], ...]:
@@ -84,7 +91,28 @@ def classify(exc: BaseException) -> str:
         return "retryable"
     if any(isinstance(e, (OSError, ConnectionError, TimeoutError)) for e in chain):
         return "retryable"
+    # a peer lost before Ray has noticed the death (a node's loss takes the health checks
+    # seconds to tens of seconds; its peers' collectives fail at once): retried when every
+    # failed rank failed so, as a bug on one rank also breaks its peers' collectives
+    failed = _worker_failures(chain) or [exc]
+    if all(any(_peer_lost(e) for e in causes(f)) for f in failed):
+        return "retryable"
     return "deterministic"
+
+
+def _worker_failures(chain: list[BaseException]) -> list[BaseException]:
+    """Each failed rank's error, from every ``WorkerGroupError`` in ``chain``."""
+    return [f for e in chain if isinstance(getattr(e, "worker_failures", None), dict)
+            for f in e.worker_failures.values()]
+
+
+def _peer_lost(exc: BaseException) -> bool:
+    """A collective or rendezvous broken because another rank went away."""
+    import torch.distributed as dist
+
+    if isinstance(exc, (dist.DistNetworkError, dist.DistBackendError, dist.DistStoreError)):
+        return True
+    return isinstance(exc, RuntimeError) and bool(_PEER_LOST.search(str(exc)))
 
 
 def root_cause(exc: BaseException) -> BaseException:
