@@ -25,6 +25,13 @@ def test_submission_plan(tmp_path):
     assert sub["runtime_env"]["working_dir"] == str(repo_root())
     assert {".venv", ".git", "runs", "mlruns", "*.db"} <= set(sub["runtime_env"]["excludes"])
     assert sub["runtime_env"]["excludes"] == EXCLUDES and sub["runtime_env"]["env_vars"]["A"] == "b"
+    # a stopped job's driver gets time to checkpoint (Ray's job supervisor reads this variable)
+    assert sub["runtime_env"]["env_vars"]["RAY_JOB_STOP_WAIT_TIME_S"] == "120"
+    plan = build_submission("register", ["--address", "http://h:8265", "--stop-grace-s", "600"])
+    assert plan["submit"]["runtime_env"]["env_vars"]["RAY_JOB_STOP_WAIT_TIME_S"] == "600"
+    assert plan["stop_grace_s"] == 600
+    with pytest.raises(ValueError, match="--stop-grace-s -1"):
+        build_submission("register", ["--address", "http://h:8265", "--stop-grace-s", "-1"])
     plan = build_submission("train", ["--address", "http://h:8265", "--config", str(cfg),
                                       "train.name=x"])
     args = shlex.split(plan["submit"]["entrypoint"])[2:]  # a file outside the repo is inlined
@@ -39,3 +46,42 @@ def test_submission_plan(tmp_path):
     with pytest.raises(ValueError, match="unknown job"):
         build_submission("nope", ["--address", "http://h:8265"])
     assert main(["submit", "train", "train.epochs=1"]) == 2  # no --address
+
+
+def test_following_a_job_outlives_a_log_stream_that_ends_or_breaks_early(capsys):
+    """Ray's log stream can end while the job runs, or break (ray issues 51601, 57002), and can
+    miss the last lines (46413): `submit` follows the job to its end and prints each line once.
+    The client here plays those faults; the real one is exercised on the test cluster
+    (tests/test_cluster_s3.py)."""
+    from types import SimpleNamespace
+
+    from pipeline.commands.submit import follow_job
+
+    log = "".join(f"line {i}\n" for i in range(12))
+
+    class Client:
+        def __init__(self):
+            self.streams = 0
+
+        async def tail_job_logs(self, job_id):
+            self.streams += 1
+            if self.streams == 1:  # ends early, the job still running
+                yield log[:20]
+                yield log[20:30]
+            elif self.streams == 2:  # starts at the top again, then breaks
+                yield log[:40]
+                raise RuntimeError("WebSocket connection closed unexpectedly with close code 1006")
+            else:  # a last stream that misses the final lines
+                yield log[:50]
+
+        def get_job_status(self, job_id):
+            return SimpleNamespace(value="SUCCEEDED" if self.streams >= 3 else "RUNNING")
+
+        def get_job_logs(self, job_id):
+            return log
+
+    client = Client()
+    assert follow_job(client, "j", poll_s=0) == "SUCCEEDED"
+    out, err = capsys.readouterr()
+    assert out == log and client.streams == 3
+    assert "the log stream closed (WebSocket connection closed unexpectedly" in err

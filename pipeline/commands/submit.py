@@ -2,7 +2,8 @@
 
 Submits ``python jobs/VERB.py ...`` as a Ray job (``JobSubmissionClient``) with the repository as
 its working directory (minus .venv, .git, runs, mlruns, *.db ...), streams the job's logs and
-exits with the job's outcome: 0 on SUCCEEDED, 1 on FAILED, 2 on STOPPED; Ctrl-C stops the job.
+exits with the job's outcome: 0 on SUCCEEDED, 1 on FAILED, 2 on STOPPED; Ctrl-C stops the job,
+whose driver then has ``--stop-grace-s`` seconds to checkpoint and close its MLflow run.
 
 ``--config`` inside the repository is passed as a relative path; a file elsewhere is inlined as
 ``section.field=value`` overrides (the job cannot see the submitting machine's files). Every other
@@ -28,6 +29,11 @@ EXCLUDES = [".venv", ".git", ".tools", ".whl", ".gl", "runs", "mlruns", "*.db", 
 TERMINAL = {"SUCCEEDED": 0, "FAILED": 1, "STOPPED": 2}
 CONFIG_VERBS = {"train", "evaluate", "tune"}
 SECRET_NAMES = ("SECRET", "PASSWORD", "TOKEN", "ACCESS_KEY", "CREDENTIAL", "PRIVATE_KEY")
+# Ray SIGKILLs a stopped job's driver RAY_JOB_STOP_WAIT_TIME_S after its SIGTERM, 3 s by default:
+# too short for the workers' stop checkpoint and the MLflow run's KILLED status (a driver on a
+# loaded 2-core test cluster needed more), so a stopped job lost its last steps and left its run
+# RUNNING. The job supervisor reads the variable from the job's runtime_env.
+STOP_GRACE_S = 120
 
 
 def repo_root() -> Path:
@@ -58,6 +64,10 @@ def submit_parser() -> argparse.ArgumentParser:
                    help="environment variable for the job (repeatable)")
     p.add_argument("--submission-id", help="job id (default: generated)")
     p.add_argument("--no-wait", action="store_true", help="submit, print the id and return")
+    p.add_argument("--stop-grace-s", type=int, default=STOP_GRACE_S,
+                   help="seconds a stopped job's driver gets to checkpoint and close its MLflow "
+                        "run before Ray kills it (Ctrl-C here or `ray job stop`; default "
+                        f"{STOP_GRACE_S}, Ray's own 3)")
     p.add_argument("--entrypoint-num-cpus", type=float, default=None,
                    help="CPUs reserved for the driver process")
     p.add_argument("--entrypoint-num-gpus", type=float, default=None)
@@ -112,6 +122,9 @@ def build_submission(verb: str, rest: list[str]) -> dict[str, Any]:
     sha = os.environ.get("DINO_RAY_GIT_SHA") or git_sha(root)
     if sha:
         env_vars["DINO_RAY_GIT_SHA"] = sha
+    if opts.stop_grace_s < 0:
+        raise ValueError(f"--stop-grace-s {opts.stop_grace_s}: expected seconds >= 0")
+    env_vars["RAY_JOB_STOP_WAIT_TIME_S"] = str(opts.stop_grace_s)
     for item in opts.env:
         key, sep, value = item.partition("=")
         if not sep:
@@ -126,7 +139,8 @@ def build_submission(verb: str, rest: list[str]) -> dict[str, Any]:
     for key in ("entrypoint_num_cpus", "entrypoint_num_gpus", "entrypoint_resources"):
         if getattr(opts, key) is not None:
             kwargs[key] = getattr(opts, key)
-    return {"address": opts.address, "wait": not opts.no_wait, "submit": kwargs}
+    return {"address": opts.address, "wait": not opts.no_wait, "submit": kwargs,
+            "stop_grace_s": int(env_vars["RAY_JOB_STOP_WAIT_TIME_S"])}
 
 
 def _refuse_secrets(entry_args: list[str], env: list[str]) -> None:
@@ -144,10 +158,40 @@ def _refuse_secrets(entry_args: list[str], env: list[str]) -> None:
                     "service account or their environment), not to the job")
 
 
-async def _stream_logs(client, job_id: str) -> None:
-    async for chunk in client.tail_job_logs(job_id):
-        sys.stdout.write(chunk)
-        sys.stdout.flush()
+def follow_job(client, job_id: str, poll_s: float = 2.0) -> str:
+    """Print the job's log until the job ends; its terminal status. Ray's log stream can end
+    while the job still runs or close abnormally (ray issues 51601, 57002) and can miss the last
+    lines (46413): a stream that ends early is opened again (it starts at the top of the log:
+    what was printed is skipped), and what no stream printed is read once the job has ended."""
+    printed = 0
+
+    def show(text: str) -> None:
+        nonlocal printed
+        if text:
+            sys.stdout.write(text)
+            sys.stdout.flush()
+            printed += len(text)
+
+    async def stream() -> None:
+        seen = 0
+        async for chunk in client.tail_job_logs(job_id):
+            new = chunk[max(0, printed - seen):]
+            seen += len(chunk)
+            show(new)
+
+    import aiohttp  # Ray's job client streams over it
+
+    while True:
+        try:
+            asyncio.run(stream())
+        except (RuntimeError, OSError, aiohttp.ClientError) as exc:  # an abnormal close
+            print(f"submit: the log stream closed ({exc}); following the job again",
+                  file=sys.stderr)
+        status = str(client.get_job_status(job_id).value)
+        if status in TERMINAL:
+            show(client.get_job_logs(job_id)[printed:])
+            return status
+        time.sleep(poll_s)
 
 
 def wait_for_terminal(client, job_id: str, timeout: float = 60.0) -> str:
@@ -178,7 +222,8 @@ def client_for(address: str):
     return JobSubmissionClient(address, headers=auth_headers())
 
 
-def submit_and_follow(address: str, submit: dict[str, Any], wait: bool = True) -> int:
+def submit_and_follow(address: str, submit: dict[str, Any], wait: bool = True,
+                      stop_grace_s: int = STOP_GRACE_S) -> int:
     client = client_for(address)
     job_id = client.submit_job(**submit)
     print(f"submitted job {job_id} to {address}: {submit['entrypoint']}", file=sys.stderr)
@@ -186,12 +231,15 @@ def submit_and_follow(address: str, submit: dict[str, Any], wait: bool = True) -
         print(job_id)
         return 0
     try:
-        asyncio.run(_stream_logs(client, job_id))
-        status = wait_for_terminal(client, job_id, timeout=120.0)
+        status = follow_job(client, job_id)
     except KeyboardInterrupt:
-        print(f"\ninterrupted: stopping job {job_id}", file=sys.stderr)
+        print(f"\ninterrupted: stopping job {job_id} (its driver has up to {stop_grace_s} s to "
+              "checkpoint; Ctrl-C again to stop waiting)", file=sys.stderr)
         client.stop_job(job_id)
-        status = wait_for_terminal(client, job_id, timeout=60.0)
+        try:
+            status = wait_for_terminal(client, job_id, timeout=stop_grace_s + 30.0)
+        except KeyboardInterrupt:
+            status = "STOPPING (still, on the cluster)"
         print(f"job {job_id}: {status}", file=sys.stderr)
         return 130
     info = client.get_job_info(job_id)
@@ -207,7 +255,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"submit: {exc}", file=sys.stderr)
         return 2
     try:
-        return submit_and_follow(plan["address"], plan["submit"], plan["wait"])
+        return submit_and_follow(plan["address"], plan["submit"], plan["wait"],
+                                 plan["stop_grace_s"])
     except ConnectionError as exc:  # the dashboard is down or the address is wrong
         print(f"submit: cannot reach the Ray dashboard at {plan['address']}: "
               f"{str(exc).strip().splitlines()[0]}", file=sys.stderr)
