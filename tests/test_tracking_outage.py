@@ -113,3 +113,69 @@ def test_refused_param_drops_only_that_item(server, caplog):
     assert _steps(server.uri, t.run_id, "loss") == [0, 1]
     assert run.info.status == "FINISHED"
     assert sum("refused param p" in r.getMessage() for r in caplog.records) == 1
+
+
+class _SlowFirstCreate:
+    """A reverse proxy in front of the server that answers the first ``runs/create`` only after
+    the client has given up: the server has committed that run by then, as a slow server does."""
+
+    def __init__(self, upstream: str, delay_s: float) -> None:
+        import http.server
+        import threading
+        import urllib.error
+        import urllib.request
+
+        proxy = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args) -> None:
+                pass
+
+            def _forward(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0)) or None
+                req = urllib.request.Request(upstream + self.path, data=body, method=self.command,
+                                             headers={"Content-Type": "application/json"})
+                try:
+                    with urllib.request.urlopen(req, timeout=60) as resp:
+                        status, payload = resp.status, resp.read()
+                except urllib.error.HTTPError as exc:
+                    status, payload = exc.code, exc.read()
+                if self.path.endswith("/runs/create") and not proxy.delayed:
+                    proxy.delayed = True
+                    time.sleep(delay_s)
+                try:
+                    self.send_response(status)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(payload)))
+                    self.end_headers()
+                    self.wfile.write(payload)
+                except OSError:  # the client gave up on this one
+                    pass
+
+            do_GET = do_POST = _forward
+
+        self.delayed = False
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.uri = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_a_create_whose_reply_was_lost_is_not_made_twice(server):
+    """The server commits a run but its reply comes after the client's time-out: the retry finds
+    that run (by the tracker's start id) instead of creating a second one with the same name."""
+    proxy = _SlowFirstCreate(server.uri, delay_s=4)
+    try:
+        t = Tracker(proxy.uri, "slow-create", run_name="slow-create", http_timeout_s=1,
+                    max_backoff_s=0.2, start_attempts=3)
+        assert proxy.delayed and t.ok
+        t.finish("FINISHED", timeout_s=60)
+    finally:
+        proxy.close()
+    client = MlflowClient(tracking_uri=server.uri)
+    runs = client.search_runs([client.get_experiment_by_name("slow-create").experiment_id])
+    assert [r.info.run_id for r in runs] == [t.run_id]
+    assert runs[0].info.status == "FINISHED"

@@ -40,6 +40,7 @@ import shutil
 import tempfile
 import threading
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +65,9 @@ def resolve_tracking_uri(uri: str, base_dir: str | Path | None = None) -> str:
         rel = uri[len(prefix):]
         return prefix + str((Path(base_dir or os.getcwd()) / rel).resolve())
     return uri
+
+
+START_ID_TAG = "dino_ray.start_id"  # one per Tracker: finds a run whose create reply was lost
 
 
 class Tracker:
@@ -111,6 +115,8 @@ class Tracker:
         if not enabled:
             return
         self.transport = transport_for(self.uri, http_timeout_s)
+        self._start_id = uuid.uuid4().hex  # tags the run this tracker creates (see _start)
+        self._create_sent = False
         for attempt in range(max(1, start_attempts)):
             try:
                 self._start(experiment, run_name, resume_run_id, tags or {})
@@ -138,8 +144,14 @@ class Tracker:
                     self.run_id, self._known_params = resume_run_id, params
             except PermanentError:  # the old run is gone: start a fresh one
                 self.run_id = None
+        if self.run_id is None and self._create_sent:
+            # a create that timed out may have been committed by the server: the retry looks for
+            # the run with this tracker's start id first (else one run became two)
+            self.run_id = self.transport.find_run(exp_id, START_ID_TAG, self._start_id)
         if self.run_id is None:
             clean = {k: _clip(redact(str(v)), TAG_VALUE_MAX) for k, v in tags.items()}
+            clean[START_ID_TAG] = self._start_id
+            self._create_sent = True
             self.run_id = self.transport.create_run(exp_id, run_name, clean)
 
     def _disable(self, what: str, exc: BaseException) -> None:

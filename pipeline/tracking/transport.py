@@ -92,6 +92,13 @@ class RestTransport:
         params = run.get("data", {}).get("params", [])
         return run["info"]["experiment_id"], {p["key"] for p in params}
 
+    def find_run(self, experiment_id: str, tag: str, value: str) -> str | None:
+        """The id of a run of the experiment with tag ``tag`` = ``value``, or None."""
+        got = self._call("/runs/search", {"experiment_ids": [experiment_id], "max_results": 1,
+                                          "filter": f"tags.`{tag}` = '{value}'"})
+        runs = got.get("runs") or []
+        return runs[0]["info"]["run_id"] if runs else None
+
     def create_run(self, experiment_id: str, run_name: str | None, tags: dict[str, str]) -> str:
         body = {"experiment_id": experiment_id, "start_time": int(time.time() * 1000),
                 "tags": [{"key": k, "value": v} for k, v in tags.items()]}
@@ -137,6 +144,11 @@ class ClientTransport:
     def run_info(self, run_id: str) -> tuple[str, set[str]]:
         run = _client_call(lambda c: c.get_run(run_id), self.uri)
         return run.info.experiment_id, set(run.data.params)
+
+    def find_run(self, experiment_id: str, tag: str, value: str) -> str | None:
+        runs = _client_call(lambda c: c.search_runs(
+            [experiment_id], filter_string=f"tags.`{tag}` = '{value}'", max_results=1), self.uri)
+        return runs[0].info.run_id if runs else None
 
     def create_run(self, experiment_id: str, run_name: str | None, tags: dict[str, str]) -> str:
         return _client_call(lambda c: c.create_run(experiment_id, run_name=run_name, tags=tags),
