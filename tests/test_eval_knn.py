@@ -123,7 +123,9 @@ def test_evaluate_command_linear_probe(ray_session, random_checkpoint, capsys):
                "2", "--avgpool"])
     captured = capsys.readouterr()
     assert rc == 0, captured.err
-    m = json.loads(captured.out[captured.out.index("{\n"):]) if "{\n" in captured.out else None
+    # the summary is the last JSON object printed; a worker's line may still follow it
+    start = captured.out.rfind('{\n "checkpoint"')
+    m = json.JSONDecoder().raw_decode(captured.out[start:])[0] if start >= 0 else None
     assert m is not None, captured.out[-3000:]
     # the checkpoint's teacher IS the random init: both paths must give the same figures
     assert m["knn_top1"] == pytest.approx(m["knn_init_top1"])
