@@ -14,7 +14,9 @@ from mlflow.tracking import MlflowClient
 from pipeline.tracking import Tracker
 from pipeline.tracking.mlflow_tracker import DROPPED_METRIC, DROPPED_TAG
 
-FAST = {"http_timeout_s": 2, "max_backoff_s": 1, "flush_interval_s": 0.2}
+# short waits once a run is open; its start may take a loaded server longer (3 attempts of 2 s
+# are all a tracker gets by default, after which it turns itself off)
+FAST = {"http_timeout_s": 2, "max_backoff_s": 1, "flush_interval_s": 0.2, "start_attempts": 10}
 
 
 @pytest.fixture(scope="module")
