@@ -57,7 +57,7 @@ def save_checkpoint(directory: str | Path, *, student: nn.Module, teacher: nn.Mo
             "iters_per_epoch": int(iters_per_epoch),
             "metrics": {k: v for k, v in (metrics or {}).items() if _jsonable(v)},
             # Ray Train persists the directory file by file (pyarrow copy_files): a reader tells
-            # a finished copy from one in flight by these sizes (``checkpoint_is_complete``)
+            # a finished copy from one in flight by these sizes (``newest_checkpoint``)
             "file_sizes": {f: (directory / f).stat().st_size for f in (STATE_FILE, CONFIG_FILE)}}
     (directory / META_FILE).write_text(json.dumps(meta, indent=1))
     return directory
