@@ -74,6 +74,7 @@ class ProcessSampler:
     def __init__(self, interval: float = 0.25):
         self.interval, self.peak_rss, self.peak_plasma = interval, 0, 0
         self._cpu: dict[int, tuple[str, float, float]] = {}  # pid -> (role, first, last)
+        self._born: dict[int, tuple[str, str, float]] = {}  # pid -> (role, title, create_time)
         self._sweeps = 0
         self.own_cpu_s = 0.0
         self.plasma_timeline: list[int] = []  # MiB, one sample a second: a plateau = bounded
@@ -100,6 +101,10 @@ class ProcessSampler:
                     else:  # a process born while sampling counts from its birth
                         first = 0.0 if self._sweeps else cpu
                     self._cpu[p.pid] = (role, first, cpu)
+                    # the latest title: a new worker is "python" until Ray names its task
+                    title = (p.cmdline()[:1] or [p.name()])[0].split("/")[-1][:60]
+                    born = self._born[p.pid][2] if p.pid in self._born else p.create_time()
+                    self._born[p.pid] = (role, title, born)
                 except Exception:  # noqa: BLE001 - processes come and go
                     continue
             self._sweeps += 1
@@ -122,6 +127,14 @@ class ProcessSampler:
         out["consumer_driver"] = out.get("consumer_driver", 0.0) - self.own_cpu_s
         out["sampler_thread"] = self.own_cpu_s
         return {k: round(v, 1) for k, v in sorted(out.items())}
+
+    def born_between(self, start: float, end: float) -> list[dict]:
+        """The processes started between two ``time.time()`` instants (e.g. an execution's start
+        and its first batch), oldest first, with each one's CPU seconds while sampled."""
+        rows = [{"role": role, "process": title, "born_s": round(born - start, 2),
+                 "cpu_s": round(self._cpu[pid][2] - self._cpu[pid][1], 1)}
+                for pid, (role, title, born) in self._born.items() if start <= born <= end]
+        return sorted(rows, key=lambda r: r["born_s"])
 
     def __enter__(self):
         self._thread.start()
@@ -167,19 +180,21 @@ def ray_stream(td, epochs: int, batch_size: int, per_epoch: int) -> dict:
     """What the training loop does: one execution streams ``epochs`` epochs back to back (the
     actor pool starts once). Whole-run rate, start-up included, and the rate from the first
     batch on (what a longer run tends to: the start-up is paid once per execution)."""
-    t0 = time.perf_counter()
+    t0, wall0 = time.perf_counter(), time.time()
     n, epoch, first = 0, 0, None
     while epoch < epochs:  # one execution per window of data.stream_rows rows (one here)
         end = td.set_epoch(epoch, until=epochs, rows_per_epoch=per_epoch)
         for b in td.dataset.iter_torch_batches(batch_size=batch_size):
             if first is None:
                 first = (time.perf_counter(), len(b["global_0"]))
+                first_wall = time.time()
             n += len(b["global_0"])
         epoch = end
     wall = time.perf_counter() - t0
     return {"epochs": epochs, "images": n, "wall_s": round(wall, 2),
             "rate_incl_startup": round(n / wall, 1),
-            "first_batch_s": round(first[0] - t0, 2),
+            "first_batch_s": round(first[0] - t0, 2), "wall_clock_start_end_of_startup":
+            [wall0, first_wall],
             "rate_after_first_batch": round((n - first[1]) / (t0 + wall - first[0]), 1)}
 
 
@@ -256,6 +271,10 @@ def main() -> None:
                           "peak_object_store_mib": round(mem.peak_plasma / 2 ** 20),
                           "object_store_mib_per_s": mem.plasma_timeline,
                           "cpu_s_by_role": mem.cpu_by_role(),
+                          # the start-up: each process the execution started before its first
+                          # batch (a new Ray worker imports Ray Data before its first row)
+                          "started_before_first_batch": mem.born_between(
+                              *stream.pop("wall_clock_start_end_of_startup")),
                           "skips": td.skip_counts(), "loadavg_after": os.getloadavg()}
     ray.shutdown()
     print(json.dumps({
