@@ -119,7 +119,8 @@ def test_refused_param_drops_only_that_item(server, caplog):
 
 class _SlowFirstCreate:
     """A reverse proxy in front of the server that answers the first ``runs/create`` only after
-    the client has given up: the server has committed that run by then, as a slow server does."""
+    the client has given up: the server has committed that run by then, as a slow server does.
+    Requests reach the server one at a time, so the retry never overtakes that create."""
 
     def __init__(self, upstream: str, delay_s: float) -> None:
         import http.server
@@ -137,11 +138,12 @@ class _SlowFirstCreate:
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0)) or None
                 req = urllib.request.Request(upstream + self.path, data=body, method=self.command,
                                              headers={"Content-Type": "application/json"})
-                try:
-                    with urllib.request.urlopen(req, timeout=60) as resp:
-                        status, payload = resp.status, resp.read()
-                except urllib.error.HTTPError as exc:
-                    status, payload = exc.code, exc.read()
+                with proxy.lock:
+                    try:
+                        with urllib.request.urlopen(req, timeout=60) as resp:
+                            status, payload = resp.status, resp.read()
+                    except urllib.error.HTTPError as exc:
+                        status, payload = exc.code, exc.read()
                 if self.path.endswith("/runs/create") and not proxy.delayed:
                     proxy.delayed = True
                     time.sleep(delay_s)
@@ -157,6 +159,7 @@ class _SlowFirstCreate:
             do_GET = do_POST = _forward
 
         self.delayed = False
+        self.lock = threading.Lock()
         self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.uri = f"http://127.0.0.1:{self.server.server_address[1]}"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
@@ -169,10 +172,10 @@ class _SlowFirstCreate:
 def test_a_create_whose_reply_was_lost_is_not_made_twice(server):
     """The server commits a run but its reply comes after the client's time-out: the retry finds
     that run (by the tracker's start id) instead of creating a second one with the same name."""
-    proxy = _SlowFirstCreate(server.uri, delay_s=4)
+    proxy = _SlowFirstCreate(server.uri, delay_s=6)
     try:
-        t = Tracker(proxy.uri, "slow-create", run_name="slow-create", http_timeout_s=1,
-                    max_backoff_s=0.2, start_attempts=3)
+        t = Tracker(proxy.uri, "slow-create", run_name="slow-create", http_timeout_s=2,
+                    max_backoff_s=0.2, start_attempts=10)
         assert proxy.delayed and t.ok
         t.finish("FINISHED", timeout_s=60)
     finally:
