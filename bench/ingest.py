@@ -2,7 +2,9 @@
 decode+crop function run standalone on the same number of CPU processes (measured before and
 after the Ray run), the CPU seconds each role used (crop actors, consumer, Ray), plus peak memory of
 the Ray processes and of the object store for a small and a 5x larger corpus (should be flat:
-streaming holds a bounded number of blocks, whatever the corpus size).
+streaming holds a bounded number of blocks, whatever the corpus size). From the first batch on,
+each role's share of the machine's CPU time and the crop processes' images per CPU second against
+one standalone process: the ratio after the first batch is about their product.
 
     python bench/ingest.py [--images 200] [--scale 5] [--actors 2]
 """
@@ -76,6 +78,10 @@ class ProcessSampler:
         # pid -> (role, title, create_time, CPU s at its first sample, CPU s at its last)
         self._procs: dict[int, tuple[str, str, float, float, float]] = {}
         self._sweeps = 0
+        self._mark_wanted = False
+        self._at_mark: dict[int, float] | None = None  # pid -> CPU s at ``mark()``
+        self.mark_time: float | None = None
+        self._own_at_mark = 0.0
         self.own_cpu_s = 0.0
         self.plasma_timeline: list[int] = []  # MiB, one sample a second: a plateau = bounded
         self._stop = threading.Event()
@@ -105,6 +111,10 @@ class ProcessSampler:
                     self._procs[p.pid] = (role, title, born, first, cpu)
                 except Exception:  # noqa: BLE001 - processes come and go
                     continue
+            if self._mark_wanted:  # this sweep's readings are the mark
+                self._at_mark = {pid: rec[4] for pid, rec in self._procs.items()}
+                self._own_at_mark = time.thread_time()
+                self.mark_time, self._mark_wanted = time.time(), False
             self._sweeps += 1
             self.peak_rss = max(self.peak_rss, total)
             if time.time() - last_plasma > 1.0:
@@ -124,6 +134,24 @@ class ProcessSampler:
             out[role] = out.get(role, 0.0) + last - first
         out["consumer_driver"] = out.get("consumer_driver", 0.0) - self.own_cpu_s
         out["sampler_thread"] = self.own_cpu_s
+        return {k: round(v, 1) for k, v in sorted(out.items())}
+
+    def mark(self) -> None:
+        """Take the next sweep's CPU readings as a mark (e.g. at the first batch)."""
+        self._mark_wanted = True
+
+    def cpu_by_role_since_mark(self) -> dict[str, float]:
+        """CPU seconds per role from the mark to each process's last sample (a process born
+        after the mark counts from its birth); the sampler's own thread is a role of its own."""
+        if self._at_mark is None:
+            return {}
+        out: dict[str, float] = {}
+        for pid, (role, _, _, first, last) in self._procs.items():
+            start = self._at_mark.get(pid, first)  # first seen after the mark: from birth
+            out[role] = out.get(role, 0.0) + last - start
+        own = self.own_cpu_s - self._own_at_mark
+        out["consumer_driver"] = out.get("consumer_driver", 0.0) - own
+        out["sampler_thread"] = own
         return {k: round(v, 1) for k, v in sorted(out.items())}
 
     def born_between(self, start: float, end: float) -> list[dict]:
@@ -174,8 +202,8 @@ def ray_epoch(td, epoch: int, batch_size: int, total: int) -> dict:
             "rate_steady": round((n90 - n20) / max(1e-9, t90 - t20), 1)}
 
 
-def ray_stream(td, epochs: int, batch_size: int,
-               per_epoch: int) -> tuple[dict, tuple[float, float]]:
+def ray_stream(td, epochs: int, batch_size: int, per_epoch: int,
+               on_first_batch=None) -> tuple[dict, tuple[float, float]]:
     """What the training loop does: one execution streams ``epochs`` epochs back to back (the
     actor pool starts once). Whole-run rate, start-up included, and the rate from the first
     batch on (what a longer run tends to: the start-up is paid once per execution); and the
@@ -188,14 +216,38 @@ def ray_stream(td, epochs: int, batch_size: int,
             if first is None:
                 first = (time.perf_counter(), len(b["global_0"]))
                 first_wall = time.time()
+                if on_first_batch is not None:
+                    on_first_batch()
             n += len(b["global_0"])
         epoch = end
     wall = time.perf_counter() - t0
     return {"epochs": epochs, "images": n, "wall_s": round(wall, 2),
             "rate_incl_startup": round(n / wall, 1),
-            "first_batch_s": round(first[0] - t0, 2),
+            "first_batch_s": round(first[0] - t0, 2), "images_after_first_batch": n - first[1],
             "rate_after_first_batch": round((n - first[1]) / (t0 + wall - first[0]), 1)}, (
                 wall0, first_wall)
+
+
+def cpu_share(mem: ProcessSampler, end: float, stream: dict, standalone: float,
+              procs: int) -> dict:
+    """Where the CPUs went from the first batch on: each role's share of all the machine's CPU
+    time, and how many images the crop processes made per CPU second of theirs against one
+    standalone process. Their product is the ratio after the first batch (when the standalone
+    processes each had a core): a share below 1 is CPU the consumer and Ray's own processes took,
+    an efficiency below 1 is the crop stage's own overhead (copies, serialisation)."""
+    by_role = mem.cpu_by_role_since_mark()
+    if not by_role or mem.mark_time is None:
+        return {}
+    cpu_total = (os.cpu_count() or 1) * max(1e-9, end - mem.mark_time)
+    images = stream["images_after_first_batch"]
+    crop_s = by_role.get("crop_actors", 0.0)
+    share = {k: round(v / cpu_total, 3) for k, v in by_role.items()}
+    # CPU time no process of this run used: idle, or taken by the machine's other work
+    share["not_used_by_this_run"] = round(1 - sum(by_role.values()) / cpu_total, 3)
+    return {"cpu_s_by_role_after_first_batch": by_role,
+            "cpu_share_after_first_batch": share,
+            "crop_images_per_cpu_s_vs_one_standalone_process": round(
+                images / max(1e-9, crop_s) / (standalone / procs), 3)}
 
 
 def main() -> None:
@@ -250,7 +302,9 @@ def main() -> None:
         with ProcessSampler() as mem:
             epochs = ([] if args.stream_only
                       else [ray_epoch(td, e, args.batch_size, n) for e in range(2)])
-            stream, startup = ray_stream(td, args.stream_epochs, args.batch_size, n)
+            stream, startup = ray_stream(td, args.stream_epochs, args.batch_size, n,
+                                         on_first_batch=mem.mark)
+            after_end = time.time()
         reference.append(standalone_rate(files[: min(n, args.images)], plan.num_actors))
         standalone = sum(reference) / len(reference)
         per_epoch = {}
@@ -271,6 +325,7 @@ def main() -> None:
                           "peak_object_store_mib": round(mem.peak_plasma / 2 ** 20),
                           "object_store_mib_per_s": mem.plasma_timeline,
                           "cpu_s_by_role": mem.cpu_by_role(),
+                          **cpu_share(mem, after_end, stream, standalone, plan.num_actors),
                           # the start-up: each process the execution started before its first
                           # batch (a new Ray worker imports Ray Data before its first row)
                           "started_before_first_batch": mem.born_between(*startup),
