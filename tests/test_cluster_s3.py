@@ -19,6 +19,7 @@ import uuid
 import pytest
 from live_cluster import LocalCluster
 from live_services import shared_mlflow_server, shared_s3_server
+from polling import wait_for
 
 from pipeline.checkpoints import CONFIG_FILE, META_FILE, STATE_FILE
 from pipeline.cli import main
@@ -125,16 +126,6 @@ def _job_logs(cluster, sid) -> str:
     return logs
 
 
-def _wait_for(predicate, timeout: float, what: str, poll: float = 1.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(poll)
-    raise TimeoutError(f"no {what} after {timeout:.0f} s")
-
-
 def _job_status(cluster, sid) -> str:
     return cluster.get(f"/api/jobs/{sid}")["status"]
 
@@ -175,8 +166,8 @@ def _submit_and_ctrl_c(cluster, s3, name, *args) -> tuple[str, str, float]:
     reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
     reader.start()
     try:
-        _wait_for(lambda: _newest_step(s3, name) >= 2 or proc.poll() is not None, 600,
-                  "first checkpoint", poll=0.5)
+        wait_for(lambda: _newest_step(s3, name) >= 2 or proc.poll() is not None,
+                 "first checkpoint", limit_s=600, poll_s=0.5)
         assert proc.poll() is None, "".join(lines)[-4000:]
         t_kill = time.monotonic()
         proc.send_signal(signal.SIGINT)  # Ctrl-C in the terminal that submitted the job
@@ -208,8 +199,8 @@ def test_submitted_run_stops_on_ctrl_c_resumes_from_s3_evaluates_registers_and_p
     # 1. train, checkpoints in the bucket; Ctrl-C stops the job
     sid, out, t_kill = _submit_and_ctrl_c(cluster, s3, "s3run", *command)
     assert f"stopping job {sid}" in out
-    status = _wait_for(lambda: (st := _job_status(cluster, sid)) in
-                       ("STOPPED", "FAILED", "SUCCEEDED") and st, 120, "stopped job", poll=0.5)
+    status = wait_for(lambda: _job_status(cluster, sid), "stopped job",
+                      lambda st: st in ("STOPPED", "FAILED", "SUCCEEDED"), 120, 0.5)
     assert status == "STOPPED"
     from mlflow import MlflowClient
 
@@ -324,15 +315,15 @@ def _run_until_first_checkpoint(cluster, s3, corpus, tmp_path, monkeypatch, caps
     rc, out, sid, _ = _submit(cluster, monkeypatch, capsys, "train", "--config", str(cfg),
                               "--no-wait")
     assert rc == 0, out
-    _wait_for(lambda: _newest_step(s3, name) >= 2 or _job_status(cluster, sid)
-              in ("FAILED", "STOPPED"), 600, "first checkpoint", poll=0.5)
+    wait_for(lambda: _newest_step(s3, name) >= 2 or _job_status(cluster, sid)
+             in ("FAILED", "STOPPED"), "first checkpoint", limit_s=600, poll_s=0.5)
     assert _job_status(cluster, sid) == "RUNNING"
     return sid, _newest_step(s3, name)
 
 
 def _wait_for_end(cluster, sid) -> str:
-    return _wait_for(lambda: (s := _job_status(cluster, sid)) in
-                     ("SUCCEEDED", "FAILED", "STOPPED") and s, 900, "end of the job", poll=0.5)
+    return wait_for(lambda: _job_status(cluster, sid), "end of the job",
+                    lambda st: st in ("SUCCEEDED", "FAILED", "STOPPED"), 900, 0.5)
 
 
 def test_train_and_data_nodes_lost_mid_run_the_job_resumes_from_s3_and_finishes(
@@ -349,9 +340,9 @@ def test_train_and_data_nodes_lost_mid_run_the_job_resumes_from_s3_and_finishes(
     cluster.kill_node(victim)
     step_at_train_loss = _newest_step(s3, "nodefault")  # nothing after this is the dead node's
     cluster.add_node("train", 2)  # what the autoscaler does for the pending workers
-    _wait_for(lambda: _newest_step(s3, "nodefault") > step_at_train_loss
-              or _job_status(cluster, sid) != "RUNNING", 600, "a checkpoint of the resumed run",
-              poll=0.5)
+    wait_for(lambda: _newest_step(s3, "nodefault") > step_at_train_loss
+             or _job_status(cluster, sid) != "RUNNING", "a checkpoint of the resumed run",
+             limit_s=600, poll_s=0.5)
     assert _job_status(cluster, sid) == "RUNNING", _job_logs(cluster, sid)[-6000:]
     step_at_data_loss = _newest_step(s3, "nodefault")
     assert step_at_data_loss < 2 * epochs, "the run ended before the data node was lost"

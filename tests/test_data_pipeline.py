@@ -11,6 +11,7 @@ import pytest
 import ray
 
 from data_images import bad_files, converted_files, id_color, solid_png, write, write_parquet
+from polling import wait_for
 from pipeline.config import AugmentConfig, DataConfig
 from pipeline.data.datasource import CorpusDatasource
 from pipeline.data.dataset import MultiCropStage, build_train_dataset
@@ -26,17 +27,10 @@ PLAIN = AugmentConfig(global_size=8, local_size=4, num_local=1, jitter_p=0, gray
 COLOR_TO_ID = {id_color(i): i for i in range(200)}
 
 
-def _settled(read, done, limit_s: float = 30.0):
+def _settled(read, done):
     """``read()`` once ``done`` holds for it: the crop actors send their counts without waiting
     for a reply, so the last batch's may still be on its way when the consumer has its rows."""
-    import time
-
-    deadline = time.monotonic() + limit_s
-    value = read()
-    while not done(value) and time.monotonic() < deadline:
-        time.sleep(0.1)
-        value = read()
-    return value
+    return wait_for(read, "the crop actors' counts", done, limit_s=30, poll_s=0.1)
 
 
 def _epoch(td, epoch: int) -> dict[str, np.ndarray]:

@@ -9,6 +9,7 @@ import time
 
 import pytest
 from live_services import shared_mlflow_server
+from polling import wait_for
 from mlflow.tracking import MlflowClient
 
 from pipeline.tracking import Tracker
@@ -30,14 +31,6 @@ def _steps(uri: str, run_id: str, key: str) -> list[int]:
     return sorted(m.step for m in MlflowClient(tracking_uri=uri).get_metric_history(run_id, key))
 
 
-def _wait_for(predicate, what: str, limit_s: float = 120) -> None:
-    """Poll ``predicate``; the limit only stops a broken test from hanging, it asserts no speed."""
-    deadline = time.monotonic() + limit_s
-    while not predicate():
-        assert time.monotonic() < deadline, f"never happened: {what}"
-        time.sleep(0.2)
-
-
 def test_outage_keeps_every_step_and_closes_the_run(server, caplog):
     caplog.set_level(logging.WARNING, logger="dino_ray.tracking")
     t = Tracker(server.uri, "outage", run_name="outage", **FAST)
@@ -56,11 +49,11 @@ def test_outage_keeps_every_step_and_closes_the_run(server, caplog):
     small.log_metrics({"x": 6.0}, step=6)
     small.log_metrics({"x": 7.0}, step=7)
     t.set_tags({"phase": "outage"})
-    _wait_for(lambda: any("unreachable" in r.getMessage() for r in caplog.records),
+    wait_for(lambda: any("unreachable" in r.getMessage() for r in caplog.records),
               "the tracker saw the outage")
     assert t.pending() > 0 and t.ok  # held, not dropped, not disabled
     # 5 values into a buffer of 3: the 2 oldest go (once its in-flight batch has failed)
-    _wait_for(lambda: small.dropped == 2, "the small buffer dropped its 2 oldest values")
+    wait_for(lambda: small.dropped == 2, "the small buffer dropped its 2 oldest values")
 
     ends_down.finish("FINISHED", timeout_s=1)  # bounded, and says which run stays open
     assert any("could not mark run " + ends_down.run_id in r.getMessage() and "RUNNING" in
