@@ -125,31 +125,22 @@ class ProcessSampler:
             self.own_cpu_s = time.thread_time()  # this sampler, counted in the driver's CPU
             self._stop.wait(self.interval)
 
-    def cpu_by_role(self) -> dict[str, float]:
-        """CPU seconds per role while sampling: from the first sample for the processes already
-        running, from birth for those started since, to each process's last sample (the last
-        ~0.25 s of a process that exits is missed)."""
-        out: dict[str, float] = {}
-        for role, _, _, first, last in self._procs.values():
-            out[role] = out.get(role, 0.0) + last - first
-        out["consumer_driver"] = out.get("consumer_driver", 0.0) - self.own_cpu_s
-        out["sampler_thread"] = self.own_cpu_s
-        return {k: round(v, 1) for k, v in sorted(out.items())}
-
     def mark(self) -> None:
         """Take the next sweep's CPU readings as a mark (e.g. at the first batch)."""
         self._mark_wanted = True
 
-    def cpu_by_role_since_mark(self) -> dict[str, float]:
-        """CPU seconds per role from the mark to each process's last sample (a process born
-        after the mark counts from its birth); the sampler's own thread is a role of its own."""
-        if self._at_mark is None:
+    def cpu_by_role(self, since_mark: bool = False) -> dict[str, float]:
+        """CPU seconds per role while sampling (or from the mark on, ``since_mark``; {} when
+        there is none): from the first sample (or the mark) for the processes already running,
+        from birth for those started since, to each process's last sample (the last ~0.25 s of
+        a process that exits is missed). The sampler's own thread is a role of its own."""
+        if since_mark and self._at_mark is None:
             return {}
+        start = self._at_mark if since_mark else {}
         out: dict[str, float] = {}
         for pid, (role, _, _, first, last) in self._procs.items():
-            start = self._at_mark.get(pid, first)  # first seen after the mark: from birth
-            out[role] = out.get(role, 0.0) + last - start
-        own = self.own_cpu_s - self._own_at_mark
+            out[role] = out.get(role, 0.0) + last - start.get(pid, first)
+        own = self.own_cpu_s - (self._own_at_mark if since_mark else 0.0)
         out["consumer_driver"] = out.get("consumer_driver", 0.0) - own
         out["sampler_thread"] = own
         return {k: round(v, 1) for k, v in sorted(out.items())}
@@ -235,7 +226,7 @@ def cpu_share(mem: ProcessSampler, end: float, stream: dict, standalone: float,
     standalone process. Their product is the ratio after the first batch (when the standalone
     processes each had a core): a share below 1 is CPU the consumer and Ray's own processes took,
     an efficiency below 1 is the crop stage's own overhead (copies, serialisation)."""
-    by_role = mem.cpu_by_role_since_mark()
+    by_role = mem.cpu_by_role(since_mark=True)
     if not by_role or mem.mark_time is None:
         return {}
     cpu_total = (os.cpu_count() or 1) * max(1e-9, end - mem.mark_time)

@@ -48,6 +48,7 @@ def newest_checkpoint(storage_path: str, name: str) -> tuple[int, str] | None:
         return None
     return best[0], best[1] if "://" not in root else root.split("://")[0] + "://" + best[1]
 
+
 def _complete_step(fs, path: str) -> int | None:
     """The global step of the checkpoint directory ``path``, or None while it is incomplete.
     Ray Train persists a checkpoint file by file, so a listed ``state.pt`` may still be growing
@@ -67,6 +68,7 @@ def _complete_step(fs, path: str) -> int | None:
         if found.type != pafs.FileType.File or (size is not None and found.size != size):
             return None
     return step
+
 
 def checkpoint_uri(checkpoint) -> str:
     """A ``ray.train.Checkpoint``'s location with its scheme (``Checkpoint.path`` drops it:
