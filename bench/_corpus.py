@@ -10,11 +10,17 @@ from pathlib import Path
 # relative to the repository (the data sits beside the checkout); override with $DINO_RAY_CIFAR_TEST
 CIFAR_TEST = os.environ.get(
     "DINO_RAY_CIFAR_TEST",
-    str(Path(__file__).resolve().parents[1] / "../shared/data/cifar10/test/part-00000.parquet"))
+    str(Path(__file__).resolve().parents[1] / "../shared/data/cifar10/test/part-00000.parquet"),
+)
 
 
-def make_jpegs(dst: str | Path, n: int, size: tuple[int, int] = (500, 375),
-               source: str = CIFAR_TEST, quality: int = 90) -> Path:
+def make_jpegs(
+    dst: str | Path,
+    n: int,
+    size: tuple[int, int] = (500, 375),
+    source: str = CIFAR_TEST,
+    quality: int = 90,
+) -> Path:
     """Write ``dst/<class>/<i>.jpg`` for the first ``n`` CIFAR-10 test images (cached)."""
     import pyarrow.parquet as pq
     from PIL import Image
@@ -24,8 +30,9 @@ def make_jpegs(dst: str | Path, n: int, size: tuple[int, int] = (500, 375),
     if marker.exists():
         return dst
     table = pq.read_table(source, columns=["image", "class_name"]).slice(0, n)
-    for i, (data, cls) in enumerate(zip(table.column("image").to_pylist(),
-                                        table.column("class_name").to_pylist())):
+    for i, (data, cls) in enumerate(
+        zip(table.column("image").to_pylist(), table.column("class_name").to_pylist())
+    ):
         img = Image.open(io.BytesIO(data)).convert("RGB").resize(size, Image.BICUBIC)
         (dst / cls).mkdir(parents=True, exist_ok=True)
         img.save(dst / cls / f"{i:06d}.jpg", "JPEG", quality=quality)
@@ -50,6 +57,10 @@ def command_line() -> str:
 
 def machine() -> dict:
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
-    return {"platform": platform.platform(), "python": platform.python_version(),
-            "processor": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
-            "loadavg_1m_5m_15m": [round(x, 2) for x in load] if load else None}
+    return {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "loadavg_1m_5m_15m": [round(x, 2) for x in load] if load else None,
+    }

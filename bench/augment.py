@@ -49,21 +49,46 @@ def reference_transform(normalize_tensors: bool = True):
         def __call__(self, img):
             return ImageOps.solarize(img) if random.random() < self.p else img
 
-    flip_and_color_jitter = T.Compose([
-        T.RandomHorizontalFlip(p=0.5),
-        T.RandomApply([T.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)],
-                      p=0.8),
-        T.RandomGrayscale(p=0.2),
-    ])
-    final = (T.Compose([T.ToTensor(), T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
-             if normalize_tensors else (lambda img: img))
+    flip_and_color_jitter = T.Compose(
+        [
+            T.RandomHorizontalFlip(p=0.5),
+            T.RandomApply(
+                [T.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)], p=0.8
+            ),
+            T.RandomGrayscale(p=0.2),
+        ]
+    )
+    final = (
+        T.Compose([T.ToTensor(), T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
+        if normalize_tensors
+        else (lambda img: img)
+    )
     bicubic = T.InterpolationMode.BICUBIC
-    g1 = T.Compose([T.RandomResizedCrop(224, scale=(0.4, 1.0), interpolation=bicubic),
-                    flip_and_color_jitter, GaussianBlur(1.0), final])
-    g2 = T.Compose([T.RandomResizedCrop(224, scale=(0.4, 1.0), interpolation=bicubic),
-                    flip_and_color_jitter, GaussianBlur(0.1), Solarization(0.2), final])
-    loc = T.Compose([T.RandomResizedCrop(96, scale=(0.05, 0.4), interpolation=bicubic),
-                     flip_and_color_jitter, GaussianBlur(0.5), final])
+    g1 = T.Compose(
+        [
+            T.RandomResizedCrop(224, scale=(0.4, 1.0), interpolation=bicubic),
+            flip_and_color_jitter,
+            GaussianBlur(1.0),
+            final,
+        ]
+    )
+    g2 = T.Compose(
+        [
+            T.RandomResizedCrop(224, scale=(0.4, 1.0), interpolation=bicubic),
+            flip_and_color_jitter,
+            GaussianBlur(0.1),
+            Solarization(0.2),
+            final,
+        ]
+    )
+    loc = T.Compose(
+        [
+            T.RandomResizedCrop(96, scale=(0.05, 0.4), interpolation=bicubic),
+            flip_and_color_jitter,
+            GaussianBlur(0.5),
+            final,
+        ]
+    )
 
     def apply(data: bytes):
         from PIL import Image
@@ -126,19 +151,27 @@ def main() -> None:
             rates[name].append(len(files) / (time.perf_counter() - t0))
     best = {k: round(max(v), 1) for k, v in rates.items()}
     med = {k: round(statistics.median(v), 1) for k, v in rates.items()}
-    print(json.dumps({
-        "benchmark": "multi-crop images/s on one core (2x224 + 8x96, ~500x375 JPEG)",
-        "command": command_line(),
-        "machine": machine(),
-        "images": len(files), "image_size": [500, 375], "rounds": args.rounds,
-        "pinned_core": args.core,
-        "images_per_s_best": best, "images_per_s_median": med,
-        "ratio_vs_reference": round(best["ours"] / best["reference"], 2),
-        "ratio_vs_reference_median": round(med["ours"] / med["reference"], 2),
-        "ratio_vs_reference_without_normalize": round(
-            best["ours"] / best["reference_no_normalize"], 2),
-        "target_ratio": 5.0,
-    }))
+    print(
+        json.dumps(
+            {
+                "benchmark": "multi-crop images/s on one core (2x224 + 8x96, ~500x375 JPEG)",
+                "command": command_line(),
+                "machine": machine(),
+                "images": len(files),
+                "image_size": [500, 375],
+                "rounds": args.rounds,
+                "pinned_core": args.core,
+                "images_per_s_best": best,
+                "images_per_s_median": med,
+                "ratio_vs_reference": round(best["ours"] / best["reference"], 2),
+                "ratio_vs_reference_median": round(med["ours"] / med["reference"], 2),
+                "ratio_vs_reference_without_normalize": round(
+                    best["ours"] / best["reference_no_normalize"], 2
+                ),
+                "target_ratio": 5.0,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

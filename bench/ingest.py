@@ -49,7 +49,7 @@ def _crop_files(paths: list[str]) -> int:
 
 
 def standalone_rate(files: list[str], procs: int) -> float:
-    chunks = [files[i:i + 16] for i in range(0, len(files), 16)]
+    chunks = [files[i : i + 16] for i in range(0, len(files), 16)]
     with mp.get_context("spawn").Pool(procs, initializer=_init_worker) as pool:
         pool.map(_crop_files, [files[:4]] * procs)  # warm-up: imports done in every process
         t0 = time.perf_counter()
@@ -120,7 +120,7 @@ class ProcessSampler:
             if time.time() - last_plasma > 1.0:
                 last_plasma = time.time()
                 used = _plasma_used()
-                self.plasma_timeline.append(round(used / 2 ** 20))
+                self.plasma_timeline.append(round(used / 2**20))
                 self.peak_plasma = max(self.peak_plasma, used)
             self.own_cpu_s = time.thread_time()  # this sampler, counted in the driver's CPU
             self._stop.wait(self.interval)
@@ -148,9 +148,16 @@ class ProcessSampler:
     def born_between(self, start: float, end: float) -> list[dict]:
         """The processes started between two ``time.time()`` instants (e.g. an execution's start
         and its first batch), oldest first, with each one's CPU seconds while sampled."""
-        rows = [{"role": role, "process": title, "born_s": round(born - start, 2),
-                 "cpu_s": round(last - first, 1)}
-                for role, title, born, first, last in self._procs.values() if start <= born <= end]
+        rows = [
+            {
+                "role": role,
+                "process": title,
+                "born_s": round(born - start, 2),
+                "cpu_s": round(last - first, 1),
+            }
+            for role, title, born, first, last in self._procs.values()
+            if start <= born <= end
+        ]
         return sorted(rows, key=lambda r: r["born_s"])
 
     def __enter__(self):
@@ -169,7 +176,7 @@ def _plasma_used() -> int:
 
         text = memory_summary(address=ray.get_runtime_context().gcs_address, stats_only=True)
         m = re.search(r"Plasma memory usage (\d+) MiB", text)
-        return int(m.group(1)) * 2 ** 20 if m else 0
+        return int(m.group(1)) * 2**20 if m else 0
     except Exception:  # noqa: BLE001
         return 0
 
@@ -188,13 +195,17 @@ def ray_epoch(td, epoch: int, batch_size: int, total: int) -> dict:
                 marks[frac] = (n, time.perf_counter())
     end = time.perf_counter()
     (n20, t20), (n90, t90) = marks[0.2], marks[0.9]
-    return {"images": n, "wall_s": round(end - t0, 2),
-            "rate_incl_startup": round(n / (end - t0), 1),
-            "rate_steady": round((n90 - n20) / max(1e-9, t90 - t20), 1)}
+    return {
+        "images": n,
+        "wall_s": round(end - t0, 2),
+        "rate_incl_startup": round(n / (end - t0), 1),
+        "rate_steady": round((n90 - n20) / max(1e-9, t90 - t20), 1),
+    }
 
 
-def ray_stream(td, epochs: int, batch_size: int, per_epoch: int,
-               on_first_batch=None) -> tuple[dict, tuple[float, float]]:
+def ray_stream(
+    td, epochs: int, batch_size: int, per_epoch: int, on_first_batch=None
+) -> tuple[dict, tuple[float, float]]:
     """What the training loop does: one execution streams ``epochs`` epochs back to back (the
     actor pool starts once). Whole-run rate, start-up included, and the rate from the first
     batch on (what a longer run tends to: the start-up is paid once per execution); and the
@@ -212,15 +223,18 @@ def ray_stream(td, epochs: int, batch_size: int, per_epoch: int,
             n += len(b["global_0"])
         epoch = end
     wall = time.perf_counter() - t0
-    return {"epochs": epochs, "images": n, "wall_s": round(wall, 2),
-            "rate_incl_startup": round(n / wall, 1),
-            "first_batch_s": round(first[0] - t0, 2), "images_after_first_batch": n - first[1],
-            "rate_after_first_batch": round((n - first[1]) / (t0 + wall - first[0]), 1)}, (
-                wall0, first_wall)
+    return {
+        "epochs": epochs,
+        "images": n,
+        "wall_s": round(wall, 2),
+        "rate_incl_startup": round(n / wall, 1),
+        "first_batch_s": round(first[0] - t0, 2),
+        "images_after_first_batch": n - first[1],
+        "rate_after_first_batch": round((n - first[1]) / (t0 + wall - first[0]), 1),
+    }, (wall0, first_wall)
 
 
-def cpu_share(mem: ProcessSampler, end: float, stream: dict, standalone: float,
-              procs: int) -> dict:
+def cpu_share(mem: ProcessSampler, end: float, stream: dict, standalone: float, procs: int) -> dict:
     """Where the CPUs went from the first batch on: each role's share of all the machine's CPU
     time, and how many images the crop processes made per CPU second of theirs against one
     standalone process. Their product is the ratio after the first batch (when the standalone
@@ -235,10 +249,13 @@ def cpu_share(mem: ProcessSampler, end: float, stream: dict, standalone: float,
     share = {k: round(v / cpu_total, 3) for k, v in by_role.items()}
     # CPU time no process of this run used: idle, or taken by the machine's other work
     share["not_used_by_this_run"] = round(1 - sum(by_role.values()) / cpu_total, 3)
-    return {"cpu_s_by_role_after_first_batch": by_role,
-            "cpu_share_after_first_batch": share,
-            "crop_images_per_cpu_s_vs_one_standalone_process": round(
-                images / max(1e-9, crop_s) / (standalone / procs), 3)}
+    return {
+        "cpu_s_by_role_after_first_batch": by_role,
+        "cpu_share_after_first_batch": share,
+        "crop_images_per_cpu_s_vs_one_standalone_process": round(
+            images / max(1e-9, crop_s) / (standalone / procs), 3
+        ),
+    }
 
 
 def main() -> None:
@@ -247,17 +264,36 @@ def main() -> None:
     ap.add_argument("--scale", type=int, default=5)
     ap.add_argument("--actors", type=int, default=2)
     ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--stream-epochs", type=int, default=3,
-                    help="epochs of the one-execution stream (what training runs)")
-    ap.add_argument("--stream-only", action="store_true",
-                    help="only the large corpus, only the whole-run stream (no per-epoch runs)")
-    ap.add_argument("--map-batch-size", type=int, default=None,
-                    help="images per decode+crop call (default: data.map_batch_size's)")
-    ap.add_argument("--tasks-in-flight", type=int, default=None,
-                    help="calls queued on each crop actor (DataContext."
-                    "max_tasks_in_flight_per_actor; Ray's default is 2)")
-    ap.add_argument("--object-store-mib", type=float, default=None,
-                    help="cap Ray Data's object store use (plan.object_store_bytes)")
+    ap.add_argument(
+        "--stream-epochs",
+        type=int,
+        default=3,
+        help="epochs of the one-execution stream (what training runs)",
+    )
+    ap.add_argument(
+        "--stream-only",
+        action="store_true",
+        help="only the large corpus, only the whole-run stream (no per-epoch runs)",
+    )
+    ap.add_argument(
+        "--map-batch-size",
+        type=int,
+        default=None,
+        help="images per decode+crop call (default: data.map_batch_size's)",
+    )
+    ap.add_argument(
+        "--tasks-in-flight",
+        type=int,
+        default=None,
+        help="calls queued on each crop actor (DataContext."
+        "max_tasks_in_flight_per_actor; Ray's default is 2)",
+    )
+    ap.add_argument(
+        "--object-store-mib",
+        type=float,
+        default=None,
+        help="cap Ray Data's object store use (plan.object_store_bytes)",
+    )
     ap.add_argument("--corpus", default=os.path.join(tempfile.gettempdir(), "dino-ray-bench-jpegs"))
     args = ap.parse_args()
 
@@ -266,6 +302,7 @@ def main() -> None:
     files = sorted(str(p) for p in Path(root).rglob("*.jpg"))
 
     import ray
+
     # the consumer stands for a train worker, which has torch loaded before it asks for data:
     # left to iter_torch_batches, the import took 2.6 s of the driver inside the first batch
     import torch  # noqa: F401
@@ -280,24 +317,36 @@ def main() -> None:
     if args.tasks_in_flight:
         ray.data.DataContext.get_current().max_tasks_in_flight_per_actor = args.tasks_in_flight
     # no Train in this benchmark: every CPU but the headroom may go to data
-    plan = plan_data_resources(cluster_cpus(), 0, 1, num_actors=args.actors, cpus_per_actor=1,
-                               object_store_bytes=(args.object_store_mib * 2 ** 20
-                                                   if args.object_store_mib else None))
+    plan = plan_data_resources(
+        cluster_cpus(),
+        0,
+        1,
+        num_actors=args.actors,
+        cpus_per_actor=1,
+        object_store_bytes=(args.object_store_mib * 2**20 if args.object_store_mib else None),
+    )
     results = {}
     sizes = [("large", big_n)] if args.stream_only else [("small", args.images), ("large", big_n)]
     for label, n in sizes:
         # the reference is measured right before and right after each Ray run, so that both see
         # the same machine load (a few seconds of it varied by +-10% across runs)
         reference = [standalone_rate(files[: min(n, args.images)], plan.num_actors)]
-        cfg = DataConfig(path=str(root), num_actors=plan.num_actors, limit=n,
-                         map_batch_size=(args.map_batch_size
-                                         or DataConfig.model_fields["map_batch_size"].default))
+        cfg = DataConfig(
+            path=str(root),
+            num_actors=plan.num_actors,
+            limit=n,
+            map_batch_size=(
+                args.map_batch_size or DataConfig.model_fields["map_batch_size"].default
+            ),
+        )
         td = build_train_dataset(cfg, AugmentConfig(), seed=0, plan=plan)
         with ProcessSampler() as mem:
-            epochs = ([] if args.stream_only
-                      else [ray_epoch(td, e, args.batch_size, n) for e in range(2)])
-            stream, startup = ray_stream(td, args.stream_epochs, args.batch_size, n,
-                                         on_first_batch=mem.mark)
+            epochs = (
+                [] if args.stream_only else [ray_epoch(td, e, args.batch_size, n) for e in range(2)]
+            )
+            stream, startup = ray_stream(
+                td, args.stream_epochs, args.batch_size, n, on_first_batch=mem.mark
+            )
             after_end = time.time()
         reference.append(standalone_rate(files[: min(n, args.images)], plan.num_actors))
         standalone = sum(reference) / len(reference)
@@ -305,41 +354,65 @@ def main() -> None:
         if epochs:
             steady = max(e["rate_steady"] for e in epochs)
             whole = max(e["rate_incl_startup"] for e in epochs)
-            per_epoch = {"ratio_steady_vs_standalone": round(steady / standalone, 3),
-                         "ratio_whole_epoch_vs_standalone": round(whole / standalone, 3)}
-        results[label] = {"images": n, "map_batch_size": cfg.map_batch_size,
-                          "standalone_images_per_s": round(standalone, 1),
-                          "standalone_before_after": [round(r, 1) for r in reference],
-                          "epochs": epochs, "stream": stream, **per_epoch,
-                          "ratio_stream_whole_run_vs_standalone": round(
-                              stream["rate_incl_startup"] / standalone, 3),
-                          "ratio_stream_after_first_batch_vs_standalone": round(
-                              stream["rate_after_first_batch"] / standalone, 3),
-                          "peak_ray_rss_mib": round(mem.peak_rss / 2 ** 20),
-                          "peak_object_store_mib": round(mem.peak_plasma / 2 ** 20),
-                          "object_store_mib_per_s": mem.plasma_timeline,
-                          "cpu_s_by_role": mem.cpu_by_role(),
-                          **cpu_share(mem, after_end, stream, standalone, plan.num_actors),
-                          # the start-up: each process the execution started before its first
-                          # batch (a new Ray worker imports Ray Data before its first row)
-                          "started_before_first_batch": mem.born_between(*startup),
-                          "skips": td.skip_counts(), "loadavg_after": os.getloadavg()}
+            per_epoch = {
+                "ratio_steady_vs_standalone": round(steady / standalone, 3),
+                "ratio_whole_epoch_vs_standalone": round(whole / standalone, 3),
+            }
+        results[label] = {
+            "images": n,
+            "map_batch_size": cfg.map_batch_size,
+            "standalone_images_per_s": round(standalone, 1),
+            "standalone_before_after": [round(r, 1) for r in reference],
+            "epochs": epochs,
+            "stream": stream,
+            **per_epoch,
+            "ratio_stream_whole_run_vs_standalone": round(
+                stream["rate_incl_startup"] / standalone, 3
+            ),
+            "ratio_stream_after_first_batch_vs_standalone": round(
+                stream["rate_after_first_batch"] / standalone, 3
+            ),
+            "peak_ray_rss_mib": round(mem.peak_rss / 2**20),
+            "peak_object_store_mib": round(mem.peak_plasma / 2**20),
+            "object_store_mib_per_s": mem.plasma_timeline,
+            "cpu_s_by_role": mem.cpu_by_role(),
+            **cpu_share(mem, after_end, stream, standalone, plan.num_actors),
+            # the start-up: each process the execution started before its first
+            # batch (a new Ray worker imports Ray Data before its first row)
+            "started_before_first_batch": mem.born_between(*startup),
+            "skips": td.skip_counts(),
+            "loadavg_after": os.getloadavg(),
+        }
     ray.shutdown()
-    print(json.dumps({
-        "benchmark": "Ray Data ingest (decode + 2x224 + 8x96 multi-crop) into iter_torch_batches",
-        "command": command_line(),
-        "machine": machine(),
-        "resource_plan": plan.as_dict(),
-        "standalone_processes": plan.num_actors,
-        "ray": results,
-        **({} if args.stream_only else {
-            "memory_large_vs_small_rss": round(results["large"]["peak_ray_rss_mib"]
-                                               / max(1, results["small"]["peak_ray_rss_mib"]), 2),
-            "memory_large_vs_small_object_store": round(
-                results["large"]["peak_object_store_mib"]
-                / max(1, results["small"]["peak_object_store_mib"]), 2)}),
-        "target_ratio": 0.9,
-    }))
+    print(
+        json.dumps(
+            {
+                "benchmark": "Ray Data ingest (decode + 2x224 + 8x96 multi-crop) into iter_torch_batches",
+                "command": command_line(),
+                "machine": machine(),
+                "resource_plan": plan.as_dict(),
+                "standalone_processes": plan.num_actors,
+                "ray": results,
+                **(
+                    {}
+                    if args.stream_only
+                    else {
+                        "memory_large_vs_small_rss": round(
+                            results["large"]["peak_ray_rss_mib"]
+                            / max(1, results["small"]["peak_ray_rss_mib"]),
+                            2,
+                        ),
+                        "memory_large_vs_small_object_store": round(
+                            results["large"]["peak_object_store_mib"]
+                            / max(1, results["small"]["peak_object_store_mib"]),
+                            2,
+                        ),
+                    }
+                ),
+                "target_ratio": 0.9,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

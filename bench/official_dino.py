@@ -38,8 +38,12 @@ class MultiCropWrapper(nn.Module):
     def forward(self, x):
         if not isinstance(x, list):
             x = [x]
-        idx_crops = torch.cumsum(torch.unique_consecutive(
-            torch.tensor([inp.shape[-1] for inp in x]), return_counts=True)[1], 0)
+        idx_crops = torch.cumsum(
+            torch.unique_consecutive(
+                torch.tensor([inp.shape[-1] for inp in x]), return_counts=True
+            )[1],
+            0,
+        )
         start_idx, output = 0, torch.empty(0).to(x[0].device)
         for end_idx in idx_crops:
             _out = self.backbone(torch.cat(x[start_idx:end_idx]))
@@ -53,17 +57,29 @@ class MultiCropWrapper(nn.Module):
 class DINOLoss(nn.Module):
     """main_dino.DINOLoss: teacher temperature per epoch, centre re-assigned after each call."""
 
-    def __init__(self, out_dim, ncrops, warmup_teacher_temp, teacher_temp,
-                 warmup_teacher_temp_epochs, nepochs, student_temp=0.1, center_momentum=0.9):
+    def __init__(
+        self,
+        out_dim,
+        ncrops,
+        warmup_teacher_temp,
+        teacher_temp,
+        warmup_teacher_temp_epochs,
+        nepochs,
+        student_temp=0.1,
+        center_momentum=0.9,
+    ):
         super().__init__()
         self.student_temp = student_temp
         self.center_momentum = center_momentum
         self.ncrops = ncrops
         self.register_buffer("center", torch.zeros(1, out_dim))
         # a warm-up for the teacher temperature: too high a temperature makes training unstable
-        self.teacher_temp_schedule = np.concatenate((
-            np.linspace(warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs),
-            np.ones(nepochs - warmup_teacher_temp_epochs) * teacher_temp))
+        self.teacher_temp_schedule = np.concatenate(
+            (
+                np.linspace(warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs),
+                np.ones(nepochs - warmup_teacher_temp_epochs) * teacher_temp,
+            )
+        )
 
     def forward(self, student_output, teacher_output, epoch):
         """Cross-entropy between the softmax outputs of the teacher and student networks."""
@@ -100,8 +116,9 @@ class DINOLoss(nn.Module):
         self.center = self.center * self.center_momentum + batch_center * (1 - self.center_momentum)
 
 
-def cosine_scheduler(base_value, final_value, epochs, niter_per_ep, warmup_epochs=0,
-                     start_warmup_value=0):
+def cosine_scheduler(
+    base_value, final_value, epochs, niter_per_ep, warmup_epochs=0, start_warmup_value=0
+):
     """utils.cosine_scheduler."""
     warmup_schedule = np.array([])
     warmup_iters = warmup_epochs * niter_per_ep
@@ -109,7 +126,8 @@ def cosine_scheduler(base_value, final_value, epochs, niter_per_ep, warmup_epoch
         warmup_schedule = np.linspace(start_warmup_value, base_value, warmup_iters)
     iters = np.arange(epochs * niter_per_ep - warmup_iters)
     schedule = final_value + 0.5 * (base_value - final_value) * (
-        1 + np.cos(np.pi * iters / len(iters)))
+        1 + np.cos(np.pi * iters / len(iters))
+    )
     schedule = np.concatenate((warmup_schedule, schedule))
     assert len(schedule) == epochs * niter_per_ep
     return schedule
@@ -160,11 +178,23 @@ class StepOutput(NamedTuple):
     param_norms: list[float] | None
 
 
-def train_step(student: nn.Module, teacher: nn.Module, dino_loss: Callable, optimizer,
-               images: list[torch.Tensor], *, epoch: int, it: int, lr_schedule, wd_schedule,
-               momentum_schedule, clip_grad: float = 3.0, freeze_last_layer: int = 1,
-               fp16_scaler: torch.amp.GradScaler | None = None,
-               autocast_dtype: torch.dtype | None = None) -> StepOutput:
+def train_step(
+    student: nn.Module,
+    teacher: nn.Module,
+    dino_loss: Callable,
+    optimizer,
+    images: list[torch.Tensor],
+    *,
+    epoch: int,
+    it: int,
+    lr_schedule,
+    wd_schedule,
+    momentum_schedule,
+    clip_grad: float = 3.0,
+    freeze_last_layer: int = 1,
+    fp16_scaler: torch.amp.GradScaler | None = None,
+    autocast_dtype: torch.dtype | None = None,
+) -> StepOutput:
     """The body of the loop of main_dino.train_one_epoch for global iteration ``it``.
 
     ``autocast_dtype``: the official autocasts to fp16 exactly when it has ``fp16_scaler``

@@ -37,8 +37,11 @@ def crops(n: int, size: int, seed: int):
     rng = np.random.default_rng(seed)
     out = np.empty((n, size, size, 3), np.uint8)
     for i in range(n):
-        coarse = cv2.resize(rng.normal(0, 50, (6, 6, 3)).astype(np.float32), (size, size),
-                            interpolation=cv2.INTER_CUBIC)
+        coarse = cv2.resize(
+            rng.normal(0, 50, (6, 6, 3)).astype(np.float32),
+            (size, size),
+            interpolation=cv2.INTER_CUBIC,
+        )
         fine = rng.normal(0, 12, (size, size, 3)).astype(np.float32)
         out[i] = np.clip(rng.uniform(40, 215, 3) + coarse + fine, 0, 255)
     return out
@@ -82,8 +85,9 @@ def main() -> None:
 
     torch.set_num_threads(1)
     cv2.setNumThreads(1)
-    cfg = AugmentConfig(global_size=args.global_size, local_size=args.local_size,
-                        num_local=args.num_local)
+    cfg = AugmentConfig(
+        global_size=args.global_size, local_size=args.local_size, num_local=args.num_local
+    )
     specs, recipes = view_specs(cfg), view_recipes(cfg)
     n = args.batch
     views = {s.name: crops(n, s.size, seed=v) for v, s in enumerate(specs)}
@@ -104,6 +108,7 @@ def main() -> None:
                 photometric(x, recipes[name], generator_for(0, 0, step, 0, v))
             if batches is gpu_batches:
                 torch.cuda.synchronize()
+
         return run
 
     from pipeline.data.augment import MultiCrop
@@ -116,11 +121,15 @@ def main() -> None:
         def run(step: int) -> None:
             for i, data in enumerate(files):
                 mc(data, np.random.default_rng([step, i]))
+
         return run
 
-    impls = {"cpu_recipe_one_core": recipe_cpu, "device_code_on_cpu_one_core": batched(cpu_batches),
-             "actor_decode_crop_photometric_cpu_one_core": actor("cpu"),
-             "actor_decode_crop_photometric_device_one_core": actor("device")}
+    impls = {
+        "cpu_recipe_one_core": recipe_cpu,
+        "device_code_on_cpu_one_core": batched(cpu_batches),
+        "actor_decode_crop_photometric_cpu_one_core": actor("cpu"),
+        "actor_decode_crop_photometric_device_one_core": actor("device"),
+    }
     if cuda:
         impls["device_code_on_cuda"] = batched(gpu_batches)
     for fn in impls.values():  # warm-up (imports, allocator, cuDNN plans)
@@ -137,20 +146,26 @@ def main() -> None:
     ref = best["cpu_recipe_one_core"]
     out = {
         "benchmark": f"photometric images/s (2x{args.global_size} + {args.num_local}x"
-                     f"{args.local_size} crops per image, batch {n})",
+        f"{args.local_size} crops per image, batch {n})",
         "command": command_line(),
         "machine": machine(),
         "torch": torch.__version__,
         "cuda_device": torch.cuda.get_device_name() if cuda else None,
-        "batch": n, "batches_per_round": args.batches, "rounds": args.rounds,
+        "batch": n,
+        "batches_per_round": args.batches,
+        "rounds": args.rounds,
         "pinned_core": args.core,
-        "images_per_s_best": best, "images_per_s_median": med,
+        "images_per_s_best": best,
+        "images_per_s_median": med,
         "ratio_device_code_on_cpu_vs_recipe_per_core": round(
-            best["device_code_on_cpu_one_core"] / ref, 2),
+            best["device_code_on_cpu_one_core"] / ref, 2
+        ),
     }
     out["ratio_actor_throughput_device_vs_cpu_mode"] = round(
         best["actor_decode_crop_photometric_device_one_core"]
-        / best["actor_decode_crop_photometric_cpu_one_core"], 2)
+        / best["actor_decode_crop_photometric_cpu_one_core"],
+        2,
+    )
     if cuda:
         out["ratio_cuda_vs_recipe_per_core"] = round(best["device_code_on_cuda"] / ref, 1)
         out["cuda_ms_per_batch_best"] = round(1000 * n / best["device_code_on_cuda"], 2)

@@ -30,7 +30,9 @@ from bench._corpus import command_line  # noqa: E402
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--minutes", type=float, required=True, help="training wall-clock budget")
-    ap.add_argument("--config", default=str(Path(__file__).resolve().parents[1] / "configs/cifar10.yaml"))
+    ap.add_argument(
+        "--config", default=str(Path(__file__).resolve().parents[1] / "configs/cifar10.yaml")
+    )
     ap.add_argument("--workdir", default=".dino-ray/bench-cifar10")
     ap.add_argument("--train", help="train split (default: the config's data.path)")
     ap.add_argument("--test", help="test split (default: the config's eval.test_path)")
@@ -52,12 +54,22 @@ def main() -> int:
         ap.error("no test split: pass --test or set eval.test_path in the config")
     # nothing is selected here, so SSL trains on the whole train split, the k-NN bank is the
     # whole train split and the queries are the test split, reported once at the end
-    cfg = DinoConfig.load(args.config, [
-        f"train.max_wall_seconds={args.minutes * 60}", f"train.storage_path={work / 'runs'}",
-        f"train.name={name}", f"tracking.tracking_uri=sqlite:///{work / 'mlflow.db'}",
-        "eval.every_epochs=0", "eval.at_end=true", f"data.path={train}",
-        f"eval.train_path={train}", f"eval.val_path={test}", "eval.test_path=null",
-        *args.overrides])
+    cfg = DinoConfig.load(
+        args.config,
+        [
+            f"train.max_wall_seconds={args.minutes * 60}",
+            f"train.storage_path={work / 'runs'}",
+            f"train.name={name}",
+            f"tracking.tracking_uri=sqlite:///{work / 'mlflow.db'}",
+            "eval.every_epochs=0",
+            "eval.at_end=true",
+            f"data.path={train}",
+            f"eval.train_path={train}",
+            f"eval.val_path={test}",
+            "eval.test_path=null",
+            *args.overrides,
+        ],
+    )
     ensure_ray()
     t0 = time.monotonic()
     result = run_training(cfg, config_path=args.config)
@@ -74,26 +86,39 @@ def main() -> int:
         "knn_top1_trained": m.get("knn_top1"),
         "knn_top1_random_init": m.get("knn_init_top1"),
         "knn_top1_pixels": m.get("knn_pixels_top1"),
-        "knn_gain_top1": m.get("knn_gain_top1"), "headline_k": cfg.eval.headline_k,
-        "knn_by_k": {k: {"trained": m.get(f"knn_top1_k{k}"),
-                         "random_init": m.get(f"knn_init_top1_k{k}"),
-                         "pixels": m.get(f"knn_pixels_top1_k{k}")}
-                     for k in sorted(set(cfg.eval.k) | {cfg.eval.headline_k})},
+        "knn_gain_top1": m.get("knn_gain_top1"),
+        "headline_k": cfg.eval.headline_k,
+        "knn_by_k": {
+            k: {
+                "trained": m.get(f"knn_top1_k{k}"),
+                "random_init": m.get(f"knn_init_top1_k{k}"),
+                "pixels": m.get(f"knn_pixels_top1_k{k}"),
+            }
+            for k in sorted(set(cfg.eval.k) | {cfg.eval.headline_k})
+        },
         "linear_top1_trained": m.get("linear_top1"),
         "linear_top1_random_init": m.get("linear_init_top1"),
         "linear_top1_pixels": m.get("linear_pixels_top1"),
-        "bank_size": m.get("knn_bank_size"), "val_size": m.get("knn_val_size"),
-        "epochs_done": len(hist), "steps": steps, "train_wall_s": round(train_s, 1),
+        "bank_size": m.get("knn_bank_size"),
+        "val_size": m.get("knn_val_size"),
+        "epochs_done": len(hist),
+        "steps": steps,
+        "train_wall_s": round(train_s, 1),
         "images_per_s": round(images / train_s, 1) if train_s else None,
         "epoch_images_per_s_last": m.get("epoch_images_per_s"),
         "data_wait_fraction_last": m.get("epoch_data_wait_fraction"),
         "final_loss": m.get("epoch_loss"),
         "total_wall_s": round(time.monotonic() - t0, 1),
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
-                    "gpu": _gpu(), "python": platform.python_version()},
+        "machine": {
+            "platform": platform.platform(),
+            "cpus": os.cpu_count(),
+            "gpu": _gpu(),
+            "python": platform.python_version(),
+        },
         "command": command_line(),
         "config": cfg.model_dump(mode="json"),
-        "checkpoint": result.checkpoint_path, "mlflow_run_id": result.mlflow_run_id,
+        "checkpoint": result.checkpoint_path,
+        "mlflow_run_id": result.mlflow_run_id,
     }
     print(json.dumps(out, default=str))
     return 0

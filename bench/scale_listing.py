@@ -38,8 +38,8 @@ def one_point(rows: int, epochs: int) -> dict:
 
     from bench.ingest import ProcessSampler
     from pipeline.config import AugmentConfig, DataConfig
-    from pipeline.data.datasource import CorpusDatasource
     from pipeline.data.dataset import build_train_dataset
+    from pipeline.data.datasource import CorpusDatasource
     from pipeline.data.sources import Corpus
     from pipeline.data.state import DataHandle, stream_end
 
@@ -51,14 +51,24 @@ def one_point(rows: int, epochs: int) -> dict:
         Image.fromarray(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)).save(path, "JPEG")
         files.append(str(path))
     t0 = time.perf_counter()
-    entries = pa.table({"path": pa.array([files[i % 32] for i in range(rows)], pa.string()),
-                        "label": pa.array(np.arange(rows) % 1000, pa.int64())})
-    corpus = Corpus("files", pafs.LocalFileSystem(), entries, [str(c) for c in range(1000)],
-                    True, num_images=rows, description="synthetic")
+    entries = pa.table(
+        {
+            "path": pa.array([files[i % 32] for i in range(rows)], pa.string()),
+            "label": pa.array(np.arange(rows) % 1000, pa.int64()),
+        }
+    )
+    corpus = Corpus(
+        "files",
+        pafs.LocalFileSystem(),
+        entries,
+        [str(c) for c in range(1000)],
+        True,
+        num_images=rows,
+        description="synthetic",
+    )
     list_s = time.perf_counter() - t0
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-             logging_level="ERROR")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
     ray.data.DataContext.get_current().enable_progress_bars = False
     with ProcessSampler() as mem:
         # planning alone: what the executor does when an execution starts
@@ -74,20 +84,26 @@ def one_point(rows: int, epochs: int) -> dict:
         del tasks
         # the first batch of the real stream (listing -> plan -> read -> decode + crops)
         aug = AugmentConfig(global_size=32, local_size=16, num_local=2)
-        td = build_train_dataset(DataConfig(path=str(tmp), num_actors=1, map_batch_size=32),
-                                 aug, corpus=corpus)
+        td = build_train_dataset(
+            DataConfig(path=str(tmp), num_actors=1, map_batch_size=32), aug, corpus=corpus
+        )
         td.set_epoch(0, until=epochs)
         t0 = time.perf_counter()
         batch = next(iter(td.dataset.iter_batches(batch_size=32)))
         first_batch_s = time.perf_counter() - t0
         assert len(batch["global_0"]) == 32
     ray.shutdown()
-    return {"rows": rows, "epochs": epochs, "list_s": round(list_s, 2),
-            "plan_s": round(plan_s, 2), "read_tasks": n_tasks,
-            "tasks_pickled_mib": round(pickled / 2 ** 20, 2),
-            "first_batch_s": round(first_batch_s, 2),
-            "peak_rss_mib": round(mem.peak_rss / 2 ** 20), "object_store_mib":
-            round(mem.peak_plasma / 2 ** 20)}
+    return {
+        "rows": rows,
+        "epochs": epochs,
+        "list_s": round(list_s, 2),
+        "plan_s": round(plan_s, 2),
+        "read_tasks": n_tasks,
+        "tasks_pickled_mib": round(pickled / 2**20, 2),
+        "first_batch_s": round(first_batch_s, 2),
+        "peak_rss_mib": round(mem.peak_rss / 2**20),
+        "object_store_mib": round(mem.peak_plasma / 2**20),
+    }
 
 
 def main() -> int:
@@ -102,8 +118,12 @@ def main() -> int:
     points = []
     for rows in args.rows:
         for epochs in args.epochs:
-            out = subprocess.run([sys.executable, __file__, "--one", str(rows), str(epochs)],
-                                 capture_output=True, text=True, check=True)
+            out = subprocess.run(
+                [sys.executable, __file__, "--one", str(rows), str(epochs)],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
             points.append(json.loads(out.stdout.strip().splitlines()[-1]))
             print(json.dumps(points[-1]), file=sys.stderr, flush=True)
     growth = {}
@@ -115,9 +135,17 @@ def main() -> int:
             f"peak_rss_{hi}_over_{lo}_epochs": round(b["peak_rss_mib"] / a["peak_rss_mib"], 3),
             f"plan_s_{hi}_over_{lo}_epochs": round(b["plan_s"] / max(a["plan_s"], 1e-3), 2),
         }
-    print(json.dumps({"bench": "scale_listing", "machine": machine(),
-                      "command": command_line(), "points": points,
-                      "growth": growth}))
+    print(
+        json.dumps(
+            {
+                "bench": "scale_listing",
+                "machine": machine(),
+                "command": command_line(),
+                "points": points,
+                "growth": growth,
+            }
+        )
+    )
     return 0
 
 

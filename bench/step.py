@@ -61,10 +61,14 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--out-dim", type=int, default=65536)
     ap.add_argument("--hidden-dim", type=int, default=2048)
     ap.add_argument("--bottleneck-dim", type=int, default=256)
-    ap.add_argument("--precision", choices=["fp32", "bf16", "fp16"],
-                    help="ours: fp32 on CPU, bf16 on CUDA")
-    ap.add_argument("--official-precision", choices=["fp32", "bf16", "fp16"],
-                    help="the official: as ours on CPU, fp16 (+ GradScaler) on CUDA")
+    ap.add_argument(
+        "--precision", choices=["fp32", "bf16", "fp16"], help="ours: fp32 on CPU, bf16 on CUDA"
+    )
+    ap.add_argument(
+        "--official-precision",
+        choices=["fp32", "bf16", "fp16"],
+        help="the official: as ours on CPU, fp16 (+ GradScaler) on CUDA",
+    )
     ap.add_argument("--epoch", type=int, default=1, help="0: the frozen last layer's epoch")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--steps", type=int, default=3, help="steps per round")
@@ -98,19 +102,35 @@ class Ours:
         self.optimizer = build_optimizer(student)
         self.autocast, self.scaler = resolve_precision(args.precision, device)
         self.sched = build_schedules(
-            lr=scaled_lr(LR, args.batch), min_lr=MIN_LR, warmup_epochs=WARMUP_EPOCHS,
-            weight_decay=WD, weight_decay_end=WD_END, momentum=MOMENTUM,
-            momentum_end=MOMENTUM_END, warmup_teacher_temp=TEACHER_TEMP,
-            teacher_temp=TEACHER_TEMP, warmup_teacher_temp_epochs=0,
-            freeze_last_layer_epochs=FREEZE_EPOCHS, epochs=EPOCHS, iters_per_epoch=IPE)
+            lr=scaled_lr(LR, args.batch),
+            min_lr=MIN_LR,
+            warmup_epochs=WARMUP_EPOCHS,
+            weight_decay=WD,
+            weight_decay_end=WD_END,
+            momentum=MOMENTUM,
+            momentum_end=MOMENTUM_END,
+            warmup_teacher_temp=TEACHER_TEMP,
+            teacher_temp=TEACHER_TEMP,
+            warmup_teacher_temp_epochs=0,
+            freeze_last_layer_epochs=FREEZE_EPOCHS,
+            epochs=EPOCHS,
+            iters_per_epoch=IPE,
+        )
         self.it = args.epoch * IPE
         self.last = None
 
     def step(self, crops) -> None:
         self.last = dino_step(
-            student=self.student, teacher=self.teacher, loss_fn=self.loss_fn,
-            optimizer=self.optimizer, crops=crops, schedule=self.sched.at(self.it),
-            clip_grad=CLIP, autocast_dtype=self.autocast, scaler=self.scaler)
+            student=self.student,
+            teacher=self.teacher,
+            loss_fn=self.loss_fn,
+            optimizer=self.optimizer,
+            crops=crops,
+            schedule=self.sched.at(self.it),
+            clip_grad=CLIP,
+            autocast_dtype=self.autocast,
+            scaler=self.scaler,
+        )
         self.it += 1
 
     def read(self) -> dict:
@@ -122,14 +142,18 @@ class Official:
         self.student = official.MultiCropWrapper(student.backbone, student.head)
         self.teacher = official.MultiCropWrapper(teacher.backbone, teacher.head)
         self.loss_fn = official.DINOLoss(
-            args.out_dim, 2 + args.local_crops, TEACHER_TEMP, TEACHER_TEMP, 0, EPOCHS).to(device)
+            args.out_dim, 2 + args.local_crops, TEACHER_TEMP, TEACHER_TEMP, 0, EPOCHS
+        ).to(device)
         self.optimizer = official.build_optimizer(self.student)
         self.autocast = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[
-            args.official_precision]
-        self.scaler = (torch.amp.GradScaler(device.type)
-                       if args.official_precision == "fp16" else None)
-        self.lr = official.cosine_scheduler(scaled_lr(LR, args.batch), MIN_LR, EPOCHS, IPE,
-                                            warmup_epochs=WARMUP_EPOCHS)
+            args.official_precision
+        ]
+        self.scaler = (
+            torch.amp.GradScaler(device.type) if args.official_precision == "fp16" else None
+        )
+        self.lr = official.cosine_scheduler(
+            scaled_lr(LR, args.batch), MIN_LR, EPOCHS, IPE, warmup_epochs=WARMUP_EPOCHS
+        )
         self.wd = official.cosine_scheduler(WD, WD_END, EPOCHS, IPE)
         self.momentum = official.cosine_scheduler(MOMENTUM, MOMENTUM_END, EPOCHS, IPE)
         self.it = args.epoch * IPE
@@ -137,10 +161,21 @@ class Official:
 
     def step(self, crops) -> None:
         self.last = official.train_step(
-            self.student, self.teacher, self.loss_fn, self.optimizer, crops,
-            epoch=self.it // IPE, it=self.it, lr_schedule=self.lr, wd_schedule=self.wd,
-            momentum_schedule=self.momentum, clip_grad=CLIP, freeze_last_layer=FREEZE_EPOCHS,
-            fp16_scaler=self.scaler, autocast_dtype=self.autocast)
+            self.student,
+            self.teacher,
+            self.loss_fn,
+            self.optimizer,
+            crops,
+            epoch=self.it // IPE,
+            it=self.it,
+            lr_schedule=self.lr,
+            wd_schedule=self.wd,
+            momentum_schedule=self.momentum,
+            clip_grad=CLIP,
+            freeze_last_layer=FREEZE_EPOCHS,
+            fp16_scaler=self.scaler,
+            autocast_dtype=self.autocast,
+        )
         self.it += 1
 
     def read(self) -> dict:
@@ -165,17 +200,24 @@ def main() -> None:
     def build(cls_only_last_block: bool):
         torch.manual_seed(args.seed)  # the same starting weights for both sides
         return build_student_teacher(
-            args.arch, img_size=args.global_size, patch_size=args.patch, out_dim=args.out_dim,
-            hidden_dim=args.hidden_dim, bottleneck_dim=args.bottleneck_dim, drop_path_rate=0.1,
-            cls_only_last_block=cls_only_last_block)
+            args.arch,
+            img_size=args.global_size,
+            patch_size=args.patch,
+            out_dim=args.out_dim,
+            hidden_dim=args.hidden_dim,
+            bottleneck_dim=args.bottleneck_dim,
+            drop_path_rate=0.1,
+            cls_only_last_block=cls_only_last_block,
+        )
 
     student, teacher = build(True)
     # the official ViT computes every token in its last block (``official.MultiCropWrapper``
     # takes the modules)
     official_student, official_teacher = build(False)
     impls = {
-        "official": Official(official_student.to(device), official_teacher.to(device), args,
-                             device),
+        "official": Official(
+            official_student.to(device), official_teacher.to(device), args, device
+        ),
         "ours": Ours(student.to(device), teacher.to(device), args, device),
     }
     crops = make_crops(args, device)
@@ -188,33 +230,50 @@ def main() -> None:
             per_round[name].append(timed_round(impls[name], crops, args.steps, device))
     med = {k: statistics.median(v) for k, v in per_round.items()}
     losses = {k: round(float(impl.read()["loss"]), 4) for k, impl in impls.items()}
-    print(json.dumps({
-        "benchmark": "one DINO training step: dino_model.step.dino_step vs the official "
-                     "train_one_epoch step (bench/official_dino.py)",
-        "command": command_line(),
-        "machine": {**machine(), "platform": platform.platform(), "torch": torch.__version__,
+    print(
+        json.dumps(
+            {
+                "benchmark": "one DINO training step: dino_model.step.dino_step vs the official "
+                "train_one_epoch step (bench/official_dino.py)",
+                "command": command_line(),
+                "machine": {
+                    **machine(),
+                    "platform": platform.platform(),
+                    "torch": torch.__version__,
                     "torch_threads": torch.get_num_threads(),
-                    "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None},
-        "settings": {"device": str(device), "arch": args.arch, "patch": args.patch,
-                     "batch": args.batch,
-                     "crops": f"2x{args.global_size} + {args.local_crops}x{args.local_size}",
-                     "out_dim": args.out_dim, "hidden_dim": args.hidden_dim,
-                     "bottleneck_dim": args.bottleneck_dim, "ours_precision": args.precision,
-                     "official_precision": args.official_precision
-                     + (" + GradScaler" if args.official_precision == "fp16" else ""),
-                     "epoch": args.epoch, "frozen_last_layer": args.epoch < FREEZE_EPOCHS,
-                     "rounds": args.rounds, "steps_per_round": args.steps,
-                     "warmup_steps": args.warmup, "compile": args.compile,
-                     "ours_optimizer": _optimizer_kind(impls["ours"].optimizer)},
-        "official_step_s": round(med["official"], 4),
-        "ours_step_s": round(med["ours"], 4),
-        "speedup": round(med["official"] / med["ours"], 3),
-        "official_images_per_s": round(args.batch / med["official"], 2),
-        "ours_images_per_s": round(args.batch / med["ours"], 2),
-        "per_round_step_s": {k: [round(x, 4) for x in v] for k, v in per_round.items()},
-        "last_loss": losses,
-        "target_speedup": 1.0,
-    }))
+                    "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+                },
+                "settings": {
+                    "device": str(device),
+                    "arch": args.arch,
+                    "patch": args.patch,
+                    "batch": args.batch,
+                    "crops": f"2x{args.global_size} + {args.local_crops}x{args.local_size}",
+                    "out_dim": args.out_dim,
+                    "hidden_dim": args.hidden_dim,
+                    "bottleneck_dim": args.bottleneck_dim,
+                    "ours_precision": args.precision,
+                    "official_precision": args.official_precision
+                    + (" + GradScaler" if args.official_precision == "fp16" else ""),
+                    "epoch": args.epoch,
+                    "frozen_last_layer": args.epoch < FREEZE_EPOCHS,
+                    "rounds": args.rounds,
+                    "steps_per_round": args.steps,
+                    "warmup_steps": args.warmup,
+                    "compile": args.compile,
+                    "ours_optimizer": _optimizer_kind(impls["ours"].optimizer),
+                },
+                "official_step_s": round(med["official"], 4),
+                "ours_step_s": round(med["ours"], 4),
+                "speedup": round(med["official"] / med["ours"], 3),
+                "official_images_per_s": round(args.batch / med["official"], 2),
+                "ours_images_per_s": round(args.batch / med["ours"], 2),
+                "per_round_step_s": {k: [round(x, 4) for x in v] for k, v in per_round.items()},
+                "last_loss": losses,
+                "target_speedup": 1.0,
+            }
+        )
+    )
 
 
 def _optimizer_kind(optimizer: torch.optim.Optimizer) -> str:

@@ -8,8 +8,8 @@ from dino_model.features import embed, pixel_features
 from dino_model.head import DINOHead
 from dino_model.knn import NeighbourVotes, knn_classify, knn_metrics
 from dino_model.loss import DINOLoss
-from dino_model.multicrop import MultiCropWrapper
 from dino_model.model import build_student_teacher
+from dino_model.multicrop import MultiCropWrapper
 
 __all__ = [
     "DINOHead",

@@ -81,8 +81,10 @@ def use_cifar_stem(model: nn.Module) -> nn.Module:
     returned. ``ValueError`` for other models."""
     conv = getattr(model, "conv1", None)
     if not hasattr(model, "maxpool") or not isinstance(conv, (nn.Conv2d, nn.Sequential)):
-        raise ValueError(f"model.cifar_stem: {type(model).__name__} has no ResNet stem "
-                         "(conv1 + maxpool) to replace")
+        raise ValueError(
+            f"model.cifar_stem: {type(model).__name__} has no ResNet stem "
+            "(conv1 + maxpool) to replace"
+        )
     if isinstance(conv, nn.Conv2d):
         model.conv1 = nn.Conv2d(conv.in_channels, conv.out_channels, 3, 1, 1, bias=False)
     else:

@@ -34,8 +34,9 @@ from timm.models.vision_transformer import Block, VisionTransformer
 class ClsOnlyBlock(Block):
     """timm's ``Block`` returning the CLS token alone: (B, N, C) -> (B, 1, C)."""
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None,
-                is_causal: bool = False) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False
+    ) -> torch.Tensor:
         if attn_mask is not None or is_causal:
             return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
         x = x[:, :1] + self.drop_path1(self.ls1(self._cls_attention(self.norm1(x))))
@@ -54,7 +55,8 @@ class ClsOnlyBlock(Block):
         q, k = attn.q_norm(q), attn.k_norm(k)
         # SDPA's default scale is head_dim ** -0.5 = attn.scale, as in timm's fused path
         o = F.scaled_dot_product_attention(
-            q, k, v, dropout_p=attn.attn_drop.p if attn.training else 0.0)
+            q, k, v, dropout_p=attn.attn_drop.p if attn.training else 0.0
+        )
         o = attn.norm(o.transpose(1, 2).reshape(b, 1, dim))
         return attn.proj_drop(attn.proj(o))
 
@@ -72,10 +74,15 @@ def query_cls_only(backbone: nn.Module) -> bool:
     if type(block) is ClsOnlyBlock:
         return True
     attn = getattr(block, "attn", None)
-    if (backbone.global_pool != "token" or backbone.attn_pool is not None
-            or backbone.cls_token is None or type(block) is not Block
-            or type(attn) is not Attention or attn.gate is not None
-            or type(attn.qkv) is not nn.Linear):
+    if (
+        backbone.global_pool != "token"
+        or backbone.attn_pool is not None
+        or backbone.cls_token is None
+        or type(block) is not Block
+        or type(attn) is not Attention
+        or attn.gate is not None
+        or type(attn.qkv) is not nn.Linear
+    ):
         return False
     block.__class__ = ClsOnlyBlock
     return True

@@ -7,8 +7,7 @@ import torch.nn as nn
 
 
 @torch.no_grad()
-def update_teacher(teacher: nn.Module, student: nn.Module,
-                   momentum: float | torch.Tensor) -> None:
+def update_teacher(teacher: nn.Module, student: nn.Module, momentum: float | torch.Tensor) -> None:
     """``student`` may be DDP-wrapped; parameters are matched by name. ``momentum`` m is a float,
     or a 0-d tensor on the device when it is only known there (``dino_step`` sets m = 1, no
     update, for a step it skipped, without reading the flag on the host)."""

@@ -18,10 +18,16 @@ from dino_model.normalize import normalize_uint8
 
 
 @torch.no_grad()
-def embed(backbone: torch.nn.Module, images: np.ndarray | torch.Tensor, *,
-          device: torch.device | str = "cpu", batch_size: int = 256,
-          autocast_dtype: torch.dtype | None = None, n_last_blocks: int = 1,
-          avgpool: bool = False) -> torch.Tensor:
+def embed(
+    backbone: torch.nn.Module,
+    images: np.ndarray | torch.Tensor,
+    *,
+    device: torch.device | str = "cpu",
+    batch_size: int = 256,
+    autocast_dtype: torch.dtype | None = None,
+    n_last_blocks: int = 1,
+    avgpool: bool = False,
+) -> torch.Tensor:
     """(N, S, S, 3) uint8 -> (N, D) float32 features on CPU (one forward per image).
 
     The defaults give the backbone's output (the CLS token of a ViT); ``n_last_blocks`` /
@@ -34,9 +40,12 @@ def embed(backbone: torch.nn.Module, images: np.ndarray | torch.Tensor, *,
     out = []
     device = torch.device(device)
     for start in range(0, images.shape[0], batch_size):
-        x = normalize_uint8(images[start:start + batch_size], device)
-        ctx = (torch.autocast(device_type=device.type, dtype=autocast_dtype)
-               if autocast_dtype is not None else contextlib.nullcontext())
+        x = normalize_uint8(images[start : start + batch_size], device)
+        ctx = (
+            torch.autocast(device_type=device.type, dtype=autocast_dtype)
+            if autocast_dtype is not None
+            else contextlib.nullcontext()
+        )
         with ctx:
             f = probe_features(backbone, x, n_last_blocks=n_last_blocks, avgpool=avgpool)
         out.append(f.float().cpu())

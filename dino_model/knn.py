@@ -34,27 +34,31 @@ class NeighbourVotes:
         self.bank_size = 0
 
     @torch.no_grad()
-    def add(self, bank_features: torch.Tensor, bank_labels: torch.Tensor, chunk: int = 1024) -> None:
+    def add(
+        self, bank_features: torch.Tensor, bank_labels: torch.Tensor, chunk: int = 1024
+    ) -> None:
         bank = F.normalize(bank_features.float(), dim=1)
         labels = bank_labels.long()
         self.bank_size += bank.shape[0]
         for start in range(0, self.query.shape[0], chunk):
-            q = self.query[start:start + chunk]
-            sims = torch.cat([self.sims[start:start + chunk], q @ bank.T], dim=1)
-            lab = torch.cat([self.labels[start:start + chunk],
-                             labels[None, :].expand(q.shape[0], -1)], dim=1)
+            q = self.query[start : start + chunk]
+            sims = torch.cat([self.sims[start : start + chunk], q @ bank.T], dim=1)
+            lab = torch.cat(
+                [self.labels[start : start + chunk], labels[None, :].expand(q.shape[0], -1)], dim=1
+            )
             k = min(self.k_max, sims.shape[1])
             top, idx = sims.topk(k, dim=1)
             if start == 0:
                 new_sims = torch.empty((self.query.shape[0], k))
                 new_labels = torch.empty((self.query.shape[0], k), dtype=torch.long)
-            new_sims[start:start + chunk] = top
-            new_labels[start:start + chunk] = lab.gather(1, idx)
+            new_sims[start : start + chunk] = top
+            new_labels[start : start + chunk] = lab.gather(1, idx)
         self.sims, self.labels = new_sims, new_labels
 
     @torch.no_grad()
-    def classify(self, query_labels: torch.Tensor, *, ks, temperature: float,
-                 num_classes: int | None = None) -> dict[int, tuple[float, float]]:
+    def classify(
+        self, query_labels: torch.Tensor, *, ks, temperature: float, num_classes: int | None = None
+    ) -> dict[int, tuple[float, float]]:
         """``{k: (top1, top5)}`` in percent for each k (capped at the bank size)."""
         if self.bank_size == 0 or self.query.shape[0] == 0:
             raise ValueError("k-NN needs a non-empty bank and query set")
@@ -67,8 +71,10 @@ class NeighbourVotes:
             scores = torch.zeros(targets.shape[0], n_classes)
             scores.scatter_add_(1, self.labels[:, :kk], weights[:, :kk])
             hits = scores.argsort(dim=1, descending=True) == targets[:, None]
-            out[k] = (100.0 * float(hits[:, :1].sum()) / targets.shape[0],
-                      100.0 * float(hits[:, :min(5, n_classes)].sum()) / targets.shape[0])
+            out[k] = (
+                100.0 * float(hits[:, :1].sum()) / targets.shape[0],
+                100.0 * float(hits[:, : min(5, n_classes)].sum()) / targets.shape[0],
+            )
         return out
 
 
@@ -90,14 +96,25 @@ def knn_classify(
     n_classes = int(num_classes or int(max(bank_labels.max(), query_labels.max())) + 1)
     votes = NeighbourVotes(query_features, max(ks))
     for start in range(0, bank_features.shape[0], 8 * chunk):
-        votes.add(bank_features[start:start + 8 * chunk], bank_labels[start:start + 8 * chunk],
-                  chunk=chunk)
+        votes.add(
+            bank_features[start : start + 8 * chunk],
+            bank_labels[start : start + 8 * chunk],
+            chunk=chunk,
+        )
     return votes.classify(query_labels, ks=ks, temperature=temperature, num_classes=n_classes)
 
 
-def knn_metrics(bank_feats: torch.Tensor, bank_labels, val_feats: torch.Tensor, val_labels, *,
-                ks: list[int], temperature: float, prefix: str = "knn",
-                headline_k: int = DEFAULT_HEADLINE_K) -> dict[str, float]:
+def knn_metrics(
+    bank_feats: torch.Tensor,
+    bank_labels,
+    val_feats: torch.Tensor,
+    val_labels,
+    *,
+    ks: list[int],
+    temperature: float,
+    prefix: str = "knn",
+    headline_k: int = DEFAULT_HEADLINE_K,
+) -> dict[str, float]:
     """Weighted k-NN figures in percent.
 
     Returns ``{prefix}_top1_k{k}``, ``{prefix}_top5_k{k}`` for each k in ``ks`` and
@@ -106,14 +123,20 @@ def knn_metrics(bank_feats: torch.Tensor, bank_labels, val_feats: torch.Tensor, 
     flatter the figure). ``headline_k`` is added to the computed ks when absent.
     """
     all_ks = sorted(set(int(k) for k in ks) | {int(headline_k)})
-    res = knn_classify(bank_feats, torch.as_tensor(np.asarray(bank_labels)), val_feats,
-                       torch.as_tensor(np.asarray(val_labels)), ks=tuple(all_ks),
-                       temperature=temperature)
+    res = knn_classify(
+        bank_feats,
+        torch.as_tensor(np.asarray(bank_labels)),
+        val_feats,
+        torch.as_tensor(np.asarray(val_labels)),
+        ks=tuple(all_ks),
+        temperature=temperature,
+    )
     return knn_figures(res, prefix, headline_k)
 
 
-def knn_figures(res: dict[int, tuple[float, float]], prefix: str,
-                headline_k: int) -> dict[str, float]:
+def knn_figures(
+    res: dict[int, tuple[float, float]], prefix: str, headline_k: int
+) -> dict[str, float]:
     """``{k: (top1, top5)}`` -> the metric names of ``knn_metrics``."""
     out: dict[str, float] = {}
     for k, (top1, top5) in res.items():

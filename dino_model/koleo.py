@@ -1,5 +1,5 @@
 """KoLeo regulariser (DINOv2): spread features by penalising small nearest-neighbour distances,
-    L = -1/B * sum_i log(min_{j != i} ||x_i - x_j|| + eps) on L2-normalised features."""
+L = -1/B * sum_i log(min_{j != i} ||x_i - x_j|| + eps) on L2-normalised features."""
 
 from __future__ import annotations
 

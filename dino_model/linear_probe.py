@@ -33,8 +33,9 @@ def supports_intermediates(backbone: nn.Module) -> bool:
 
 
 @torch.no_grad()
-def probe_features(backbone: nn.Module, images: torch.Tensor, *, n_last_blocks: int = 1,
-                   avgpool: bool = False) -> torch.Tensor:
+def probe_features(
+    backbone: nn.Module, images: torch.Tensor, *, n_last_blocks: int = 1, avgpool: bool = False
+) -> torch.Tensor:
     """Frozen features for a linear probe.
 
     Args:
@@ -58,21 +59,28 @@ def probe_features(backbone: nn.Module, images: torch.Tensor, *, n_last_blocks: 
         raise LinearProbeError(
             f"n_last_blocks={n_last_blocks}, avgpool={avgpool} need a timm ViT backbone; "
             f"{type(backbone).__name__} has no forward_intermediates: use n_last_blocks=1 without "
-            "avgpool")
+            "avgpool"
+        )
     n_blocks = len(backbone.blocks)
     if n_last_blocks > n_blocks:
         raise LinearProbeError(
             f"n_last_blocks={n_last_blocks} but the backbone has {n_blocks} blocks: use at most "
-            f"{n_blocks}")
+            f"{n_blocks}"
+        )
     from dino_model.cls_block import all_tokens  # a ViT: timm is imported already
 
     # norm=True applies the final LayerNorm to every intermediate, as DINO's
     # get_intermediate_layers; all_tokens: the last block's patch tokens too, where training has
     # it compute its CLS token alone
     with all_tokens(backbone):
-        outs = backbone.forward_intermediates(images, indices=n_last_blocks, norm=True,
-                                              output_fmt="NLC", intermediates_only=True,
-                                              return_prefix_tokens=True)
+        outs = backbone.forward_intermediates(
+            images,
+            indices=n_last_blocks,
+            norm=True,
+            output_fmt="NLC",
+            intermediates_only=True,
+            return_prefix_tokens=True,
+        )
     feats = [prefix[:, 0] for _, prefix in outs]  # the CLS token is the first prefix token
     if avgpool:
         feats.append(outs[-1][0].mean(dim=1))  # spatial tokens only (no CLS / registers)
@@ -89,9 +97,17 @@ class LinearProbeResult:
     holdout_top1: float
 
 
-def linear_probe(train_x, train_y, test_x, test_y, *, seed: int = 0,
-                 Cs: tuple[float, ...] = DEFAULT_CS, holdout_fraction: float = 0.2,
-                 max_iter: int = 500) -> LinearProbeResult:
+def linear_probe(
+    train_x,
+    train_y,
+    test_x,
+    test_y,
+    *,
+    seed: int = 0,
+    Cs: tuple[float, ...] = DEFAULT_CS,
+    holdout_fraction: float = 0.2,
+    max_iter: int = 500,
+) -> LinearProbeResult:
     """Fit a logistic-regression probe on (train_x, train_y), report accuracy on (test_x, test_y).
 
     Args:
@@ -115,7 +131,8 @@ def linear_probe(train_x, train_y, test_x, test_y, *, seed: int = 0,
     if len(test_x) == 0 or len(np.unique(train_y)) < 2:
         raise LinearProbeError(
             f"linear probe needs a bank with >= 2 classes (got {len(np.unique(train_y))}) and a "
-            f"non-empty evaluation set (got {len(test_x)}): use a larger labelled eval set")
+            f"non-empty evaluation set (got {len(test_x)}): use a larger labelled eval set"
+        )
     counts = np.bincount(train_y)
     n_holdout = max(1, int(round(holdout_fraction * len(train_y))))
     n_classes = int((counts > 0).sum())
@@ -124,18 +141,24 @@ def linear_probe(train_x, train_y, test_x, test_y, *, seed: int = 0,
         split = StratifiedShuffleSplit(n_splits=1, test_size=n_holdout, random_state=seed)
     else:
         split = ShuffleSplit(n_splits=1, test_size=n_holdout, random_state=seed)
-    model = make_pipeline(StandardScaler(),
-                          LogisticRegression(max_iter=max_iter, random_state=seed))
-    search = GridSearchCV(model, {"logisticregression__C": list(Cs)}, cv=split, refit=True,
-                          error_score="raise")
+    model = make_pipeline(
+        StandardScaler(), LogisticRegression(max_iter=max_iter, random_state=seed)
+    )
+    search = GridSearchCV(
+        model, {"logisticregression__C": list(Cs)}, cv=split, refit=True, error_score="raise"
+    )
     search.fit(train_x, train_y)  # refit=True: the chosen C is refit on the whole bank
     top1 = 100.0 * float((search.predict(test_x) == test_y).mean())
-    return LinearProbeResult(top1=top1, C=float(search.best_params_["logisticregression__C"]),
-                             holdout_top1=100.0 * float(search.best_score_))
+    return LinearProbeResult(
+        top1=top1,
+        C=float(search.best_params_["logisticregression__C"]),
+        holdout_top1=100.0 * float(search.best_score_),
+    )
 
 
-def linear_metrics(bank_feats, bank_labels, val_feats, val_labels, *, prefix: str = "linear",
-                   seed: int = 0) -> dict[str, float]:
+def linear_metrics(
+    bank_feats, bank_labels, val_feats, val_labels, *, prefix: str = "linear", seed: int = 0
+) -> dict[str, float]:
     """Linear probe (``linear_probe``): fit on the bank (C picked on a split of the bank), scored
     on val. Returns ``{prefix}_top1`` (percent), ``{prefix}_C`` and
     ``{prefix}_holdout_top1`` (the bank hold-out accuracy that picked C)."""

@@ -24,14 +24,19 @@ class LossStats:
     device (reading one waits for the step; ``collapse`` reads them)."""
 
     teacher_entropy: torch.Tensor  # mean per-sample entropy of p_t: -> ln K when p_t is uniform
-    teacher_batch_entropy: torch.Tensor  # entropy of the batch-mean p_t: -> 0 when one prototype wins
+    teacher_batch_entropy: (
+        torch.Tensor
+    )  # entropy of the batch-mean p_t: -> 0 when one prototype wins
     kl: torch.Tensor  # mean KL(p_t || p_s) over pairs: -> 0 when student copies teacher
     log_k: float
 
     def values(self) -> dict[str, torch.Tensor]:
         """The monitors by metric name (no ``log_k``), still on the device."""
-        return {"teacher_entropy": self.teacher_entropy,
-                "teacher_batch_entropy": self.teacher_batch_entropy, "kl": self.kl}
+        return {
+            "teacher_entropy": self.teacher_entropy,
+            "teacher_batch_entropy": self.teacher_batch_entropy,
+            "kl": self.kl,
+        }
 
     def collapse(self, tol: float = 0.02) -> str | None:
         if float(self.teacher_entropy) > (1 - tol) * self.log_k:

@@ -31,23 +31,32 @@ def build_student_teacher(
     the last block's patch tokens (iBOT); other backbones are unaffected.
     """
     student_backbone = build_backbone(
-        arch, img_size=img_size, patch_size=patch_size, drop_path_rate=drop_path_rate,
-        cifar_stem=cifar_stem)
-    teacher_backbone = build_backbone(arch, img_size=img_size, patch_size=patch_size,
-                                      cifar_stem=cifar_stem)
+        arch,
+        img_size=img_size,
+        patch_size=patch_size,
+        drop_path_rate=drop_path_rate,
+        cifar_stem=cifar_stem,
+    )
+    teacher_backbone = build_backbone(
+        arch, img_size=img_size, patch_size=patch_size, cifar_stem=cifar_stem
+    )
     if cls_only_last_block:
         from dino_model.cls_block import query_cls_only  # imports timm, as build_backbone did
 
         query_cls_only(student_backbone)
         query_cls_only(teacher_backbone)
-    head_kwargs = dict(hidden_dim=hidden_dim, bottleneck_dim=bottleneck_dim, nlayers=nlayers,
-                       use_bn=use_bn)
+    head_kwargs = dict(
+        hidden_dim=hidden_dim, bottleneck_dim=bottleneck_dim, nlayers=nlayers, use_bn=use_bn
+    )
     student = MultiCropWrapper(
         student_backbone,
-        DINOHead(student_backbone.embed_dim, out_dim, norm_last_layer=norm_last_layer, **head_kwargs),
+        DINOHead(
+            student_backbone.embed_dim, out_dim, norm_last_layer=norm_last_layer, **head_kwargs
+        ),
     )
     teacher = MultiCropWrapper(
-        teacher_backbone, DINOHead(teacher_backbone.embed_dim, out_dim, **head_kwargs))
+        teacher_backbone, DINOHead(teacher_backbone.embed_dim, out_dim, **head_kwargs)
+    )
     teacher.load_state_dict(student.state_dict())
     freeze(teacher)
     return student, teacher

@@ -80,10 +80,12 @@ def generator_for(*key: int) -> torch.Generator:
     return torch.Generator().manual_seed(int.from_bytes(digest, "little") >> 1)
 
 
-def sample_params(n: int, recipe: PhotometricRecipe, generator: torch.Generator
-                  ) -> PhotometricParams:
+def sample_params(
+    n: int, recipe: PhotometricRecipe, generator: torch.Generator
+) -> PhotometricParams:
     """Draw the choices for ``n`` images: the distributions of ``pipeline.data.augment``'s
     ``sample_view_params`` (torchvision ``ColorJitter`` ranges, a uniform random op order)."""
+
     def uniform(*shape: int) -> torch.Tensor:
         return torch.rand(shape, generator=generator, dtype=torch.float64)
 
@@ -224,8 +226,9 @@ _JITTER_FN = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)
 
 
 # --- the batch ------------------------------------------------------------------------------
-def apply_params(images: torch.Tensor, params: PhotometricParams, solarize_threshold: int = 128
-                 ) -> torch.Tensor:
+def apply_params(
+    images: torch.Tensor, params: PhotometricParams, solarize_threshold: int = 128
+) -> torch.Tensor:
     """(B, H, W, 3) uint8 (or float in 0..255) RGB on any device -> the same shape, dtype and
     device, with jitter, grayscale, blur and solarize applied as ``params`` say.
 
@@ -268,8 +271,9 @@ def apply_params(images: torch.Tensor, params: PhotometricParams, solarize_thres
     return out.copy_(x.permute(0, 2, 3, 1))  # whole numbers in 0..255: the cast is exact
 
 
-def photometric(images: torch.Tensor, recipe: PhotometricRecipe,
-                generator: torch.Generator | int) -> torch.Tensor:
+def photometric(
+    images: torch.Tensor, recipe: PhotometricRecipe, generator: torch.Generator | int
+) -> torch.Tensor:
     """Sample and apply the recipe to a batch of one view: (B, H, W, 3) uint8 (or float in
     0..255) on any device -> the same shape, dtype and device. ``generator`` may be a seed."""
     if not isinstance(generator, torch.Generator):

@@ -1,10 +1,10 @@
 """``train.precision`` -> autocast dtype and grad scaler, honoured the same on every device.
 
-    fp32: no autocast, no scaler
-    bf16: bf16 autocast (fp32's exponent range: gradients cannot underflow, so no scaler)
-    fp16: fp16 autocast + ``torch.amp.GradScaler`` on CUDA (the official DINO ``--use_fp16``):
-          the loss is multiplied by a scale S before backward so small gradients survive fp16,
-          and steps whose gradients overflow are skipped while S is halved
+fp32: no autocast, no scaler
+bf16: bf16 autocast (fp32's exponent range: gradients cannot underflow, so no scaler)
+fp16: fp16 autocast + ``torch.amp.GradScaler`` on CUDA (the official DINO ``--use_fp16``):
+      the loss is multiplied by a scale S before backward so small gradients survive fp16,
+      and steps whose gradients overflow are skipped while S is halved
 """
 
 from __future__ import annotations
@@ -15,8 +15,11 @@ from typing import Literal, NamedTuple
 import torch
 
 PrecisionName = Literal["fp32", "bf16", "fp16"]
-_DTYPES: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16,
-                                          "fp16": torch.float16}
+_DTYPES: dict[str, torch.dtype | None] = {
+    "fp32": None,
+    "bf16": torch.bfloat16,
+    "fp16": torch.float16,
+}
 
 
 class PrecisionError(ValueError):
@@ -28,12 +31,14 @@ class Precision(NamedTuple):
     scaler: torch.amp.GradScaler | None  # only for fp16 training
 
 
-def resolve_precision(precision: str, device: torch.device | str, *,
-                      training: bool = True) -> Precision:
+def resolve_precision(
+    precision: str, device: torch.device | str, *, training: bool = True
+) -> Precision:
     """(``train.precision``, device) -> ``Precision``; ``training=False`` gives no scaler."""
     if precision not in _DTYPES:
-        raise PrecisionError(f"train.precision: unknown precision {precision!r}; use one of "
-                             f"{sorted(_DTYPES)}")
+        raise PrecisionError(
+            f"train.precision: unknown precision {precision!r}; use one of {sorted(_DTYPES)}"
+        )
     device_type = torch.device(device).type
     dtype = _DTYPES[precision]
     if precision == "fp16" and device_type != "cuda":
@@ -43,13 +48,18 @@ def resolve_precision(precision: str, device: torch.device | str, *,
             return Precision(None, None)
         # Refused rather than silently downgraded: most CPUs emulate fp16 matmuls (slower than
         # fp32), and a fallback would log a precision the run never used.
-        raise PrecisionError(f"train.precision='fp16' needs a CUDA device, this worker has "
-                             f"{device_type!r}: use train.precision=bf16 (or fp32) on CPU, or "
-                             f"train.use_gpu=true")
+        raise PrecisionError(
+            f"train.precision='fp16' needs a CUDA device, this worker has "
+            f"{device_type!r}: use train.precision=bf16 (or fp32) on CPU, or "
+            f"train.use_gpu=true"
+        )
     if precision == "bf16" and device_type == "cuda" and torch.cuda.is_available():
         if not torch.cuda.is_bf16_supported(including_emulation=False):
-            warnings.warn("train.precision='bf16' on a GPU without native bf16 (e.g. V100, T4) "
-                          "is emulated and slow: use train.precision=fp16", stacklevel=2)
+            warnings.warn(
+                "train.precision='bf16' on a GPU without native bf16 (e.g. V100, T4) "
+                "is emulated and slow: use train.precision=fp16",
+                stacklevel=2,
+            )
     scaler = None
     if precision == "fp16" and training:
         scaler = torch.amp.GradScaler(device="cuda")

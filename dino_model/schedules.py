@@ -66,8 +66,12 @@ class StepSchedule:
 
     def metrics(self) -> dict[str, float]:
         """The logged values, under the metric names the runs have always used."""
-        return {"lr": self.lr, "weight_decay": self.weight_decay,
-                "teacher_momentum": self.teacher_momentum, "teacher_temp": self.teacher_temp}
+        return {
+            "lr": self.lr,
+            "weight_decay": self.weight_decay,
+            "teacher_momentum": self.teacher_momentum,
+            "teacher_temp": self.teacher_temp,
+        }
 
 
 @dataclass(frozen=True)
@@ -88,17 +92,31 @@ class Schedules:
     def at(self, step: int) -> StepSchedule:
         """The record of global step ``step`` (past the end: the last step's values)."""
         i = min(step, self.total - 1)
-        return StepSchedule(lr=float(self.lr[i]), weight_decay=float(self.weight_decay[i]),
-                            teacher_momentum=float(self.teacher_momentum[i]),
-                            teacher_temp=float(self.teacher_temp[i]),
-                            freeze_last_layer=bool(self.freeze_last_layer[i]))
+        return StepSchedule(
+            lr=float(self.lr[i]),
+            weight_decay=float(self.weight_decay[i]),
+            teacher_momentum=float(self.teacher_momentum[i]),
+            teacher_temp=float(self.teacher_temp[i]),
+            freeze_last_layer=bool(self.freeze_last_layer[i]),
+        )
 
 
-def build_schedules(*, lr: float, min_lr: float, warmup_epochs: float, weight_decay: float,
-                    weight_decay_end: float, momentum: float, momentum_end: float,
-                    warmup_teacher_temp: float, teacher_temp: float,
-                    warmup_teacher_temp_epochs: int, freeze_last_layer_epochs: int = 1,
-                    epochs: int, iters_per_epoch: int) -> Schedules:
+def build_schedules(
+    *,
+    lr: float,
+    min_lr: float,
+    warmup_epochs: float,
+    weight_decay: float,
+    weight_decay_end: float,
+    momentum: float,
+    momentum_end: float,
+    warmup_teacher_temp: float,
+    teacher_temp: float,
+    warmup_teacher_temp_epochs: int,
+    freeze_last_layer_epochs: int = 1,
+    epochs: int,
+    iters_per_epoch: int,
+) -> Schedules:
     """The official DINO schedules, one value per step: lr (linear warm-up, then cosine to
     ``min_lr``), weight decay and teacher momentum (cosine), teacher temperature (linear warm-up,
     then constant), and the last-layer freeze (the first ``freeze_last_layer_epochs`` epochs)."""
@@ -107,7 +125,9 @@ def build_schedules(*, lr: float, min_lr: float, warmup_epochs: float, weight_de
         lr=cosine_schedule(lr, min_lr, epochs, iters_per_epoch, warmup_epochs=warmup_epochs),
         weight_decay=cosine_schedule(weight_decay, weight_decay_end, epochs, iters_per_epoch),
         teacher_momentum=cosine_schedule(momentum, momentum_end, epochs, iters_per_epoch),
-        teacher_temp=teacher_temp_schedule(warmup_teacher_temp, teacher_temp,
-                                           warmup_teacher_temp_epochs, epochs, iters_per_epoch),
+        teacher_temp=teacher_temp_schedule(
+            warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs, epochs, iters_per_epoch
+        ),
         freeze_last_layer=np.arange(total) < freeze_last_layer_epochs * iters_per_epoch,
-        iters_per_epoch=iters_per_epoch)
+        iters_per_epoch=iters_per_epoch,
+    )

@@ -58,8 +58,12 @@ class StepResult:
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """The metrics by name, still on the device (no read)."""
-        out = {"loss": self.loss, "dino_loss": self.dino_loss, "koleo": self.koleo,
-               "grad_norm_max": self.grad_norm}
+        out = {
+            "loss": self.loss,
+            "dino_loss": self.dino_loss,
+            "koleo": self.koleo,
+            "grad_norm_max": self.grad_norm,
+        }
         if self.loss_scale is not None:
             out.update(loss_scale=self.loss_scale, amp_step_skipped=self.skipped.float())
         out.update(self.stats.values())
@@ -118,14 +122,22 @@ def dino_step(
     """
     apply_schedule(optimizer, schedule.lr, schedule.weight_decay)
     device = crops[0].device
-    autocast = (torch.autocast(device_type=device.type, dtype=autocast_dtype)
-                if autocast_dtype is not None else contextlib.nullcontext())
+    autocast = (
+        torch.autocast(device_type=device.type, dtype=autocast_dtype)
+        if autocast_dtype is not None
+        else contextlib.nullcontext()
+    )
     with autocast:
         with torch.no_grad():
             teacher_out = teacher(crops[:n_global])
         student_out, features = student(crops, return_features=True)
-        dino, stats = loss_fn(student_out, teacher_out, n_student_views=len(crops),
-                              teacher_temp=schedule.teacher_temp, update_center=False)
+        dino, stats = loss_fn(
+            student_out,
+            teacher_out,
+            n_student_views=len(crops),
+            teacher_temp=schedule.teacher_temp,
+            update_center=False,
+        )
         koleo = torch.zeros((), device=dino.device)
         if koleo_weight > 0:
             global_feats = features[: features.shape[0] * n_global // len(crops)]
@@ -160,8 +172,15 @@ def dino_step(
         if not skipped:
             optimizer.step()
             update_teacher(teacher, student, schedule.teacher_momentum)
-    return StepResult(loss.detach(), dino.detach(), koleo.detach(), grad_norm, stats, skip,
-                      loss_scale=scale_tensor(scaler) if scaler is not None else None)
+    return StepResult(
+        loss.detach(),
+        dino.detach(),
+        koleo.detach(),
+        grad_norm,
+        stats,
+        skip,
+        loss_scale=scale_tensor(scaler) if scaler is not None else None,
+    )
 
 
 def skips_on_device(optimizer: torch.optim.Optimizer, device: torch.device) -> bool:

@@ -31,8 +31,13 @@ def convert_sync_batchnorm(module: nn.Module, device: torch.device | str) -> nn.
         return nn.SyncBatchNorm.convert_sync_batchnorm(module)
     converted = module
     if isinstance(module, _BatchNorm) and not isinstance(module, CPUSyncBatchNorm):
-        converted = CPUSyncBatchNorm(module.num_features, module.eps, module.momentum,
-                                     module.affine, module.track_running_stats)
+        converted = CPUSyncBatchNorm(
+            module.num_features,
+            module.eps,
+            module.momentum,
+            module.affine,
+            module.track_running_stats,
+        )
         if module.affine:
             converted.weight, converted.bias = module.weight, module.bias
         converted.running_mean, converted.running_var = module.running_mean, module.running_var
@@ -82,8 +87,12 @@ class CPUSyncBatchNorm(_BatchNorm):
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         self._check_input_dim(input)
-        if not (self.training and dist.is_available() and dist.is_initialized()
-                and dist.get_world_size() > 1):
+        if not (
+            self.training
+            and dist.is_available()
+            and dist.is_initialized()
+            and dist.get_world_size() > 1
+        ):
             return super().forward(input)  # eval / single process: the stock F.batch_norm
         # Reduced-precision sums of squares lose the variance: accumulate in float32.
         x = input.float() if input.dtype in (torch.float16, torch.bfloat16) else input
@@ -92,25 +101,32 @@ class CPUSyncBatchNorm(_BatchNorm):
         shape = (1, channels) + (1,) * (x.dim() - 2)
         # Shifting by the running mean (equal on every rank: all update it from the same reduced
         # stats) keeps E[x^2] - E[x]^2 from cancelling in float32 once training has run a while.
-        shift = (self.running_mean.to(x.dtype, copy=True) if self.track_running_stats
-                 else x.new_zeros(channels))
+        shift = (
+            self.running_mean.to(x.dtype, copy=True)
+            if self.track_running_stats
+            else x.new_zeros(channels)
+        )
         xc = x - shift.view(shape)
-        local = torch.cat([xc.sum(dims), (xc * xc).sum(dims),
-                           x.new_full((1,), x.numel() // max(channels, 1))])
+        local = torch.cat(
+            [xc.sum(dims), (xc * xc).sum(dims), x.new_full((1,), x.numel() // max(channels, 1))]
+        )
         total = _AllReduceSum.apply(local)  # (2C + 1,): one collective per layer
         count = total[-1].item()
         if count <= 1:
             raise ValueError(f"Expected more than 1 value per channel when training, got {count:g}")
         mean_c = total[:channels] / count
-        var = (total[channels:2 * channels] / count - mean_c * mean_c).clamp_min(0)  # biased
+        var = (total[channels : 2 * channels] / count - mean_c * mean_c).clamp_min(0)  # biased
         out = (xc - mean_c.view(shape)) * torch.rsqrt(var + self.eps).view(shape)
         if self.affine:
             out = out * self.weight.view(shape) + self.bias.view(shape)
         if self.track_running_stats:
             with torch.no_grad():
                 self.num_batches_tracked.add_(1)
-                factor = (1.0 / self.num_batches_tracked.item() if self.momentum is None
-                          else self.momentum)  # None: cumulative average, as torch's BN
+                factor = (
+                    1.0 / self.num_batches_tracked.item()
+                    if self.momentum is None
+                    else self.momentum
+                )  # None: cumulative average, as torch's BN
                 self.running_mean.lerp_((mean_c + shift).to(self.running_mean.dtype), factor)
                 unbiased = var * (count / (count - 1))
                 self.running_var.lerp_(unbiased.to(self.running_var.dtype), factor)

@@ -21,7 +21,8 @@ VERBS: dict[str, str] = {
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="dino-ray", description="DINO self-supervised training on Ray, tracked in MLflow.")
+        prog="dino-ray", description="DINO self-supervised training on Ray, tracked in MLflow."
+    )
     sub = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
     for verb, help_text in VERBS.items():
         module = importlib.import_module(f"pipeline.commands.{verb}")
@@ -58,8 +59,15 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from pipeline.data.sources import CorpusError
     from pipeline.train.failures import ResumeMismatchError, TrainingError
 
-    errors: list[type[BaseException]] = [ConfigError, CorpusError, DataQualityError, ResourceError,
-                                         ResumeMismatchError, TrainingError, FileNotFoundError]
+    errors: list[type[BaseException]] = [
+        ConfigError,
+        CorpusError,
+        DataQualityError,
+        ResourceError,
+        ResumeMismatchError,
+        TrainingError,
+        FileNotFoundError,
+    ]
     try:
         from mlflow.exceptions import MlflowException
 

@@ -51,8 +51,13 @@ class ClusterView:
 
     # --- building ----------------------------------------------------------------------------
     @classmethod
-    def from_nodes(cls, nodes: list[dict[str, float]], node_types: list[NodeType] | None = None,
-                   head_node_type: str | None = None, source: str = "given") -> ClusterView:
+    def from_nodes(
+        cls,
+        nodes: list[dict[str, float]],
+        node_types: list[NodeType] | None = None,
+        head_node_type: str | None = None,
+        source: str = "given",
+    ) -> ClusterView:
         return cls(tuple(dict(n) for n in nodes), tuple(node_types or ()), head_node_type, source)
 
     @classmethod
@@ -69,8 +74,9 @@ class ClusterView:
     # --- questions ---------------------------------------------------------------------------
     @property
     def addable_types(self) -> tuple[NodeType, ...]:
-        return tuple(t for t in self.node_types
-                     if t.max_workers > 0 and t.name != self.head_node_type)
+        return tuple(
+            t for t in self.node_types if t.max_workers > 0 and t.name != self.head_node_type
+        )
 
     @property
     def autoscaling(self) -> bool:
@@ -94,8 +100,9 @@ class ClusterView:
         if not self.autoscaling:
             return now
         head = max((n.get(resource, 0.0) for n in self.nodes if _is_head(n)), default=0.0)
-        grown = head + sum(t.max_workers * t.resources.get(resource, 0.0)
-                           for t in self.addable_types)
+        grown = head + sum(
+            t.max_workers * t.resources.get(resource, 0.0) for t in self.addable_types
+        )
         return max(now, grown)
 
     def has_role(self, role: str) -> bool:
@@ -114,12 +121,15 @@ class ClusterView:
         for key, value in bundle.items():
             need, have = value * count, self.max_total(key)
             if value > 0 and have + 1e-9 < need:
-                return f"{count} x {_fmt(bundle)} needs {key}={need:g}, the cluster can hold {have:g}"
+                return (
+                    f"{count} x {_fmt(bundle)} needs {key}={need:g}, the cluster can hold {have:g}"
+                )
         return None
 
     def describe(self) -> str:
-        types = ", ".join(f"{t.name} (max {t.max_workers}: {_fmt(t.resources)})"
-                          for t in self.addable_types)
+        types = ", ".join(
+            f"{t.name} (max {t.max_workers}: {_fmt(t.resources)})" for t in self.addable_types
+        )
         text = f"{len(self.nodes)} node(s) alive"
         return text + (f"; autoscaler node types from {self.source}: {types}" if types else "")
 
@@ -143,9 +153,12 @@ def _node_types_from_gcs() -> tuple[list[NodeType], str | None, str]:
         return [], None, ""
     if config is None:
         return [], None, ""
-    types = [NodeType(g.name or f"group{i}", {k: float(v) for k, v in g.resources.items()},
-                      int(g.max_count))
-             for i, g in enumerate(config.node_group_configs)]
+    types = [
+        NodeType(
+            g.name or f"group{i}", {k: float(v) for k, v in g.resources.items()}, int(g.max_count)
+        )
+        for i, g in enumerate(config.node_group_configs)
+    ]
     return types, None, "the autoscaler (GCS)"
 
 

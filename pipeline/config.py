@@ -27,8 +27,10 @@ class DataConfig(Section):
     """Where the images come from and how the CPU stage that decodes and crops them is sized."""
 
     path: str | list[str] = Field(
-        "demo", description="Folder tree, Parquet file/folder, glob or list; any pyarrow URI. "
-        "'demo' means the built-in digits corpus.")
+        "demo",
+        description="Folder tree, Parquet file/folder, glob or list; any pyarrow URI. "
+        "'demo' means the built-in digits corpus.",
+    )
     format: Literal["auto", "folder", "parquet"] = "auto"
     image_column: str = "image"
     label_column: str | None = "label"
@@ -40,23 +42,40 @@ class DataConfig(Section):
     map_batch_size: int = Field(64, ge=1, description="images per decode+crop call")
     shuffle_files: bool = True
     shuffle_window: int = Field(
-        8, ge=1, description="Parquet: row groups (drawn at random across files every epoch) whose "
-        "rows one read task interleaves; a task holds this many groups' encoded bytes")
+        8,
+        ge=1,
+        description="Parquet: row groups (drawn at random across files every epoch) whose "
+        "rows one read task interleaves; a task holds this many groups' encoded bytes",
+    )
     stream_rows: int = Field(
-        4_000_000, ge=1, description="rows one Ray Data execution streams (whole epochs, at least "
+        4_000_000,
+        ge=1,
+        description="rows one Ray Data execution streams (whole epochs, at least "
         "one; the training loop opens the next when it ends): its read tasks live as long as the "
-        "execution, so their number is bounded by this, not by train.epochs")
-    local_shuffle_buffer: int = Field(0, ge=0, description="rows in the trainer-side shuffle buffer")
+        "execution, so their number is bounded by this, not by train.epochs",
+    )
+    local_shuffle_buffer: int = Field(
+        0, ge=0, description="rows in the trainer-side shuffle buffer"
+    )
     limit: int | None = Field(
-        None, ge=1, description="use N images spread evenly over the classes (seeded sample)")
+        None, ge=1, description="use N images spread evenly over the classes (seeded sample)"
+    )
     data_cpu_limit: float | None = Field(
-        None, gt=0, description="cap on CPUs Ray Data may hold; None = plan from the cluster")
+        None, gt=0, description="cap on CPUs Ray Data may hold; None = plan from the cluster"
+    )
     max_skip_fraction: float = Field(
-        0.1, ge=0, le=1, description="fail the run when more than this share of the images read "
-        "could not be decoded (counts and example paths in the error)")
+        0.1,
+        ge=0,
+        le=1,
+        description="fail the run when more than this share of the images read "
+        "could not be decoded (counts and example paths in the error)",
+    )
     object_store_limit_mib: float | None = Field(
-        None, gt=0, description="cap on object store Ray Data may fill ahead of the trainer "
-        "(None = Ray's default share of the object store)")
+        None,
+        gt=0,
+        description="cap on object store Ray Data may fill ahead of the trainer "
+        "(None = Ray's default share of the object store)",
+    )
 
 
 class AugmentConfig(Section):
@@ -80,14 +99,18 @@ class AugmentConfig(Section):
     solarize_p_global2: float = Field(0.2, ge=0, le=1)
     solarize_threshold: int = Field(128, ge=0, le=256)
     photometric: Literal["cpu", "device"] = Field(
-        "cpu", description="where jitter, grayscale, blur and solarize run: cpu = in the crop "
+        "cpu",
+        description="where jitter, grayscale, blur and solarize run: cpu = in the crop "
         "actors; device = the actors only crop, resize and flip, and each training worker applies "
         "the same recipe to the batch on its device (dino_model.photometric), for GPU nodes with "
         "few CPU cores (on a CPU training device it costs more than it saves: "
-        "bench/photometric.py)")
+        "bench/photometric.py)",
+    )
     draft_decode: bool = Field(
-        True, description="decode JPEGs at 1/2..1/8 scale when every crop stays at full output "
-        "resolution (same crop geometry, much faster on large images)")
+        True,
+        description="decode JPEGs at 1/2..1/8 scale when every crop stays at full output "
+        "resolution (same crop geometry, much faster on large images)",
+    )
 
     @field_validator("global_scale", "local_scale", "ratio", "blur_sigma")
     @classmethod
@@ -103,8 +126,11 @@ class ModelConfig(Section):
 
     arch: str = "vit_small"
     patch_size: int | None = Field(16, ge=1, description="ViT patch size (None keeps timm's)")
-    cifar_stem: bool = Field(False, description="ResNets: a 3x3 stride-1 stem without max-pool "
-                             "(for 32 px images; the ImageNet stem leaves 8 px to the blocks)")
+    cifar_stem: bool = Field(
+        False,
+        description="ResNets: a 3x3 stride-1 stem without max-pool "
+        "(for 32 px images; the ImageNet stem leaves 8 px to the blocks)",
+    )
     drop_path_rate: float = Field(0.1, ge=0, lt=1)
     out_dim: int = Field(65536, ge=2, description="K, the number of prototypes")
     head_hidden_dim: int = Field(2048, ge=1)
@@ -139,20 +165,26 @@ class OptimConfig(Section):
 class TrainConfig(Section):
     name: str = Field("dino", pattern=r"^[A-Za-z0-9_.\-]+$")
     storage_path: str = Field(
-        "./runs", description="where checkpoints live: a local folder on one machine; on a "
-        "multi-node cluster s3://, gs:// (or a shared filesystem, see shared_filesystem)")
+        "./runs",
+        description="where checkpoints live: a local folder on one machine; on a "
+        "multi-node cluster s3://, gs:// (or a shared filesystem, see shared_filesystem)",
+    )
     shared_filesystem: bool = Field(
-        False, description="local paths (storage_path, data.path, eval.*_path) are on a "
+        False,
+        description="local paths (storage_path, data.path, eval.*_path) are on a "
         "filesystem mounted at the same path on every node (NFS): allow them on a multi-node "
-        "cluster")
+        "cluster",
+    )
     epochs: int = Field(100, ge=1)
     batch_size_per_worker: int = Field(64, ge=1)
     num_workers: int = Field(1, ge=1)
     use_gpu: bool = False
     cpus_per_worker: float = Field(1.0, gt=0)
     precision: Literal["fp32", "bf16", "fp16"] = Field(
-        "fp32", description="autocast on every device: bf16 (CPU, Ampere+ GPUs) or fp16 with a "
-        "grad scaler (CUDA only: V100, T4)")
+        "fp32",
+        description="autocast on every device: bf16 (CPU, Ampere+ GPUs) or fp16 with a "
+        "grad scaler (CUDA only: V100, T4)",
+    )
     seed: int = 0
     max_steps_per_epoch: int | None = Field(None, ge=1)
     max_wall_seconds: float | None = Field(None, gt=0, description="stop after this budget")
@@ -161,11 +193,14 @@ class TrainConfig(Section):
     max_failures: int = Field(0, ge=-1)
     log_every_steps: int = Field(10, ge=1)
     resume: Literal["auto", "changed", "never"] = Field(
-        "auto", description="a rerun with the same name: auto = continue only with the same "
+        "auto",
+        description="a rerun with the same name: auto = continue only with the same "
         "config (more train.epochs allowed), changed = continue with a changed config, never = "
-        "a fresh run under a new name")
+        "a fresh run under a new name",
+    )
     deterministic_data: bool = Field(
-        False, description="preserve Ray Data order (reproducible runs; slower streaming)")
+        False, description="preserve Ray Data order (reproducible runs; slower streaming)"
+    )
 
 
 class EvalConfig(Section):
@@ -173,25 +208,42 @@ class EvalConfig(Section):
 
     train_path: str | list[str] | None = None
     val_path: str | list[str] | None = None
-    val_fraction: float = Field(0.2, gt=0, lt=1, description="split of data.path when val_path is unset")
+    val_fraction: float = Field(
+        0.2, gt=0, lt=1, description="split of data.path when val_path is unset"
+    )
     test_path: str | list[str] | None = Field(
-        None, description="held-out test split, evaluated once at the end (bank: eval.train_path "
+        None,
+        description="held-out test split, evaluated once at the end (bank: eval.train_path "
         "or all of data.path) and reported as test_knn_*; never used to choose anything: sweeps "
-        "select on the validation split and report the best trial's test figure once")
+        "select on the validation split and report the best trial's test figure once",
+    )
     every_epochs: int = Field(0, ge=0, description="0 = only after training")
     k: list[int] = [10, 20, 100, 200]
     headline_k: int = Field(
-        20, ge=1, description="k of the headline knn_top1/knn_top5 (fixed, as in the DINO paper, "
-        "never the best k on the eval set); computed even when it is not in eval.k")
+        20,
+        ge=1,
+        description="k of the headline knn_top1/knn_top5 (fixed, as in the DINO paper, "
+        "never the best k on the eval set); computed even when it is not in eval.k",
+    )
     temperature: float = Field(0.07, gt=0)
-    resize: int | None = Field(None, ge=1, description="shorter side before centre crop (default: global_size*8/7)")
+    resize: int | None = Field(
+        None, ge=1, description="shorter side before centre crop (default: global_size*8/7)"
+    )
     batch_size: int = Field(256, ge=1)
-    limit: int | None = Field(None, ge=1, description="images listed per eval set (spread "
-                              "evenly over classes, seeded); None = all")
+    limit: int | None = Field(
+        None,
+        ge=1,
+        description="images listed per eval set (spread evenly over classes, seeded); None = all",
+    )
     in_training_limit: int = Field(
-        10_000, ge=1, description="images listed for the in-training k-NN (spread evenly over "
-        "classes): rank 0 holds them in memory, so this bounds it at any corpus size")
-    at_end: bool = Field(True, description="k-NN of the final teacher (and random init) after training")
+        10_000,
+        ge=1,
+        description="images listed for the in-training k-NN (spread evenly over "
+        "classes): rank 0 holds them in memory, so this bounds it at any corpus size",
+    )
+    at_end: bool = Field(
+        True, description="k-NN of the final teacher (and random init) after training"
+    )
     num_actors: int = Field(1, ge=1, description="actor pool size of the feature batch inference")
 
 
@@ -219,9 +271,13 @@ class TuneConfig(Section):
     grace_period: int = Field(1, ge=1)
     reduction_factor: int = Field(2, ge=2)
     max_concurrent_trials: int | None = Field(
-        None, ge=1, description="cap; by default derived from ray.cluster_resources()")
-    grid: bool = Field(False, description="grid_search over every combination (x num_samples) "
-                       "instead of sampling num_samples random combinations")
+        None, ge=1, description="cap; by default derived from ray.cluster_resources()"
+    )
+    grid: bool = Field(
+        False,
+        description="grid_search over every combination (x num_samples) "
+        "instead of sampling num_samples random combinations",
+    )
     register_best: bool = Field(True, description="register the best trial's teacher")
 
 

@@ -35,28 +35,40 @@ def check_config(cfg: DinoConfig) -> None:
     except PrecisionError as exc:
         raise PreflightError(str(exc)) from None
     if not is_known_backbone(cfg.model.arch):
-        raise PreflightError(f"model.arch: unknown backbone {cfg.model.arch!r} (use vit_tiny, "
-                             "vit_small, vit_base, resnet18, resnet50 or a timm model name)")
+        raise PreflightError(
+            f"model.arch: unknown backbone {cfg.model.arch!r} (use vit_tiny, "
+            "vit_small, vit_base, resnet18, resnet50 or a timm model name)"
+        )
     patch, a = cfg.model.patch_size, cfg.augment
     if is_vit(cfg.model.arch) and patch:
-        for name, size in (("augment.global_size", a.global_size),
-                           ("augment.local_size", a.local_size if a.num_local else patch)):
+        for name, size in (
+            ("augment.global_size", a.global_size),
+            ("augment.local_size", a.local_size if a.num_local else patch),
+        ):
             if size % patch:
-                raise PreflightError(f"{name}={size} is not a multiple of model.patch_size="
-                                     f"{patch}: the ViT cannot cut it into patches")
+                raise PreflightError(
+                    f"{name}={size} is not a multiple of model.patch_size="
+                    f"{patch}: the ViT cannot cut it into patches"
+                )
     if cfg.model.cifar_stem and is_vit(cfg.model.arch):
-        raise PreflightError(f"model.cifar_stem: {cfg.model.arch!r} is a ViT, the CIFAR stem is "
-                             "for ResNets (set model.patch_size for small images instead)")
+        raise PreflightError(
+            f"model.cifar_stem: {cfg.model.arch!r} is a ViT, the CIFAR stem is "
+            "for ResNets (set model.patch_size for small images instead)"
+        )
 
 
 def local_path_fields(cfg: DinoConfig) -> list[tuple[str, str]]:
     """``(field, path)`` for every path the workers of a run read or write that is local."""
     found: list[tuple[str, str]] = []
-    candidates = [("train.storage_path", cfg.train.storage_path), ("data.path", cfg.data.path),
-                  ("eval.train_path", cfg.eval.train_path), ("eval.val_path", cfg.eval.val_path),
-                  ("eval.test_path", cfg.eval.test_path)]
+    candidates = [
+        ("train.storage_path", cfg.train.storage_path),
+        ("data.path", cfg.data.path),
+        ("eval.train_path", cfg.eval.train_path),
+        ("eval.val_path", cfg.eval.val_path),
+        ("eval.test_path", cfg.eval.test_path),
+    ]
     for name, value in candidates:
-        for path in ([value] if isinstance(value, str) else list(value or [])):
+        for path in [value] if isinstance(value, str) else list(value or []):
             if is_local_path(path):
                 found.append((name, path))
     return found
@@ -72,14 +84,14 @@ def absolute_local_paths(cfg: DinoConfig) -> DinoConfig:
     for name, _ in local_path_fields(cfg):
         section, field = name.split(".")
         value = getattr(getattr(cfg, section), field)
-        fix = (lambda p: p if p == "demo" or not is_local_path(p) or os.path.isabs(p)
-               else os.path.abspath(p))
+        fix = lambda p: (
+            p if p == "demo" or not is_local_path(p) or os.path.isabs(p) else os.path.abspath(p)
+        )
         updates[name] = fix(value) if isinstance(value, str) else [fix(p) for p in value]
     return cfg.with_overrides(updates) if updates else cfg
 
 
-def check_shared_paths(cfg: DinoConfig, view: ClusterView,
-                       fields: list[str] | None = None) -> None:
+def check_shared_paths(cfg: DinoConfig, view: ClusterView, fields: list[str] | None = None) -> None:
     """Local paths are refused on a cluster with more than one node (or an autoscaler that can
     add one) unless ``train.shared_filesystem`` says they are on a shared mount."""
     if not view.multi_node or cfg.train.shared_filesystem:
@@ -92,7 +104,8 @@ def check_shared_paths(cfg: DinoConfig, view: ClusterView,
     raise PreflightError(
         f"{field}={path!r} is a local path, but this cluster has {view.describe()}: other nodes "
         f"cannot read or write it{more}. Use object storage (s3://bucket/..., gs://...) or, for "
-        "a filesystem mounted at the same path on every node, set train.shared_filesystem=true")
+        "a filesystem mounted at the same path on every node, set train.shared_filesystem=true"
+    )
 
 
 def train_worker_bundle(cfg: DinoConfig, view: ClusterView) -> dict[str, float]:
@@ -114,7 +127,8 @@ def check_train_workers(cfg: DinoConfig, view: ClusterView) -> None:
     field = "train.use_gpu" if "GPU" in missing and cfg.train.use_gpu else "train.num_workers"
     raise PreflightError(
         f"{field}: the train workers cannot be placed: {missing} ({view.describe()}). Lower "
-        "train.num_workers / train.cpus_per_worker, set train.use_gpu=false, or add node types")
+        "train.num_workers / train.cpus_per_worker, set train.use_gpu=false, or add node types"
+    )
 
 
 def check_cluster(cfg: DinoConfig, view: ClusterView) -> None:
@@ -128,4 +142,5 @@ def check_corpus(cfg: DinoConfig, num_images: int) -> None:
         raise PreflightError(
             f"train.batch_size_per_worker: {cfg.train.batch_size_per_worker} x "
             f"{cfg.train.num_workers} workers = {global_batch} images per step exceeds the "
-            f"{num_images} images of data.path: lower the batch size or add data")
+            f"{num_images} images of data.path: lower the batch size or add data"
+        )

@@ -16,7 +16,9 @@ import ray
 OVERSUBSCRIBE = 2  # logical CPUs per physical core on an embedded cluster
 
 
-def ensure_ray(address: str | None = None, num_cpus: int | None = None, quiet: bool = False) -> None:
+def ensure_ray(
+    address: str | None = None, num_cpus: int | None = None, quiet: bool = False
+) -> None:
     """Join ``address`` (or $RAY_ADDRESS), else start an embedded local Ray. ``quiet`` keeps the
     workers' own log lines off the driver's console (the driver prints the summaries)."""
     if ray.is_initialized():
@@ -35,7 +37,8 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None, quiet: b
         # the dashboard serves the State API, which Ray Train's PlacementGroupCleaner needs: without
         # it a trial stopped by ASHA left its workers' placement group behind, and every later
         # trial waited for the CPUs it held (a 12-trial sweep lost its last 8 trials to that)
-        include_dashboard=True, dashboard_host="127.0.0.1",
+        include_dashboard=True,
+        dashboard_host="127.0.0.1",
         log_to_driver=not quiet,
     )
     _start_autoscaling_coordinator()
@@ -73,5 +76,8 @@ def on_this_node() -> dict:
     does with its controller: a train or data node that dies then takes no bookkeeping with it."""
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    return {"scheduling_strategy": NodeAffinitySchedulingStrategy(
-        ray.get_runtime_context().get_node_id(), soft=False)}
+    return {
+        "scheduling_strategy": NodeAffinitySchedulingStrategy(
+            ray.get_runtime_context().get_node_id(), soft=False
+        )
+    }

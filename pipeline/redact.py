@@ -21,19 +21,40 @@ from typing import Any
 MASK = "***"
 
 # signed-URL parameters (S3 v4, GCS v2/v4, Azure SAS) and generic credential names
-SENSITIVE_QUERY_KEYS: frozenset[str] = frozenset({
-    "x-amz-signature", "x-amz-credential", "x-amz-security-token",
-    "x-goog-signature", "x-goog-credential", "googleaccessid", "signature", "sig",
-    "token", "access_token", "refresh_token", "id_token", "auth", "key", "api_key", "apikey",
-    "secret", "client_secret", "password", "passwd", "pwd",
-})
+SENSITIVE_QUERY_KEYS: frozenset[str] = frozenset(
+    {
+        "x-amz-signature",
+        "x-amz-credential",
+        "x-amz-security-token",
+        "x-goog-signature",
+        "x-goog-credential",
+        "googleaccessid",
+        "signature",
+        "sig",
+        "token",
+        "access_token",
+        "refresh_token",
+        "id_token",
+        "auth",
+        "key",
+        "api_key",
+        "apikey",
+        "secret",
+        "client_secret",
+        "password",
+        "passwd",
+        "pwd",
+    }
+)
 
 # scheme://user:password@  -- the password runs to the last '@' before the path, so an
 # unencoded '@' inside it is still covered
 _USERINFO = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.\-]*://[^:/?#@\s]*):[^/?#\s]*@")
 _QUERY = re.compile(
     r"(?P<head>[?&;](?:" + "|".join(re.escape(k) for k in sorted(SENSITIVE_QUERY_KEYS)) + r")=)"
-    r"[^&#\s'\"]*", re.IGNORECASE)
+    r"[^&#\s'\"]*",
+    re.IGNORECASE,
+)
 
 
 def redact(value: Any) -> Any:
@@ -66,8 +87,9 @@ class RedactingFilter(logging.Filter):
         self.prefix = prefix
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if self.prefix and not (record.name == self.prefix
-                                or record.name.startswith(self.prefix + ".")):
+        if self.prefix and not (
+            record.name == self.prefix or record.name.startswith(self.prefix + ".")
+        ):
             return True
         try:
             message = record.getMessage()

@@ -48,6 +48,14 @@ def run_training(
     ``TrainingError`` (with ``last_checkpoint``) when training fails. ``faults`` exists for the
     tests of failure handling (``pipeline.train.faults``); no CLI, job or YAML passes it.
     """
-    return fit(cfg, address=address, on_epoch_metrics=on_epoch_metrics,
-               on_step_metrics=on_step_metrics, train_data=train_data, config_path=config_path,
-               callbacks=callbacks, evaluation=CheckpointEvaluation(), faults=faults)
+    return fit(
+        cfg,
+        address=address,
+        on_epoch_metrics=on_epoch_metrics,
+        on_step_metrics=on_step_metrics,
+        train_data=train_data,
+        config_path=config_path,
+        callbacks=callbacks,
+        evaluation=CheckpointEvaluation(),
+        faults=faults,
+    )

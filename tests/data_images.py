@@ -73,9 +73,10 @@ def bad_files() -> dict[str, tuple[bytes, set[str]]]:
     good = jpeg_bytes(textured(64, 48), quality=90)
     return {
         "truncated.jpg": (good[: len(good) // 2], {"truncated"}),
-        "corrupt.jpg": (good[:20] + bytes(np.random.default_rng(1).integers(0, 255, 400,
-                                                                          dtype=np.uint8)),
-                        {"corrupt", "truncated", "not_image"}),
+        "corrupt.jpg": (
+            good[:20] + bytes(np.random.default_rng(1).integers(0, 255, 400, dtype=np.uint8)),
+            {"corrupt", "truncated", "not_image"},
+        ),
         "empty.png": (b"", {"empty"}),
         "notes.jpg": (b"this is not an image at all\n" * 10, {"not_image"}),
     }
@@ -87,9 +88,15 @@ def write(path: Path, data: bytes) -> Path:
     return path
 
 
-def write_parquet(root: Path, n_files: int = 2, rows: int = 10, row_group: int = 4,
-                  label: bool = True, extra: dict[str, bytes] | None = None,
-                  class_per_file: bool = False) -> Path:
+def write_parquet(
+    root: Path,
+    n_files: int = 2,
+    rows: int = 10,
+    row_group: int = 4,
+    label: bool = True,
+    extra: dict[str, bytes] | None = None,
+    class_per_file: bool = False,
+) -> Path:
     """Shards whose row ``k`` is a solid ``id_color(k)`` PNG (label ``k % 3``, or the shard's
     index with ``class_per_file``: class-sorted shards); ``extra`` rows (name -> bytes, label 0)
     are appended to the last shard."""

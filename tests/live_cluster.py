@@ -32,8 +32,11 @@ def _cluster_env(extra: dict[str, str]) -> dict[str, str]:
     env["RAY_TRAIN_V2_ENABLED"] = "1"
     # CPU-starved CI: do not declare a node dead after a few missed health checks; a node we
     # kill on purpose is seen dead at once (its raylet's connection closes)
-    env.update(RAY_health_check_period_ms="3000", RAY_health_check_timeout_ms="20000",
-               RAY_health_check_failure_threshold="20")
+    env.update(
+        RAY_health_check_period_ms="3000",
+        RAY_health_check_timeout_ms="20000",
+        RAY_health_check_failure_threshold="20",
+    )
     env.update(extra)
     return env
 
@@ -41,12 +44,18 @@ def _cluster_env(extra: dict[str, str]) -> dict[str, str]:
 class RayNode:
     """One ``ray start --block`` process (head or worker) in its own process group."""
 
-    def __init__(self, args: list[str], env: dict[str, str], log: Path, marker: str,
-                 wait: bool = True) -> None:
+    def __init__(
+        self, args: list[str], env: dict[str, str], log: Path, marker: str, wait: bool = True
+    ) -> None:
         self.log, self.marker = log, marker
-        self.proc = subprocess.Popen([str(BIN / "ray"), "start", "--block", *args],
-                                     stdout=log.open("w"), stderr=subprocess.STDOUT,
-                                     start_new_session=True, env=env, cwd=REPO)
+        self.proc = subprocess.Popen(
+            [str(BIN / "ray"), "start", "--block", *args],
+            stdout=log.open("w"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env=env,
+            cwd=REPO,
+        )
         if wait:
             self.wait()
 
@@ -85,17 +94,31 @@ class LocalCluster:
         self.address = f"http://127.0.0.1:{self.dash_port}"
         self.gcs_address = f"127.0.0.1:{self.gcs_port}"
         self.token = secrets.token_hex(32)
-        self.env = _cluster_env({**(env or {}), "RAY_AUTH_MODE": "token",
-                                 "RAY_AUTH_TOKEN": self.token})
+        self.env = _cluster_env(
+            {**(env or {}), "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": self.token}
+        )
         self.nodes: dict[str, RayNode] = {}
         self._count = 0
         self.head = RayNode(
-            ["--head", f"--port={self.gcs_port}", "--dashboard-host=127.0.0.1",
-             f"--dashboard-port={self.dash_port}", f"--num-cpus={head_cpus}", "--num-gpus=0",
-             f"--resources={json.dumps({'head': 1})}", f"--temp-dir={self.dir}",
-             f"--ray-client-server-port={free_port()}", *self._ports(),
-             "--include-dashboard=true", "--disable-usage-stats"],
-            self.env, self.dir / "head.log", "Ray runtime started", wait=False)
+            [
+                "--head",
+                f"--port={self.gcs_port}",
+                "--dashboard-host=127.0.0.1",
+                f"--dashboard-port={self.dash_port}",
+                f"--num-cpus={head_cpus}",
+                "--num-gpus=0",
+                f"--resources={json.dumps({'head': 1})}",
+                f"--temp-dir={self.dir}",
+                f"--ray-client-server-port={free_port()}",
+                *self._ports(),
+                "--include-dashboard=true",
+                "--disable-usage-stats",
+            ],
+            self.env,
+            self.dir / "head.log",
+            "Ray runtime started",
+            wait=False,
+        )
         try:
             self.head.wait()
             _wait_http(self.address + "/api/version", 300, self.head.proc, self.head.log)
@@ -105,17 +128,20 @@ class LocalCluster:
 
     @staticmethod
     def _ports() -> list[str]:
-        return [f"--dashboard-agent-listen-port={free_port()}",
-                f"--dashboard-agent-grpc-port={free_port()}",
-                f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}",
-                f"--node-manager-port={free_port()}", f"--object-manager-port={free_port()}"]
+        return [
+            f"--dashboard-agent-listen-port={free_port()}",
+            f"--dashboard-agent-grpc-port={free_port()}",
+            f"--runtime-env-agent-port={free_port()}",
+            f"--metrics-export-port={free_port()}",
+            f"--node-manager-port={free_port()}",
+            f"--object-manager-port={free_port()}",
+        ]
 
     def add_node(self, role: str, cpus: int, amount: float | None = None) -> str:
         """Start a worker node with ``{role: amount}`` (default: its CPUs); returns its name."""
         return self.add_nodes([(role, cpus, amount)])[0]
 
-    def add_nodes(self, specs: list[tuple[str, int, float | None]],
-                  attempts: int = 3) -> list[str]:
+    def add_nodes(self, specs: list[tuple[str, int, float | None]], attempts: int = 3) -> list[str]:
         """Start worker nodes side by side, one per ``(role, cpus, amount)``; their names once
         all of them are up. A node that misses Ray's fixed registration window (a loaded 2-core
         machine) is started again, up to ``attempts`` times."""
@@ -144,26 +170,40 @@ class LocalCluster:
         self.wait_for_nodes()
         return [name for name, _ in started]
 
-    def _start_node(self, name: str, role: str, cpus: int, amount: float | None,
-                    attempt: int) -> RayNode:
+    def _start_node(
+        self, name: str, role: str, cpus: int, amount: float | None, attempt: int
+    ) -> RayNode:
         resources = {role: amount if amount is not None else cpus}
         # its own temp dir, as on a separate machine: nodes that shared one garbage-collected
         # each other's job working directories (runtime_resources/) mid-job
         temp = self.dir / (f"{name}.{attempt}" if attempt else name)
         temp.mkdir()
-        return RayNode([f"--address={self.gcs_address}", f"--num-cpus={cpus}", "--num-gpus=0",
-                        f"--resources={json.dumps(resources)}", f"--temp-dir={temp}",
-                        *self._ports(), "--disable-usage-stats"],
-                       self.env, self.dir / f"{temp.name}.log", "Ray runtime started",
-                       wait=False)
+        return RayNode(
+            [
+                f"--address={self.gcs_address}",
+                f"--num-cpus={cpus}",
+                "--num-gpus=0",
+                f"--resources={json.dumps(resources)}",
+                f"--temp-dir={temp}",
+                *self._ports(),
+                "--disable-usage-stats",
+            ],
+            self.env,
+            self.dir / f"{temp.name}.log",
+            "Ray runtime started",
+            wait=False,
+        )
 
     def kill_node(self, name: str) -> None:
         self.nodes.pop(name).stop()
 
     def node_ids_with(self, resource: str) -> set[str]:
         """Node ids (hex) of the alive nodes that advertise ``resource``."""
-        return {n["node_id"] for n in self._list_nodes()
-                if n["state"] == "ALIVE" and resource in (n.get("resources_total") or {})}
+        return {
+            n["node_id"]
+            for n in self._list_nodes()
+            if n["state"] == "ALIVE" and resource in (n.get("resources_total") or {})
+        }
 
     def state(self, kind: str) -> list[dict]:
         """Ray's state API over HTTP (``/api/v0/nodes``, ``actors``...) with the cluster's token:
@@ -175,8 +215,9 @@ class LocalCluster:
         """GET a dashboard API path with the cluster's token; the decoded JSON."""
         import urllib.request
 
-        req = urllib.request.Request(f"{self.address}{path}",
-                                     headers={"authorization": f"Bearer {self.token}"})
+        req = urllib.request.Request(
+            f"{self.address}{path}", headers={"authorization": f"Bearer {self.token}"}
+        )
         with urllib.request.urlopen(req, timeout=30) as r:
             return json.loads(r.read().decode())
 

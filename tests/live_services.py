@@ -35,7 +35,9 @@ def _wait_http(url: str, timeout: float, proc: subprocess.Popen, log: Path) -> N
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"{proc.args[0]} exited {proc.returncode}:\n{log.read_text()[-3000:]}")
+            raise RuntimeError(
+                f"{proc.args[0]} exited {proc.returncode}:\n{log.read_text()[-3000:]}"
+            )
         try:
             with urllib.request.urlopen(url, timeout=2) as r:
                 if r.status == 200:
@@ -109,8 +111,9 @@ class MlflowServer:
     store credentials) to ``artifacts_destination`` (default: a folder of its own; an ``s3://``
     URI with the store's variables in ``env``: tests/live_cluster.py)."""
 
-    def __init__(self, artifacts_destination: str | None = None,
-                 env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, artifacts_destination: str | None = None, env: dict[str, str] | None = None
+    ) -> None:
         self.dir = Path(tempfile.mkdtemp(prefix="mlflow-srv-"))
         self.port = free_port()
         self.uri = f"http://127.0.0.1:{self.port}"
@@ -123,12 +126,26 @@ class MlflowServer:
     def start(self) -> None:
         """(Re)start the server on the same port, database and artifact store."""
         self.proc = subprocess.Popen(
-            [str(BIN / "mlflow"), "server",
-             "--backend-store-uri", self.backend_store_uri,
-             "--artifacts-destination", self.artifacts_destination,
-             "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1"],
-            stdout=self.log.open("a"), stderr=subprocess.STDOUT, start_new_session=True,
-            cwd=self.dir, env=self.env)
+            [
+                str(BIN / "mlflow"),
+                "server",
+                "--backend-store-uri",
+                self.backend_store_uri,
+                "--artifacts-destination",
+                self.artifacts_destination,
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--workers",
+                "1",
+            ],
+            stdout=self.log.open("a"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            cwd=self.dir,
+            env=self.env,
+        )
         try:
             _wait_http(self.uri + "/health", 300, self.proc, self.log)
         except Exception:
@@ -153,7 +170,10 @@ class S3Server:
         self.log = self.dir / "moto.log"
         self.proc = subprocess.Popen(
             [str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(self.port)],
-            stdout=self.log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+            stdout=self.log.open("w"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         try:
             _wait_http(self.endpoint + "/moto-api/", 120, self.proc, self.log)
         except Exception:
@@ -166,28 +186,35 @@ class S3Server:
     @property
     def env(self) -> dict[str, str]:
         """What every process that talks to the bucket needs (never written into a config)."""
-        return {"AWS_ENDPOINT_URL": self.endpoint, "MLFLOW_S3_ENDPOINT_URL": self.endpoint,
-                "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
+        return {
+            "AWS_ENDPOINT_URL": self.endpoint,
+            "MLFLOW_S3_ENDPOINT_URL": self.endpoint,
+            "AWS_ACCESS_KEY_ID": "testing",
+            "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_DEFAULT_REGION": "us-east-1",
+            "AWS_EC2_METADATA_DISABLED": "true",
+        }
 
     def client_kwargs(self) -> dict[str, str]:
-        return {"endpoint_url": self.endpoint, "aws_access_key_id": "testing",
-                "aws_secret_access_key": "testing", "region_name": "us-east-1"}
+        return {
+            "endpoint_url": self.endpoint,
+            "aws_access_key_id": "testing",
+            "aws_secret_access_key": "testing",
+            "region_name": "us-east-1",
+        }
 
     def keys(self, prefix: str) -> list[str]:
         import boto3
 
         s3 = boto3.client("s3", **self.client_kwargs())
         out: list[str] = []
-        for page in s3.get_paginator("list_objects_v2").paginate(Bucket=self.bucket,
-                                                                  Prefix=prefix):
+        for page in s3.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix):
             out += [o["Key"] for o in page.get("Contents", [])]
         return out
 
     def stop(self) -> None:
         _stop_group(self.proc)
         shutil.rmtree(self.dir, ignore_errors=True)
-
 
 
 class MlflowS3Server(MlflowServer):

@@ -29,7 +29,8 @@ def _fresh_ray_up_cluster() -> ClusterView:
 
 def _cfg(**updates) -> DinoConfig:
     return DinoConfig().with_overrides(
-        {"data.path": "s3://bucket/corpus", "train.storage_path": "s3://bucket/runs", **updates})
+        {"data.path": "s3://bucket/corpus", "train.storage_path": "s3://bucket/runs", **updates}
+    )
 
 
 def test_cluster_yaml_node_types_are_what_the_planner_grows_to():
@@ -61,19 +62,41 @@ def test_local_paths_are_refused_on_a_multi_node_cluster_with_the_field_named():
     with pytest.raises(PreflightError, match=r"data\.path='demo'"):
         check_cluster(_cfg(**{"data.path": "demo", "train.use_gpu": True}), view)
     with pytest.raises(PreflightError, match=r"eval\.val_path"):
-        check_cluster(_cfg(**{"eval.train_path": "s3://b/t", "eval.val_path": "/data/val",
-                              "train.use_gpu": True}), view)
+        check_cluster(
+            _cfg(
+                **{
+                    "eval.train_path": "s3://b/t",
+                    "eval.val_path": "/data/val",
+                    "train.use_gpu": True,
+                }
+            ),
+            view,
+        )
     # declared NFS: allowed; one machine: allowed
-    check_cluster(_cfg(**{"train.storage_path": "/mnt/nfs/runs", "train.shared_filesystem": True,
-                          "train.use_gpu": True}), view)
-    check_cluster(_cfg(**{"train.storage_path": "./runs", "data.path": "demo"}),
-                  ClusterView.from_nodes([{"CPU": 4.0}]))
+    check_cluster(
+        _cfg(
+            **{
+                "train.storage_path": "/mnt/nfs/runs",
+                "train.shared_filesystem": True,
+                "train.use_gpu": True,
+            }
+        ),
+        view,
+    )
+    check_cluster(
+        _cfg(**{"train.storage_path": "./runs", "data.path": "demo"}),
+        ClusterView.from_nodes([{"CPU": 4.0}]),
+    )
 
 
 def test_train_workers_no_node_can_hold_fail_before_ray_work():
     cpu_only = ClusterView.from_nodes(
-        [HEAD], [NodeType("data", {"CPU": 16.0, "data": 16.0}, 4),
-                 NodeType("train", {"CPU": 8.0, "train": 1.0}, 2)])
+        [HEAD],
+        [
+            NodeType("data", {"CPU": 16.0, "data": 16.0}, 4),
+            NodeType("train", {"CPU": 8.0, "train": 1.0}, 2),
+        ],
+    )
     with pytest.raises(PreflightError, match=r"train\.use_gpu.*GPU"):
         check_cluster(_cfg(**{"train.use_gpu": True}), cpu_only)
     with pytest.raises(PreflightError, match=r"train\.num_workers.*train=3"):
@@ -122,8 +145,10 @@ def test_a_peer_lost_before_ray_reports_the_death_is_retried_and_a_bug_is_not():
     from ray.train import WorkerGroupError
 
     # what gloo raised in a surviving rank when its peer's process exited (torch 2.x)
-    gloo = RuntimeError("[gloo/transport/tcp/pair.cc:561] Connection closed by peer "
-                        "[127.0.0.1]:1759. This is typically caused by a remote worker crashing.")
+    gloo = RuntimeError(
+        "[gloo/transport/tcp/pair.cc:561] Connection closed by peer "
+        "[127.0.0.1]:1759. This is typically caused by a remote worker crashing."
+    )
     assert classify(WorkerGroupError("x", {0: gloo})) == "retryable"
     nccl = dist.DistBackendError("NCCL error: remote process exited or there was a network error")
     assert classify(WorkerGroupError("x", {0: nccl, 2: gloo})) == "retryable"

@@ -80,8 +80,14 @@ def corpus(s3, digits_dir):
 
 
 def _job_config(tmp_path, corpus, name, **updates):
-    values = dict(train__num_workers=2, data__limit=160, train__max_steps_per_epoch=2,
-                  train__epochs=1, eval__every_epochs=1, eval__limit=120)
+    values = dict(
+        train__num_workers=2,
+        data__limit=160,
+        train__max_steps_per_epoch=2,
+        train__epochs=1,
+        eval__every_epochs=1,
+        eval__limit=120,
+    )
     cfg = tiny_config(corpus, "s3://dino/runs", name, **{**values, **updates})
     path = tmp_path / f"{name}.yaml"  # outside the repository: shipped inline as overrides
     path.write_text(cfg.to_yaml())
@@ -153,21 +159,41 @@ def _submit_and_ctrl_c(cluster, s3, name, *args) -> tuple[str, str, float]:
     # as in a terminal, Ctrl-C raises KeyboardInterrupt: a test run started in the background
     # (`make test &`, nohup, some CI runners) hands its children SIGINT ignored, and Python keeps
     # it ignored (the job then ran to its end, exit 0, in every clean-clone run started that way)
-    terminal = ("import runpy, signal; signal.signal(signal.SIGINT, signal.default_int_handler); "
-                "runpy.run_module('pipeline.cli', run_name='__main__', alter_sys=True)")
+    terminal = (
+        "import runpy, signal; signal.signal(signal.SIGINT, signal.default_int_handler); "
+        "runpy.run_module('pipeline.cli', run_name='__main__', alter_sys=True)"
+    )
     proc = subprocess.Popen(
-        [sys.executable, "-c", terminal, "submit", "train", "--address", cluster.address,
-         "--submission-id", sid, *args],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True,
-        errors="replace")  # a stray byte must not kill the reader thread (the pipe then fills)
+        [
+            sys.executable,
+            "-c",
+            terminal,
+            "submit",
+            "train",
+            "--address",
+            cluster.address,
+            "--submission-id",
+            sid,
+            *args,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env=env,
+        text=True,
+        errors="replace",
+    )  # a stray byte must not kill the reader thread (the pipe then fills)
     # read the output as it comes, as a terminal does: a pipe nobody reads fills up (64 KB, a
     # few epochs of the job's log), the command blocks in a write, and Ctrl-C waits with it
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
     reader.start()
     try:
-        wait_for(lambda: _newest_step(s3, name) >= 2 or proc.poll() is not None,
-                 "first checkpoint", limit_s=600, poll_s=0.5)
+        wait_for(
+            lambda: _newest_step(s3, name) >= 2 or proc.poll() is not None,
+            "first checkpoint",
+            limit_s=600,
+            poll_s=0.5,
+        )
         assert proc.poll() is None, "".join(lines)[-4000:]
         t_kill = time.monotonic()
         proc.send_signal(signal.SIGINT)  # Ctrl-C in the terminal that submitted the job
@@ -182,7 +208,8 @@ def _submit_and_ctrl_c(cluster, s3, name, *args) -> tuple[str, str, float]:
 
 
 def test_submitted_run_stops_on_ctrl_c_resumes_from_s3_evaluates_registers_and_pulls(
-        cluster, s3, corpus, mlflow_s3, tmp_path, monkeypatch, capsys):
+    cluster, s3, corpus, mlflow_s3, tmp_path, monkeypatch, capsys
+):
     """One tracked run driven through `dino-ray submit`, as a cluster user does: Ctrl-C on
     `submit` stops the job on the cluster (its driver gets SIGTERM: the workers checkpoint and
     stop); submitting the same command again resumes from S3 into the same MLflow run; then
@@ -191,16 +218,24 @@ def test_submitted_run_stops_on_ctrl_c_resumes_from_s3_evaluates_registers_and_p
     # 12 epochs (1.6 s each) ran to their end before the stop landed; 30 epochs, evaluated every
     # 10 (the k-NN is still logged)
     epochs = 30
-    track = ["tracking.enabled=true", f"tracking.tracking_uri={mlflow_s3.uri}",
-             "tracking.experiment=cluster"]
+    track = [
+        "tracking.enabled=true",
+        f"tracking.tracking_uri={mlflow_s3.uri}",
+        "tracking.experiment=cluster",
+    ]
     cfg = _job_config(tmp_path, corpus, "s3run", train__epochs=epochs, eval__every_epochs=10)
     command = ["--config", str(cfg), *track]
 
     # 1. train, checkpoints in the bucket; Ctrl-C stops the job
     sid, out, t_kill = _submit_and_ctrl_c(cluster, s3, "s3run", *command)
     assert f"stopping job {sid}" in out
-    status = wait_for(lambda: _job_status(cluster, sid), "stopped job",
-                      lambda st: st in ("STOPPED", "FAILED", "SUCCEEDED"), 120, 0.5)
+    status = wait_for(
+        lambda: _job_status(cluster, sid),
+        "stopped job",
+        lambda st: st in ("STOPPED", "FAILED", "SUCCEEDED"),
+        120,
+        0.5,
+    )
     assert status == "STOPPED"
     from mlflow import MlflowClient
 
@@ -210,7 +245,8 @@ def test_submitted_run_stops_on_ctrl_c_resumes_from_s3_evaluates_registers_and_p
     # the driver had --stop-grace-s to stop the workers with a checkpoint and close its run (with
     # Ray's own 3 s it was killed first on a loaded machine, and the run stayed RUNNING)
     assert [(r.info.status, r.data.tags.get("stopped_by")) for r in stopped] == [
-        ("KILLED", "SIGTERM")]
+        ("KILLED", "SIGTERM")
+    ]
     step_at_kill = _newest_step(s3, "s3run")
     assert step_at_kill < 2 * epochs, "the stopped job ran to its end: nothing left to resume"
 
@@ -218,12 +254,14 @@ def test_submitted_run_stops_on_ctrl_c_resumes_from_s3_evaluates_registers_and_p
     rc, out, sid, _ = _submit(cluster, monkeypatch, capsys, "train", *command)
     assert rc == 0, out[-5000:] + cluster.tail()
     assert f"resuming from s3://dino/runs/s3run/checkpoint_step_{step_at_kill:08d}" in out
-    summary, _ = json.JSONDecoder().raw_decode(out[out.rindex('{\n "checkpoint_path"'):])
+    summary, _ = json.JSONDecoder().raw_decode(out[out.rindex('{\n "checkpoint_path"') :])
     assert summary["metrics"]["step"] == 2 * epochs
     assert summary["checkpoint_path"].startswith("s3://")
     assert _newest_step(s3, "s3run") == 2 * epochs
-    print(f"job stopped (Ctrl-C on submit) at step {step_at_kill}: resubmitted run done "
-          f"{time.monotonic() - t_kill:.1f} s after the Ctrl-C")
+    print(
+        f"job stopped (Ctrl-C on submit) at step {step_at_kill}: resubmitted run done "
+        f"{time.monotonic() - t_kill:.1f} s after the Ctrl-C"
+    )
     job = _job_id(cluster, sid)
     actors = [a for a in cluster.state("actors") if a["job_id"] == job]
     crop = [a for a in actors if "MultiCropStage" in a["class_name"]]
@@ -238,27 +276,53 @@ def test_submitted_run_stops_on_ctrl_c_resumes_from_s3_evaluates_registers_and_p
     ckpt = summary["checkpoint_path"]
 
     # register that run's teacher by its MLflow run name (what `submit register --run-name` runs)
-    assert main(["register", "--run-name", "s3run", "--tracking-uri", mlflow_s3.uri,
-                 "--name", "run-teacher", "tracking.experiment=cluster"]) == 0
-    version = MlflowClient(tracking_uri=mlflow_s3.uri,
-                           registry_uri=mlflow_s3.uri).get_model_version_by_alias(
-        "run-teacher", "champion")
+    assert (
+        main(
+            [
+                "register",
+                "--run-name",
+                "s3run",
+                "--tracking-uri",
+                mlflow_s3.uri,
+                "--name",
+                "run-teacher",
+                "tracking.experiment=cluster",
+            ]
+        )
+        == 0
+    )
+    version = MlflowClient(
+        tracking_uri=mlflow_s3.uri, registry_uri=mlflow_s3.uri
+    ).get_model_version_by_alias("run-teacher", "champion")
     assert version.run_id == runs[0].info.run_id
-    assert float(version.tags["knn_top1"]) == pytest.approx(runs[0].data.metrics["knn_top1"],
-                                                            abs=1e-4)
+    assert float(version.tags["knn_top1"]) == pytest.approx(
+        runs[0].data.metrics["knn_top1"], abs=1e-4
+    )
 
     # 3. evaluate and register the S3 checkpoint on the cluster; pull the registered teacher
     stored = set(s3.keys("mlflow/"))  # the session's MLflow server shares the bucket
     rc, out, _, _ = _submit(cluster, monkeypatch, capsys, "evaluate", ckpt, "--no-random-init")
     assert rc == 0, out[-5000:]
     assert "knn_top1" in out
-    rc, out, _, _ = _submit(cluster, monkeypatch, capsys, "register", "--checkpoint", ckpt,
-                            "--tracking-uri", mlflow_s3.uri, "--name", "s3-teacher")
+    rc, out, _, _ = _submit(
+        cluster,
+        monkeypatch,
+        capsys,
+        "register",
+        "--checkpoint",
+        ckpt,
+        "--tracking-uri",
+        mlflow_s3.uri,
+        "--name",
+        "s3-teacher",
+    )
     assert rc == 0, out[-5000:]
     assert set(s3.keys("mlflow/")) - stored  # the registered model's artifacts went to S3
     dst = tmp_path / "pulled"
-    assert main(["models", "--tracking-uri", mlflow_s3.uri, "pull", "models:/s3-teacher/1",
-                 str(dst)]) == 0
+    assert (
+        main(["models", "--tracking-uri", mlflow_s3.uri, "pull", "models:/s3-teacher/1", str(dst)])
+        == 0
+    )
     import torch
     from safetensors.torch import load_file
 
@@ -273,13 +337,15 @@ def test_submitted_run_stops_on_ctrl_c_resumes_from_s3_evaluates_registers_and_p
 
 
 def test_local_storage_path_on_a_multi_node_cluster_fails_fast(
-        cluster, corpus, tmp_path, monkeypatch, capsys):
+    cluster, corpus, tmp_path, monkeypatch, capsys
+):
     """A local train.storage_path on a multi-node cluster fails in the job's driver before any
     worker starts; like every failing job, `submit` then exits 1 and prints its FAILED status
     (on stderr: the job's own output goes to stdout)."""
     cfg = _job_config(tmp_path, corpus, "localrun")
-    rc, out, sid, wall = _submit(cluster, monkeypatch, capsys, "train", "--config", str(cfg),
-                                 "train.storage_path=./runs")
+    rc, out, sid, wall = _submit(
+        cluster, monkeypatch, capsys, "train", "--config", str(cfg), "train.storage_path=./runs"
+    )
     assert rc == 1
     assert f"job {sid}: FAILED" in out  # submit_and_follow's status line (stderr)
     assert "train.storage_path='./runs' is a local path" in out
@@ -288,15 +354,23 @@ def test_local_storage_path_on_a_multi_node_cluster_fails_fast(
 
 
 def test_unreadable_corpus_fails_with_counts_and_examples(
-        cluster, s3, tmp_path, monkeypatch, capsys):
+    cluster, s3, tmp_path, monkeypatch, capsys
+):
     import boto3
 
     bucket = boto3.client("s3", **s3.client_kwargs())
     for i in range(40):  # an image export gone wrong: every file is garbage
-        bucket.put_object(Bucket=s3.bucket, Key=f"broken/cls{i % 2}/img{i:03d}.jpg",
-                          Body=b"not a jpeg " * 20)
-    cfg = _job_config(tmp_path, f"s3://{s3.bucket}/broken", "broken", data__limit=None,
-                      eval__every_epochs=0, train__num_workers=1)  # one worker fails as well
+        bucket.put_object(
+            Bucket=s3.bucket, Key=f"broken/cls{i % 2}/img{i:03d}.jpg", Body=b"not a jpeg " * 20
+        )
+    cfg = _job_config(
+        tmp_path,
+        f"s3://{s3.bucket}/broken",
+        "broken",
+        data__limit=None,
+        eval__every_epochs=0,
+        train__num_workers=1,
+    )  # one worker fails as well
     rc, out, _, _ = _submit(cluster, monkeypatch, capsys, "train", "--config", str(cfg))
     assert rc == 1, out[-4000:]
     assert "DataQualityError" in out and "images skipped" in out
@@ -304,45 +378,69 @@ def test_unreadable_corpus_fails_with_counts_and_examples(
     assert "restarting from the newest checkpoint" not in out  # deterministic: not retried
 
 
-def _run_until_first_checkpoint(cluster, s3, corpus, tmp_path, monkeypatch, capsys, name,
-                                 epochs):
+def _run_until_first_checkpoint(cluster, s3, corpus, tmp_path, monkeypatch, capsys, name, epochs):
     """Submit a run without waiting; return its job id and step once a checkpoint is in the
     bucket (the moment a fault is injected)."""
     # one worker: a node loss stops it as it stops two (the 2-worker restart after a worker
     # death: tests/test_train_ray.py), and each restart starts one process less
-    cfg = _job_config(tmp_path, corpus, name, train__epochs=epochs, train__max_failures=3,
-                      eval__every_epochs=0, train__num_workers=1)
-    rc, out, sid, _ = _submit(cluster, monkeypatch, capsys, "train", "--config", str(cfg),
-                              "--no-wait")
+    cfg = _job_config(
+        tmp_path,
+        corpus,
+        name,
+        train__epochs=epochs,
+        train__max_failures=3,
+        eval__every_epochs=0,
+        train__num_workers=1,
+    )
+    rc, out, sid, _ = _submit(
+        cluster, monkeypatch, capsys, "train", "--config", str(cfg), "--no-wait"
+    )
     assert rc == 0, out
-    wait_for(lambda: _newest_step(s3, name) >= 2 or _job_status(cluster, sid)
-             in ("FAILED", "STOPPED"), "first checkpoint", limit_s=600, poll_s=0.5)
+    wait_for(
+        lambda: _newest_step(s3, name) >= 2 or _job_status(cluster, sid) in ("FAILED", "STOPPED"),
+        "first checkpoint",
+        limit_s=600,
+        poll_s=0.5,
+    )
     assert _job_status(cluster, sid) == "RUNNING"
     return sid, _newest_step(s3, name)
 
 
 def _wait_for_end(cluster, sid) -> str:
-    return wait_for(lambda: _job_status(cluster, sid), "end of the job",
-                    lambda st: st in ("SUCCEEDED", "FAILED", "STOPPED"), 900, 0.5)
+    return wait_for(
+        lambda: _job_status(cluster, sid),
+        "end of the job",
+        lambda st: st in ("SUCCEEDED", "FAILED", "STOPPED"),
+        900,
+        0.5,
+    )
 
 
 def test_train_and_data_nodes_lost_mid_run_the_job_resumes_from_s3_and_finishes(
-        cluster, s3, corpus, tmp_path, monkeypatch, capsys):
+    cluster, s3, corpus, tmp_path, monkeypatch, capsys
+):
     """One job loses a node twice, as on an autoscaled cluster: the train node's raylet dies
     after the first checkpoint and an autoscaler (here: the test) brings up another train node:
     the job resumes from S3, losing under an epoch; once the resumed run has checkpointed, the
     data node dies and another returns 5 s later: the stream resumes and the job finishes."""
     epochs = 8  # room for both faults before the end, however late a loaded poll sees a checkpoint
-    sid, step_at_kill = _run_until_first_checkpoint(cluster, s3, corpus, tmp_path, monkeypatch,
-                                                    capsys, "nodefault", epochs)
+    sid, step_at_kill = _run_until_first_checkpoint(
+        cluster, s3, corpus, tmp_path, monkeypatch, capsys, "nodefault", epochs
+    )
     t_kill = time.monotonic()
     victim = next(n for n in cluster.nodes if n.startswith("train"))
     cluster.kill_node(victim)
     step_at_train_loss = _newest_step(s3, "nodefault")  # nothing after this is the dead node's
     cluster.add_node("train", 2)  # what the autoscaler does for the pending workers
-    wait_for(lambda: _newest_step(s3, "nodefault") > step_at_train_loss
-             or _job_status(cluster, sid) != "RUNNING", "a checkpoint of the resumed run",
-             limit_s=600, poll_s=0.5)
+    wait_for(
+        lambda: (
+            _newest_step(s3, "nodefault") > step_at_train_loss
+            or _job_status(cluster, sid) != "RUNNING"
+        ),
+        "a checkpoint of the resumed run",
+        limit_s=600,
+        poll_s=0.5,
+    )
     assert _job_status(cluster, sid) == "RUNNING", _job_logs(cluster, sid)[-6000:]
     step_at_data_loss = _newest_step(s3, "nodefault")
     assert step_at_data_loss < 2 * epochs, "the run ended before the data node was lost"
@@ -356,12 +454,20 @@ def test_train_and_data_nodes_lost_mid_run_the_job_resumes_from_s3_and_finishes(
     logs = _job_logs(cluster, sid)
     assert status == "SUCCEEDED", logs[-6000:]
     assert "restarting from the newest checkpoint" in logs
-    resumed = [int(x) for x in re.findall(r"resuming from s3://dino/runs/nodefault/"
-                                                        r"checkpoint_step_(\d+)", logs)]
+    resumed = [
+        int(x)
+        for x in re.findall(
+            r"resuming from s3://dino/runs/nodefault/"
+            r"checkpoint_step_(\d+)",
+            logs,
+        )
+    ]
     # the first resume is the train node's: nothing checkpointed before the kill was lost, only
     # the epoch in flight (a later resume, after the data node, is not it)
     assert resumed and resumed[0] >= step_at_kill
     assert _newest_step(s3, "nodefault") == 2 * epochs
-    print(f"train node lost at step {step_at_kill}: resumed from step {min(resumed)}, "
-          f"checkpointing again {recovered_s:.1f} s after the kill; data node lost at step "
-          f"{step_at_data_loss}: job finished {time.monotonic() - t_data:.1f} s after that kill")
+    print(
+        f"train node lost at step {step_at_kill}: resumed from step {min(resumed)}, "
+        f"checkpointing again {recovered_s:.1f} s after the kill; data node lost at step "
+        f"{step_at_data_loss}: job finished {time.monotonic() - t_data:.1f} s after that kill"
+    )

@@ -45,8 +45,9 @@ def test_cluster_node_types_and_resources():
     setup = " ".join(cfg["setup_commands"])
     assert "uv sync" in setup and "dino-ray" in setup
     text = (REPO / "cluster.yaml").read_text()
-    assert not re.search(r"(?i)(secret|password|aws_access_key|BEGIN [A-Z ]*PRIVATE KEY)\s*[:=]",
-                         text)
+    assert not re.search(
+        r"(?i)(secret|password|aws_access_key|BEGIN [A-Z ]*PRIVATE KEY)\s*[:=]", text
+    )
 
 
 def test_rayjob_manifest():
@@ -71,9 +72,11 @@ def test_cluster_configs_expose_nothing_and_name_only_shared_paths():
     for commands in ("head_start_ray_commands", "worker_start_ray_commands"):
         assert "RAY_AUTH_MODE=token" in " ".join(cfg[commands])
     job = _load("deploy/rayjob.yaml")
-    pods = [job["spec"]["submitterPodTemplate"]["spec"],
-            job["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"],
-            *[g["template"]["spec"] for g in job["spec"]["rayClusterSpec"]["workerGroupSpecs"]]]
+    pods = [
+        job["spec"]["submitterPodTemplate"]["spec"],
+        job["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"],
+        *[g["template"]["spec"] for g in job["spec"]["rayClusterSpec"]["workerGroupSpecs"]],
+    ]
     for pod in pods:
         env = {e["name"]: e.get("value") for c in pod["containers"] for e in c.get("env", [])}
         assert env.get("RAY_AUTH_MODE") == "token"

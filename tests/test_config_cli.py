@@ -60,7 +60,8 @@ def test_overrides_and_round_trip(tmp_path):
 
 
 def test_help_lists_every_verb():
-    out = subprocess.run([sys.executable, "-m", "pipeline.cli", "--help"], capture_output=True,
-                         text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "--help"], capture_output=True, text=True, check=True
+    ).stdout
     for verb in VERBS:
         assert verb in out

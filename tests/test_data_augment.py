@@ -7,13 +7,22 @@ import math
 
 import numpy as np
 import pytest
-
 from data_images import jpeg_bytes, textured
+
 from pipeline.config import AugmentConfig
-from pipeline.data.augment import (MultiCrop, adjust_brightness, adjust_contrast, adjust_hue,
-                                   adjust_saturation, max_reduction, render_view,
-                                   sample_crop_params, sample_multicrop_params, solarize,
-                                   ViewParams)
+from pipeline.data.augment import (
+    MultiCrop,
+    ViewParams,
+    adjust_brightness,
+    adjust_contrast,
+    adjust_hue,
+    adjust_saturation,
+    max_reduction,
+    render_view,
+    sample_crop_params,
+    sample_multicrop_params,
+    solarize,
+)
 
 N = 3000
 
@@ -35,13 +44,15 @@ def test_crop_area_and_ratio_within_ranges(scale):
     assert ratios.min() >= ratio[0] * 0.97 and ratios.max() <= ratio[1] * 1.03
     # draws whose box does not fit are rejected (as in torchvision), so only ranges here; with a
     # square image and ratio 1 nothing is rejected and the area is uniform in [lo, hi]
-    sq = np.array([np.prod(sample_crop_params(rng, 400, 400, scale, (1, 1))[2:]) / 400 ** 2
-                   for _ in range(N)])
+    sq = np.array(
+        [np.prod(sample_crop_params(rng, 400, 400, scale, (1, 1))[2:]) / 400**2 for _ in range(N)]
+    )
     assert abs(sq.mean() - sum(scale) / 2) < 0.02 * (scale[1] - scale[0]) + 0.005
     assert abs(np.median(sq) - sum(scale) / 2) < 0.04 * (scale[1] - scale[0]) + 0.005
     # on a square image rejection is symmetric in the ratio: log-ratio centred on 0
-    sr = np.array([(lambda b: b[3] / b[2])(sample_crop_params(rng, 400, 400, scale, ratio))
-                   for _ in range(N)])
+    sr = np.array(
+        [(lambda b: b[3] / b[2])(sample_crop_params(rng, 400, 400, scale, ratio)) for _ in range(N)]
+    )
     assert abs(np.log(sr).mean()) < 0.015
     assert np.log(sr).std() > 0.1  # and actually spread over the range
 
@@ -56,7 +67,9 @@ def _rates(cfg: AugmentConfig, n: int = N) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(1)
     views = [sample_multicrop_params(rng, 375, 500, cfg) for _ in range(n)]
     out = {}
-    for v, name in enumerate(["global_0", "global_1"] + [f"local_{i}" for i in range(cfg.num_local)]):
+    for v, name in enumerate(
+        ["global_0", "global_1"] + [f"local_{i}" for i in range(cfg.num_local)]
+    ):
         ps = [vs[v] for vs in views]
         out[name] = {
             "flip": np.mean([p.flip for p in ps]),
@@ -91,13 +104,22 @@ def test_default_recipe_rates_match_official_dino():
 
 
 def test_rates_follow_config():
-    cfg = AugmentConfig(num_local=2, flip_p=0.0, jitter_p=1.0, grayscale_p=0.0,
-                        blur_p_global1=0.0, blur_p_global2=1.0, blur_p_local=0.0,
-                        solarize_p_global2=1.0)
+    cfg = AugmentConfig(
+        num_local=2,
+        flip_p=0.0,
+        jitter_p=1.0,
+        grayscale_p=0.0,
+        blur_p_global1=0.0,
+        blur_p_global2=1.0,
+        blur_p_local=0.0,
+        solarize_p_global2=1.0,
+    )
     r = _rates(cfg, 500)
     assert set(r) == {"global_0", "global_1", "local_0", "local_1"}
     assert r["global_0"]["flip"] == 0 and r["global_0"]["jitter"] == 1 and r["local_1"]["gray"] == 0
-    assert r["global_0"]["blur"] == 0 and r["global_1"]["blur"] == 1 and r["global_1"]["solarize"] == 1
+    assert (
+        r["global_0"]["blur"] == 0 and r["global_1"]["blur"] == 1 and r["global_1"]["solarize"] == 1
+    )
 
 
 def test_jitter_factors_and_random_order():
@@ -147,7 +169,8 @@ def test_multicrop_shapes_dtype_and_determinism():
 def test_small_image_is_upscaled():
     data = jpeg_bytes(textured(5, 4), quality=95)
     crops = MultiCrop(AugmentConfig(global_size=24, local_size=12, num_local=1))(
-        data, np.random.default_rng(0))
+        data, np.random.default_rng(0)
+    )
     assert [c.shape for c in crops] == [(24, 24, 3), (24, 24, 3), (12, 12, 3)]
 
 
@@ -157,9 +180,19 @@ def test_draft_decode_keeps_crop_geometry():
     big[:, :, 0] = np.linspace(0, 255, 1200, dtype=np.uint8)[None, :]
     big[:, :, 1] = np.linspace(0, 255, 800, dtype=np.uint8)[:, None]
     from PIL import Image
+
     data = jpeg_bytes(Image.fromarray(big), quality=95)
-    cfg = AugmentConfig(global_size=64, local_size=24, num_local=2, jitter_p=0, grayscale_p=0,
-                        blur_p_global1=0, blur_p_global2=0, blur_p_local=0, solarize_p_global2=0)
+    cfg = AugmentConfig(
+        global_size=64,
+        local_size=24,
+        num_local=2,
+        jitter_p=0,
+        grayscale_p=0,
+        blur_p_global1=0,
+        blur_p_global2=0,
+        blur_p_local=0,
+        solarize_p_global2=0,
+    )
     fast = MultiCrop(cfg)(data, np.random.default_rng(5))
     slow = MultiCrop(cfg.model_copy(update={"draft_decode": False}))(data, np.random.default_rng(5))
     for f, s in zip(fast, slow):

@@ -6,8 +6,8 @@ import json
 
 import pyarrow.parquet as pq
 import pytest
-
 from data_images import bad_files, converted_files, solid_png, write
+
 from pipeline.cli import main
 from pipeline.data.sources import list_corpus
 
@@ -44,8 +44,22 @@ def test_inspect_missing_path_is_an_error(tmp_path, capsys):
 
 def test_to_parquet_round_trip(tree, tmp_path, capsys):
     dst = tmp_path / "pq"
-    assert main(["data", "to-parquet", str(tree), str(dst), "--rows-per-shard", "6",
-                 "--row-group-size", "4", "--verify"]) == 0
+    assert (
+        main(
+            [
+                "data",
+                "to-parquet",
+                str(tree),
+                str(dst),
+                "--rows-per-shard",
+                "6",
+                "--row-group-size",
+                "4",
+                "--verify",
+            ]
+        )
+        == 0
+    )
     summary = json.loads(capsys.readouterr().out)
     assert summary["rows"] == 11 and summary["skipped"] == 4 and summary["shards"] == 2
     table = pq.read_table(dst)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from data_images import bad_files, converted_files, exif_rotated_jpeg
+
 from pipeline.config import AugmentConfig
 from pipeline.data.augment import MultiCrop
 from pipeline.data.decode import BadImage, decode_bytes
@@ -17,7 +17,8 @@ def test_convertible_files_decode_to_rgb_and_crop(name):
     arr = decode_bytes(data)
     assert arr.dtype == np.uint8 and arr.ndim == 3 and arr.shape[2] == 3
     crops = MultiCrop(AugmentConfig(global_size=16, local_size=8, num_local=2))(
-        data, np.random.default_rng(0))
+        data, np.random.default_rng(0)
+    )
     assert [c.shape for c in crops] == [(16, 16, 3)] * 2 + [(8, 8, 3)] * 2
 
 
@@ -41,9 +42,19 @@ def test_exif_orientation_is_applied():
 def test_exif_orientation_in_crop_geometry():
     """Crop boxes are sampled on the displayed (rotated) size: a full-image crop keeps the
     red-over-blue layout."""
-    cfg = AugmentConfig(global_size=8, local_size=4, num_local=0, global_scale=(1, 1),
-                        ratio=(0.5, 0.5), flip_p=0, jitter_p=0, grayscale_p=0,
-                        blur_p_global1=0, blur_p_global2=0, solarize_p_global2=0)
+    cfg = AugmentConfig(
+        global_size=8,
+        local_size=4,
+        num_local=0,
+        global_scale=(1, 1),
+        ratio=(0.5, 0.5),
+        flip_p=0,
+        jitter_p=0,
+        grayscale_p=0,
+        blur_p_global1=0,
+        blur_p_global2=0,
+        solarize_p_global2=0,
+    )
     g0 = MultiCrop(cfg)(exif_rotated_jpeg(), np.random.default_rng(0))[0].astype(int)
     assert g0[0, 4, 0] > 200 and g0[7, 4, 2] > 200
 
@@ -53,5 +64,6 @@ def test_bad_files_raise_with_reason(name):
     data, reasons = bad_files()[name]
     with pytest.raises(BadImage) as info:
         MultiCrop(AugmentConfig(global_size=16, local_size=8, num_local=1))(
-            data, np.random.default_rng(0))
+            data, np.random.default_rng(0)
+        )
     assert info.value.reason in reasons

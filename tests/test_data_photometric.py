@@ -11,8 +11,8 @@ import cv2
 import numpy as np
 import pytest
 import torch
-
 from data_images import jpeg_bytes, textured
+
 from dino_model import photometric as P
 from pipeline.config import AugmentConfig
 from pipeline.data import augment as A
@@ -36,10 +36,16 @@ def fields(n: int, size: int = 40, seed: int = 0) -> np.ndarray:
     out = np.empty((n, size, size, 3), np.uint8)
     for i in range(n):
         tint = rng.uniform(40, 215, 3)
-        coarse = cv2.resize(rng.normal(0, rng.uniform(15, 70), (5, 5, 3)).astype(np.float32),
-                            (size, size), interpolation=cv2.INTER_CUBIC)
-        fine = cv2.resize(rng.normal(0, rng.uniform(0, 35), (size // 2, size // 2, 3))
-                          .astype(np.float32), (size, size), interpolation=cv2.INTER_LINEAR)
+        coarse = cv2.resize(
+            rng.normal(0, rng.uniform(15, 70), (5, 5, 3)).astype(np.float32),
+            (size, size),
+            interpolation=cv2.INTER_CUBIC,
+        )
+        fine = cv2.resize(
+            rng.normal(0, rng.uniform(0, 35), (size // 2, size // 2, 3)).astype(np.float32),
+            (size, size),
+            interpolation=cv2.INTER_LINEAR,
+        )
         out[i] = np.clip(np.rint(tint + coarse + fine), 0, 255)
     return out
 
@@ -48,9 +54,17 @@ IMG = fields(1, seed=11)[0]
 
 
 # --- (a) each op alone ------------------------------------------------------------------------
-@pytest.mark.parametrize("op, f", [("brightness", 1.3), ("brightness", 0.62), ("contrast", 0.7),
-                                   ("contrast", 1.38), ("saturation", 0.85),
-                                   ("saturation", 1.2)])
+@pytest.mark.parametrize(
+    "op, f",
+    [
+        ("brightness", 1.3),
+        ("brightness", 0.62),
+        ("contrast", 0.7),
+        ("contrast", 1.38),
+        ("saturation", 0.85),
+        ("saturation", 1.2),
+    ],
+)
 def test_jitter_op_matches_opencv(op, f):
     i = P.JITTER_OPS.index(op)
     got = _hwc(P._JITTER_FN[i](_nchw(IMG), torch.tensor([f]))).astype(int)
@@ -141,10 +155,13 @@ def _to_params(views: list[A.ViewParams]) -> P.PhotometricParams:
             for name, f in v.jitter:
                 factors[i, P.JITTER_OPS.index(name)] = f
     return P.PhotometricParams(
-        jitter=torch.tensor([v.jitter is not None for v in views]), factors=factors, order=order,
+        jitter=torch.tensor([v.jitter is not None for v in views]),
+        factors=factors,
+        order=order,
         gray=torch.tensor([v.gray for v in views]),
         sigma=torch.tensor([v.blur_sigma or 0.0 for v in views]),
-        solarize=torch.tensor([v.solarize for v in views]))
+        solarize=torch.tensor([v.solarize for v in views]),
+    )
 
 
 @pytest.mark.parametrize("view", [0, 1, 2])
@@ -177,16 +194,26 @@ def _stats(batch: np.ndarray) -> dict[str, np.ndarray]:
     x = batch.astype(np.float32)
     mx, mn = x.max(-1), x.min(-1)
     lum = x @ np.float32([0.299, 0.587, 0.114])
-    lap = np.abs(4 * lum[:, 1:-1, 1:-1] - lum[:, :-2, 1:-1] - lum[:, 2:, 1:-1]
-                 - lum[:, 1:-1, :-2] - lum[:, 1:-1, 2:]).mean((1, 2))
-    return {"mean": x.mean((1, 2, 3)), "std": x.std((1, 2, 3)),
-            "saturation": ((mx - mn) / np.maximum(mx, 1)).mean((1, 2)), "sharpness": lap,
-            # colour (RGB minus luma) over luma contrast: brightness and contrast scale both,
-            # saturation only the colour, so its change follows the saturation factor
-            "colourfulness": np.log(np.sqrt(((x - lum[..., None]) ** 2).mean((1, 2, 3))) + 0.1)
-            - np.log(lum.std((1, 2)) + 0.1),
-            "hue": np.arctan2(np.sqrt(3) * (x[..., 1] - x[..., 2]),
-                              2 * x[..., 0] - x[..., 1] - x[..., 2]).mean((1, 2))}
+    lap = np.abs(
+        4 * lum[:, 1:-1, 1:-1]
+        - lum[:, :-2, 1:-1]
+        - lum[:, 2:, 1:-1]
+        - lum[:, 1:-1, :-2]
+        - lum[:, 1:-1, 2:]
+    ).mean((1, 2))
+    return {
+        "mean": x.mean((1, 2, 3)),
+        "std": x.std((1, 2, 3)),
+        "saturation": ((mx - mn) / np.maximum(mx, 1)).mean((1, 2)),
+        "sharpness": lap,
+        # colour (RGB minus luma) over luma contrast: brightness and contrast scale both,
+        # saturation only the colour, so its change follows the saturation factor
+        "colourfulness": np.log(np.sqrt(((x - lum[..., None]) ** 2).mean((1, 2, 3))) + 0.1)
+        - np.log(lum.std((1, 2)) + 0.1),
+        "hue": np.arctan2(
+            np.sqrt(3) * (x[..., 1] - x[..., 2]), 2 * x[..., 0] - x[..., 1] - x[..., 2]
+        ).mean((1, 2)),
+    }
 
 
 def features(batch: np.ndarray, inputs: np.ndarray) -> dict[str, np.ndarray]:
@@ -246,8 +273,11 @@ def cpu_features(images) -> dict[str, dict[str, np.ndarray]]:
     for name, v in VIEWS.items():
         spec = A.view_specs(CFG)[v]
         rng = np.random.default_rng(v)
-        crops = [A.apply_photometric(im, A.sample_view_params(rng, SIZE, SIZE, spec, CFG), 128)
-                 for _ in range(REPEATS) for im in images]
+        crops = [
+            A.apply_photometric(im, A.sample_view_params(rng, SIZE, SIZE, spec, CFG), 128)
+            for _ in range(REPEATS)
+            for im in images
+        ]
         out[name] = features(np.stack(crops), np.concatenate([images] * REPEATS))
     return out
 
@@ -307,8 +337,9 @@ def test_fixed_seed_is_deterministic():
 
 
 def test_parameters_follow_the_recipe():
-    r = P.PhotometricRecipe(jitter=(0.4, 0.4, 0.2, 0.1), jitter_p=0.8, grayscale_p=0.2,
-                            blur_p=0.5, solarize_p=0.2)
+    r = P.PhotometricRecipe(
+        jitter=(0.4, 0.4, 0.2, 0.1), jitter_p=0.8, grayscale_p=0.2, blur_p=0.5, solarize_p=0.2
+    )
     p = P.sample_params(20000, r, P.generator_for(0))
     assert abs(p.jitter.float().mean() - 0.8) < 0.015
     assert abs(p.gray.float().mean() - 0.2) < 0.015
@@ -360,11 +391,20 @@ def test_device_switch_in_the_training_step():
     batch = torch.from_numpy(fields(8, size=16, seed=4))
     key = (0, 1, 5, 0)  # seed, epoch, step, rank
     assert device_photometric(AugmentConfig(), "global_0", batch, "cpu", key) is batch
-    cfg = AugmentConfig(photometric="device", jitter_p=0, grayscale_p=0, blur_p_global1=0,
-                        blur_p_global2=0, blur_p_local=0, solarize_p_global2=1.0)
+    cfg = AugmentConfig(
+        photometric="device",
+        jitter_p=0,
+        grayscale_p=0,
+        blur_p_global1=0,
+        blur_p_global2=0,
+        blur_p_local=0,
+        solarize_p_global2=1.0,
+    )
     assert torch.equal(device_photometric(cfg, "global_0", batch, "cpu", key), batch)
-    assert torch.equal(device_photometric(cfg, "global_1", batch, "cpu", key),
-                       P.solarize(batch.float(), 128).to(torch.uint8))
+    assert torch.equal(
+        device_photometric(cfg, "global_1", batch, "cpu", key),
+        P.solarize(batch.float(), 128).to(torch.uint8),
+    )
     dev = AugmentConfig(photometric="device")
     a = device_photometric(dev, "local_3", batch, "cpu", key)
     assert torch.equal(a, device_photometric(dev, "local_3", batch, "cpu", key))
@@ -379,8 +419,9 @@ def test_device_mode_crop_actors_do_geometry_only():
     from pipeline.data.decode import decode_rgb, open_image, oriented_size
 
     data = jpeg_bytes(textured(90, 70, seed=6), quality=95)
-    cfg = AugmentConfig(global_size=32, local_size=16, num_local=2, draft_decode=False,
-                        photometric="device")
+    cfg = AugmentConfig(
+        global_size=32, local_size=16, num_local=2, draft_decode=False, photometric="device"
+    )
     got = A.MultiCrop(cfg)(data, np.random.default_rng(9))
     img = open_image(data)
     h, w = oriented_size(img)

@@ -9,12 +9,12 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import ray
-
 from data_images import bad_files, converted_files, id_color, solid_png, write, write_parquet
 from polling import wait_for
+
 from pipeline.config import AugmentConfig, DataConfig
-from pipeline.data.datasource import CorpusDatasource
 from pipeline.data.dataset import MultiCropStage, build_train_dataset
+from pipeline.data.datasource import CorpusDatasource
 from pipeline.data.eval_sets import build_eval_datasets
 from pipeline.data.sources import CorpusError, list_corpus
 from pipeline.data.state import DataHandle, stream_end
@@ -22,8 +22,17 @@ from pipeline.data.state import DataHandle, stream_end
 pytestmark = pytest.mark.ray
 
 # photometric ops off: a solid-colour image gives solid crops of its own colour (its id)
-PLAIN = AugmentConfig(global_size=8, local_size=4, num_local=1, jitter_p=0, grayscale_p=0,
-                      blur_p_global1=0, blur_p_global2=0, blur_p_local=0, solarize_p_global2=0)
+PLAIN = AugmentConfig(
+    global_size=8,
+    local_size=4,
+    num_local=1,
+    jitter_p=0,
+    grayscale_p=0,
+    blur_p_global1=0,
+    blur_p_global2=0,
+    blur_p_local=0,
+    solarize_p_global2=0,
+)
 COLOR_TO_ID = {id_color(i): i for i in range(200)}
 
 
@@ -54,8 +63,9 @@ def mixed_tree(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def mixed_td(ray_session, mixed_tree):
-    return build_train_dataset(DataConfig(path=str(mixed_tree), num_actors=2, map_batch_size=8),
-                               PLAIN, seed=3)
+    return build_train_dataset(
+        DataConfig(path=str(mixed_tree), num_actors=2, map_batch_size=8), PLAIN, seed=3
+    )
 
 
 def test_every_good_image_once_per_epoch_and_bad_ones_counted(mixed_td):
@@ -95,8 +105,10 @@ def test_set_epoch_and_counts_from_another_process(mixed_td):
 
 
 def _signature(out: dict[str, np.ndarray]) -> list[str]:
-    return sorted(hashlib.md5(g0.tobytes() + l0.tobytes()).hexdigest()
-                  for g0, l0 in zip(out["global_0"], out["local_0"]))
+    return sorted(
+        hashlib.md5(g0.tobytes() + l0.tobytes()).hexdigest()
+        for g0, l0 in zip(out["global_0"], out["local_0"])
+    )
 
 
 def test_crops_depend_on_seed_and_epoch_only(ray_session, digits_dir):
@@ -109,14 +121,25 @@ def test_crops_depend_on_seed_and_epoch_only(ray_session, digits_dir):
     corpus = list_corpus(str(digits_dir), limit=40)
     stage = MultiCropStage(aug.model_dump(mode="json"), 11, corpus.filesystem, None, True)
     keys = np.array(corpus.entries.column("path").to_pylist(), dtype=object)
-    direct = stage({"key": keys, "epoch": np.zeros(len(keys), np.int64),
-                    "label": np.asarray(corpus.entries.column("label"))})
+    direct = stage(
+        {
+            "key": keys,
+            "epoch": np.zeros(len(keys), np.int64),
+            "label": np.asarray(corpus.entries.column("label")),
+        }
+    )
     assert len(e0) == 40
     assert e0 == _signature(direct)
     assert len(set(e0) & set(e1)) < 4  # a new epoch: new crops
     other_seed = MultiCropStage(aug.model_dump(mode="json"), 12, corpus.filesystem, None, True)
-    assert _signature(other_seed({"key": keys, "epoch": np.zeros(len(keys), np.int64),
-                                  "label": np.zeros(len(keys))})) != e0
+    assert (
+        _signature(
+            other_seed(
+                {"key": keys, "epoch": np.zeros(len(keys), np.int64), "label": np.zeros(len(keys))}
+            )
+        )
+        != e0
+    )
 
 
 def test_file_order_changes_per_epoch_and_is_reproducible(ray_session, mixed_tree):
@@ -136,12 +159,14 @@ def test_file_order_changes_per_epoch_and_is_reproducible(ray_session, mixed_tre
     assert o0 == o0b and o0 != o1 and sorted(o0) == sorted(o1)
     assert len(o0) == corpus.num_images
     unshuffled = CorpusDatasource(corpus, shuffle=False, rows_per_task=8).get_read_tasks(4)
-    assert [k for t in unshuffled for b in t() for k in b.column("key").to_pylist()] == \
-        corpus.entries.column("path").to_pylist()
+    assert [
+        k for t in unshuffled for b in t() for k in b.column("key").to_pylist()
+    ] == corpus.entries.column("path").to_pylist()
 
 
-def test_one_execution_streams_an_epoch_window_cut_to_rows_per_epoch(ray_session, mixed_tree,
-                                                                     tmp_path):
+def test_one_execution_streams_an_epoch_window_cut_to_rows_per_epoch(
+    ray_session, mixed_tree, tmp_path
+):
     """``set_epoch(e, until=E, rows_per_epoch=n)``: one execution streams epochs e..E-1 back to
     back, each the first n keys of that epoch's own order (the same as a one-epoch execution)."""
     corpus = list_corpus(str(mixed_tree))
@@ -149,8 +174,12 @@ def test_one_execution_streams_an_epoch_window_cut_to_rows_per_epoch(ray_session
     src = CorpusDatasource(corpus, seed=5, state=handle, rows_per_task=8)
 
     def rows(tasks) -> list[tuple[int, str]]:
-        return [(e, k) for t in tasks for b in t()
-                for e, k in zip(b.column("epoch").to_pylist(), b.column("key").to_pylist())]
+        return [
+            (e, k)
+            for t in tasks
+            for b in t()
+            for e, k in zip(b.column("epoch").to_pylist(), b.column("key").to_pylist())
+        ]
 
     handle.set_epoch(2, until=5, rows_per_epoch=10)
     window = rows(src.get_read_tasks(4))
@@ -179,10 +208,11 @@ def test_live_read_tasks_do_not_grow_with_epochs(ray_session, mixed_tree):
     assert stream_end(3, None, rows_per_epoch=1, max_rows=50) == 4
     assert stream_end(98, 100, rows_per_epoch=20, max_rows=50) == 100
 
-    td = build_train_dataset(DataConfig(path=str(mixed_tree), stream_rows=50),
-                             AugmentConfig(global_size=16, local_size=8, num_local=0))
-    src = CorpusDatasource(list_corpus(str(mixed_tree)), seed=0, state=td.handle,
-                           rows_per_task=8)
+    td = build_train_dataset(
+        DataConfig(path=str(mixed_tree), stream_rows=50),
+        AugmentConfig(global_size=16, local_size=8, num_local=0),
+    )
+    src = CorpusDatasource(list_corpus(str(mixed_tree)), seed=0, state=td.handle, rows_per_task=8)
     counts = {}
     for epochs in (10, 1000):
         assert td.set_epoch(0, until=epochs, rows_per_epoch=20) == 2
@@ -209,14 +239,19 @@ def test_parquet_rows_are_shuffled_across_row_groups_and_files(tmp_path):
         for lab in labels:  # 32 rows of up to 8 groups: never one class, rarely sorted
             assert len(set(lab[:8].tolist())) >= 2 and len(set(lab.tolist())) >= 3
         keys = [k for b in blocks for k in b.column("key").to_pylist()]
-        assert sorted(keys) == sorted(f"{p}#{r}" for p in corpus.entries.column("path").unique()
-                                      .to_pylist() for r in range(16))
+        assert sorted(keys) == sorted(
+            f"{p}#{r}"
+            for p in corpus.entries.column("path").unique().to_pylist()
+            for r in range(16)
+        )
         orders.append(keys)
     assert orders[0] != orders[1]
     # the key names the row: its colour is the row's global id
     first = next(iter(CorpusDatasource(corpus, seed=3).get_read_tasks(1)[0]()))
     assert first.num_rows == 32
-    encoded = sum(len(x) for x in pq.read_table(root, columns=["image"]).column("image").to_pylist())
+    encoded = sum(
+        len(x) for x in pq.read_table(root, columns=["image"]).column("image").to_pylist()
+    )
     assert 0.5 * encoded <= src.estimate_inmemory_data_size() <= 2 * encoded
     # without shuffling a task is one row group, in file order (evaluation, embedding)
     plain = CorpusDatasource(corpus, shuffle=False).get_read_tasks(4)
@@ -224,8 +259,9 @@ def test_parquet_rows_are_shuffled_across_row_groups_and_files(tmp_path):
 
 
 def test_train_dataset_streams_several_epochs_in_one_iteration(ray_session, digits_dir):
-    td = build_train_dataset(DataConfig(path=str(digits_dir), limit=40, num_actors=1,
-                                        map_batch_size=8), PLAIN, seed=0)
+    td = build_train_dataset(
+        DataConfig(path=str(digits_dir), limit=40, num_actors=1, map_batch_size=8), PLAIN, seed=0
+    )
     td.set_epoch(0, until=3, rows_per_epoch=32)
     n = sum(len(b["label"]) for b in td.dataset.iter_batches(batch_size=16))
     assert n == 3 * 32
@@ -235,8 +271,9 @@ def test_train_dataset_streams_several_epochs_in_one_iteration(ray_session, digi
 def test_parquet_pipeline_with_bad_rows(ray_session, tmp_path):
     extra = {name: data for name, (data, _) in bad_files().items()}
     root = write_parquet(tmp_path / "pq", n_files=2, rows=12, row_group=5, extra=extra)
-    td = build_train_dataset(DataConfig(path=str(root), num_actors=1, map_batch_size=8), PLAIN,
-                             seed=0)
+    td = build_train_dataset(
+        DataConfig(path=str(root), num_actors=1, map_batch_size=8), PLAIN, seed=0
+    )
     assert td.num_images == 24 + len(extra) and td.class_names == ["c0", "c1", "c2"]
     out = _epoch(td, 0)
     ids = sorted(COLOR_TO_ID[tuple(int(v) for v in px)] for px in out["global_0"][:, 0, 0])
@@ -285,12 +322,27 @@ def test_planning_is_lazy_and_the_listing_travels_by_reference(ray_session):
     from pipeline.data.sources import Corpus
 
     def source(rows: int, epochs: int) -> CorpusDatasource:
-        entries = pa.table({"path": [f"images/{i:07d}.jpg" for i in range(rows)],
-                            "label": pa.array(np.arange(rows) % 10, pa.int64())})
-        corpus = Corpus("files", pafs.LocalFileSystem(), entries, [str(i) for i in range(10)],
-                        True, num_images=rows)
-        return CorpusDatasource(corpus, seed=0, state=_Window(0, epochs), rows_per_task=256,
-                                indices=np.arange(0, rows, 2))
+        entries = pa.table(
+            {
+                "path": [f"images/{i:07d}.jpg" for i in range(rows)],
+                "label": pa.array(np.arange(rows) % 10, pa.int64()),
+            }
+        )
+        corpus = Corpus(
+            "files",
+            pafs.LocalFileSystem(),
+            entries,
+            [str(i) for i in range(10)],
+            True,
+            num_images=rows,
+        )
+        return CorpusDatasource(
+            corpus,
+            seed=0,
+            state=_Window(0, epochs),
+            rows_per_task=256,
+            indices=np.arange(0, rows, 2),
+        )
 
     def per_task_bytes(src: CorpusDatasource) -> tuple[int, float]:
         tasks = src.get_read_tasks(8)
@@ -307,7 +359,12 @@ def test_planning_is_lazy_and_the_listing_travels_by_reference(ray_session):
     # the tasks still read exactly the subset, each row once per epoch, in a per-epoch order
     keys = [[k for t in big.get_read_tasks(8) for b in t() for k in b.column("key").to_pylist()]]
     big.state = _Window(1, 2)
-    keys.append([k for t in big.get_read_tasks(8) for b in t() for k in b.column("key").to_pylist()])
-    assert sorted(keys[0]) == sorted(keys[1]) == sorted(f"images/{i:07d}.jpg"
-                                                        for i in range(0, 40_000, 2))
+    keys.append(
+        [k for t in big.get_read_tasks(8) for b in t() for k in b.column("key").to_pylist()]
+    )
+    assert (
+        sorted(keys[0])
+        == sorted(keys[1])
+        == sorted(f"images/{i:07d}.jpg" for i in range(0, 40_000, 2))
+    )
     assert keys[0] != keys[1]

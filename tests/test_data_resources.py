@@ -54,9 +54,12 @@ def test_planned_pipeline_runs_while_train_holds_its_cpus(ray_session, digits_di
     hogs = [_Hog.options(num_cpus=per_worker).remote() for _ in range(workers)]
     try:
         assert ray.get([h.ping.remote() for h in hogs]) == [1, 1]
-        td = build_train_dataset(DataConfig(path=str(digits_dir), limit=48, map_batch_size=8),
-                                 AugmentConfig(global_size=16, local_size=8, num_local=1),
-                                 seed=0, plan=plan)
+        td = build_train_dataset(
+            DataConfig(path=str(digits_dir), limit=48, map_batch_size=8),
+            AugmentConfig(global_size=16, local_size=8, num_local=1),
+            seed=0,
+            plan=plan,
+        )
         assert td.dataset.context.execution_options.resource_limits.cpu == plan.data_cpus
         n = sum(len(b["global_0"]) for b in td.dataset.iter_torch_batches(batch_size=16))
         assert n == 48
@@ -69,8 +72,9 @@ def test_plan_object_store_cap_from_config():
     from pipeline.config import TrainConfig
     from pipeline.data.resources import plan_from_config
 
-    p = plan_from_config(DataConfig(object_store_limit_mib=256, num_actors=2),
-                         TrainConfig(num_workers=1), cluster=8)
-    assert p.object_store_bytes == 256 * 2 ** 20
-    assert p.execution_options().resource_limits.object_store_memory == 256 * 2 ** 20
+    p = plan_from_config(
+        DataConfig(object_store_limit_mib=256, num_actors=2), TrainConfig(num_workers=1), cluster=8
+    )
+    assert p.object_store_bytes == 256 * 2**20
+    assert p.execution_options().resource_limits.object_store_memory == 256 * 2**20
     assert p.num_actors == 2 and p.data_cpus == 6

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
-
 from data_images import solid_png, write, write_parquet
+
 from pipeline.data.sources import CorpusError, list_corpus
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 from data_images import bad_files, converted_files, solid_png, write
+
 from pipeline.cli import main
 from pipeline.data.bounded_map import bounded_map
 from pipeline.data.inspection import inspect_corpus
@@ -40,12 +41,33 @@ def test_inspect_reports_the_same_for_a_folder_and_its_parquet_shards(tmp_path, 
     assert folder["num_readable"] == folder["num_images"] - len(bad_files())
 
     # without --verify the bad files' bytes are copied too, so both reports see them
-    assert main(["data", "to-parquet", str(tree), str(tmp_path / "pq"), "--rows-per-shard",
-                 "5", "--row-group-size", "2"]) == 0
+    assert (
+        main(
+            [
+                "data",
+                "to-parquet",
+                str(tree),
+                str(tmp_path / "pq"),
+                "--rows-per-shard",
+                "5",
+                "--row-group-size",
+                "2",
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
     assert main(["data", "inspect", str(tmp_path / "pq"), "--json", "--threads", "1"]) == 0
     shards = json.loads(capsys.readouterr().out)
     assert shards["format"] == "parquet"
-    for key in ("num_images", "num_readable", "num_unreadable", "unreadable_by_reason",
-                "classes", "height", "width", "modes"):
+    for key in (
+        "num_images",
+        "num_readable",
+        "num_unreadable",
+        "unreadable_by_reason",
+        "classes",
+        "height",
+        "width",
+        "modes",
+    ):
         assert shards[key] == folder[key], key

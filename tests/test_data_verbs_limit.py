@@ -7,14 +7,14 @@ import shutil
 from collections import Counter
 
 import numpy as np
-
 from data_images import solid_png, write_parquet
+
 from pipeline.cli import main
 from pipeline.config import DataConfig
 from pipeline.data.dataset import list_data
 from pipeline.data.sampling import even_quotas, proportional_prefixes
-from pipeline.data.split import image_keys
 from pipeline.data.sources import list_corpus
+from pipeline.data.split import image_keys
 
 
 def _class_counts(corpus) -> Counter:
@@ -55,8 +55,10 @@ def test_limit_does_not_depend_on_where_the_corpus_lives(tmp_path):
     shutil.copytree(tmp_path / "one", tmp_path / "elsewhere" / "two")
 
     def local(root) -> list[str]:
-        return [p[len(str(root)):] for p in
-                list_corpus(str(root), limit=8).entries.column("path").to_pylist()]
+        return [
+            p[len(str(root)) :]
+            for p in list_corpus(str(root), limit=8).entries.column("path").to_pylist()
+        ]
 
     assert local(tmp_path / "one") == local(tmp_path / "elsewhere" / "two")
 
@@ -73,8 +75,9 @@ def test_parquet_limit_takes_a_prefix_of_every_shard(tmp_path):
     root = write_parquet(tmp_path / "pq", n_files=3, rows=10, row_group=4)
     c = list_corpus(str(root), limit=14)
     per_file = Counter()
-    for path, n in zip(c.entries.column("path").to_pylist(),
-                       c.entries.column("num_rows").to_pylist()):
+    for path, n in zip(
+        c.entries.column("path").to_pylist(), c.entries.column("num_rows").to_pylist()
+    ):
         per_file[path.rsplit("/", 1)[1]] += n
     assert c.num_images == 14 and sorted(per_file.values()) == [4, 5, 5]
     keys = image_keys(c)  # true row numbers: each shard contributes rows 0..n-1
@@ -85,11 +88,25 @@ def test_parquet_limit_takes_a_prefix_of_every_shard(tmp_path):
     assert int(np.sum(proportional_prefixes([7, 1, 100], 50))) == 50
 
 
-def test_parquet_written_by_to_parquet_gives_every_class_under_a_limit(digits_dir, tmp_path,
-                                                                       capsys):
+def test_parquet_written_by_to_parquet_gives_every_class_under_a_limit(
+    digits_dir, tmp_path, capsys
+):
     dst = tmp_path / "pq"
-    assert main(["data", "to-parquet", str(digits_dir), str(dst), "--limit", "200",
-                 "--rows-per-shard", "50"]) == 0
+    assert (
+        main(
+            [
+                "data",
+                "to-parquet",
+                str(digits_dir),
+                str(dst),
+                "--limit",
+                "200",
+                "--rows-per-shard",
+                "50",
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
     assert main(["data", "inspect", str(dst), "--limit", "40", "--header-only", "--json"]) == 0
     import json

@@ -7,8 +7,8 @@ import json
 
 import pyarrow.parquet as pq
 import pytest
-
 from data_images import bad_files, solid_png, write
+
 from pipeline.cli import main
 from pipeline.data.parquet import ConversionError, corpus_to_parquet
 from pipeline.data.sources import list_corpus
@@ -24,8 +24,10 @@ def tree(tmp_path):
 
 
 def _shard_classes(dst) -> list[set[str]]:
-    return [set(pq.read_table(p).column("class_name").to_pylist())
-            for p in sorted(dst.glob("part-*.parquet"))]
+    return [
+        set(pq.read_table(p).column("class_name").to_pylist())
+        for p in sorted(dst.glob("part-*.parquet"))
+    ]
 
 
 def test_unreadable_and_undecodable_files_are_skipped_and_reported(tree, tmp_path, capsys):
@@ -33,8 +35,9 @@ def test_unreadable_and_undecodable_files_are_skipped_and_reported(tree, tmp_pat
         write(tree / "dog" / name, data)
     corpus = list_corpus(str(tree))
     (tree / "cat" / "3.png").unlink()  # vanished after listing: the open fails
-    summary = corpus_to_parquet(corpus, str(tmp_path / "a"), str(tree), rows_per_shard=5,
-                                verify=True)
+    summary = corpus_to_parquet(
+        corpus, str(tmp_path / "a"), str(tree), rows_per_shard=5, verify=True
+    )
     assert summary["rows"] == 11 and summary["skipped"] == 5
     assert summary["skipped_by_reason"]["unreadable"] == 1
     assert summary["skipped_by_reason"]["empty"] == 1
@@ -58,8 +61,9 @@ def test_nothing_convertible_is_an_error_and_leaves_the_destination(tmp_path, ca
     assert list(dst.iterdir()) == []  # no part files, no staging folder left behind
 
 
-def test_non_empty_destination_is_refused_and_overwrite_replaces_only_our_shards(tree, tmp_path,
-                                                                                 capsys):
+def test_non_empty_destination_is_refused_and_overwrite_replaces_only_our_shards(
+    tree, tmp_path, capsys
+):
     dst = tmp_path / "shards"
     assert main(["data", "to-parquet", str(tree), str(dst), "--rows-per-shard", "3"]) == 0
     assert len(list(dst.glob("part-*.parquet"))) == 4
@@ -77,25 +81,41 @@ def test_non_empty_destination_is_refused_and_overwrite_replaces_only_our_shards
     assert main(["data", "to-parquet", str(bad), str(dst), "--verify", "--overwrite"]) == 2
     assert len(list(dst.glob("part-*.parquet"))) == 4
 
-    assert main(["data", "to-parquet", str(tree), str(dst), "--rows-per-shard", "10",
-                 "--overwrite"]) == 0
+    assert (
+        main(["data", "to-parquet", str(tree), str(dst), "--rows-per-shard", "10", "--overwrite"])
+        == 0
+    )
     assert json.loads(capsys.readouterr().out)["replaced"] == 4
-    assert sorted(p.name for p in dst.iterdir()) == ["README.txt", "part-00000.parquet",
-                                                     "part-00001.parquet"]
+    assert sorted(p.name for p in dst.iterdir()) == [
+        "README.txt",
+        "part-00000.parquet",
+        "part-00001.parquet",
+    ]
     corpus = list_corpus(str(dst))
     assert corpus.num_images == 12 and corpus.class_names == ["cat", "dog"]
 
 
 def test_shards_mix_classes_unless_no_shuffle(digits_dir, tmp_path, capsys):
     # 6 images of each of the 10 digits; 12 rows a shard: two whole classes when class-sorted
-    args = ["data", "to-parquet", str(digits_dir), "--limit", "60", "--rows-per-shard", "12",
-            "--row-group-size", "7"]
+    args = [
+        "data",
+        "to-parquet",
+        str(digits_dir),
+        "--limit",
+        "60",
+        "--rows-per-shard",
+        "12",
+        "--row-group-size",
+        "7",
+    ]
     assert main(args + [str(tmp_path / "mixed"), "--seed", "3"]) == 0
     shards = _shard_classes(tmp_path / "mixed")
     assert len(shards) == 5 and all(len(s) > 2 for s in shards)
     assert set().union(*shards) == {str(d) for d in range(10)}
-    assert pq.ParquetFile(tmp_path / "mixed" / "part-00000.parquet").metadata.row_group(0) \
-        .num_rows == 7
+    assert (
+        pq.ParquetFile(tmp_path / "mixed" / "part-00000.parquet").metadata.row_group(0).num_rows
+        == 7
+    )
     assert list_corpus(str(tmp_path / "mixed")).class_names == [str(d) for d in range(10)]
 
     assert main(args + [str(tmp_path / "sorted"), "--no-shuffle"]) == 0

@@ -11,8 +11,15 @@ from pipeline.demo import run_demo
 def test_demo_runs_end_to_end(ray_session, tmp_path, capsys, mlflow_sqlite):
     # the demo's SQLite store, its schema copied (conftest.mlflow_sqlite), not migrated: 5-12 s
     uri = mlflow_sqlite(tmp_path / "mlflow.db")
-    code = run_demo(tmp_path, overrides=["train.epochs=1", "train.max_steps_per_epoch=2",
-                                         "train.batch_size_per_worker=32", "eval.k=[10,20]"])
+    code = run_demo(
+        tmp_path,
+        overrides=[
+            "train.epochs=1",
+            "train.max_steps_per_epoch=2",
+            "train.batch_size_per_worker=32",
+            "eval.k=[10,20]",
+        ],
+    )
     out = capsys.readouterr().out
     assert code == 0
     assert "k=10" in out and "random init" in out and "mlflow ui --backend-store-uri" in out

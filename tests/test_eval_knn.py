@@ -20,11 +20,19 @@ from pipeline.train.presets import tiny_config
 def test_knn_metrics_names_and_perfect_separation():
     bank = torch.eye(4).repeat(5, 1)
     labels = torch.arange(4).repeat(5)
-    out = knn_metrics(bank, labels, torch.eye(4), torch.arange(4), ks=[1, 3], temperature=0.07,
-                      headline_k=3)
+    out = knn_metrics(
+        bank, labels, torch.eye(4), torch.arange(4), ks=[1, 3], temperature=0.07, headline_k=3
+    )
     assert out["knn_top1_k1"] == 100.0 and out["knn_top1_k3"] == 100.0 and out["knn_top1"] == 100.0
-    shuffled = knn_metrics(bank, labels, torch.eye(4), torch.tensor([1, 2, 3, 0]), ks=[1],
-                           temperature=0.07, headline_k=1)
+    shuffled = knn_metrics(
+        bank,
+        labels,
+        torch.eye(4),
+        torch.tensor([1, 2, 3, 0]),
+        ks=[1],
+        temperature=0.07,
+        headline_k=1,
+    )
     assert shuffled["knn_top1"] == 0.0
 
 
@@ -32,8 +40,15 @@ def test_headline_is_the_fixed_k_not_the_best_k():
     """k=1 is right (100%), k=3 wrong (0%) under a flat temperature: the headline is k=3's figure
     because headline_k=3, and it is computed although it is not in ks."""
     bank = torch.tensor([[1.0, 0.0], [0.5, 0.866], [0.5, -0.866]])
-    out = knn_metrics(bank, torch.tensor([0, 1, 1]), torch.tensor([[1.0, 0.0]]), torch.tensor([0]),
-                      ks=[1], temperature=100.0, headline_k=3)
+    out = knn_metrics(
+        bank,
+        torch.tensor([0, 1, 1]),
+        torch.tensor([[1.0, 0.0]]),
+        torch.tensor([0]),
+        ks=[1],
+        temperature=100.0,
+        headline_k=3,
+    )
     assert out["knn_top1_k1"] == 100.0 and out["knn_top1_k3"] == 0.0
     assert out["knn_top1"] == out["knn_top1_k3"] and out["knn_top5"] == out["knn_top5_k3"]
 
@@ -67,8 +82,16 @@ def test_pixel_knn_matches_a_direct_numpy_computation():
     feats_b, feats_q = pixel_features(bank_x), pixel_features(query_x)
     assert feats_b.shape == (60, 108)
     torch.testing.assert_close(feats_b.norm(dim=1), torch.ones(60))
-    out = knn_metrics(feats_b, bank_y, feats_q, query_y, ks=[1, 5, 20], temperature=0.07,
-                      prefix="knn_pixels", headline_k=20)
+    out = knn_metrics(
+        feats_b,
+        bank_y,
+        feats_q,
+        query_y,
+        ks=[1, 5, 20],
+        temperature=0.07,
+        prefix="knn_pixels",
+        headline_k=20,
+    )
     for k in (1, 5, 20):
         expected = _numpy_weighted_knn(bank_x, bank_y, query_x, query_y, k, 0.07, 3)
         assert out[f"knn_pixels_top1_k{k}"] == pytest.approx(expected)
@@ -91,8 +114,10 @@ def test_random_init_and_pixel_knn_on_digits_split(ray_session, digits_dir, tmp_
     # the pixel baseline of the pass equals one computed on the same images in memory
     bank_x, bank_y = materialize(sets.bank)
     val_x, val_y = materialize(sets.val)
-    direct = pixel_knn_metrics({"bank_images": bank_x, "bank_labels": bank_y,
-                                "val_images": val_x, "val_labels": val_y}, cfg)
+    direct = pixel_knn_metrics(
+        {"bank_images": bank_x, "bank_labels": bank_y, "val_images": val_x, "val_labels": val_y},
+        cfg,
+    )
     assert out["knn_pixels_val_size"] == len(val_y) == out["knn_init_val_size"]
     for k in (10, 20, 30):
         assert out[f"knn_pixels_top1_k{k}"] == pytest.approx(direct[f"knn_pixels_top1_k{k}"])
@@ -105,13 +130,24 @@ def random_checkpoint(digits_dir, tmp_path):
     from pipeline.checkpoints import build_models, save_checkpoint
 
     # 16 px crops keep the probe cheap (768 pixel dims); all digits, so every class is in the bank
-    cfg = tiny_config(digits_dir, tmp_path, "ck", data__limit=None, augment__global_size=16,
-                      augment__local_size=8)
+    cfg = tiny_config(
+        digits_dir, tmp_path, "ck", data__limit=None, augment__global_size=16, augment__local_size=8
+    )
     student, teacher = build_models(cfg, seed=cfg.train.seed)
     opt = torch.optim.SGD(student.parameters(), lr=0.1)
-    return str(save_checkpoint(tmp_path / "ckpt", student=student, teacher=teacher,
-                               center=torch.zeros(1, cfg.model.out_dim), optimizer=opt, epoch=0,
-                               global_step=0, iters_per_epoch=1, cfg=cfg))
+    return str(
+        save_checkpoint(
+            tmp_path / "ckpt",
+            student=student,
+            teacher=teacher,
+            center=torch.zeros(1, cfg.model.out_dim),
+            optimizer=opt,
+            epoch=0,
+            global_step=0,
+            iters_per_epoch=1,
+            cfg=cfg,
+        )
+    )
 
 
 @pytest.mark.ray
@@ -119,8 +155,17 @@ def test_evaluate_command_linear_probe(ray_session, random_checkpoint, capsys):
     from pipeline.cli import main
 
     # 600 of the 1,797 digits (60 a class): three probes of 4 C values each stay cheap
-    rc = main(["evaluate", random_checkpoint, "eval.limit=600", "--linear", "--n-last-blocks",
-               "2", "--avgpool"])
+    rc = main(
+        [
+            "evaluate",
+            random_checkpoint,
+            "eval.limit=600",
+            "--linear",
+            "--n-last-blocks",
+            "2",
+            "--avgpool",
+        ]
+    )
     captured = capsys.readouterr()
     assert rc == 0, captured.err
     # the summary is the last JSON object printed; a worker's line may still follow it

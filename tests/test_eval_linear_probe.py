@@ -15,8 +15,9 @@ def _blobs(seed: int, n: int = 400, classes: int = 4):
     from sklearn.datasets import make_blobs
     from sklearn.model_selection import train_test_split
 
-    x, y = make_blobs(n_samples=n, centers=classes, n_features=8, cluster_std=1.5,
-                      random_state=seed)
+    x, y = make_blobs(
+        n_samples=n, centers=classes, n_features=8, cluster_std=1.5, random_state=seed
+    )
     return train_test_split(x, y, test_size=0.4, random_state=seed, stratify=y)
 
 
@@ -54,9 +55,9 @@ def test_probe_features_shapes_and_tokens(tiny_vit):
     f = probe_features(tiny_vit, x, n_last_blocks=4, avgpool=True)
     assert f.shape == (3, d * 5)
     # the last CLS chunk is the final-norm CLS token; the pooled chunk the mean patch token
-    torch.testing.assert_close(f[:, 3 * d:4 * d], cls, atol=1e-5, rtol=1e-5)
-    patches = tiny_vit.forward_features(x)[:, tiny_vit.num_prefix_tokens:]
-    torch.testing.assert_close(f[:, 4 * d:], patches.mean(dim=1), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(f[:, 3 * d : 4 * d], cls, atol=1e-5, rtol=1e-5)
+    patches = tiny_vit.forward_features(x)[:, tiny_vit.num_prefix_tokens :]
+    torch.testing.assert_close(f[:, 4 * d :], patches.mean(dim=1), atol=1e-5, rtol=1e-5)
     # earlier blocks give other tokens than the last one
     assert not torch.allclose(f[:, :d], cls, atol=1e-3)
     assert probe_features(tiny_vit, x, n_last_blocks=2).shape == (3, d * 2)

@@ -6,14 +6,15 @@ from __future__ import annotations
 import numpy as np
 
 from pipeline.config import DinoConfig
-from pipeline.data.split import image_keys, split_indices
 from pipeline.data.sources import list_corpus
+from pipeline.data.split import image_keys, split_indices
 from pipeline.train.trainer import ssl_indices
 
 
 def test_ssl_training_never_sees_the_validation_split(digits_dir):
-    cfg = DinoConfig().with_overrides({"data.path": str(digits_dir), "eval.every_epochs": 1,
-                                       "eval.val_fraction": 0.2})
+    cfg = DinoConfig().with_overrides(
+        {"data.path": str(digits_dir), "eval.every_epochs": 1, "eval.val_fraction": 0.2}
+    )
     corpus = list_corpus(str(digits_dir))
     train = ssl_indices(cfg, corpus)
     bank, val = split_indices(corpus, 0.2, cfg.train.seed)  # what the evaluation uses
@@ -30,7 +31,14 @@ def test_ssl_training_never_sees_the_validation_split(digits_dir):
     keys, sub_keys = image_keys(corpus), image_keys(subset)
     assert {sub_keys[i] for i in sub_val} <= {keys[i] for i in val}
     # an explicit validation set, or no evaluation: SSL uses everything
-    assert ssl_indices(cfg.with_overrides({"eval.val_path": "s3://b/val",
-                                            "eval.train_path": "s3://b/t"}), corpus) is None
-    assert ssl_indices(cfg.with_overrides({"eval.every_epochs": 0, "eval.at_end": False}),
-                        corpus) is None
+    assert (
+        ssl_indices(
+            cfg.with_overrides({"eval.val_path": "s3://b/val", "eval.train_path": "s3://b/t"}),
+            corpus,
+        )
+        is None
+    )
+    assert (
+        ssl_indices(cfg.with_overrides({"eval.every_epochs": 0, "eval.at_end": False}), corpus)
+        is None
+    )

@@ -19,8 +19,17 @@ def test_import_linter_contracts_hold():
     # `lint-imports` in its own process: it reconfigures logging (dictConfig), which would
     # silence the loggers of every test after this one
     out = subprocess.run(
-        [sys.executable, "-c", "from importlinter.cli import lint_imports_command as c; c()",
-         "--no-cache"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+        [
+            sys.executable,
+            "-c",
+            "from importlinter.cli import lint_imports_command as c; c()",
+            "--no-cache",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stdout + out.stderr
     assert "0 broken" in out.stdout
 
@@ -36,8 +45,9 @@ def graph():
 def test_function_level_imports_are_checked(graph):
     """A lazy import inside a function is an edge of the graph the contracts are checked on."""
     # pipeline.commands.train imports the training run inside ``run`` only
-    assert graph.direct_import_exists(importer="pipeline.commands.train",
-                                      imported="pipeline.training_run")
+    assert graph.direct_import_exists(
+        importer="pipeline.commands.train", imported="pipeline.training_run"
+    )
 
 
 def _module_name(path: Path, root: Path) -> str:
@@ -55,7 +65,7 @@ def _imported_names(node: ast.AST, importer: str, is_package: bool) -> list[str]
     if node.level:
         package = importer.split(".")
         package = package if is_package else package[:-1]
-        package = package[:len(package) - (node.level - 1)]
+        package = package[: len(package) - (node.level - 1)]
         base = ".".join(package + ([base] if base else []))
     return [f"{base}.{a.name}" for a in node.names]
 
@@ -92,9 +102,12 @@ def test_the_private_name_check_sees_function_level_imports(tmp_path):
     (pkg / "a").mkdir(parents=True)
     (pkg / "__init__.py").write_text("")
     (pkg / "a" / "__init__.py").write_text("from pipeline.a._impl import thing\n")
-    (pkg / "a" / "_impl.py").write_text("def thing():\n    return 1\n\n\ndef _helper():\n    pass\n")
-    (pkg / "b.py").write_text("def f():\n    from pipeline.a._impl import _helper\n"
-                              "    from pipeline.a import thing\n")
+    (pkg / "a" / "_impl.py").write_text(
+        "def thing():\n    return 1\n\n\ndef _helper():\n    pass\n"
+    )
+    (pkg / "b.py").write_text(
+        "def f():\n    from pipeline.a._impl import _helper\n    from pipeline.a import thing\n"
+    )
     assert private_imports(tmp_path) == ["pipeline/b.py:2: pipeline.a._impl._helper"]
 
 

@@ -12,8 +12,14 @@ from dino_model.attention import cls_attention_maps
 
 def test_cls_attention_equals_timm_unfused_attention(tmp_path):
     torch.manual_seed(0)
-    vit = timm.create_model("test_vit", num_classes=0, img_size=32, patch_size=4,
-                            dynamic_img_size=True, global_pool="token")
+    vit = timm.create_model(
+        "test_vit",
+        num_classes=0,
+        img_size=32,
+        patch_size=4,
+        dynamic_img_size=True,
+        global_pool="token",
+    )
     images = torch.randn(3, 3, 32, 24)  # not square: the grid follows the image
     maps = cls_attention_maps(vit, images)
     heads = vit.blocks[-1].attn.num_heads
@@ -27,7 +33,7 @@ def test_cls_attention_equals_timm_unfused_attention(tmp_path):
     with torch.no_grad():
         vit(images)
     hook.remove()
-    reference = seen["a"][:, :, 0, vit.num_prefix_tokens:].reshape(3, heads, 8, 6)
+    reference = seen["a"][:, :, 0, vit.num_prefix_tokens :].reshape(3, heads, 8, 6)
     torch.testing.assert_close(maps, reference)
     assert torch.all(maps.sum(dim=(2, 3)) <= 1.0 + 1e-5)
 

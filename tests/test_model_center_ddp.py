@@ -25,8 +25,9 @@ def test_center_all_reduce_matches_concatenated_batch(tmp_path):
     torch.manual_seed(0)
     batches = [torch.randn(5, K), torch.randn(3, K)]  # unequal per-rank batches
     out = tmp_path / "center.pt"
-    mp.start_processes(_worker, args=(2, str(tmp_path / "init"), batches, str(out)), nprocs=2,
-                       start_method="spawn")
+    mp.start_processes(
+        _worker, args=(2, str(tmp_path / "init"), batches, str(out)), nprocs=2, start_method="spawn"
+    )
     distributed = torch.load(out, weights_only=True)
 
     single = DINOLoss(K, center_momentum=0.9)

@@ -46,8 +46,9 @@ def test_output_and_gradients_equal_the_full_block(arch):
         torch.testing.assert_close(outs[1], outs[0])
         assert grads[1].keys() == grads[0].keys()
         for name, g in grads[0].items():  # sums over other orders: atol on the tensor's scale
-            torch.testing.assert_close(grads[1][name], g, rtol=1.3e-6,
-                                       atol=1e-5 * float(g.abs().max()), msg=name)
+            torch.testing.assert_close(
+                grads[1][name], g, rtol=1.3e-6, atol=1e-5 * float(g.abs().max()), msg=name
+            )
 
 
 def test_the_switched_block_returns_the_cls_token_and_falls_back_with_a_mask():
@@ -75,13 +76,20 @@ def test_state_dict_deepcopy_and_pickle_are_unchanged():
 
 
 def test_build_student_teacher_switches_both_unless_told_not_to():
-    student, teacher = build_student_teacher("test_vit", img_size=32, patch_size=4, out_dim=8,
-                                             hidden_dim=16, bottleneck_dim=8)
+    student, teacher = build_student_teacher(
+        "test_vit", img_size=32, patch_size=4, out_dim=8, hidden_dim=16, bottleneck_dim=8
+    )
     assert type(student.backbone.blocks[-1]) is ClsOnlyBlock
     assert type(teacher.backbone.blocks[-1]) is ClsOnlyBlock
-    student, teacher = build_student_teacher("test_vit", img_size=32, patch_size=4, out_dim=8,
-                                             hidden_dim=16, bottleneck_dim=8,
-                                             cls_only_last_block=False)
+    student, teacher = build_student_teacher(
+        "test_vit",
+        img_size=32,
+        patch_size=4,
+        out_dim=8,
+        hidden_dim=16,
+        bottleneck_dim=8,
+        cls_only_last_block=False,
+    )
     assert type(student.backbone.blocks[-1]) is Block
     assert type(teacher.backbone.blocks[-1]) is Block
 
@@ -91,8 +99,9 @@ def test_other_backbones_are_left_unchanged():
     before = [type(m) for m in resnet.modules()]
     assert not query_cls_only(resnet)
     assert [type(m) for m in resnet.modules()] == before
-    avg = timm.create_model("test_vit", num_classes=0, img_size=32, patch_size=4,
-                            global_pool="avg")  # pools the patch tokens: every token is needed
+    avg = timm.create_model(
+        "test_vit", num_classes=0, img_size=32, patch_size=4, global_pool="avg"
+    )  # pools the patch tokens: every token is needed
     assert not query_cls_only(avg)
     assert type(avg.blocks[-1]) is Block
 
@@ -100,12 +109,14 @@ def test_other_backbones_are_left_unchanged():
 def test_attention_maps_and_probe_features_are_those_of_the_full_block():
     plain, switched = plain_and_switched("test_vit", img_size=32, patch_size=4)
     images = torch.randn(3, 3, 32, 24)
-    torch.testing.assert_close(cls_attention_maps(switched, images),
-                               cls_attention_maps(plain, images))
+    torch.testing.assert_close(
+        cls_attention_maps(switched, images), cls_attention_maps(plain, images)
+    )
     plain.eval(), switched.eval()
     for kw in ({}, {"n_last_blocks": 2, "avgpool": True}):  # avgpool: the last patch tokens
-        torch.testing.assert_close(probe_features(switched, images, **kw),
-                                   probe_features(plain, images, **kw))
+        torch.testing.assert_close(
+            probe_features(switched, images, **kw), probe_features(plain, images, **kw)
+        )
     assert type(switched.blocks[-1]) is ClsOnlyBlock  # all_tokens gave the switch back
     with all_tokens(switched):
         assert type(switched.blocks[-1]) is Block

@@ -62,7 +62,7 @@ def test_bank_fed_in_chunks_gives_the_same_votes_as_the_whole_bank():
     whole = knn_classify(bank, bank_y, val, val_y, ks=(1, 10, 200), temperature=0.07)
     votes = NeighbourVotes(val, k_max=200)
     for start in range(0, 700, 97):  # uneven chunks, as Ray Data batches arrive
-        votes.add(bank[start:start + 97], bank_y[start:start + 97], chunk=32)
+        votes.add(bank[start : start + 97], bank_y[start : start + 97], chunk=32)
     assert votes.bank_size == 700 and votes.sims.shape == (90, 200)  # memory: queries x k_max
     assert votes.classify(val_y, ks=(1, 10, 200), temperature=0.07, num_classes=5) == whole
     assert whole[10][0] > 60  # the blobs are separable: the vote is not noise

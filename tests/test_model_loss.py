@@ -98,12 +98,23 @@ def test_collapse_monitor():
     # teacher identical rows with one huge logit: every sample picks prototype 0
     one = torch.zeros(8, k)
     one[:, 0] = 100.0
-    _, stats = loss_fn(torch.randn(8, k), one, n_student_views=2, teacher_temp=0.04,
-                       update_center=False)
+    _, stats = loss_fn(
+        torch.randn(8, k), one, n_student_views=2, teacher_temp=0.04, update_center=False
+    )
     assert stats.collapse() == "one-prototype"
-    _, stats = loss_fn(torch.randn(8, k), torch.zeros(8, k), n_student_views=2, teacher_temp=0.04,
-                       update_center=False)
+    _, stats = loss_fn(
+        torch.randn(8, k),
+        torch.zeros(8, k),
+        n_student_views=2,
+        teacher_temp=0.04,
+        update_center=False,
+    )
     assert stats.collapse() == "uniform"
-    _, stats = loss_fn(torch.randn(8, k), torch.randn(8, k) * 0.5, n_student_views=2,
-                       teacher_temp=0.04, update_center=False)
+    _, stats = loss_fn(
+        torch.randn(8, k),
+        torch.randn(8, k) * 0.5,
+        n_student_views=2,
+        teacher_temp=0.04,
+        update_center=False,
+    )
     assert stats.collapse() is None

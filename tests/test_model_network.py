@@ -39,22 +39,35 @@ def test_head_shapes_weight_norm_and_frozen_norm():
     # with g = 1 the prototypes are unit vectors, so |logit| <= 1 (cosine similarity)
     assert float(out.abs().max()) <= 1.0 + 1e-5
     assert head.last_layer.bias is None
-    assert DINOHead(8, 4, norm_last_layer=False).last_layer.parametrizations.weight.original0.requires_grad
+    assert DINOHead(
+        8, 4, norm_last_layer=False
+    ).last_layer.parametrizations.weight.original0.requires_grad
     bn = DINOHead(8, 4, hidden_dim=16, use_bn=True)
     assert any(isinstance(m, torch.nn.BatchNorm1d) for m in bn.modules())
 
 
 def test_resolution_groups():
-    crops = [torch.zeros(1, 3, 8, 8)] * 2 + [torch.zeros(1, 3, 4, 4)] * 3 + [torch.zeros(1, 3, 8, 8)]
+    crops = (
+        [torch.zeros(1, 3, 8, 8)] * 2 + [torch.zeros(1, 3, 4, 4)] * 3 + [torch.zeros(1, 3, 8, 8)]
+    )
     assert resolution_groups(crops) == [(0, 2), (2, 5), (5, 6)]
 
 
 def test_multicrop_forward_equals_separate_forwards():
     torch.manual_seed(0)
-    student, _ = build_student_teacher("vit_tiny", img_size=32, patch_size=4, out_dim=64,
-                                       hidden_dim=32, bottleneck_dim=16, drop_path_rate=0.0)
+    student, _ = build_student_teacher(
+        "vit_tiny",
+        img_size=32,
+        patch_size=4,
+        out_dim=64,
+        hidden_dim=32,
+        bottleneck_dim=16,
+        drop_path_rate=0.0,
+    )
     student.eval()
-    crops = [torch.randn(3, 3, 32, 32) for _ in range(2)] + [torch.randn(3, 3, 16, 16) for _ in range(4)]
+    crops = [torch.randn(3, 3, 32, 32) for _ in range(2)] + [
+        torch.randn(3, 3, 16, 16) for _ in range(4)
+    ]
     batched = student(crops)
     separate = torch.cat([student.head(student.backbone(c)) for c in crops])
     assert batched.shape == (18, 64)
@@ -62,8 +75,9 @@ def test_multicrop_forward_equals_separate_forwards():
 
 
 def test_teacher_starts_equal_and_is_frozen():
-    student, teacher = build_student_teacher("vit_tiny", img_size=32, patch_size=4, out_dim=32,
-                                             hidden_dim=16, bottleneck_dim=8)
+    student, teacher = build_student_teacher(
+        "vit_tiny", img_size=32, patch_size=4, out_dim=32, hidden_dim=16, bottleneck_dim=8
+    )
     assert all(not p.requires_grad for p in teacher.parameters())
     for (n1, p1), (n2, p2) in zip(student.state_dict().items(), teacher.state_dict().items()):
         assert n1 == n2 and torch.equal(p1, p2)
@@ -94,10 +108,17 @@ def test_cifar_stem_keeps_resolution_and_rebuilds_from_the_registry_description(
     plain(torch.randn(2, 3, 32, 32))
     assert seen["shape"][-2:] == (8, 8)
     with pytest.raises(PreflightError, match="model.cifar_stem"):
-        check_config(DinoConfig().with_overrides({"model.arch": "test_vit",
-                                                  "model.cifar_stem": True}))
-    cfg = DinoConfig().with_overrides({"model.arch": "test_resnet", "model.cifar_stem": True,
-                                       "augment.global_size": 32, "augment.local_size": 16})
+        check_config(
+            DinoConfig().with_overrides({"model.arch": "test_vit", "model.cifar_stem": True})
+        )
+    cfg = DinoConfig().with_overrides(
+        {
+            "model.arch": "test_resnet",
+            "model.cifar_stem": True,
+            "augment.global_size": 32,
+            "augment.local_size": 16,
+        }
+    )
     spec = parse_arch(arch_description(cfg, net.embed_dim) | {"format": _format()})
     from safetensors.torch import save
 

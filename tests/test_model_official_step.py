@@ -38,13 +38,31 @@ def official_iteration(student, teacher, optimizer, center, images, epoch, it, s
     """One iteration of train_one_epoch (fp16_scaler None); returns (loss, centre, grad norms).
     The loss runs in float32, as the official trains (the networks around it run in float64
     here: see the module docstring)."""
-    loss_fn = official.DINOLoss(K, len(images), TEACHER_TEMP, TEACHER_TEMP, 0, EPOCHS,
-                                student_temp=STUDENT_TEMP, center_momentum=CENTER_M)
+    loss_fn = official.DINOLoss(
+        K,
+        len(images),
+        TEACHER_TEMP,
+        TEACHER_TEMP,
+        0,
+        EPOCHS,
+        student_temp=STUDENT_TEMP,
+        center_momentum=CENTER_M,
+    )
     loss_fn.center = center
     out = official.train_step(
-        student, teacher, lambda s, t, e: loss_fn(s.float(), t.float(), e), optimizer, images,
-        epoch=epoch, it=it, lr_schedule=sched["lr"], wd_schedule=sched["wd"],
-        momentum_schedule=sched["momentum"], clip_grad=CLIP, freeze_last_layer=FREEZE_EPOCHS)
+        student,
+        teacher,
+        lambda s, t, e: loss_fn(s.float(), t.float(), e),
+        optimizer,
+        images,
+        epoch=epoch,
+        it=it,
+        lr_schedule=sched["lr"],
+        wd_schedule=sched["wd"],
+        momentum_schedule=sched["momentum"],
+        clip_grad=CLIP,
+        freeze_last_layer=FREEZE_EPOCHS,
+    )
     return out.loss, loss_fn.center, out.param_norms
 
 
@@ -70,38 +88,67 @@ def _full_blocks(backbone):
 
 def _compare(epoch, norm_last_layer):
     student, teacher = build_student_teacher(  # no drop path: both sides must be deterministic
-        "test_vit", img_size=32, patch_size=4, out_dim=K, hidden_dim=32, bottleneck_dim=16,
-        drop_path_rate=0.0, norm_last_layer=norm_last_layer)
+        "test_vit",
+        img_size=32,
+        patch_size=4,
+        out_dim=K,
+        hidden_dim=32,
+        bottleneck_dim=16,
+        drop_path_rate=0.0,
+        norm_last_layer=norm_last_layer,
+    )
     with torch.no_grad():  # a mid-training teacher (!= student), so the EMA momentum matters
         for p in teacher.parameters():
             p.add_(0.02 * torch.randn_like(p))
     # the reference runs the full last block, as the official ViT does (ours: the CLS row only)
-    ref_student = official.MultiCropWrapper(_full_blocks(student.backbone),
-                                            copy.deepcopy(student.head))
-    ref_teacher = official.MultiCropWrapper(_full_blocks(teacher.backbone),
-                                            copy.deepcopy(teacher.head))
+    ref_student = official.MultiCropWrapper(
+        _full_blocks(student.backbone), copy.deepcopy(student.head)
+    )
+    ref_teacher = official.MultiCropWrapper(
+        _full_blocks(teacher.backbone), copy.deepcopy(teacher.head)
+    )
     center = torch.randn(1, K) * 0.1  # a mid-training centre, so centring is exercised
-    images = ([torch.randn(4, 3, 32, 32) for _ in range(2)]  # 2 global crops, then 3 local
-              + [torch.randn(4, 3, 16, 16) for _ in range(3)])
-    sched = {"lr": official.cosine_scheduler(2e-3, 1e-5, EPOCHS, IPE, warmup_epochs=1),
-             "wd": official.cosine_scheduler(0.04, 0.4, EPOCHS, IPE),
-             "momentum": official.cosine_scheduler(0.9, 1.0, EPOCHS, IPE), "temp": TEACHER_TEMP}
+    images = (
+        [torch.randn(4, 3, 32, 32) for _ in range(2)]  # 2 global crops, then 3 local
+        + [torch.randn(4, 3, 16, 16) for _ in range(3)]
+    )
+    sched = {
+        "lr": official.cosine_scheduler(2e-3, 1e-5, EPOCHS, IPE, warmup_epochs=1),
+        "wd": official.cosine_scheduler(0.04, 0.4, EPOCHS, IPE),
+        "momentum": official.cosine_scheduler(0.9, 1.0, EPOCHS, IPE),
+        "temp": TEACHER_TEMP,
+    }
     it = epoch * IPE + 1  # global iteration, as in train_one_epoch
     s_before = {n: p.detach().clone() for n, p in student.named_parameters()}
 
     ref_loss, ref_center, norms = official_iteration(
-        ref_student, ref_teacher, official.build_optimizer(ref_student), center.clone(), images,
-        epoch, it, sched)
+        ref_student,
+        ref_teacher,
+        official.build_optimizer(ref_student),
+        center.clone(),
+        images,
+        epoch,
+        it,
+        sched,
+    )
 
     loss_fn = DINOLoss(K, student_temp=STUDENT_TEMP, center_momentum=CENTER_M)
     loss_fn.center.copy_(center)
-    res = dino_step(student=student, teacher=teacher, loss_fn=loss_fn,
-                    optimizer=build_optimizer(student), crops=images,
-                    schedule=StepSchedule(lr=sched["lr"][it], weight_decay=sched["wd"][it],
-                                          teacher_momentum=sched["momentum"][it],
-                                          teacher_temp=sched["temp"],
-                                          freeze_last_layer=epoch < FREEZE_EPOCHS),
-                    clip_grad=CLIP)
+    res = dino_step(
+        student=student,
+        teacher=teacher,
+        loss_fn=loss_fn,
+        optimizer=build_optimizer(student),
+        crops=images,
+        schedule=StepSchedule(
+            lr=sched["lr"][it],
+            weight_decay=sched["wd"][it],
+            teacher_momentum=sched["momentum"][it],
+            teacher_temp=sched["temp"],
+            freeze_last_layer=epoch < FREEZE_EPOCHS,
+        ),
+        clip_grad=CLIP,
+    )
 
     assert min(norms) < CLIP < max(norms), "clipping must act on some parameters, not all"
     assert res.grad_norm == pytest.approx(max(norms), rel=1e-5)

@@ -20,28 +20,48 @@ NO_CUDA_WARNING = "ignore:.*CUDA is not available"  # GradScaler(device="cuda") 
 
 def _setup(seed=0, k=64):
     torch.manual_seed(seed)
-    student, teacher = build_student_teacher("test_vit", img_size=16, patch_size=4, out_dim=k,
-                                             hidden_dim=32, bottleneck_dim=16, drop_path_rate=0.0)
+    student, teacher = build_student_teacher(
+        "test_vit",
+        img_size=16,
+        patch_size=4,
+        out_dim=k,
+        hidden_dim=32,
+        bottleneck_dim=16,
+        drop_path_rate=0.0,
+    )
     return student, teacher, DINOLoss(k), build_optimizer(student)
 
 
 def _crops(b=4):
     g = torch.Generator().manual_seed(1)
-    return ([torch.randn(b, 3, 16, 16, generator=g) for _ in range(2)]
-            + [torch.randn(b, 3, 8, 8, generator=g) for _ in range(2)])
+    return [torch.randn(b, 3, 16, 16, generator=g) for _ in range(2)] + [
+        torch.randn(b, 3, 8, 8, generator=g) for _ in range(2)
+    ]
 
 
 def _step(student, teacher, loss_fn, opt, **kw):
-    return dino_step(student=student, teacher=teacher, loss_fn=loss_fn, optimizer=opt,
-                     crops=_crops(), schedule=SCHED, **kw)
+    return dino_step(
+        student=student,
+        teacher=teacher,
+        loss_fn=loss_fn,
+        optimizer=opt,
+        crops=_crops(),
+        schedule=SCHED,
+        **kw,
+    )
 
 
 @pytest.mark.filterwarnings(NO_CUDA_WARNING)
-@pytest.mark.parametrize("precision,device,dtype,has_scaler", [
-    ("fp32", "cpu", None, False), ("bf16", "cpu", torch.bfloat16, False),
-    ("fp32", "cuda", None, False), ("bf16", "cuda", torch.bfloat16, False),
-    ("fp16", "cuda", torch.float16, True),
-])
+@pytest.mark.parametrize(
+    "precision,device,dtype,has_scaler",
+    [
+        ("fp32", "cpu", None, False),
+        ("bf16", "cpu", torch.bfloat16, False),
+        ("fp32", "cuda", None, False),
+        ("bf16", "cuda", torch.bfloat16, False),
+        ("fp16", "cuda", torch.float16, True),
+    ],
+)
 def test_resolver_table(precision, device, dtype, has_scaler):
     resolved = resolve_precision(precision, torch.device(device))
     assert isinstance(resolved, Precision)
@@ -65,11 +85,11 @@ def test_scaler_step_matches_unscaled_step_and_clips_true_gradients():
     plain = _setup()
     scaled = _setup()
     ref = _step(*plain, clip_grad=1e-3)
-    scaler = torch.amp.GradScaler(device="cpu", init_scale=2.0 ** 16)
+    scaler = torch.amp.GradScaler(device="cpu", init_scale=2.0**16)
     res = _step(*scaled, clip_grad=1e-3, scaler=scaler)
     assert ref.grad_norm > 1e-3 and not res.skipped
     assert res.grad_norm == pytest.approx(float(ref.grad_norm), rel=1e-4)
-    assert res.loss_scale == 2.0 ** 16 and res.metrics()["amp_step_skipped"] == 0.0
+    assert res.loss_scale == 2.0**16 and res.metrics()["amp_step_skipped"] == 0.0
     for model_a, model_b in ((plain[0], scaled[0]), (plain[1], scaled[1])):
         for (name, a), b in zip(model_a.named_parameters(), model_b.parameters()):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=name)

@@ -74,10 +74,21 @@ def test_teacher_temperature_warmup():
 
 
 def test_schedules_bundle_clamps_past_the_end():
-    s = build_schedules(lr=1e-3, min_lr=0, warmup_epochs=0, weight_decay=0.04,
-                        weight_decay_end=0.4, momentum=0.996, momentum_end=1.0,
-                        warmup_teacher_temp=0.04, teacher_temp=0.04, warmup_teacher_temp_epochs=0,
-                        freeze_last_layer_epochs=1, epochs=2, iters_per_epoch=3)
+    s = build_schedules(
+        lr=1e-3,
+        min_lr=0,
+        warmup_epochs=0,
+        weight_decay=0.04,
+        weight_decay_end=0.4,
+        momentum=0.996,
+        momentum_end=1.0,
+        warmup_teacher_temp=0.04,
+        teacher_temp=0.04,
+        warmup_teacher_temp_epochs=0,
+        freeze_last_layer_epochs=1,
+        epochs=2,
+        iters_per_epoch=3,
+    )
     assert s.at(10) == s.at(5)
     assert s.at(0).teacher_momentum == pytest.approx(0.996)
     # the last layer is frozen in the first epoch's 3 steps only

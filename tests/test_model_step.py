@@ -17,13 +17,22 @@ SCHED = StepSchedule(lr=1e-3, weight_decay=0.04, teacher_momentum=0.99, teacher_
 
 def _setup(seed=0, k=64):
     torch.manual_seed(seed)
-    student, teacher = build_student_teacher("vit_tiny", img_size=16, patch_size=4, out_dim=k,
-                                             hidden_dim=32, bottleneck_dim=16, drop_path_rate=0.0)
+    student, teacher = build_student_teacher(
+        "vit_tiny",
+        img_size=16,
+        patch_size=4,
+        out_dim=k,
+        hidden_dim=32,
+        bottleneck_dim=16,
+        drop_path_rate=0.0,
+    )
     return student, teacher, DINOLoss(k), build_optimizer(student)
 
 
 def _crops(b=4):
-    return [torch.randn(b, 3, 16, 16) for _ in range(2)] + [torch.randn(b, 3, 8, 8) for _ in range(2)]
+    return [torch.randn(b, 3, 16, 16) for _ in range(2)] + [
+        torch.randn(b, 3, 8, 8) for _ in range(2)
+    ]
 
 
 def _last_layer(model):
@@ -35,8 +44,14 @@ def test_last_layer_frozen_in_first_epoch(epoch, frozen):
     student, teacher, loss_fn, opt = _setup()
     before = _last_layer(student)
     body_before = student.backbone.patch_embed.proj.weight.detach().clone()
-    dino_step(student=student, teacher=teacher, loss_fn=loss_fn, optimizer=opt, crops=_crops(),
-              schedule=replace(SCHED, freeze_last_layer=epoch < 1))
+    dino_step(
+        student=student,
+        teacher=teacher,
+        loss_fn=loss_fn,
+        optimizer=opt,
+        crops=_crops(),
+        schedule=replace(SCHED, freeze_last_layer=epoch < 1),
+    )
     after = _last_layer(student)
     trainable = [n for n, p in student.named_parameters() if "last_layer" in n and p.requires_grad]
     assert trainable, "the prototypes' direction must be trainable"
@@ -71,8 +86,14 @@ def test_non_finite_loss_stops_before_the_update():
     crops = _crops()
     crops[0][0, 0, 0, 0] = float("nan")
     with pytest.raises(NonFiniteLossError, match="nan"):
-        dino_step(student=student, teacher=teacher, loss_fn=loss_fn, optimizer=opt, crops=crops,
-                  schedule=SCHED)
+        dino_step(
+            student=student,
+            teacher=teacher,
+            loss_fn=loss_fn,
+            optimizer=opt,
+            crops=crops,
+            schedule=SCHED,
+        )
     for n, p in student.state_dict().items():
         assert torch.equal(p, snapshot[n])
 
@@ -80,8 +101,14 @@ def test_non_finite_loss_stops_before_the_update():
 def test_teacher_moves_towards_student_after_a_step():
     student, teacher, loss_fn, opt = _setup()
     t_before = teacher.backbone.patch_embed.proj.weight.detach().clone()
-    dino_step(student=student, teacher=teacher, loss_fn=loss_fn, optimizer=opt, crops=_crops(),
-              schedule=SCHED)
+    dino_step(
+        student=student,
+        teacher=teacher,
+        loss_fn=loss_fn,
+        optimizer=opt,
+        crops=_crops(),
+        schedule=SCHED,
+    )
     s_now = student.backbone.patch_embed.proj.weight.detach()
     expected = 0.99 * t_before + 0.01 * s_now
     assert torch.allclose(teacher.backbone.patch_embed.proj.weight, expected, atol=1e-6)
@@ -89,8 +116,15 @@ def test_teacher_moves_towards_student_after_a_step():
 
 def test_koleo_term_is_added():
     student, teacher, loss_fn, opt = _setup()
-    result = dino_step(student=student, teacher=teacher, loss_fn=loss_fn, optimizer=opt,
-                       crops=_crops(), schedule=SCHED, koleo_weight=0.5)
+    result = dino_step(
+        student=student,
+        teacher=teacher,
+        loss_fn=loss_fn,
+        optimizer=opt,
+        crops=_crops(),
+        schedule=SCHED,
+        koleo_weight=0.5,
+    )
     assert result.koleo != 0.0
     assert result.loss == pytest.approx(float(result.dino_loss + 0.5 * result.koleo), rel=1e-5)
     assert math.isfinite(result.metrics()["teacher_entropy"])
@@ -105,16 +139,28 @@ def test_non_finite_step_is_skipped_on_the_device(monkeypatch):
     monkeypatch.setattr(step_module, "skips_on_device", lambda optimizer, device: True)
     student, teacher, loss_fn, _ = _setup()
     opt = torch.optim.AdamW(param_groups(student), lr=0.0, fused=True)
-    dino_step(student=student, teacher=teacher, loss_fn=loss_fn, optimizer=opt, crops=_crops(),
-              schedule=SCHED)  # a finite step first: optimiser state exists, the teacher moves
+    dino_step(
+        student=student,
+        teacher=teacher,
+        loss_fn=loss_fn,
+        optimizer=opt,
+        crops=_crops(),
+        schedule=SCHED,
+    )  # a finite step first: optimiser state exists, the teacher moves
     s_before = {n: p.detach().clone() for n, p in student.named_parameters()}
     t_before = {n: p.detach().clone() for n, p in teacher.named_parameters()}
     state_before = {k: v.clone() for k, v in opt.state[student.backbone.cls_token].items()}
     center_before = loss_fn.center.clone()
     crops = _crops()
     crops[0][0, 0, 0, 0] = float("nan")
-    res = dino_step(student=student, teacher=teacher, loss_fn=loss_fn, optimizer=opt,
-                    crops=crops, schedule=SCHED)  # no raise: nothing was read
+    res = dino_step(
+        student=student,
+        teacher=teacher,
+        loss_fn=loss_fn,
+        optimizer=opt,
+        crops=crops,
+        schedule=SCHED,
+    )  # no raise: nothing was read
     assert bool(res.skipped)
     with pytest.raises(NonFiniteLossError, match="nan"):
         res.raise_if_nonfinite()
@@ -126,7 +172,13 @@ def test_non_finite_step_is_skipped_on_the_device(monkeypatch):
         assert torch.equal(v, state_before[k]), k  # not even the step count moved
     assert torch.equal(loss_fn.center, center_before)  # nor the centre (NaN teacher output)
 
-    res = dino_step(student=student, teacher=teacher, loss_fn=loss_fn, optimizer=opt,
-                    crops=_crops(), schedule=SCHED)
+    res = dino_step(
+        student=student,
+        teacher=teacher,
+        loss_fn=loss_fn,
+        optimizer=opt,
+        crops=_crops(),
+        schedule=SCHED,
+    )
     assert not bool(res.skipped)  # a finite step after it updates again (the teacher moves)
     assert not torch.equal(teacher.backbone.cls_token, t_before["backbone.cls_token"])

@@ -30,8 +30,10 @@ def _batches() -> dict[str, list]:
     sizes = {"head": ((5, 6), (3, 6), (8, 4)), "conv": ((3, 3, 6, 6), (2, 3, 6, 6), (5, 4, 4, 4))}
     out = {}
     for name, (a, b, w) in sizes.items():
-        out[name] = [([torch.randn(a) * 2 + 3, torch.randn(b) * 2 + 3],
-                      torch.randn(w).split([a[0], b[0]])) for _ in range(STEPS)]
+        out[name] = [
+            ([torch.randn(a) * 2 + 3, torch.randn(b) * 2 + 3], torch.randn(w).split([a[0], b[0]]))
+            for _ in range(STEPS)
+        ]
     return out
 
 
@@ -53,8 +55,11 @@ def _worker(rank: int, world: int, init_file: str, batches, out_path: str) -> No
                 grads = {k: p.grad.clone() for k, p in model.module.named_parameters()}
                 steps.append({"out": out.detach(), "x_grad": x.grad, "grads": grads})
             model.eval()
-            result[name] = {"steps": steps, "state": model.module.state_dict(),
-                            "eval_out": model(batches[name][0][0][rank]).detach()}
+            result[name] = {
+                "steps": steps,
+                "state": model.module.state_dict(),
+                "eval_out": model(batches[name][0][0][rank]).detach(),
+            }
         torch.save(result, out_path.format(rank=rank))
     finally:
         dist.destroy_process_group()
@@ -63,8 +68,12 @@ def _worker(rank: int, world: int, init_file: str, batches, out_path: str) -> No
 def test_two_process_sync_bn_equals_bn_of_concatenated_batch(tmp_path):
     modules, batches, world = _modules(), _batches(), 2
     out_path = str(tmp_path / "rank{rank}.pt")
-    mp.start_processes(_worker, args=(world, str(tmp_path / "init"), batches, out_path),
-                       nprocs=world, start_method="spawn")
+    mp.start_processes(
+        _worker,
+        args=(world, str(tmp_path / "init"), batches, out_path),
+        nprocs=world,
+        start_method="spawn",
+    )
     ranks = [torch.load(out_path.format(rank=r), weights_only=True) for r in range(world)]
 
     for name, module in modules.items():
@@ -94,12 +103,15 @@ def test_two_process_sync_bn_equals_bn_of_concatenated_batch(tmp_path):
     assert not torch.allclose(local(batches["head"][0][0][0]), first, atol=1e-3)
 
 
-@pytest.mark.parametrize("make, shape", [
-    (lambda: nn.BatchNorm1d(4, eps=1e-3, momentum=0.3), (6, 4)),
-    (lambda: nn.BatchNorm1d(4, momentum=None), (6, 4, 5)),
-    (lambda: nn.BatchNorm2d(4, affine=False), (3, 4, 5, 5)),
-    (lambda: nn.BatchNorm2d(4, track_running_stats=False), (3, 4, 5, 5)),
-])
+@pytest.mark.parametrize(
+    "make, shape",
+    [
+        (lambda: nn.BatchNorm1d(4, eps=1e-3, momentum=0.3), (6, 4)),
+        (lambda: nn.BatchNorm1d(4, momentum=None), (6, 4, 5)),
+        (lambda: nn.BatchNorm2d(4, affine=False), (3, 4, 5, 5)),
+        (lambda: nn.BatchNorm2d(4, track_running_stats=False), (3, 4, 5, 5)),
+    ],
+)
 def test_single_process_is_the_stock_layer(make, shape):
     torch.manual_seed(0)
     stock = make()
@@ -124,12 +136,20 @@ def test_single_process_is_the_stock_layer(make, shape):
 
 
 def test_conversion_keeps_parameters_and_finds_batchnorm():
-    vit, vit_teacher = build_student_teacher("test_vit", img_size=16, patch_size=4, out_dim=8,
-                                             hidden_dim=16, bottleneck_dim=8)
+    vit, vit_teacher = build_student_teacher(
+        "test_vit", img_size=16, patch_size=4, out_dim=8, hidden_dim=16, bottleneck_dim=8
+    )
     assert not has_batchnorm(vit) and not has_batchnorm(vit_teacher)
 
-    student, teacher = build_student_teacher("resnet18", img_size=32, patch_size=None, out_dim=8,
-                                             hidden_dim=16, bottleneck_dim=8, use_bn=True)
+    student, teacher = build_student_teacher(
+        "resnet18",
+        img_size=32,
+        patch_size=None,
+        out_dim=8,
+        hidden_dim=16,
+        bottleneck_dim=8,
+        use_bn=True,
+    )
     assert has_batchnorm(student.backbone) and has_batchnorm(student.head)
     n_bn = sum(isinstance(m, nn.BatchNorm2d | nn.BatchNorm1d) for m in teacher.modules())
     before = {k: v.clone() for k, v in teacher.state_dict().items()}

@@ -19,8 +19,15 @@ SECRETS = (PW, SIG, TOKEN)
 
 
 def _cfg() -> DinoConfig:
-    return DinoConfig.load(None, [f"data.path={DATA}", f"tracking.tracking_uri={TRACKING}",
-                                  "train.epochs=1", "loss.warmup_teacher_temp_epochs=0"])
+    return DinoConfig.load(
+        None,
+        [
+            f"data.path={DATA}",
+            f"tracking.tracking_uri={TRACKING}",
+            "train.epochs=1",
+            "loss.warmup_teacher_temp_epochs=0",
+        ],
+    )
 
 
 def _clean(text: str) -> bool:
@@ -30,8 +37,10 @@ def _clean(text: str) -> bool:
 def test_redact_uris_query_keys_and_nested_objects():
     assert redact(DATA) == "s3://alice:***@minio.local/bucket/shards?X-Amz-Signature=***&part=1"
     assert redact(TRACKING) == "https://bob:***@mlflow.example/?token=***"
-    assert redact("gs://b/o?GoogleAccessId=me&Expires=9&Signature=zz") == \
-        "gs://b/o?GoogleAccessId=***&Expires=9&Signature=***"
+    assert (
+        redact("gs://b/o?GoogleAccessId=me&Expires=9&Signature=zz")
+        == "gs://b/o?GoogleAccessId=***&Expires=9&Signature=***"
+    )
     assert redact("http://host:5000/x?keyword=1&user=a") == "http://host:5000/x?keyword=1&user=a"
     assert redact(redact(DATA)) == redact(DATA)  # idempotent
     assert redact(3) == 3
@@ -75,9 +84,17 @@ def test_checkpoint_config_yaml_has_no_secret(tmp_path):
     from pipeline.checkpoints import CONFIG_FILE, load_config, save_checkpoint
 
     net = torch.nn.Linear(2, 2)
-    save_checkpoint(tmp_path / "ck", student=net, teacher=net, center=torch.zeros(2),
-                    optimizer=torch.optim.SGD(net.parameters(), lr=0.1), epoch=0, global_step=1,
-                    iters_per_epoch=1, cfg=_cfg())
+    save_checkpoint(
+        tmp_path / "ck",
+        student=net,
+        teacher=net,
+        center=torch.zeros(2),
+        optimizer=torch.optim.SGD(net.parameters(), lr=0.1),
+        epoch=0,
+        global_step=1,
+        iters_per_epoch=1,
+        cfg=_cfg(),
+    )
     text = (tmp_path / "ck" / CONFIG_FILE).read_text()
     assert _clean(text) and "alice:***@" in text
     assert load_config(tmp_path / "ck").data.path == redact(DATA)  # still a valid config

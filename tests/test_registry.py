@@ -14,8 +14,8 @@ import pytest
 import torch
 from live_services import shared_mlflow_server
 
-from pipeline.cli import main
 from pipeline.checkpoints import build_models, load_teacher_backbone, save_checkpoint
+from pipeline.cli import main
 from pipeline.train.presets import tiny_config
 
 NAME = "reg-teacher"
@@ -33,29 +33,53 @@ def _checkpoint(root: Path, digits_dir, knn: float, seed: int) -> Path:
         for p in teacher.parameters():
             p.add_(0.01 * torch.randn_like(p))
     opt = torch.optim.SGD(student.parameters(), lr=0.1)
-    return save_checkpoint(root / f"ckpt{seed}", student=student, teacher=teacher,
-                           center=torch.zeros(1, 256), optimizer=opt, epoch=2, global_step=6,
-                           iters_per_epoch=3, cfg=cfg, metrics={"knn_top1": knn})
+    return save_checkpoint(
+        root / f"ckpt{seed}",
+        student=student,
+        teacher=teacher,
+        center=torch.zeros(1, 256),
+        optimizer=opt,
+        epoch=2,
+        global_step=6,
+        iters_per_epoch=3,
+        cfg=cfg,
+        metrics={"knn_top1": knn},
+    )
 
 
 def _images(digits_dir, n: int, size: int = 32) -> torch.Tensor:
     from dino_model.normalize import normalize_uint8
-    from pipeline.data.eval_crop import resize_center_crop
     from pipeline.data.decode import decode_bytes
+    from pipeline.data.eval_crop import resize_center_crop
 
     files = sorted(Path(digits_dir).rglob("*.png"))[:n]
-    arr = np.stack([resize_center_crop(decode_bytes(f.read_bytes()), size, round(size * 8 / 7))
-                    for f in files])
+    arr = np.stack(
+        [resize_center_crop(decode_bytes(f.read_bytes()), size, round(size * 8 / 7)) for f in files]
+    )
     return normalize_uint8(torch.from_numpy(arr))
 
 
 @pytest.fixture(scope="module")
 def registered(tmp_path_factory, digits_dir, mlflow_uri):
     root = tmp_path_factory.mktemp("registry")
-    ckpts = [_checkpoint(root, digits_dir, knn, seed) for seed, knn in ((1, 0.3), (2, 0.6), (3, 0.1))]
+    ckpts = [
+        _checkpoint(root, digits_dir, knn, seed) for seed, knn in ((1, 0.3), (2, 0.6), (3, 0.1))
+    ]
     for ckpt in ckpts:
-        assert main(["register", "--checkpoint", str(ckpt), "--tracking-uri", mlflow_uri,
-                     "--name", NAME]) == 0
+        assert (
+            main(
+                [
+                    "register",
+                    "--checkpoint",
+                    str(ckpt),
+                    "--tracking-uri",
+                    mlflow_uri,
+                    "--name",
+                    NAME,
+                ]
+            )
+            == 0
+        )
     return root, ckpts
 
 
@@ -87,8 +111,10 @@ def test_pulled_model_matches_trained_teacher(registered, digits_dir, mlflow_uri
     _, ckpts = registered
     teacher, _ = load_teacher_backbone(ckpts[1])
     dst = tmp_path / "pulled"
-    assert main(["models", "--tracking-uri", mlflow_uri, "pull", f"models:/{NAME}@champion",
-                 str(dst)]) == 0
+    assert (
+        main(["models", "--tracking-uri", mlflow_uri, "pull", f"models:/{NAME}@champion", str(dst)])
+        == 0
+    )
     files = {p.name for p in dst.rglob("*") if p.is_file()}
     assert {"backbone.safetensors", "arch.json", "MLmodel"} <= files
     assert not any(f.endswith((".pkl", ".pt", ".pth")) for f in files)  # nothing to unpickle
@@ -114,8 +140,9 @@ def test_pulled_model_matches_trained_teacher(registered, digits_dir, mlflow_uri
             got = loaded(images[:n])
             assert got.shape == (n, teacher.embed_dim)
             torch.testing.assert_close(got, want[:n], rtol=0, atol=1e-6)
-            np.testing.assert_allclose(pyfunc.predict(images[:n].numpy()), want[:n].numpy(),
-                                       atol=1e-5)
+            np.testing.assert_allclose(
+                pyfunc.predict(images[:n].numpy()), want[:n].numpy(), atol=1e-5
+            )
         assert (other(images) - want).abs().max() > 1e-3  # version 1 is a different teacher
         small = loaded(torch.nn.functional.interpolate(images, size=16))  # the local-crop size
         assert small.shape == (5, teacher.embed_dim)
@@ -125,8 +152,24 @@ def test_embed_job_writes_parquet(registered, digits_dir, mlflow_uri, tmp_path, 
     from pipeline.registry import load_backbone
 
     out = tmp_path / "emb"
-    assert main(["models", "--tracking-uri", mlflow_uri, "embed", f"models:/{NAME}@champion",
-                 str(digits_dir), str(out), "--limit", "12", "--batch-size", "5"]) == 0
+    assert (
+        main(
+            [
+                "models",
+                "--tracking-uri",
+                mlflow_uri,
+                "embed",
+                f"models:/{NAME}@champion",
+                str(digits_dir),
+                str(out),
+                "--limit",
+                "12",
+                "--batch-size",
+                "5",
+            ]
+        )
+        == 0
+    )
     table = pq.read_table(out)
     assert table.num_rows == 12
     emb_type = table.schema.field("embedding").type
@@ -136,8 +179,8 @@ def test_embed_job_writes_parquet(registered, digits_dir, mlflow_uri, tmp_path, 
     assert Path(row["id"]).is_file() and row["label_name"] == Path(row["id"]).parent.name
     model = load_backbone(f"models:/{NAME}@champion", mlflow_uri)
     from dino_model.normalize import normalize_uint8
-    from pipeline.data.eval_crop import resize_center_crop
     from pipeline.data.decode import decode_bytes
+    from pipeline.data.eval_crop import resize_center_crop
 
     img = resize_center_crop(decode_bytes(Path(row["id"]).read_bytes()), 32, 37)
     with torch.no_grad():

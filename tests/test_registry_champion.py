@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 from live_services import shared_mlflow_server
 
+from pipeline.checkpoints import build_models
 from pipeline.registry.champion import champion_alias, update_champion
 from pipeline.registry.eval_key import eval_identity, eval_key
 from pipeline.registry.register import EvalKeyConflictError, register_teacher
-from pipeline.checkpoints import build_models
 from pipeline.train.presets import tiny_config
 
 NAME = "champ-teacher"
@@ -28,8 +28,9 @@ def setup(tmp_path_factory, digits_dir):
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
 
     def register(cfg, metrics, **kw) -> int:
-        return register_teacher(teacher.backbone, cfg, metrics=metrics, tracking_uri=uri,
-                                name=NAME, **kw)
+        return register_teacher(
+            teacher.backbone, cfg, metrics=metrics, tracking_uri=uri, name=NAME, **kw
+        )
 
     return client, register, same, other
 
@@ -40,13 +41,20 @@ def _alias(client, alias: str) -> int:
 
 def test_eval_key_separates_settings(digits_dir, tmp_path):
     base = tiny_config(digits_dir, tmp_path, "k")
-    assert eval_key(eval_identity(base)) == eval_key(eval_identity(tiny_config(
-        digits_dir, tmp_path / "elsewhere", "k2", train__seed=7)))  # seed, storage, name: same
-    for change in ({"eval__headline_k": 10}, {"eval__temperature": 0.1},
-                   {"eval__val_fraction": 0.3}, {"augment__global_size": 48},
-                   {"eval__resize": 40}, {"data__limit": 64}):
-        assert eval_key(eval_identity(tiny_config(digits_dir, tmp_path, "k", **change))) \
-            != eval_key(eval_identity(base)), change
+    assert eval_key(eval_identity(base)) == eval_key(
+        eval_identity(tiny_config(digits_dir, tmp_path / "elsewhere", "k2", train__seed=7))
+    )  # seed, storage, name: same
+    for change in (
+        {"eval__headline_k": 10},
+        {"eval__temperature": 0.1},
+        {"eval__val_fraction": 0.3},
+        {"augment__global_size": 48},
+        {"eval__resize": 40},
+        {"data__limit": 64},
+    ):
+        assert eval_key(
+            eval_identity(tiny_config(digits_dir, tmp_path, "k", **change))
+        ) != eval_key(eval_identity(base)), change
     ident = eval_identity(tiny_config(OTHER_DATA, tmp_path, "k"))
     assert "hunter2" not in str(ident) and "abc" not in str(ident)
 
@@ -77,8 +85,10 @@ def test_champion_only_among_comparable_versions(setup):
     # no comparable figure: never takes champion
     v4 = register(same, {})
     assert _alias(client, "champion") == v1
-    assert "knn_top1" not in client.get_run(
-        client.get_model_version(NAME, str(v4)).run_id).data.metrics
+    assert (
+        "knn_top1"
+        not in client.get_run(client.get_model_version(NAME, str(v4)).run_id).data.metrics
+    )
 
     # a better version on the same data does
     v5 = register(same, {"knn_top1": 0.7})

@@ -3,8 +3,8 @@
 import mlflow
 from mlflow.tracking import MlflowClient
 
-from pipeline.registry import register_teacher
 from pipeline.checkpoints import build_models
+from pipeline.registry import register_teacher
 from pipeline.train.presets import tiny_config
 
 
@@ -21,8 +21,16 @@ def test_register_into_run_of_another_experiment(tmp_path, digits_dir, mlflow_sq
 
     cfg = tiny_config(digits_dir, tmp_path / "runs", "reuse")
     _, teacher = build_models(cfg, seed=0)
-    version = register_teacher(teacher.backbone, cfg, metrics={"knn_top1": 50.0}, run_id=run_id,
-                               tracking_uri=store, name="reuse-teacher")
+    version = register_teacher(
+        teacher.backbone,
+        cfg,
+        metrics={"knn_top1": 50.0},
+        run_id=run_id,
+        tracking_uri=store,
+        name="reuse-teacher",
+    )
     assert version == 1
-    mv = MlflowClient(tracking_uri=store, registry_uri=store).get_model_version("reuse-teacher", "1")
+    mv = MlflowClient(tracking_uri=store, registry_uri=store).get_model_version(
+        "reuse-teacher", "1"
+    )
     assert mv.run_id == run_id and mv.tags["knn_top1"] == "50"

@@ -11,9 +11,9 @@ import pytest
 import torch
 from live_services import shared_mlflow_server
 
+from pipeline.checkpoints import build_models
 from pipeline.registry import load_backbone, pull, register_teacher
 from pipeline.registry.arch import ArchError, WeightsError
-from pipeline.checkpoints import build_models
 from pipeline.train.presets import tiny_config
 
 NAME = "trust-teacher"
@@ -25,8 +25,9 @@ def registered(tmp_path_factory, digits_dir):
     root = tmp_path_factory.mktemp("trust")
     cfg = tiny_config(digits_dir, root / "runs", "trust")
     _, teacher = build_models(cfg, seed=3)
-    version = register_teacher(teacher.backbone, cfg, metrics={"knn_top1": 0.5},
-                               tracking_uri=uri, name=NAME)
+    version = register_teacher(
+        teacher.backbone, cfg, metrics={"knn_top1": 0.5}, tracking_uri=uri, name=NAME
+    )
     return uri, f"models:/{NAME}/{version}", teacher.backbone.eval()
 
 
@@ -51,15 +52,20 @@ def test_untampered_model_loads_identically(registered, pulled):
             torch.testing.assert_close(model(x), teacher(x), rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize(("edit", "field"), [
-    (lambda a: a["timm_kwargs"].update(pretrained_cfg_overlay={"file": "/x"}),
-     "timm_kwargs.pretrained_cfg_overlay"),
-    (lambda a: a["timm_kwargs"].update(img_size="32"), "timm_kwargs.img_size"),
-    (lambda a: a.update(timm_name="evil_model_that_does_not_exist"), "timm_name"),
-    (lambda a: a.update(loader="os.system"), "loader"),
-    (lambda a: a["timm_kwargs"].update(num_classes=1000), "timm_kwargs.num_classes"),
-    (lambda a: a.update(embed_dim=65), "embed_dim"),
-])
+@pytest.mark.parametrize(
+    ("edit", "field"),
+    [
+        (
+            lambda a: a["timm_kwargs"].update(pretrained_cfg_overlay={"file": "/x"}),
+            "timm_kwargs.pretrained_cfg_overlay",
+        ),
+        (lambda a: a["timm_kwargs"].update(img_size="32"), "timm_kwargs.img_size"),
+        (lambda a: a.update(timm_name="evil_model_that_does_not_exist"), "timm_name"),
+        (lambda a: a.update(loader="os.system"), "loader"),
+        (lambda a: a["timm_kwargs"].update(num_classes=1000), "timm_kwargs.num_classes"),
+        (lambda a: a.update(embed_dim=65), "embed_dim"),
+    ],
+)
 def test_tampered_arch_json_is_refused(pulled, edit, field):
     _edit_arch(pulled, edit)
     with pytest.raises(ArchError) as info:
@@ -106,8 +112,10 @@ def test_load_backbone_never_runs_registered_code(pulled, tmp_path, monkeypatch)
     code = [p for p in pulled.rglob("*.py")]
     assert code, "the pulled model carries its pyfunc code"
     for path in code:
-        path.write_text(path.read_text() + "\nimport os, pathlib\n"
-                        "pathlib.Path(os.environ['DINO_TRUST_MARKER']).touch()\n")
+        path.write_text(
+            path.read_text() + "\nimport os, pathlib\n"
+            "pathlib.Path(os.environ['DINO_TRUST_MARKER']).touch()\n"
+        )
     load_backbone(str(pulled))
     assert not marker.exists()
     mlflow.pyfunc.load_model(str(pulled))  # the documented trust boundary: this one runs it

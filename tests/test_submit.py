@@ -17,11 +17,28 @@ def test_submission_plan(tmp_path):
     inside = repo_root() / "pyproject.toml"  # any file under the repo: passed by relative path
     cfg = tmp_path / "c.yaml"
     cfg.write_text("train:\n  epochs: 3\ntune:\n  search_space: {loss.teacher_temp: [0.04]}\n")
-    plan = build_submission("register", ["--address", "http://h:8265", "--checkpoint", "/ck",
-                                         "--env", "A=b", "--config", str(inside)])
+    plan = build_submission(
+        "register",
+        [
+            "--address",
+            "http://h:8265",
+            "--checkpoint",
+            "/ck",
+            "--env",
+            "A=b",
+            "--config",
+            str(inside),
+        ],
+    )
     sub = plan["submit"]
     assert shlex.split(sub["entrypoint"]) == [
-        "python", "jobs/register.py", "--config", "pyproject.toml", "--checkpoint", "/ck"]
+        "python",
+        "jobs/register.py",
+        "--config",
+        "pyproject.toml",
+        "--checkpoint",
+        "/ck",
+    ]
     assert sub["runtime_env"]["working_dir"] == str(repo_root())
     assert {".venv", ".git", "runs", "mlruns", "*.db"} <= set(sub["runtime_env"]["excludes"])
     assert sub["runtime_env"]["excludes"] == EXCLUDES and sub["runtime_env"]["env_vars"]["A"] == "b"
@@ -32,17 +49,23 @@ def test_submission_plan(tmp_path):
     assert plan["stop_grace_s"] == 600
     with pytest.raises(ValueError, match="--stop-grace-s -1"):
         build_submission("register", ["--address", "http://h:8265", "--stop-grace-s", "-1"])
-    plan = build_submission("train", ["--address", "http://h:8265", "--config", str(cfg),
-                                      "train.name=x"])
+    plan = build_submission(
+        "train", ["--address", "http://h:8265", "--config", str(cfg), "train.name=x"]
+    )
     args = shlex.split(plan["submit"]["entrypoint"])[2:]  # a file outside the repo is inlined
-    assert args == ["train.epochs=3", 'tune.search_space={"loss.teacher_temp": [0.04]}',
-                    "train.name=x"]
+    assert args == [
+        "train.epochs=3",
+        'tune.search_space={"loss.teacher_temp": [0.04]}',
+        "train.name=x",
+    ]
     with pytest.raises(ValueError, match="train.epochz"):  # typos fail before submitting
         build_submission("train", ["--address", "http://h:8265", "train.epochz=3"])
     with pytest.raises(ValueError, match=r"'data.path=s3://u:\*\*\*@b/x' carries a credential"):
         build_submission("train", ["--address", "http://h:8265", "data.path=s3://u:pw@b/x"])
     with pytest.raises(ValueError, match="AWS_SECRET_ACCESS_KEY"):  # job metadata keeps env vars
-        build_submission("train", ["--address", "http://h:8265", "--env", "AWS_SECRET_ACCESS_KEY=x"])
+        build_submission(
+            "train", ["--address", "http://h:8265", "--env", "AWS_SECRET_ACCESS_KEY=x"]
+        )
     with pytest.raises(ValueError, match="unknown job"):
         build_submission("nope", ["--address", "http://h:8265"])
     assert main(["submit", "train", "train.epochs=1"]) == 2  # no --address

@@ -37,7 +37,9 @@ def test_unreachable_server_disables_tracking_quickly(caplog):
 
 
 def test_relative_sqlite_uri_becomes_absolute(tmp_path):
-    assert resolve_tracking_uri("sqlite:///mlflow.db", tmp_path) == f"sqlite:///{tmp_path}/mlflow.db"
+    assert (
+        resolve_tracking_uri("sqlite:///mlflow.db", tmp_path) == f"sqlite:///{tmp_path}/mlflow.db"
+    )
     assert resolve_tracking_uri("http://host:5000") == "http://host:5000"
 
 

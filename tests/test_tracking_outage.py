@@ -9,8 +9,8 @@ import time
 
 import pytest
 from live_services import shared_mlflow_server
-from polling import wait_for
 from mlflow.tracking import MlflowClient
+from polling import wait_for
 
 from pipeline.tracking import Tracker
 from pipeline.tracking.mlflow_tracker import DROPPED_METRIC, DROPPED_TAG
@@ -49,15 +49,19 @@ def test_outage_keeps_every_step_and_closes_the_run(server, caplog):
     small.log_metrics({"x": 6.0}, step=6)
     small.log_metrics({"x": 7.0}, step=7)
     t.set_tags({"phase": "outage"})
-    wait_for(lambda: any("unreachable" in r.getMessage() for r in caplog.records),
-              "the tracker saw the outage")
+    wait_for(
+        lambda: any("unreachable" in r.getMessage() for r in caplog.records),
+        "the tracker saw the outage",
+    )
     assert t.pending() > 0 and t.ok  # held, not dropped, not disabled
     # 5 values into a buffer of 3: the 2 oldest go (once its in-flight batch has failed)
     wait_for(lambda: small.dropped == 2, "the small buffer dropped its 2 oldest values")
 
     ends_down.finish("FINISHED", timeout_s=1)  # bounded, and says which run stays open
-    assert any("could not mark run " + ends_down.run_id in r.getMessage() and "RUNNING" in
-               r.getMessage() for r in caplog.records)
+    assert any(
+        "could not mark run " + ends_down.run_id in r.getMessage() and "RUNNING" in r.getMessage()
+        for r in caplog.records
+    )
 
     server.start()
     for step in range(6, 9):
@@ -129,8 +133,12 @@ class _SlowFirstCreate:
 
             def _forward(self) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0)) or None
-                req = urllib.request.Request(upstream + self.path, data=body, method=self.command,
-                                             headers={"Content-Type": "application/json"})
+                req = urllib.request.Request(
+                    upstream + self.path,
+                    data=body,
+                    method=self.command,
+                    headers={"Content-Type": "application/json"},
+                )
                 with proxy.lock:
                     try:
                         with urllib.request.urlopen(req, timeout=60) as resp:
@@ -167,8 +175,14 @@ def test_a_create_whose_reply_was_lost_is_not_made_twice(server):
     that run (by the tracker's start id) instead of creating a second one with the same name."""
     proxy = _SlowFirstCreate(server.uri, delay_s=6)
     try:
-        t = Tracker(proxy.uri, "slow-create", run_name="slow-create", http_timeout_s=2,
-                    max_backoff_s=0.2, start_attempts=10)
+        t = Tracker(
+            proxy.uri,
+            "slow-create",
+            run_name="slow-create",
+            http_timeout_s=2,
+            max_backoff_s=0.2,
+            start_attempts=10,
+        )
         assert proxy.delayed and t.ok
         t.finish("FINISHED", timeout_s=60)
     finally:

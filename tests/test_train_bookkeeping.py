@@ -12,19 +12,27 @@ import torch
 from ray.train import Checkpoint
 
 from pipeline.checkpoints import build_models, save_checkpoint
-from pipeline.train.resume_point import resume_state
-from pipeline.train.stream import BatchStream
 from pipeline.train.metrics import EpochMeter
 from pipeline.train.presets import tiny_config
+from pipeline.train.resume_point import resume_state
+from pipeline.train.stream import BatchStream
 from pipeline.train.trainer import _evaluated_in_loop
 
 
 def _save(run: Path, step: int, cfg) -> Path:
     student, teacher = build_models(cfg, seed=step)
     opt = torch.optim.SGD(student.parameters(), lr=0.1)
-    return save_checkpoint(run / f"checkpoint_step_{step:08d}", student=student, teacher=teacher,
-                           center=torch.full((1, cfg.model.out_dim), float(step)), optimizer=opt,
-                           epoch=step // 2, global_step=step, iters_per_epoch=2, cfg=cfg)
+    return save_checkpoint(
+        run / f"checkpoint_step_{step:08d}",
+        student=student,
+        teacher=teacher,
+        center=torch.full((1, cfg.model.out_dim), float(step)),
+        optimizer=opt,
+        epoch=step // 2,
+        global_step=step,
+        iters_per_epoch=2,
+        cfg=cfg,
+    )
 
 
 def test_restart_takes_the_newest_complete_checkpoint(tmp_path):
@@ -33,13 +41,17 @@ def test_restart_takes_the_newest_complete_checkpoint(tmp_path):
     registered = _save(run, 2, cfg)
     # a checkpoint persisted after the one Ray Train registered (the worker died right after)
     _save(run, 4, cfg)
-    state, source = resume_state(Checkpoint.from_directory(str(registered)), str(tmp_path / "runs"), "r")
+    state, source = resume_state(
+        Checkpoint.from_directory(str(registered)), str(tmp_path / "runs"), "r"
+    )
     assert state["global_step"] == 4 and source.endswith("checkpoint_step_00000004")
     assert float(state["center"][0, 0]) == 4.0
 
     # an unreadable newer copy (interrupted upload) falls back to Ray Train's checkpoint
     (run / "checkpoint_step_00000004" / "state.pt").write_bytes(b"truncated")
-    state, source = resume_state(Checkpoint.from_directory(str(registered)), str(tmp_path / "runs"), "r")
+    state, source = resume_state(
+        Checkpoint.from_directory(str(registered)), str(tmp_path / "runs"), "r"
+    )
     assert state["global_step"] == 2
 
     # nothing registered (first attempt died before the controller saw any report)
@@ -152,6 +164,7 @@ def test_the_first_batch_is_fetched_in_the_background_and_handed_over_once():
                 fetched_on.append(threading.current_thread().name)
                 yield {"i": 0}
                 yield {"i": 1}
+
             return batches()
 
     cfg = tiny_config("unused", "unused", "w", train__epochs=2)
@@ -172,6 +185,7 @@ def test_the_first_batch_is_fetched_in_the_background_and_handed_over_once():
             def batches():
                 raise OSError("bucket unreachable")
                 yield
+
             return batches()
 
     stream = BatchStream(PerEpoch(), Broken(), cfg, rows_per_epoch=8)

@@ -19,8 +19,12 @@ def test_unknown_field_is_named(capsys):
 def test_ill_typed_field_is_named_by_the_job_entry_point(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("train:\n  epochs: many\n")
-    proc = subprocess.run([sys.executable, str(ROOT / "jobs/train.py"), "--config", str(bad)],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "jobs/train.py"), "--config", str(bad)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2
     assert "train.epochs" in proc.stderr
 

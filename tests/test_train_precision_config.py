@@ -4,8 +4,8 @@ a checkpoint (saved by ``save_checkpoint``, read back with ``weights_only=True``
 import pytest
 import torch
 
-from pipeline.config import ConfigError, DinoConfig
 from pipeline.checkpoints import load_state, save_checkpoint
+from pipeline.config import ConfigError, DinoConfig
 
 
 def test_precision_field_takes_fp16_and_names_a_bad_value():
@@ -27,8 +27,18 @@ def test_scaler_state_round_trips_through_a_checkpoint(tmp_path, with_scaler):
         scaler.unscale_(opt)
         scaler.step(opt)
         scaler.update()  # inf gradient: S backs off, the state is no longer the default
-    save_checkpoint(tmp_path, student=net, teacher=net, center=torch.zeros(1, 2), optimizer=opt,
-                    epoch=0, global_step=1, iters_per_epoch=1, cfg=cfg, scaler=scaler)
+    save_checkpoint(
+        tmp_path,
+        student=net,
+        teacher=net,
+        center=torch.zeros(1, 2),
+        optimizer=opt,
+        epoch=0,
+        global_step=1,
+        iters_per_epoch=1,
+        cfg=cfg,
+        scaler=scaler,
+    )
     state = load_state(tmp_path)  # weights_only=True
     if not with_scaler:
         assert state["scaler"] is None

@@ -14,12 +14,19 @@ def test_lines_say_where_the_run_is_and_how_long_is_left():
     now = [100.0]
     p = Progress(epochs=3, steps_per_epoch=10, start_step=5, clock=lambda: now[0])
     now[0] += 20.0  # 10 steps (5 -> 15) in 20 s: 2 s a step, 15 steps left
-    line = p.step_line({"epoch": 1, "step": 15, "loss": 4.25, "images_per_s": 1234.4,
-                        "data_wait_fraction": 0.031})
+    line = p.step_line(
+        {"epoch": 1, "step": 15, "loss": 4.25, "images_per_s": 1234.4, "data_wait_fraction": 0.031}
+    )
     assert line == "epoch 2/3  step 15/30  loss 4.250  1,234 img/s  data wait 3%  left 30s"
-    assert p.epoch_line({"epoch": 2, "epoch_loss": 4.0, "epoch_images_per_s": 900.0,
-                         "epoch_data_wait_fraction": 0.0, "knn_top1": 51.234}) == (
-        "epoch 3/3 done  loss 4.000  900 img/s  data wait 0%  k-NN top-1 51.23 (val, k=20)")
+    assert p.epoch_line(
+        {
+            "epoch": 2,
+            "epoch_loss": 4.0,
+            "epoch_images_per_s": 900.0,
+            "epoch_data_wait_fraction": 0.0,
+            "knn_top1": 51.234,
+        }
+    ) == ("epoch 3/3 done  loss 4.000  900 img/s  data wait 0%  k-NN top-1 51.23 (val, k=20)")
     assert math.isnan(Progress(1, 5, clock=lambda: 0.0).left_s(0))  # no step yet: no rate
     assert "left ?" in Progress(1, 5).step_line({"step": 0})
     assert [duration(s) for s in (42, 662, 3720)] == ["42s", "11m02s", "1h02m"]
@@ -43,11 +50,14 @@ def test_mlflow_imported_after_the_console_setup_stays_quiet():
     import subprocess
     import sys
 
-    code = ("import os, logging; from pipeline.console import setup_console; setup_console(); "
-            "import mlflow; from mlflow.environment_variables import "
-            "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR as bar; "
-            "print(logging.getLogger('mlflow').getEffectiveLevel(), bar.get())")
+    code = (
+        "import os, logging; from pipeline.console import setup_console; setup_console(); "
+        "import mlflow; from mlflow.environment_variables import "
+        "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR as bar; "
+        "print(logging.getLogger('mlflow').getEffectiveLevel(), bar.get())"
+    )
     env = {k: v for k, v in __import__("os").environ.items() if not k.startswith("MLFLOW_")}
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
-                         check=True).stdout.split()
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True
+    ).stdout.split()
     assert out == [str(logging.ERROR), "False"]

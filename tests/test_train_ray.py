@@ -17,20 +17,35 @@ from pipeline.train.faults import Faults
 from pipeline.train.presets import tiny_config
 from pipeline.training_run import run_training
 
-pytestmark = [pytest.mark.ray, pytest.mark.slow,  # fault-tolerance runs: `make test-all`, CI
-              pytest.mark.timeout(1800)]  # up to three runs a test: 110 s idle, far more loaded
+pytestmark = [
+    pytest.mark.ray,
+    pytest.mark.slow,  # fault-tolerance runs: `make test-all`, CI
+    pytest.mark.timeout(1800),
+]  # up to three runs a test: 110 s idle, far more loaded
 
 
-def test_two_workers_survive_a_worker_death_and_log_to_mlflow(ray_session, digits_dir, tmp_path,
-                                                             mlflow_sqlite):
+def test_two_workers_survive_a_worker_death_and_log_to_mlflow(
+    ray_session, digits_dir, tmp_path, mlflow_sqlite
+):
     uri = mlflow_sqlite(tmp_path / "mlflow.db")
-    cfg = tiny_config(digits_dir, tmp_path / "runs", "ft", train__num_workers=2,
-                      train__max_failures=1, model__head_use_bn=True,
-                      tracking__enabled=True, tracking__tracking_uri=uri)
+    cfg = tiny_config(
+        digits_dir,
+        tmp_path / "runs",
+        "ft",
+        train__num_workers=2,
+        train__max_failures=1,
+        model__head_use_bn=True,
+        tracking__enabled=True,
+        tracking__tracking_uri=uri,
+    )
     steps: list[dict] = []
     epochs: list[dict] = []
-    result = run_training(cfg, on_step_metrics=steps.append, on_epoch_metrics=epochs.append,
-                          faults=Faults(fail_at_step=4))
+    result = run_training(
+        cfg,
+        on_step_metrics=steps.append,
+        on_epoch_metrics=epochs.append,
+        faults=Faults(fail_at_step=4),
+    )
 
     # rank 1 died once at step 4 (marker), the group restarted from the step-3 checkpoint
     assert (Path(result.storage_path) / ".fault_injected_step_4").is_file()
@@ -39,8 +54,16 @@ def test_two_workers_survive_a_worker_death_and_log_to_mlflow(ray_session, digit
     assert result.metrics["global_batch"] == 32
     assert [e["epoch"] for e in epochs][-2:] == [0, 1]
     assert all(math.isfinite(s["loss"]) for s in steps)
-    for key in ("lr", "weight_decay", "teacher_momentum", "teacher_temp", "teacher_entropy", "kl",
-                "images_per_s", "data_wait_fraction"):
+    for key in (
+        "lr",
+        "weight_decay",
+        "teacher_momentum",
+        "teacher_temp",
+        "teacher_entropy",
+        "kl",
+        "images_per_s",
+        "data_wait_fraction",
+    ):
         assert key in steps[-1], key
     assert "epoch_images_per_s" in epochs[-1]
     ckpt = result.checkpoint_path
@@ -73,22 +96,36 @@ def _final_teacher(result) -> dict[str, torch.Tensor]:
 
 
 def test_nan_stop_keeps_a_finite_checkpoint_and_the_resumed_run_matches_an_uninterrupted_one(
-        ray_session, digits_dir, tmp_path):
-    common = dict(train__epochs=2, train__max_steps_per_epoch=2, train__deterministic_data=True,
-                  model__drop_path_rate=0.1, data__limit=64)
+    ray_session, digits_dir, tmp_path
+):
+    common = dict(
+        train__epochs=2,
+        train__max_steps_per_epoch=2,
+        train__deterministic_data=True,
+        model__drop_path_rate=0.1,
+        data__limit=64,
+    )
     # the uninterrupted run also logs to an MLflow server that is down: a warning, no failure;
     # and it streams one epoch per execution (data.stream_rows below one epoch's rows), so the
     # loop opens a second window at epoch 1 and must match the resumed run's crops
-    full = run_training(tiny_config(
-        digits_dir, tmp_path / "runs", "full", tracking__enabled=True, data__stream_rows=1,
-        tracking__tracking_uri="http://127.0.0.1:9", tracking__http_timeout_s=2, **common))
+    full = run_training(
+        tiny_config(
+            digits_dir,
+            tmp_path / "runs",
+            "full",
+            tracking__enabled=True,
+            data__stream_rows=1,
+            tracking__tracking_uri="http://127.0.0.1:9",
+            tracking__http_timeout_s=2,
+            **common,
+        )
+    )
     assert full.mlflow_run_id is None
     assert full.metrics["step"] == 4 and Path(full.checkpoint_path, "state.pt").is_file()
 
     # interrupted by a NaN loss at step 3: a deterministic error, so not retried whatever
     # max_failures says; the step-2 checkpoint it leaves is finite and the resume point
-    interrupted = tiny_config(digits_dir, tmp_path / "runs", "cut", train__max_failures=2,
-                              **common)
+    interrupted = tiny_config(digits_dir, tmp_path / "runs", "cut", train__max_failures=2, **common)
     with pytest.raises(TrainingError) as info:
         run_training(interrupted, faults=Faults(nan_at_step=3))
     msg = str(info.value)
@@ -116,8 +153,9 @@ def test_nan_stop_keeps_a_finite_checkpoint_and_the_resumed_run_matches_an_unint
     torch.testing.assert_close(sa["center"], sb["center"], rtol=1e-5, atol=1e-6)
 
 
-def test_ctrl_c_stops_with_a_checkpoint_and_a_killed_mlflow_run(ray_session, digits_dir,
-                                                                tmp_path, mlflow_sqlite):
+def test_ctrl_c_stops_with_a_checkpoint_and_a_killed_mlflow_run(
+    ray_session, digits_dir, tmp_path, mlflow_sqlite
+):
     import os
     import signal
     import threading
@@ -128,9 +166,16 @@ def test_ctrl_c_stops_with_a_checkpoint_and_a_killed_mlflow_run(ray_session, dig
     from pipeline.train.control import TrainingInterrupted
 
     uri = mlflow_sqlite(tmp_path / "mlflow.db")
-    cfg = tiny_config(digits_dir, tmp_path / "runs", "sigint", train__epochs=50,
-                      train__max_steps_per_epoch=2, data__limit=64, tracking__enabled=True,
-                      tracking__tracking_uri=uri)
+    cfg = tiny_config(
+        digits_dir,
+        tmp_path / "runs",
+        "sigint",
+        train__epochs=50,
+        train__max_steps_per_epoch=2,
+        data__limit=64,
+        tracking__enabled=True,
+        tracking__tracking_uri=uri,
+    )
     sent: list[int] = []
     errors: list[str] = []
     done = threading.Event()
@@ -165,8 +210,9 @@ def test_ctrl_c_stops_with_a_checkpoint_and_a_killed_mlflow_run(ray_session, dig
     assert run.info.status == "KILLED" and run.data.tags["stopped_by"] == "SIGINT"
 
 
-def test_skipped_images_never_drop_the_last_steps_and_too_many_fail_once(ray_session,
-                                                                          digits_dir, tmp_path):
+def test_skipped_images_never_drop_the_last_steps_and_too_many_fail_once(
+    ray_session, digits_dir, tmp_path
+):
     import shutil
 
     corpus = tmp_path / "mixed"
@@ -177,14 +223,22 @@ def test_skipped_images_never_drop_the_last_steps_and_too_many_fail_once(ray_ses
         for i in range(6):
             (corpus / cls / f"broken{i}.png").write_bytes(b"not a png " * 10)
     # 72 images, 16 per step: 4 steps an epoch are planned from 64 listed rows, ~53 decode
-    cfg = tiny_config(corpus, tmp_path / "runs", "mixed", train__epochs=2, data__limit=None,
-                      train__max_steps_per_epoch=None, data__max_skip_fraction=0.5)
+    cfg = tiny_config(
+        corpus,
+        tmp_path / "runs",
+        "mixed",
+        train__epochs=2,
+        data__limit=None,
+        train__max_steps_per_epoch=None,
+        data__max_skip_fraction=0.5,
+    )
     result = run_training(cfg)
     assert result.metrics["step"] == 2 * 4  # the stream was topped up, no step dropped
     assert sum(v for k, v in result.metrics.items() if k.startswith("skipped_")) > 0
 
-    strict = cfg.with_overrides({"train.name": "strict", "data.max_skip_fraction": 0.05,
-                                 "train.max_failures": 2})
+    strict = cfg.with_overrides(
+        {"train.name": "strict", "data.max_skip_fraction": 0.05, "train.max_failures": 2}
+    )
     with pytest.raises(TrainingError) as info:
         run_training(strict)
     msg = str(info.value)

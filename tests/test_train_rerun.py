@@ -11,8 +11,7 @@ from pipeline.train.rerun import check_rerun
 
 
 def _cfg(**updates) -> DinoConfig:
-    return DinoConfig().with_overrides({"train.name": "a", "data.path": "s3://u:pw@b/c",
-                                        **updates})
+    return DinoConfig().with_overrides({"train.name": "a", "data.path": "s3://u:pw@b/c", **updates})
 
 
 def test_new_run_and_same_config_continue():
@@ -20,8 +19,15 @@ def test_new_run_and_same_config_continue():
     assert check_rerun(cfg, None) == (cfg, False)
     saved = cfg.to_yaml(redact=True)  # what a checkpoint holds
     assert check_rerun(cfg, saved) == (cfg, False)
-    more = _cfg(**{"train.epochs": 300, "train.max_failures": 3, "eval.every_epochs": 5,
-                   "tracking.tracking_uri": "http://h:5000", "data.num_actors": 8})
+    more = _cfg(
+        **{
+            "train.epochs": 300,
+            "train.max_failures": 3,
+            "eval.every_epochs": 5,
+            "tracking.tracking_uri": "http://h:5000",
+            "data.num_actors": 8,
+        }
+    )
     assert check_rerun(more, saved) == (more, False)  # operational changes never block
 
 

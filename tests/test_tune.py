@@ -15,14 +15,21 @@ from pipeline.tune.space import concurrent_trials, param_space, trial_cpus
 
 
 def test_concurrency_from_cluster_resources():
-    cfg = DinoConfig().with_overrides({"train.num_workers": 2, "train.cpus_per_worker": 2,
-                                       "data.num_actors": 2, "data.cpus_per_actor": 1,
-                                       "tune.num_samples": 10})
+    cfg = DinoConfig().with_overrides(
+        {
+            "train.num_workers": 2,
+            "train.cpus_per_worker": 2,
+            "data.num_actors": 2,
+            "data.cpus_per_actor": 1,
+            "tune.num_samples": 10,
+        }
+    )
     assert trial_cpus(cfg) == pytest.approx(4 + 2 + 0.25 + 0.1)
     assert concurrent_trials(cfg, {"CPU": 32}) == 5
     assert concurrent_trials(cfg, {"CPU": 4}) == 1  # never 0: one trial waits for resources
-    assert concurrent_trials(cfg.with_overrides({"tune.max_concurrent_trials": 2}),
-                             {"CPU": 64}) == 2
+    assert (
+        concurrent_trials(cfg.with_overrides({"tune.max_concurrent_trials": 2}), {"CPU": 64}) == 2
+    )
     gpu = cfg.with_overrides({"train.use_gpu": True})
     assert concurrent_trials(gpu, {"CPU": 64, "GPU": 4}) == 2
     with pytest.raises(ValueError, match="nope"):
@@ -37,16 +44,38 @@ def test_two_trial_sweep_registers_best(tmp_path, digits_dir, ray_session, capsy
     from pipeline.cli import main
 
     uri = shared_mlflow_server().uri
-    cfg = tiny_config(digits_dir, tmp_path / "runs", "sw", train__epochs=2,
-                      train__max_steps_per_epoch=1, eval__limit=120, data__limit=200)
+    cfg = tiny_config(
+        digits_dir,
+        tmp_path / "runs",
+        "sw",
+        train__epochs=2,
+        train__max_steps_per_epoch=1,
+        eval__limit=120,
+        data__limit=200,
+    )
     cfg_file = tmp_path / "sweep.yaml"
     cfg_file.write_text(cfg.to_yaml())
-    rc = main(["tune", "--config", str(cfg_file), "--name", "sw-test",
-               "--results-dir", str(tmp_path / "results"), f"eval.test_path={digits_dir}",
-               "tracking.enabled=true", f"tracking.tracking_uri={uri}",
-               "tracking.experiment=sweeps", "tracking.registered_model=sweep-teacher",
-               'tune.search_space={"loss.teacher_temp": [0.04, 0.07]}', "tune.grid=true",
-               "tune.num_samples=1", "tune.grace_period=1", "tune.reduction_factor=2"])
+    rc = main(
+        [
+            "tune",
+            "--config",
+            str(cfg_file),
+            "--name",
+            "sw-test",
+            "--results-dir",
+            str(tmp_path / "results"),
+            f"eval.test_path={digits_dir}",
+            "tracking.enabled=true",
+            f"tracking.tracking_uri={uri}",
+            "tracking.experiment=sweeps",
+            "tracking.registered_model=sweep-teacher",
+            'tune.search_space={"loss.teacher_temp": [0.04, 0.07]}',
+            "tune.grid=true",
+            "tune.num_samples=1",
+            "tune.grace_period=1",
+            "tune.reduction_factor=2",
+        ]
+    )
     out = capsys.readouterr().out
     assert rc == 0, out[-3000:]
     assert "loss.teacher_temp" in out and "knn_top1" in out  # the printed table
@@ -54,8 +83,9 @@ def test_two_trial_sweep_registers_best(tmp_path, digits_dir, ray_session, capsy
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     exp = client.get_experiment_by_name("sweeps")
     parent = client.search_runs([exp.experiment_id], "attributes.run_name = 'sw-test'")[0]
-    children = client.search_runs([exp.experiment_id],
-                                  f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    children = client.search_runs(
+        [exp.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'"
+    )
     assert len(children) == 2
     assert {c.data.tags["trial.loss.teacher_temp"] for c in children} == {"0.04", "0.07"}
     arts = {a.path for a in client.list_artifacts(parent.info.run_id)}
@@ -77,7 +107,8 @@ def test_two_trial_sweep_registers_best(tmp_path, digits_dir, ray_session, capsy
     assert "test_knn_top1" in parent.data.metrics
     assert not any("test_knn_top1" in c.data.metrics for c in children)
     assert float(champion.tags["test_knn_top1"]) == pytest.approx(
-        parent.data.metrics["test_knn_top1"], abs=1e-4)  # for people to read, not to choose
+        parent.data.metrics["test_knn_top1"], abs=1e-4
+    )  # for people to read, not to choose
     report = (tmp_path / "results" / "sw-test.md").read_text()
     assert best["trial_id"] in report and "test split" in report
     assert (tmp_path / "results" / "sw-test.csv").exists()

@@ -14,11 +14,25 @@ them; this package imports neither training nor evaluation, so both can depend o
 """
 
 from pipeline.checkpoints._models import build_models, load_teacher_backbone, random_init_backbone
-from pipeline.checkpoints._state import (CONFIG_FILE, META_FILE, STATE_FILE, load_config,
-                                         load_state, read_meta, save_checkpoint)
-from pipeline.checkpoints._storage import (as_local_dir, checkpoint_uri, latest_checkpoint,
-                                           newest_checkpoint, read_run_file, resolve_storage_path,
-                                           run_dir, write_run_file)
+from pipeline.checkpoints._state import (
+    CONFIG_FILE,
+    META_FILE,
+    STATE_FILE,
+    load_config,
+    load_state,
+    read_meta,
+    save_checkpoint,
+)
+from pipeline.checkpoints._storage import (
+    as_local_dir,
+    checkpoint_uri,
+    latest_checkpoint,
+    newest_checkpoint,
+    read_run_file,
+    resolve_storage_path,
+    run_dir,
+    write_run_file,
+)
 
 __all__ = [
     "CONFIG_FILE",

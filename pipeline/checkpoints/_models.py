@@ -19,10 +19,18 @@ def build_models(cfg: DinoConfig, *, seed: int):
     torch.manual_seed(seed)
     m = cfg.model
     return build_student_teacher(
-        m.arch, img_size=cfg.augment.global_size, patch_size=m.patch_size, out_dim=m.out_dim,
-        drop_path_rate=m.drop_path_rate, hidden_dim=m.head_hidden_dim,
-        bottleneck_dim=m.head_bottleneck_dim, nlayers=m.head_layers, use_bn=m.head_use_bn,
-        norm_last_layer=m.norm_last_layer, cifar_stem=m.cifar_stem)
+        m.arch,
+        img_size=cfg.augment.global_size,
+        patch_size=m.patch_size,
+        out_dim=m.out_dim,
+        drop_path_rate=m.drop_path_rate,
+        hidden_dim=m.head_hidden_dim,
+        bottleneck_dim=m.head_bottleneck_dim,
+        nlayers=m.head_layers,
+        use_bn=m.head_use_bn,
+        norm_last_layer=m.norm_last_layer,
+        cifar_stem=m.cifar_stem,
+    )
 
 
 def random_init_backbone(cfg: DinoConfig) -> torch.nn.Module:

@@ -34,11 +34,20 @@ META_FILE = "meta.json"
 RETIRED_FIELDS = {"train": ("fail_at_step", "nan_at_step")}
 
 
-def save_checkpoint(directory: str | Path, *, student: nn.Module, teacher: nn.Module,
-                    center: torch.Tensor, optimizer: torch.optim.Optimizer, epoch: int,
-                    global_step: int, iters_per_epoch: int, cfg: DinoConfig,
-                    metrics: dict[str, Any] | None = None,
-                    scaler: torch.amp.GradScaler | None = None) -> Path:
+def save_checkpoint(
+    directory: str | Path,
+    *,
+    student: nn.Module,
+    teacher: nn.Module,
+    center: torch.Tensor,
+    optimizer: torch.optim.Optimizer,
+    epoch: int,
+    global_step: int,
+    iters_per_epoch: int,
+    cfg: DinoConfig,
+    metrics: dict[str, Any] | None = None,
+    scaler: torch.amp.GradScaler | None = None,
+) -> Path:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     state = {
@@ -53,17 +62,22 @@ def save_checkpoint(directory: str | Path, *, student: nn.Module, teacher: nn.Mo
     }
     torch.save(state, directory / STATE_FILE)
     (directory / CONFIG_FILE).write_text(cfg.to_yaml(redact=True))  # no secrets at rest
-    meta = {"epoch": int(epoch), "global_step": int(global_step),
-            "iters_per_epoch": int(iters_per_epoch),
-            "metrics": {k: v for k, v in (metrics or {}).items() if _jsonable(v)},
-            # Ray Train persists the directory file by file (pyarrow copy_files): a reader tells
-            # a finished copy from one in flight by these sizes (``newest_checkpoint``)
-            "file_sizes": {f: (directory / f).stat().st_size for f in (STATE_FILE, CONFIG_FILE)}}
+    meta = {
+        "epoch": int(epoch),
+        "global_step": int(global_step),
+        "iters_per_epoch": int(iters_per_epoch),
+        "metrics": {k: v for k, v in (metrics or {}).items() if _jsonable(v)},
+        # Ray Train persists the directory file by file (pyarrow copy_files): a reader tells
+        # a finished copy from one in flight by these sizes (``newest_checkpoint``)
+        "file_sizes": {f: (directory / f).stat().st_size for f in (STATE_FILE, CONFIG_FILE)},
+    }
     (directory / META_FILE).write_text(json.dumps(meta, indent=1))
     return directory
 
+
 def load_state(directory: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     return torch.load(Path(directory) / STATE_FILE, map_location=map_location, weights_only=True)
+
 
 def load_config(directory: str | Path) -> DinoConfig:
     import yaml
@@ -75,12 +89,15 @@ def load_config(directory: str | Path) -> DinoConfig:
             values.pop(name, None)
     return DinoConfig.from_dict(raw)
 
+
 def read_meta(directory: str | Path) -> dict[str, Any]:
     path = Path(directory) / META_FILE
     return json.loads(path.read_text()) if path.is_file() else {}
 
+
 def _cpu(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu() for k, v in sd.items()}
+
 
 def _jsonable(v: Any) -> bool:
     return isinstance(v, (int, float, str, bool)) or v is None

@@ -16,16 +16,19 @@ from pipeline.data.sources import resolve_filesystem
 def run_dir(storage_path: str, name: str) -> str:
     return storage_path.rstrip("/") + "/" + name
 
+
 def resolve_storage_path(path: str) -> str:
     """Local paths become absolute (Ray workers run in other directories); URIs are kept."""
     if "://" in path:
         return path
     return os.path.abspath(os.path.expanduser(path))
 
+
 def latest_checkpoint(storage_path: str, name: str) -> str | None:
     """Path (or URI) of the checkpoint with the highest global step under storage_path/name."""
     found = newest_checkpoint(storage_path, name)
     return found[1] if found else None
+
 
 def newest_checkpoint(storage_path: str, name: str) -> tuple[int, str] | None:
     """``(global_step, path or URI)`` of the newest complete checkpoint under storage_path/name."""
@@ -39,7 +42,9 @@ def newest_checkpoint(storage_path: str, name: str) -> tuple[int, str] | None:
         return None
     best: tuple[int, str] | None = None
     for info in infos:
-        if info.type != pafs.FileType.Directory or not Path(info.path).name.startswith("checkpoint"):
+        if info.type != pafs.FileType.Directory or not Path(info.path).name.startswith(
+            "checkpoint"
+        ):
             continue
         step = _complete_step(fs, info.path)
         if step is not None and (best is None or (step, info.path) > best):
@@ -79,6 +84,7 @@ def checkpoint_uri(checkpoint) -> str:
         return f"{fs.type_name}://{path}"
     return path
 
+
 def read_run_file(run_directory: str, name: str) -> str | None:
     """A small text file of the run directory (local or s3://, gs://...), None when absent."""
     try:
@@ -88,12 +94,14 @@ def read_run_file(run_directory: str, name: str) -> str | None:
     except (FileNotFoundError, OSError):
         return None
 
+
 def write_run_file(run_directory: str, name: str, text: str) -> None:
     """Write a small text file into the run directory (created if needed)."""
     fs, base = resolve_filesystem(run_directory)
     fs.create_dir(base, recursive=True)
     with fs.open_output_stream(base.rstrip("/") + "/" + name) as f:
         f.write(text.encode())
+
 
 class as_local_dir:
     """Context manager: a local directory with the checkpoint's files (downloads URIs)."""

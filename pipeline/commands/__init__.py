@@ -18,5 +18,9 @@ def not_yet(verb: str, issue: str) -> int:
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", "-c", help="YAML config file (see configs/)")
-    parser.add_argument("overrides", nargs="*", metavar="section.field=value",
-                        help="override config fields, e.g. train.epochs=3")
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="section.field=value",
+        help="override config fields, e.g. train.epochs=3",
+    )

@@ -10,26 +10,38 @@ import sys
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("checkpoint", help="checkpoint directory or URI (or a run dir: its latest)")
-    parser.add_argument("--config", "-c", default=None,
-                        help="YAML config (default: the checkpoint's config.yaml)")
+    parser.add_argument(
+        "--config", "-c", default=None, help="YAML config (default: the checkpoint's config.yaml)"
+    )
     parser.add_argument("overrides", nargs="*", metavar="section.field=value")
     parser.add_argument("--address", default=None)
-    parser.add_argument("--no-random-init", action="store_true",
-                        help="skip the random-init baseline")
+    parser.add_argument(
+        "--no-random-init", action="store_true", help="skip the random-init baseline"
+    )
     parser.add_argument("--no-pixels", action="store_true", help="skip the raw-pixel baseline")
-    parser.add_argument("--linear", action="store_true",
-                        help="also a linear probe (logistic regression; C picked on the bank)")
-    parser.add_argument("--n-last-blocks", type=int, default=1,
-                        help="probe on the CLS tokens of the last N blocks (DINO: 4 for ViT-S)")
-    parser.add_argument("--avgpool", action="store_true",
-                        help="probe also on the mean patch token of the last block (DINO: ViT-B)")
+    parser.add_argument(
+        "--linear",
+        action="store_true",
+        help="also a linear probe (logistic regression; C picked on the bank)",
+    )
+    parser.add_argument(
+        "--n-last-blocks",
+        type=int,
+        default=1,
+        help="probe on the CLS tokens of the last N blocks (DINO: 4 for ViT-S)",
+    )
+    parser.add_argument(
+        "--avgpool",
+        action="store_true",
+        help="probe also on the mean patch token of the last block (DINO: ViT-B)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from pipeline.config import ConfigError, DinoConfig, apply_override
     from pipeline.checkpoints import CONFIG_FILE, STATE_FILE, latest_checkpoint, load_config
+    from pipeline.config import ConfigError, DinoConfig, apply_override
 
     ckpt = args.checkpoint
     if "://" not in ckpt and not (Path(ckpt) / STATE_FILE).is_file():
@@ -65,15 +77,23 @@ def run(args: argparse.Namespace) -> int:
 
     ensure_ray(args.address)
     try:
-        metrics = evaluate_knn(cfg, ckpt, include_random_init=not args.no_random_init,
-                               include_pixels=not args.no_pixels, linear=args.linear,
-                               n_last_blocks=args.n_last_blocks, avgpool=args.avgpool)
+        metrics = evaluate_knn(
+            cfg,
+            ckpt,
+            include_random_init=not args.no_random_init,
+            include_pixels=not args.no_pixels,
+            linear=args.linear,
+            n_last_blocks=args.n_last_blocks,
+            avgpool=args.avgpool,
+        )
     except LinearProbeError as exc:
         print(f"dino-ray evaluate: {exc}", file=sys.stderr)
         return 2
     if not metrics:
-        print("dino-ray evaluate: no labelled evaluation data (set eval.train_path/val_path)",
-              file=sys.stderr)
+        print(
+            "dino-ray evaluate: no labelled evaluation data (set eval.train_path/val_path)",
+            file=sys.stderr,
+        )
         return 2
     print(summary_table(metrics, cfg.eval.headline_k), file=sys.stderr)
     print(json.dumps({"checkpoint": ckpt, **metrics}, indent=1))
@@ -90,8 +110,10 @@ def _probe_problem(args: argparse.Namespace, cfg) -> str | None:
     if official and not args.linear:
         return "--n-last-blocks/--avgpool set the linear probe's features: add --linear"
     if official and not is_vit(cfg.model.arch):
-        return (f"--n-last-blocks/--avgpool need a ViT backbone (model.arch={cfg.model.arch!r}): "
-                "drop them to probe the pooled feature")
+        return (
+            f"--n-last-blocks/--avgpool need a ViT backbone (model.arch={cfg.model.arch!r}): "
+            "drop them to probe the pooled feature"
+        )
     return None
 
 
@@ -99,8 +121,10 @@ def summary_table(metrics: dict, headline_k: int) -> str:
     """Rows trained / random init / raw pixels; columns k-NN top-1 at headline_k and, when
     present, linear-probe top-1 (percent)."""
     linear = any(k.startswith("linear_") and k.endswith("_top1") for k in metrics)
-    lines = [f"{'features':<12} {f'k-NN@{headline_k} top-1':>16}" + (f" {'linear top-1':>13}"
-                                                                      if linear else "")]
+    lines = [
+        f"{'features':<12} {f'k-NN@{headline_k} top-1':>16}"
+        + (f" {'linear top-1':>13}" if linear else "")
+    ]
     for name, suffix in (("trained", ""), ("random init", "_init"), ("raw pixels", "_pixels")):
         knn = metrics.get(f"knn{suffix}_top1")
         if knn is None:

@@ -1,8 +1,8 @@
 """`dino-ray models list|pull|embed`: registered teacher backbones.
 
-    dino-ray models list [--name dino-teacher]
-    dino-ray models pull models:/dino-teacher@champion ./teacher
-    dino-ray models embed models:/dino-teacher@champion ./images ./embeddings.parquet
+dino-ray models list [--name dino-teacher]
+dino-ray models pull models:/dino-teacher@champion ./teacher
+dino-ray models embed models:/dino-teacher@champion ./images ./embeddings.parquet
 """
 
 from __future__ import annotations
@@ -14,8 +14,11 @@ DEFAULT_URI = "sqlite:///mlflow.db"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--tracking-uri", default=None,
-                        help=f"MLflow URI (default $MLFLOW_TRACKING_URI or {DEFAULT_URI})")
+    parser.add_argument(
+        "--tracking-uri",
+        default=None,
+        help=f"MLflow URI (default $MLFLOW_TRACKING_URI or {DEFAULT_URI})",
+    )
     sub = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
     p = sub.add_parser("list", help="registered versions with aliases and k-NN top-1")
     p.add_argument("--name", help="only this registered model")
@@ -48,8 +51,17 @@ def run(args: argparse.Namespace) -> int:
         if not rows:
             print("no registered models")
             return 0
-        cols = ["name", "version", "aliases", "knn_top1", "eval_key", "epochs", "arch",
-                "code_version", "run_id"]
+        cols = [
+            "name",
+            "version",
+            "aliases",
+            "knn_top1",
+            "eval_key",
+            "epochs",
+            "arch",
+            "code_version",
+            "run_id",
+        ]
         widths = {c: max(len(c), *(len(str(r[c])) for r in rows)) for c in cols}
         print("  ".join(c.ljust(widths[c]) for c in cols))
         for r in rows:
@@ -68,9 +80,18 @@ def run(args: argparse.Namespace) -> int:
     # the registry fetches and validates the package; evaluation only runs it
     package = load_package_bytes(args.model_uri, _uri(args))
     result = embed_corpus(
-        package, args.src, args.dst, build_module=module_from_bytes, num_actors=args.num_actors,
-        cpus_per_actor=args.cpus_per_actor, batch_size=args.batch_size,
-        image_size=args.image_size, image_column=args.image_column,
-        label_column=args.label_column or None, limit=args.limit, address=args.address)
+        package,
+        args.src,
+        args.dst,
+        build_module=module_from_bytes,
+        num_actors=args.num_actors,
+        cpus_per_actor=args.cpus_per_actor,
+        batch_size=args.batch_size,
+        image_size=args.image_size,
+        image_column=args.image_column,
+        label_column=args.label_column or None,
+        limit=args.limit,
+        address=args.address,
+    )
     print(f"wrote {result.num_rows} embeddings (dim {result.embed_dim}) to {result.output}")
     return 0

@@ -26,8 +26,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--name", help="registered model name (default tracking.registered_model)")
     parser.add_argument("--tracking-uri", help="MLflow URI (default tracking.tracking_uri)")
     parser.add_argument("--alias", action="append", default=[], help="extra alias(es) to set")
-    parser.add_argument("--no-champion", action="store_true",
-                        help="do not move the 'champion' / 'champion-<eval_key>' aliases")
+    parser.add_argument(
+        "--no-champion",
+        action="store_true",
+        help="do not move the 'champion' / 'champion-<eval_key>' aliases",
+    )
     add_config_arguments(parser)
 
 
@@ -38,9 +41,12 @@ def find_run(tracking_uri: str, experiment: str, run_name: str):
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         return None
-    runs = client.search_runs([exp.experiment_id],
-                              filter_string=f"attributes.run_name = '{run_name}'",
-                              order_by=["attributes.start_time DESC"], max_results=1)
+    runs = client.search_runs(
+        [exp.experiment_id],
+        filter_string=f"attributes.run_name = '{run_name}'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
     return runs[0] if runs else None
 
 
@@ -58,20 +64,27 @@ def run(args: argparse.Namespace) -> int:
         tracking_uri = tracking_uri or base.tracking.tracking_uri
         found = find_run(tracking_uri, base.tracking.experiment, args.run_name)
         if found is None:
-            print(f"register: no MLflow run named {args.run_name!r} in experiment "
-                  f"{base.tracking.experiment!r} at {tracking_uri}", file=sys.stderr)
+            print(
+                f"register: no MLflow run named {args.run_name!r} in experiment "
+                f"{base.tracking.experiment!r} at {tracking_uri}",
+                file=sys.stderr,
+            )
             return 1
         run_id = found.info.run_id
         metrics = dict(found.data.metrics)
         checkpoint = found.data.tags.get("checkpoint_path") or found.data.params.get(
-            "checkpoint_path")
+            "checkpoint_path"
+        )
         if not checkpoint:
             from pipeline.checkpoints import latest_checkpoint
 
             checkpoint = latest_checkpoint(base.train.storage_path, args.run_name)
         if not checkpoint:
-            print(f"register: run {args.run_name!r} has no checkpoint under "
-                  f"{base.train.storage_path}", file=sys.stderr)
+            print(
+                f"register: run {args.run_name!r} has no checkpoint under "
+                f"{base.train.storage_path}",
+                file=sys.stderr,
+            )
             return 1
     from pipeline.checkpoints import load_teacher_backbone, read_meta, read_run_file
 
@@ -87,14 +100,20 @@ def run(args: argparse.Namespace) -> int:
             metrics = {}
     use_cfg = ckpt_cfg
     if cfg is not None:  # tracking/registry settings from the command line win
-        use_cfg = ckpt_cfg.with_overrides({"tracking." + k: v for k, v in
-                                           cfg.tracking.model_dump().items()})
+        use_cfg = ckpt_cfg.with_overrides(
+            {"tracking." + k: v for k, v in cfg.tracking.model_dump().items()}
+        )
     try:
         version = register_teacher(
-            backbone, use_cfg, metrics=metrics, run_id=run_id,
+            backbone,
+            use_cfg,
+            metrics=metrics,
+            run_id=run_id,
             tracking_uri=tracking_uri or use_cfg.tracking.tracking_uri,
             name=args.name or use_cfg.tracking.registered_model,
-            set_champion=not args.no_champion, aliases=args.alias)
+            set_champion=not args.no_champion,
+            aliases=args.alias,
+        )
     except EvalKeyConflictError as exc:
         print(f"register: {exc}", file=sys.stderr)
         return 1

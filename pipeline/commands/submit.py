@@ -24,8 +24,22 @@ from typing import Any
 
 import yaml
 
-EXCLUDES = [".venv", ".git", ".tools", ".whl", ".gl", "runs", "mlruns", "*.db", ".dino-ray",
-            "demo_data", ".pytest_cache", "__pycache__", "*.pyc", "*.egg-info"]
+EXCLUDES = [
+    ".venv",
+    ".git",
+    ".tools",
+    ".whl",
+    ".gl",
+    "runs",
+    "mlruns",
+    "*.db",
+    ".dino-ray",
+    "demo_data",
+    ".pytest_cache",
+    "__pycache__",
+    "*.pyc",
+    "*.egg-info",
+]
 TERMINAL = {"SUCCEEDED": 0, "FAILED": 1, "STOPPED": 2}
 CONFIG_VERBS = {"train", "evaluate", "tune"}
 SECRET_NAMES = ("SECRET", "PASSWORD", "TOKEN", "ACCESS_KEY", "CREDENTIAL", "PRIVATE_KEY")
@@ -47,32 +61,57 @@ def job_verbs(root: Path | None = None) -> list[str]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("verb", help="job to run: jobs/VERB.py (train, evaluate, tune, register)")
-    parser.add_argument("rest", nargs=argparse.REMAINDER, metavar="...",
-                        help="--address URL [--config FILE] [section.field=value ...] "
-                             "[submit options] [job options]")
+    parser.add_argument(
+        "rest",
+        nargs=argparse.REMAINDER,
+        metavar="...",
+        help="--address URL [--config FILE] [section.field=value ...] "
+        "[submit options] [job options]",
+    )
 
 
 def submit_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dino-ray submit VERB", add_help=False, allow_abbrev=False)
-    p.add_argument("--address", default=os.environ.get("RAY_API_SERVER_ADDRESS")
-                   or os.environ.get("RAY_ADDRESS"),
-                   help="Ray dashboard address, e.g. http://HEAD:8265 (or $RAY_ADDRESS)")
+    p.add_argument(
+        "--address",
+        default=os.environ.get("RAY_API_SERVER_ADDRESS") or os.environ.get("RAY_ADDRESS"),
+        help="Ray dashboard address, e.g. http://HEAD:8265 (or $RAY_ADDRESS)",
+    )
     p.add_argument("--config", "-c", help="YAML config file")
-    p.add_argument("--working-dir", help="directory shipped as the job's working dir "
-                                         "(default: this repository)")
-    p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
-                   help="environment variable for the job (repeatable)")
+    p.add_argument(
+        "--working-dir",
+        help="directory shipped as the job's working dir (default: this repository)",
+    )
+    p.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="environment variable for the job (repeatable)",
+    )
     p.add_argument("--submission-id", help="job id (default: generated)")
     p.add_argument("--no-wait", action="store_true", help="submit, print the id and return")
-    p.add_argument("--stop-grace-s", type=int, default=STOP_GRACE_S,
-                   help="seconds a stopped job's driver gets to checkpoint and close its MLflow "
-                        "run before Ray kills it (Ctrl-C here or `ray job stop`; default "
-                        f"{STOP_GRACE_S}, Ray's own 3)")
-    p.add_argument("--entrypoint-num-cpus", type=float, default=None,
-                   help="CPUs reserved for the driver process")
+    p.add_argument(
+        "--stop-grace-s",
+        type=int,
+        default=STOP_GRACE_S,
+        help="seconds a stopped job's driver gets to checkpoint and close its MLflow "
+        "run before Ray kills it (Ctrl-C here or `ray job stop`; default "
+        f"{STOP_GRACE_S}, Ray's own 3)",
+    )
+    p.add_argument(
+        "--entrypoint-num-cpus",
+        type=float,
+        default=None,
+        help="CPUs reserved for the driver process",
+    )
     p.add_argument("--entrypoint-num-gpus", type=float, default=None)
-    p.add_argument("--entrypoint-resources", type=json.loads, default=None,
-                   help='custom resources for the driver, JSON, e.g. {"head": 1}')
+    p.add_argument(
+        "--entrypoint-resources",
+        type=json.loads,
+        default=None,
+        help='custom resources for the driver, JSON, e.g. {"head": 1}',
+    )
     p.add_argument("--help-submit", action="help", help="show the submit options")
     return p
 
@@ -88,8 +127,11 @@ def config_arguments(config: str | None, root: Path) -> list[str]:
         return ["--config", path.relative_to(root.resolve()).as_posix()]
     except ValueError:
         raw = yaml.safe_load(path.read_text()) or {}
-        return [f"{section}.{key}={json.dumps(value)}"
-                for section, values in raw.items() for key, value in (values or {}).items()]
+        return [
+            f"{section}.{key}={json.dumps(value)}"
+            for section, values in raw.items()
+            for key, value in (values or {}).items()
+        ]
 
 
 def build_submission(verb: str, rest: list[str]) -> dict[str, Any]:
@@ -110,15 +152,20 @@ def build_submission(verb: str, rest: list[str]) -> dict[str, Any]:
         cfg = DinoConfig.load(opts.config, overrides)
         uri = cfg.tracking.tracking_uri
         if cfg.tracking.enabled and not uri.startswith(("http://", "https://", "databricks")):
-            print(f"submit: note: tracking.tracking_uri={uri} is local to the cluster node that "
-                  "runs the job; use an MLflow server (http://...) to see the run from here",
-                  file=sys.stderr)
+            print(
+                f"submit: note: tracking.tracking_uri={uri} is local to the cluster node that "
+                "runs the job; use an MLflow server (http://...) to see the run from here",
+                file=sys.stderr,
+            )
     entry_args = config_arguments(opts.config, root) + job_args
     _refuse_secrets(entry_args, opts.env)
     # the job's runtime_env reaches its driver and every worker (ensure_ray() joins the cluster
     # without adding one): expected deprecation warnings stay out of the job's log
-    env_vars = {"PYTHONUNBUFFERED": "1", "RAY_TRAIN_V2_ENABLED": "1",
-                "PYTHONWARNINGS": "ignore::DeprecationWarning"}
+    env_vars = {
+        "PYTHONUNBUFFERED": "1",
+        "RAY_TRAIN_V2_ENABLED": "1",
+        "PYTHONWARNINGS": "ignore::DeprecationWarning",
+    }
     sha = os.environ.get("DINO_RAY_GIT_SHA") or git_sha(root)
     if sha:
         env_vars["DINO_RAY_GIT_SHA"] = sha
@@ -139,8 +186,12 @@ def build_submission(verb: str, rest: list[str]) -> dict[str, Any]:
     for key in ("entrypoint_num_cpus", "entrypoint_num_gpus", "entrypoint_resources"):
         if getattr(opts, key) is not None:
             kwargs[key] = getattr(opts, key)
-    return {"address": opts.address, "wait": not opts.no_wait, "submit": kwargs,
-            "stop_grace_s": int(env_vars["RAY_JOB_STOP_WAIT_TIME_S"])}
+    return {
+        "address": opts.address,
+        "wait": not opts.no_wait,
+        "submit": kwargs,
+        "stop_grace_s": int(env_vars["RAY_JOB_STOP_WAIT_TIME_S"]),
+    }
 
 
 def _refuse_secrets(entry_args: list[str], env: list[str]) -> None:
@@ -155,7 +206,8 @@ def _refuse_secrets(entry_args: list[str], env: list[str]) -> None:
                 raise ValueError(
                     f"{where} {redact(item) if not key else key!r} carries a credential, which the job's metadata "
                     "would keep; give credentials to the cluster's nodes (instance profile, "
-                    "service account or their environment), not to the job")
+                    "service account or their environment), not to the job"
+                )
 
 
 def follow_job(client, job_id: str, poll_s: float = 2.0) -> str:
@@ -175,7 +227,7 @@ def follow_job(client, job_id: str, poll_s: float = 2.0) -> str:
     async def stream() -> None:
         seen = 0
         async for chunk in client.tail_job_logs(job_id):
-            new = chunk[max(0, printed - seen):]
+            new = chunk[max(0, printed - seen) :]
             seen += len(chunk)
             show(new)
 
@@ -185,8 +237,9 @@ def follow_job(client, job_id: str, poll_s: float = 2.0) -> str:
         try:
             asyncio.run(stream())
         except (RuntimeError, OSError, aiohttp.ClientError) as exc:  # an abnormal close
-            print(f"submit: the log stream closed ({exc}); following the job again",
-                  file=sys.stderr)
+            print(
+                f"submit: the log stream closed ({exc}); following the job again", file=sys.stderr
+            )
         status = str(client.get_job_status(job_id).value)
         if status in TERMINAL:
             show(client.get_job_logs(job_id)[printed:])
@@ -222,8 +275,9 @@ def client_for(address: str):
     return JobSubmissionClient(address, headers=auth_headers())
 
 
-def submit_and_follow(address: str, submit: dict[str, Any], wait: bool = True,
-                      stop_grace_s: int = STOP_GRACE_S) -> int:
+def submit_and_follow(
+    address: str, submit: dict[str, Any], wait: bool = True, stop_grace_s: int = STOP_GRACE_S
+) -> int:
     client = client_for(address)
     job_id = client.submit_job(**submit)
     print(f"submitted job {job_id} to {address}: {submit['entrypoint']}", file=sys.stderr)
@@ -233,8 +287,11 @@ def submit_and_follow(address: str, submit: dict[str, Any], wait: bool = True,
     try:
         status = follow_job(client, job_id)
     except KeyboardInterrupt:
-        print(f"\ninterrupted: stopping job {job_id} (its driver has up to {stop_grace_s} s to "
-              "checkpoint; Ctrl-C again to stop waiting)", file=sys.stderr)
+        print(
+            f"\ninterrupted: stopping job {job_id} (its driver has up to {stop_grace_s} s to "
+            "checkpoint; Ctrl-C again to stop waiting)",
+            file=sys.stderr,
+        )
         client.stop_job(job_id)
         try:
             status = wait_for_terminal(client, job_id, timeout=stop_grace_s + 30.0)
@@ -243,8 +300,9 @@ def submit_and_follow(address: str, submit: dict[str, Any], wait: bool = True,
         print(f"job {job_id}: {status}", file=sys.stderr)
         return 130
     info = client.get_job_info(job_id)
-    print(f"job {job_id}: {status}" + (f" ({info.message})" if info.message else ""),
-          file=sys.stderr)
+    print(
+        f"job {job_id}: {status}" + (f" ({info.message})" if info.message else ""), file=sys.stderr
+    )
     return TERMINAL.get(status, 1)
 
 
@@ -255,9 +313,13 @@ def run(args: argparse.Namespace) -> int:
         print(f"submit: {exc}", file=sys.stderr)
         return 2
     try:
-        return submit_and_follow(plan["address"], plan["submit"], plan["wait"],
-                                 plan["stop_grace_s"])
+        return submit_and_follow(
+            plan["address"], plan["submit"], plan["wait"], plan["stop_grace_s"]
+        )
     except ConnectionError as exc:  # the dashboard is down or the address is wrong
-        print(f"submit: cannot reach the Ray dashboard at {plan['address']}: "
-              f"{str(exc).strip().splitlines()[0]}", file=sys.stderr)
+        print(
+            f"submit: cannot reach the Ray dashboard at {plan['address']}: "
+            f"{str(exc).strip().splitlines()[0]}",
+            file=sys.stderr,
+        )
         return 2

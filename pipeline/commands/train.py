@@ -9,8 +9,11 @@ from pipeline.commands import add_config_arguments
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(parser)
-    parser.add_argument("--address", default=None,
-                        help="Ray cluster to join (default: $RAY_ADDRESS, else an embedded Ray)")
+    parser.add_argument(
+        "--address",
+        default=None,
+        help="Ray cluster to join (default: $RAY_ADDRESS, else an embedded Ray)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -37,8 +40,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"dino-ray train: {exc}", file=sys.stderr)
         return 130
     except KeyboardInterrupt:
-        print("dino-ray train: abandoned (second Ctrl-C); the MLflow run is marked KILLED",
-              file=sys.stderr)
+        print(
+            "dino-ray train: abandoned (second Ctrl-C); the MLflow run is marked KILLED",
+            file=sys.stderr,
+        )
         return 130
     except TrainingError as exc:
         print(f"dino-ray train: {exc}", file=sys.stderr)
@@ -49,10 +54,14 @@ def run(args: argparse.Namespace) -> int:
         "mlflow_run_id": result.mlflow_run_id,
         "tracking_uri": cfg.tracking.tracking_uri if cfg.tracking.enabled else None,
         "wall_s": round(result.wall_s, 1),
-        "metrics": {k: v for k, v in result.metrics.items()
-                    if k.startswith(("knn_top1", "knn_init_top1", "knn_pixels_top1", "knn_gain",
-                                  "epoch_loss"))
-                    or k in ("epoch", "step")},
+        "metrics": {
+            k: v
+            for k, v in result.metrics.items()
+            if k.startswith(
+                ("knn_top1", "knn_init_top1", "knn_pixels_top1", "knn_gain", "epoch_loss")
+            )
+            or k in ("epoch", "step")
+        },
     }
     print(json.dumps(summary, indent=1, default=str))
     return 0

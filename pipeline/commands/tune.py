@@ -16,13 +16,18 @@ from pipeline.commands import add_config_arguments
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(parser)
-    parser.add_argument("--address", default=None,
-                        help="Ray cluster to join (default: $RAY_ADDRESS, else an embedded Ray)")
+    parser.add_argument(
+        "--address",
+        default=None,
+        help="Ray cluster to join (default: $RAY_ADDRESS, else an embedded Ray)",
+    )
     parser.add_argument("--name", help="sweep name (default <train.name>-sweep-<time>)")
-    parser.add_argument("--results-dir", help="also write <sweep>.csv/.png/.md here "
-                        "(e.g. bench/results)")
-    parser.add_argument("--no-register", action="store_true",
-                        help="do not register the best trial's teacher")
+    parser.add_argument(
+        "--results-dir", help="also write <sweep>.csv/.png/.md here (e.g. bench/results)"
+    )
+    parser.add_argument(
+        "--no-register", action="store_true", help="do not register the best trial's teacher"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -46,11 +51,18 @@ def run(args: argparse.Namespace) -> int:
     setup_console()
     from pipeline.tune.sweep import run_sweep
 
-    result = run_sweep(cfg, address=args.address, register=not args.no_register, name=args.name,
-                       results_dir=args.results_dir)
+    result = run_sweep(
+        cfg,
+        address=args.address,
+        register=not args.no_register,
+        name=args.name,
+        results_dir=args.results_dir,
+    )
     if result.best is None:
         print("dino-ray tune: no trial finished", file=sys.stderr)
         return 1
-    print(f"best trial {result.best['trial_id']}: {cfg.tune.metric}="
-          f"{result.best[cfg.tune.metric]:.4f}; results: {result.csv_path}")
+    print(
+        f"best trial {result.best['trial_id']}: {cfg.tune.metric}="
+        f"{result.best[cfg.tune.metric]:.4f}; results: {result.csv_path}"
+    )
     return 0

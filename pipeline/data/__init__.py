@@ -7,9 +7,15 @@ Imports only ``dino_model`` and the shared base modules (config, ray_runtime, cl
 from pipeline.data.dataset import TrainDataset, build_train_dataset, list_data
 from pipeline.data.decode import BadImage, decode_bytes, read_bytes
 from pipeline.data.eval_crop import center_crops, resize_center_crop
-from pipeline.data.eval_sets import (EvalSets, build_eval_dataset, build_eval_datasets,
-                                     build_eval_sets, materialize, materialize_for_training,
-                                     materialize_task)
+from pipeline.data.eval_sets import (
+    EvalSets,
+    build_eval_dataset,
+    build_eval_datasets,
+    build_eval_sets,
+    materialize,
+    materialize_for_training,
+    materialize_task,
+)
 from pipeline.data.quality import DataQualityError, check_skip_share
 from pipeline.data.resources import ResourceError, ResourcePlan, plan_from_config
 from pipeline.data.sources import Corpus, CorpusError, list_corpus, resolve_filesystem

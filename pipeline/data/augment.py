@@ -59,18 +59,29 @@ def view_specs(cfg: AugmentConfig) -> list[ViewSpec]:
     """global_0, global_1, local_0..N-1 as in the official recipe."""
     specs = [
         ViewSpec("global_0", cfg.global_size, tuple(cfg.global_scale), cfg.blur_p_global1, 0.0),
-        ViewSpec("global_1", cfg.global_size, tuple(cfg.global_scale), cfg.blur_p_global2,
-                 cfg.solarize_p_global2),
+        ViewSpec(
+            "global_1",
+            cfg.global_size,
+            tuple(cfg.global_scale),
+            cfg.blur_p_global2,
+            cfg.solarize_p_global2,
+        ),
     ]
-    specs += [ViewSpec(f"local_{i}", cfg.local_size, tuple(cfg.local_scale), cfg.blur_p_local, 0.0)
-              for i in range(cfg.num_local)]
+    specs += [
+        ViewSpec(f"local_{i}", cfg.local_size, tuple(cfg.local_scale), cfg.blur_p_local, 0.0)
+        for i in range(cfg.num_local)
+    ]
     return specs
 
 
 # --- sampling (pure) ----------------------------------------------------------------------------
-def sample_crop_params(rng: np.random.Generator, height: int, width: int,
-                       scale: tuple[float, float], ratio: tuple[float, float]
-                       ) -> tuple[int, int, int, int]:
+def sample_crop_params(
+    rng: np.random.Generator,
+    height: int,
+    width: int,
+    scale: tuple[float, float],
+    ratio: tuple[float, float],
+) -> tuple[int, int, int, int]:
     """torchvision ``RandomResizedCrop.get_params``: (top, left, h, w); 10 tries, then a centre
     crop clamped to the ratio range."""
     area = height * width
@@ -95,8 +106,9 @@ def sample_crop_params(rng: np.random.Generator, height: int, width: int,
     return (height - h) // 2, (width - w) // 2, h, w
 
 
-def sample_jitter(rng: np.random.Generator, strengths: tuple[float, float, float, float],
-                  p: float) -> list[tuple[str, float]] | None:
+def sample_jitter(
+    rng: np.random.Generator, strengths: tuple[float, float, float, float], p: float
+) -> list[tuple[str, float]] | None:
     """torchvision ``RandomApply([ColorJitter(b, c, s, h)], p)``: factors and a random op order."""
     if rng.random() >= p:
         return None
@@ -108,12 +120,16 @@ def sample_jitter(rng: np.random.Generator, strengths: tuple[float, float, float
         "hue": rng.uniform(-h, h) if h > 0 else None,
     }
     order = rng.permutation(4)
-    return [(JITTER_OPS[i], float(factors[JITTER_OPS[i]])) for i in order
-            if factors[JITTER_OPS[i]] is not None]
+    return [
+        (JITTER_OPS[i], float(factors[JITTER_OPS[i]]))
+        for i in order
+        if factors[JITTER_OPS[i]] is not None
+    ]
 
 
-def sample_view_params(rng: np.random.Generator, height: int, width: int, spec: ViewSpec,
-                       cfg: AugmentConfig) -> ViewParams:
+def sample_view_params(
+    rng: np.random.Generator, height: int, width: int, spec: ViewSpec, cfg: AugmentConfig
+) -> ViewParams:
     box = sample_crop_params(rng, height, width, spec.scale, tuple(cfg.ratio))
     flip = bool(rng.random() < cfg.flip_p)
     jitter = sample_jitter(rng, tuple(cfg.jitter), cfg.jitter_p)
@@ -123,8 +139,9 @@ def sample_view_params(rng: np.random.Generator, height: int, width: int, spec: 
     return ViewParams(box, flip, jitter, gray, blur, solarize, spec.size)
 
 
-def sample_multicrop_params(rng: np.random.Generator, height: int, width: int,
-                            cfg: AugmentConfig) -> list[ViewParams]:
+def sample_multicrop_params(
+    rng: np.random.Generator, height: int, width: int, cfg: AugmentConfig
+) -> list[ViewParams]:
     """Every random choice for one image, in view order (global_0, global_1, local_*)."""
     return [sample_view_params(rng, height, width, spec, cfg) for spec in view_specs(cfg)]
 
@@ -167,13 +184,19 @@ def adjust_hue(img: np.ndarray, f: float) -> np.ndarray:
     return cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB_FULL)
 
 
-_JITTER_FN = {"brightness": adjust_brightness, "contrast": adjust_contrast,
-              "saturation": adjust_saturation, "hue": adjust_hue}
+_JITTER_FN = {
+    "brightness": adjust_brightness,
+    "contrast": adjust_contrast,
+    "saturation": adjust_saturation,
+    "hue": adjust_hue,
+}
 
 
 def solarize(img: np.ndarray, threshold: int) -> np.ndarray:
-    return cv2.LUT(img, np.where(np.arange(256) < threshold, np.arange(256),
-                                 255 - np.arange(256)).astype(np.uint8))
+    return cv2.LUT(
+        img,
+        np.where(np.arange(256) < threshold, np.arange(256), 255 - np.arange(256)).astype(np.uint8),
+    )
 
 
 def gaussian_blur(img: np.ndarray, sigma: float) -> np.ndarray:
@@ -197,9 +220,14 @@ def resize_region(region: np.ndarray, size: int, interpolation: str) -> np.ndarr
     return cv2.resize(region, (size, size), interpolation=interp)
 
 
-def render_view(image: np.ndarray, p: ViewParams, interpolation: str = "bicubic",
-                solarize_threshold: int = 128, src_size: tuple[int, int] | None = None,
-                photometric: bool = True) -> np.ndarray:
+def render_view(
+    image: np.ndarray,
+    p: ViewParams,
+    interpolation: str = "bicubic",
+    solarize_threshold: int = 128,
+    src_size: tuple[int, int] | None = None,
+    photometric: bool = True,
+) -> np.ndarray:
     """Crop ``p.box`` (given on ``src_size`` = (H, W); ``image`` may be a reduced decode of it),
     resize to ``p.size``, flip, and (unless ``photometric`` is False: ``augment.photometric=device``
     leaves them to the training device) apply the photometric ops. Returns a new uint8 HWC array."""
@@ -211,15 +239,14 @@ def render_view(image: np.ndarray, p: ViewParams, interpolation: str = "bicubic"
         l1 = min(image.shape[1], max(l0 + 1, int(round((left + w) * fx))))
         region = image[t0:t1, l0:l1]
     else:
-        region = image[top:top + h, left:left + w]
+        region = image[top : top + h, left : left + w]
     out = resize_region(region, p.size, interpolation)
     if p.flip:
         out = cv2.flip(out, 1)
     return apply_photometric(out, p, solarize_threshold) if photometric else out
 
 
-def apply_photometric(img: np.ndarray, p: ViewParams, solarize_threshold: int = 128
-                      ) -> np.ndarray:
+def apply_photometric(img: np.ndarray, p: ViewParams, solarize_threshold: int = 128) -> np.ndarray:
     """Jitter -> grayscale -> blur -> solarize of one rendered view, as ``p`` says."""
     out = img
     if p.jitter:
@@ -260,5 +287,14 @@ class MultiCrop:
         params = sample_multicrop_params(rng, height, width, self.cfg)
         reduce = max_reduction(params) if self.draft else 1.0
         arr = decode_rgb(img, reduce=reduce)
-        return [render_view(arr, p, self.cfg.interpolation, self.cfg.solarize_threshold,
-                            (height, width), self.photometric) for p in params]
+        return [
+            render_view(
+                arr,
+                p,
+                self.cfg.interpolation,
+                self.cfg.solarize_threshold,
+                (height, width),
+                self.photometric,
+            )
+            for p in params
+        ]

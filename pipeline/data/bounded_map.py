@@ -15,8 +15,9 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 
-def bounded_map(fn: Callable[[T], R], items: Iterable[T], threads: int = 4,
-                window: int | None = None) -> Iterator[R]:
+def bounded_map(
+    fn: Callable[[T], R], items: Iterable[T], threads: int = 4, window: int | None = None
+) -> Iterator[R]:
     """``fn(item)`` for every item, in input order, on ``threads`` threads, with at most
     ``window`` (default ``4 * threads``) items submitted and not yet yielded."""
     threads = max(1, int(threads))

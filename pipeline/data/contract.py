@@ -36,8 +36,9 @@ class EpochStreaming(Protocol):
 
     streams_epochs: bool
 
-    def set_epoch(self, epoch: int, until: int | None = None,
-                  rows_per_epoch: int | None = None) -> int:
+    def set_epoch(
+        self, epoch: int, until: int | None = None, rows_per_epoch: int | None = None
+    ) -> int:
         """Make the next iteration stream epochs ``epoch .. end-1`` (``epoch`` alone when
         ``until`` is None), each of ``rows_per_epoch`` rows (all when None); returns ``end``."""
 

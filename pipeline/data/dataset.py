@@ -44,8 +44,14 @@ def image_rng(seed: int, epoch: int, key: str) -> np.random.Generator:
 class MultiCropStage:
     """Callable class for ``map_batches``: one actor = one core (``cv2.setNumThreads(1)``)."""
 
-    def __init__(self, augment: dict, seed: int, filesystem=None, state: DataHandle | None = None,
-                 with_label: bool = False):
+    def __init__(
+        self,
+        augment: dict,
+        seed: int,
+        filesystem=None,
+        state: DataHandle | None = None,
+        with_label: bool = False,
+    ):
         import cv2
 
         from pipeline.config import AugmentConfig
@@ -110,8 +116,9 @@ class TrainDataset:
     def num_classes(self) -> int:
         return len(self.class_names)
 
-    def set_epoch(self, epoch: int, until: int | None = None,
-                  rows_per_epoch: int | None = None) -> int:
+    def set_epoch(
+        self, epoch: int, until: int | None = None, rows_per_epoch: int | None = None
+    ) -> int:
         """Idempotent, from any process: the next execution (iteration) streams epochs
         ``epoch .. end-1``, each cut to its first ``rows_per_epoch`` images (see
         ``pipeline.data.state``), and returns ``end``: ``until`` (``epoch + 1`` when None) cut to
@@ -152,9 +159,15 @@ def list_data(data: DataConfig) -> Corpus:
     return list_corpus(data.path, data.format, data.image_column, data.label_column, data.limit)
 
 
-def build_train_dataset(data: DataConfig, augment: AugmentConfig, seed: int = 0, *,
-                        plan: ResourcePlan | None = None, corpus: Corpus | None = None,
-                        indices: np.ndarray | None = None) -> TrainDataset:
+def build_train_dataset(
+    data: DataConfig,
+    augment: AugmentConfig,
+    seed: int = 0,
+    *,
+    plan: ResourcePlan | None = None,
+    corpus: Corpus | None = None,
+    indices: np.ndarray | None = None,
+) -> TrainDataset:
     """List and validate the corpus (clear ``CorpusError`` before any worker starts), then build
     the lazy multi-crop dataset. ``plan`` (``pipeline.data.resources.plan_data_resources``)
     overrides the actor pool size / CPUs and sets the dataset's resource limits."""
@@ -163,18 +176,31 @@ def build_train_dataset(data: DataConfig, augment: AugmentConfig, seed: int = 0,
     handle = DataHandle()
     num_actors = plan.num_actors if plan else data.num_actors
     cpus_per_actor = plan.cpus_per_actor if plan else data.cpus_per_actor
-    source = CorpusDatasource(corpus, seed=seed, shuffle=data.shuffle_files, state=handle,
-                              rows_per_task=data.map_batch_size, indices=indices,
-                              shuffle_window=data.shuffle_window)
-    ds = ray.data.read_datasource(source, num_cpus=plan.read_cpus if plan else READ_TASK_CPUS,
-                                  concurrency=read_concurrency(corpus, num_actors))
+    source = CorpusDatasource(
+        corpus,
+        seed=seed,
+        shuffle=data.shuffle_files,
+        state=handle,
+        rows_per_task=data.map_batch_size,
+        indices=indices,
+        shuffle_window=data.shuffle_window,
+    )
+    ds = ray.data.read_datasource(
+        source,
+        num_cpus=plan.read_cpus if plan else READ_TASK_CPUS,
+        concurrency=read_concurrency(corpus, num_actors),
+    )
     data_nodes = role_resources("data", cpus_per_actor)  # pin actors to data nodes on a cluster
     placement = {"resources": data_nodes} if data_nodes else {}
     ds = ds.map_batches(
         MultiCropStage,
-        fn_constructor_kwargs={"augment": augment.model_dump(mode="json"), "seed": seed,
-                               "filesystem": corpus.filesystem, "state": handle,
-                               "with_label": corpus.labelled},
+        fn_constructor_kwargs={
+            "augment": augment.model_dump(mode="json"),
+            "seed": seed,
+            "filesystem": corpus.filesystem,
+            "state": handle,
+            "with_label": corpus.labelled,
+        },
         batch_size=data.map_batch_size,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=num_actors),
@@ -187,6 +213,12 @@ def build_train_dataset(data: DataConfig, augment: AugmentConfig, seed: int = 0,
     # which makes streaming coarse and the object store peak large (a block is ~0.5 MB/image).
     view_bytes = sum(s.size * s.size * 3 for s in view_specs(augment)) + 8
     ds.context.target_max_block_size = max(1 << 20, view_bytes * data.map_batch_size)
-    return TrainDataset(ds, source.num_rows(), list(corpus.class_names), handle,
-                        [s.name for s in view_specs(augment)], corpus.description,
-                        stream_rows=data.stream_rows)
+    return TrainDataset(
+        ds,
+        source.num_rows(),
+        list(corpus.class_names),
+        handle,
+        [s.name for s in view_specs(augment)],
+        corpus.description,
+        stream_rows=data.stream_rows,
+    )

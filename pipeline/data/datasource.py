@@ -92,9 +92,17 @@ class CorpusDatasource(Datasource):
     """Rows: ``key`` (string), ``epoch`` (int64), ``label`` (int64, when labelled) and either
     ``path`` (image files) or ``bytes`` (Parquet)."""
 
-    def __init__(self, corpus: Corpus, seed: int = 0, shuffle: bool = True,
-                 state=None, rows_per_task: int = 256, indices: np.ndarray | None = None,
-                 epoch: int = 0, shuffle_window: int = 8):
+    def __init__(
+        self,
+        corpus: Corpus,
+        seed: int = 0,
+        shuffle: bool = True,
+        state=None,
+        rows_per_task: int = 256,
+        indices: np.ndarray | None = None,
+        epoch: int = 0,
+        shuffle_window: int = 8,
+    ):
         super().__init__()
         # the listing without its table: the table is shared by reference
         self.corpus = replace(corpus, entries=None)
@@ -112,8 +120,13 @@ class CorpusDatasource(Datasource):
         self._unit_bytes = None
         if corpus.kind == "parquet":
             e = corpus.entries
-            self._unit_bytes = int((e.column("bytes").to_numpy().sum() if "bytes" in e.column_names
-                                    else e.column("num_rows").to_numpy().sum() * 4096))
+            self._unit_bytes = int(
+                (
+                    e.column("bytes").to_numpy().sum()
+                    if "bytes" in e.column_names
+                    else e.column("num_rows").to_numpy().sum() * 4096
+                )
+            )
 
     @property
     def entries(self) -> pa.Table:
@@ -137,34 +150,47 @@ class CorpusDatasource(Datasource):
         return self.fixed_epoch, self.fixed_epoch + 1, None
 
     # --- read tasks -----------------------------------------------------------------------------
-    def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None,
-                       data_context=None) -> list[ReadTask]:
+    def get_read_tasks(
+        self, parallelism: int, per_task_row_limit: int | None = None, data_context=None
+    ) -> list[ReadTask]:
         first, end, rows_per_epoch = self.current_window()
         if self.corpus.kind == "files":
-            return [t for e in range(first, end)
-                    for t in self._file_tasks(parallelism, e, rows_per_epoch)]
+            return [
+                t
+                for e in range(first, end)
+                for t in self._file_tasks(parallelism, e, rows_per_epoch)
+            ]
         layout = _ParquetLayout.of(self.entries, self._indices)
-        return [t for e in range(first, end)
-                for t in self._parquet_tasks(layout, e, rows_per_epoch)]
+        return [
+            t for e in range(first, end) for t in self._parquet_tasks(layout, e, rows_per_epoch)
+        ]
 
-    def _file_tasks(self, parallelism: int, epoch: int,
-                    rows_per_epoch: int | None) -> list[ReadTask]:
+    def _file_tasks(
+        self, parallelism: int, epoch: int, rows_per_epoch: int | None
+    ) -> list[ReadTask]:
         n = min(self._num_rows, rows_per_epoch if rows_per_epoch is not None else self._num_rows)
         # at least one map batch per task (few tiny tasks), at most 64 (streaming granularity)
-        per_task = min(max(self.rows_per_task, math.ceil(n / max(1, parallelism))),
-                       64 * self.rows_per_task)
-        order = _FileOrder(self._token, self._indices, self.corpus.num_images, self.seed,
-                           epoch, self.shuffle)
+        per_task = min(
+            max(self.rows_per_task, math.ceil(n / max(1, parallelism))), 64 * self.rows_per_task
+        )
+        order = _FileOrder(
+            self._token, self._indices, self.corpus.num_images, self.seed, epoch, self.shuffle
+        )
         tasks = []
         for start in range(0, n, per_task):
             stop = min(n, start + per_task)
-            meta = BlockMetadata(num_rows=stop - start, size_bytes=(stop - start) * 100,
-                                 input_files=None, exec_stats=None)
+            meta = BlockMetadata(
+                num_rows=stop - start,
+                size_bytes=(stop - start) * 100,
+                input_files=None,
+                exec_stats=None,
+            )
             tasks.append(ReadTask(_FileUnit(self._entries, order, start, stop), meta))
         return tasks
 
-    def _parquet_tasks(self, layout: _ParquetLayout, epoch: int,
-                       rows_per_epoch: int | None) -> list[ReadTask]:
+    def _parquet_tasks(
+        self, layout: _ParquetLayout, epoch: int, rows_per_epoch: int | None
+    ) -> list[ReadTask]:
         """One read task per *window* of ``shuffle_window`` row groups drawn at random from all
         files (a fresh draw every epoch); the task reads its groups and emits the union of their
         rows in a seeded random order. Rows are thus permuted across row groups and files, not
@@ -172,30 +198,59 @@ class CorpusDatasource(Datasource):
         every block where a group-by-group read gave one-class batches. Memory per task is the
         window's encoded bytes (``bytes`` in the listing, from the Parquet footers)."""
         window = self.shuffle_window if self.shuffle else 1
-        order = [int(u) for u in epoch_order(layout.units, self.seed, epoch, self.shuffle)
-                 if layout.selected[u] > 0]
+        order = [
+            int(u)
+            for u in epoch_order(layout.units, self.seed, epoch, self.shuffle)
+            if layout.selected[u] > 0
+        ]
         tasks = []
         budget = rows_per_epoch if rows_per_epoch is not None else layout.total
         for w in range(0, len(order), window):
             if budget <= 0:
                 break
-            units = order[w:w + window]
+            units = order[w : w + window]
             n = int(sum(layout.selected[u] for u in units))
             take = min(n, budget)
             budget -= take
-            size = sum(layout.unit_bytes[u] * layout.selected[u] / max(1, layout.counts[u])
-                       for u in units)
-            meta = BlockMetadata(num_rows=take, size_bytes=int(size * take / max(1, n)),
-                                 input_files=sorted({layout.paths[u] for u in units}),
-                                 exec_stats=None)
-            groups = [_Group(layout.paths[u], layout.groups[u], int(layout.counts[u]),
-                             int(layout.file_offsets[u]), int(layout.starts[u])) for u in units]
-            subset = (None if self._indices is None
-                      else _Subset(self._token, self._indices, int(layout.counts.sum())))
-            tasks.append(ReadTask(_ParquetUnit(
-                self.corpus.filesystem, groups, subset, take,
-                (self.seed, epoch, units[0]) if self.shuffle else None, epoch,
-                self.corpus.image_column, self.corpus.label_column), meta))
+            size = sum(
+                layout.unit_bytes[u] * layout.selected[u] / max(1, layout.counts[u]) for u in units
+            )
+            meta = BlockMetadata(
+                num_rows=take,
+                size_bytes=int(size * take / max(1, n)),
+                input_files=sorted({layout.paths[u] for u in units}),
+                exec_stats=None,
+            )
+            groups = [
+                _Group(
+                    layout.paths[u],
+                    layout.groups[u],
+                    int(layout.counts[u]),
+                    int(layout.file_offsets[u]),
+                    int(layout.starts[u]),
+                )
+                for u in units
+            ]
+            subset = (
+                None
+                if self._indices is None
+                else _Subset(self._token, self._indices, int(layout.counts.sum()))
+            )
+            tasks.append(
+                ReadTask(
+                    _ParquetUnit(
+                        self.corpus.filesystem,
+                        groups,
+                        subset,
+                        take,
+                        (self.seed, epoch, units[0]) if self.shuffle else None,
+                        epoch,
+                        self.corpus.image_column,
+                        self.corpus.label_column,
+                    ),
+                    meta,
+                )
+            )
         return tasks
 
 
@@ -228,7 +283,7 @@ class _FileUnit:
 
     def __call__(self):
         table = self.entries.get()
-        chunk = table.take(pa.array(self.order.rows()[self.start:self.stop]))
+        chunk = table.take(pa.array(self.order.rows()[self.start : self.stop]))
         out = {
             "path": chunk.column("path"),
             "key": chunk.column("path"),
@@ -264,8 +319,9 @@ class _ParquetLayout:
     def of(cls, entries: pa.Table, indices: _Shared | None) -> _ParquetLayout:
         paths = entries.column("path").to_pylist()
         counts = entries.column("num_rows").to_numpy().astype(np.int64)
-        unit_bytes = (entries.column("bytes").to_numpy() if "bytes" in entries.column_names
-                      else counts * 4096)
+        unit_bytes = (
+            entries.column("bytes").to_numpy() if "bytes" in entries.column_names else counts * 4096
+        )
         starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
         file_offsets, seen = np.zeros(len(paths), np.int64), {}
         for u, (p, c) in enumerate(zip(paths, counts)):
@@ -276,8 +332,15 @@ class _ParquetLayout:
             mask = _subset_mask(indices, int(counts.sum()))
             selected = np.add.reduceat(mask.astype(np.int64), starts) if mask.size else counts * 0
             selected[counts == 0] = 0
-        return cls(paths, entries.column("row_group").to_pylist(), counts, unit_bytes, starts,
-                   file_offsets, selected)
+        return cls(
+            paths,
+            entries.column("row_group").to_pylist(),
+            counts,
+            unit_bytes,
+            starts,
+            file_offsets,
+            selected,
+        )
 
 
 def _subset_mask(indices: _Shared, n: int) -> np.ndarray:
@@ -314,9 +377,17 @@ class _ParquetUnit:
     drawn from ``order_seed`` (positions in the concatenation of the groups' rows; file order
     when None): encoded bytes, label, stable key ``path#row``, epoch."""
 
-    def __init__(self, fs, groups: list[_Group], subset: _Subset | None, take: int,
-                 order_seed: tuple[int, int, int] | None, epoch: int, image_column: str,
-                 label_column: str | None):
+    def __init__(
+        self,
+        fs,
+        groups: list[_Group],
+        subset: _Subset | None,
+        take: int,
+        order_seed: tuple[int, int, int] | None,
+        epoch: int,
+        image_column: str,
+        label_column: str | None,
+    ):
         self.fs, self.groups, self.subset, self.take = fs, groups, subset, take
         self.order_seed, self.epoch = order_seed, epoch
         self.image_column, self.label_column = image_column, label_column
@@ -328,10 +399,11 @@ class _ParquetUnit:
         for g in self.groups:
             rows = np.arange(g.num_rows)
             if mask is not None:
-                rows = rows[mask[g.start:g.start + g.num_rows]]
+                rows = rows[mask[g.start : g.start + g.num_rows]]
             with self.fs.open_input_file(g.path) as f:
-                parts.append(pq.ParquetFile(f).read_row_group(g.row_group, columns=cols)
-                             .take(pa.array(rows)))
+                parts.append(
+                    pq.ParquetFile(f).read_row_group(g.row_group, columns=cols).take(pa.array(rows))
+                )
             keys += [f"{g.path}#{g.file_offset + int(r)}" for r in rows]
         n = len(keys)
         if self.order_seed is not None:
@@ -339,7 +411,7 @@ class _ParquetUnit:
             order = np.random.default_rng([seed & 0xFFFFFFFF, epoch, 0x5A1D, first]).permutation(n)
         else:
             order = np.arange(n)
-        order = order[:self.take]
+        order = order[: self.take]
         table = pa.concat_tables(parts).take(pa.array(order))
         out = {
             "bytes": table.column(self.image_column).combine_chunks().cast(pa.large_binary()),

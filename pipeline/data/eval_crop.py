@@ -25,11 +25,12 @@ def resize_center_crop(image: np.ndarray, size: int, resize: int) -> np.ndarray:
         region = cv2.pyrDown(region)
     out = cv2.resize(region, (nw, nh), interpolation=cv2.INTER_CUBIC)
     top, left = (nh - size) // 2, (nw - size) // 2
-    return np.ascontiguousarray(out[top:top + size, left:left + size])
+    return np.ascontiguousarray(out[top : top + size, left : left + size])
 
 
-def center_crops(batch: dict[str, np.ndarray], filesystem, image_size: int,
-                 resize: int) -> tuple[np.ndarray, np.ndarray]:
+def center_crops(
+    batch: dict[str, np.ndarray], filesystem, image_size: int, resize: int
+) -> tuple[np.ndarray, np.ndarray]:
     """``(images, keep)`` for a batch of corpus rows (``key`` and, for Parquet, ``bytes``):
     (n, S, S, 3) uint8 crops and the mask of the rows that decoded. Unreadable images are
     skipped, as in training (their rows of ``images`` are left uninitialised)."""
@@ -38,8 +39,11 @@ def center_crops(batch: dict[str, np.ndarray], filesystem, image_size: int,
     keep = np.zeros(n, bool)
     for i in range(n):
         try:
-            data = batch["bytes"][i] if "bytes" in batch else read_bytes(filesystem,
-                                                                         str(batch["key"][i]))
+            data = (
+                batch["bytes"][i]
+                if "bytes" in batch
+                else read_bytes(filesystem, str(batch["key"][i]))
+            )
             images[i] = resize_center_crop(decode_bytes(data), image_size, resize)
             keep[i] = True
         except Exception:  # noqa: BLE001 - skipped like in training

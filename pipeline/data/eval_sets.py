@@ -31,8 +31,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("dino_ray.evaluate")
 
 
-def _eval_batch(batch: dict[str, np.ndarray], filesystem, image_size: int, resize: int,
-                with_label: bool) -> dict[str, np.ndarray]:
+def _eval_batch(
+    batch: dict[str, np.ndarray], filesystem, image_size: int, resize: int, with_label: bool
+) -> dict[str, np.ndarray]:
     import cv2
 
     cv2.setNumThreads(1)
@@ -43,42 +44,72 @@ def _eval_batch(batch: dict[str, np.ndarray], filesystem, image_size: int, resiz
     return out
 
 
-def _eval_from_corpus(corpus: Corpus, image_size: int, resize: int | None,
-                      indices: np.ndarray | None, batch_size: int, num_cpus: float
-                      ) -> ray.data.Dataset:
+def _eval_from_corpus(
+    corpus: Corpus,
+    image_size: int,
+    resize: int | None,
+    indices: np.ndarray | None,
+    batch_size: int,
+    num_cpus: float,
+) -> ray.data.Dataset:
     ensure_ray()
     resize = resize or int(round(image_size * 8 / 7))
     source = CorpusDatasource(corpus, shuffle=False, rows_per_task=batch_size, indices=indices)
     return ray.data.read_datasource(source, num_cpus=READ_TASK_CPUS).map_batches(
-        _eval_batch, fn_kwargs={"filesystem": corpus.filesystem, "image_size": image_size,
-                                "resize": resize, "with_label": corpus.labelled},
-        batch_size=batch_size, batch_format="numpy", num_cpus=num_cpus)
+        _eval_batch,
+        fn_kwargs={
+            "filesystem": corpus.filesystem,
+            "image_size": image_size,
+            "resize": resize,
+            "with_label": corpus.labelled,
+        },
+        batch_size=batch_size,
+        batch_format="numpy",
+        num_cpus=num_cpus,
+    )
 
 
-def build_eval_dataset(paths_or_cfg: str | list[str] | DataConfig, image_size: int = 32,
-                       resize: int | None = None, *, limit: int | None = None,
-                       batch_size: int = 64, num_cpus: float = 1.0) -> ray.data.Dataset:
+def build_eval_dataset(
+    paths_or_cfg: str | list[str] | DataConfig,
+    image_size: int = 32,
+    resize: int | None = None,
+    *,
+    limit: int | None = None,
+    batch_size: int = 64,
+    num_cpus: float = 1.0,
+) -> ray.data.Dataset:
     """``image`` uint8 (S, S, 3) (shorter side -> ``resize``, default S*8/7, centre crop) and
     ``label`` int64 when labelled. Unreadable images are dropped."""
     if isinstance(paths_or_cfg, (str, list)):
         corpus = list_corpus(paths_or_cfg, limit=limit)
     else:
         cfg = paths_or_cfg
-        corpus = list_corpus(cfg.path, cfg.format, cfg.image_column, cfg.label_column,
-                             limit or cfg.limit)
+        corpus = list_corpus(
+            cfg.path, cfg.format, cfg.image_column, cfg.label_column, limit or cfg.limit
+        )
     return _eval_from_corpus(corpus, image_size, resize, None, batch_size, num_cpus)
 
 
-def build_eval_datasets(data: DataConfig, val_fraction: float, seed: int = 0,
-                        image_size: int = 32, resize: int | None = None, *,
-                        limit: int | None = None, batch_size: int = 64, num_cpus: float = 1.0
-                        ) -> tuple[ray.data.Dataset, ray.data.Dataset]:
+def build_eval_datasets(
+    data: DataConfig,
+    val_fraction: float,
+    seed: int = 0,
+    image_size: int = 32,
+    resize: int | None = None,
+    *,
+    limit: int | None = None,
+    batch_size: int = 64,
+    num_cpus: float = 1.0,
+) -> tuple[ray.data.Dataset, ray.data.Dataset]:
     """(bank, val) from one labelled source, split by ``val_fraction``."""
-    corpus = list_corpus(data.path, data.format, data.image_column, data.label_column,
-                         limit or data.limit)
+    corpus = list_corpus(
+        data.path, data.format, data.image_column, data.label_column, limit or data.limit
+    )
     bank, val = split_indices(corpus, val_fraction, seed)
-    return (_eval_from_corpus(corpus, image_size, resize, bank, batch_size, num_cpus),
-            _eval_from_corpus(corpus, image_size, resize, val, batch_size, num_cpus))
+    return (
+        _eval_from_corpus(corpus, image_size, resize, bank, batch_size, num_cpus),
+        _eval_from_corpus(corpus, image_size, resize, val, batch_size, num_cpus),
+    )
 
 
 @dataclass
@@ -93,16 +124,25 @@ def build_eval_sets(cfg: DinoConfig) -> EvalSets | None:
     size = cfg.augment.global_size
     e = cfg.eval
     if e.train_path is not None and e.val_path is not None:
-        bank = build_eval_dataset(e.train_path, size, e.resize, limit=e.limit,
-                                  batch_size=min(e.batch_size, 256))
-        val = build_eval_dataset(e.val_path, size, e.resize, limit=e.limit,
-                                 batch_size=min(e.batch_size, 256))
+        bank = build_eval_dataset(
+            e.train_path, size, e.resize, limit=e.limit, batch_size=min(e.batch_size, 256)
+        )
+        val = build_eval_dataset(
+            e.val_path, size, e.resize, limit=e.limit, batch_size=min(e.batch_size, 256)
+        )
         return EvalSets(bank, val)
     if cfg.data.label_column is None:
         return None
     try:
-        bank, val = build_eval_datasets(cfg.data, e.val_fraction, cfg.train.seed, size, e.resize,
-                                        limit=e.limit, batch_size=min(e.batch_size, 256))
+        bank, val = build_eval_datasets(
+            cfg.data,
+            e.val_fraction,
+            cfg.train.seed,
+            size,
+            e.resize,
+            limit=e.limit,
+            batch_size=min(e.batch_size, 256),
+        )
     except Exception as exc:  # noqa: BLE001 - e.g. an unlabelled corpus
         log.warning("no k-NN evaluation: %s", exc)
         return None

@@ -43,20 +43,25 @@ def iter_encoded(corpus: Corpus) -> Iterator[tuple[str, int | None, bytes | Unre
     Parquet one row group at a time."""
     fs = corpus.filesystem
     if corpus.kind == "files":
-        labels = (corpus.entries.column("label").to_pylist() if corpus.labelled
-                  else [None] * corpus.num_images)
+        labels = (
+            corpus.entries.column("label").to_pylist()
+            if corpus.labelled
+            else [None] * corpus.num_images
+        )
         for path, label in zip(corpus.entries.column("path").to_pylist(), labels):
             yield path, label, Unread(fs, path)
         return
     cols = [corpus.image_column] + ([corpus.label_column] if corpus.label_column else [])
     offsets: dict[str, int] = {}
-    for path, rg, n in zip(*(corpus.entries.column(c).to_pylist()
-                             for c in ("path", "row_group", "num_rows"))):
+    for path, rg, n in zip(
+        *(corpus.entries.column(c).to_pylist() for c in ("path", "row_group", "num_rows"))
+    ):
         with fs.open_input_file(path) as f:
             table = pq.ParquetFile(f).read_row_group(rg, columns=cols).slice(0, n)
         images = table.column(corpus.image_column).to_pylist()
-        labels = (table.column(corpus.label_column).to_pylist() if corpus.label_column
-                  else [None] * n)
+        labels = (
+            table.column(corpus.label_column).to_pylist() if corpus.label_column else [None] * n
+        )
         start = offsets.get(path, 0)
         for r, (img, label) in enumerate(zip(images, labels)):
             yield f"{path}#{start + r}", label, img
@@ -84,15 +89,26 @@ def _quantiles(values) -> dict[str, float]:
     if not values:
         return {}
     arr = np.asarray(values)
-    return {"min": int(arr.min()), "p5": float(np.percentile(arr, 5)),
-            "median": float(np.median(arr)), "p95": float(np.percentile(arr, 95)),
-            "max": int(arr.max()), "mean": round(float(arr.mean()), 1)}
+    return {
+        "min": int(arr.min()),
+        "p5": float(np.percentile(arr, 5)),
+        "median": float(np.median(arr)),
+        "p95": float(np.percentile(arr, 95)),
+        "max": int(arr.max()),
+        "mean": round(float(arr.mean()), 1),
+    }
 
 
-def inspect_corpus(path: str | list[str], format: str = "auto", image_column: str = "image",
-                   label_column: str | None = "label", limit: int | None = None,
-                   full_decode: bool = True, threads: int = 4, max_listed_bad: int = 100
-                   ) -> dict[str, Any]:
+def inspect_corpus(
+    path: str | list[str],
+    format: str = "auto",
+    image_column: str = "image",
+    label_column: str | None = "label",
+    limit: int | None = None,
+    full_decode: bool = True,
+    threads: int = 4,
+    max_listed_bad: int = 100,
+) -> dict[str, Any]:
     """The report of ``dino-ray data inspect`` (a JSON-able dict: counts, classes, size
     quantiles, modes, unreadable files by reason and the first ``max_listed_bad`` of them)."""
     corpus = list_corpus(path, format, image_column, label_column, limit)
@@ -101,10 +117,12 @@ def inspect_corpus(path: str | list[str], format: str = "auto", image_column: st
     reasons: Counter[str] = Counter()
     heights, widths, bad = array("l"), array("l"), []  # 8 bytes an image, not ~36
     for key, label, size, reason, mode in bounded_map(
-            lambda it: _check(it, full_decode), iter_encoded(corpus), threads):
+        lambda it: _check(it, full_decode), iter_encoded(corpus), threads
+    ):
         if label is not None:
-            classes[corpus.class_names[label] if label < len(corpus.class_names)
-                    else str(label)] += 1
+            classes[
+                corpus.class_names[label] if label < len(corpus.class_names) else str(label)
+            ] += 1
         if reason:
             reasons[reason] += 1
             if len(bad) < max_listed_bad:
@@ -114,19 +132,27 @@ def inspect_corpus(path: str | list[str], format: str = "auto", image_column: st
         widths.append(size[1])
         modes[mode] += 1
     return {
-        "path": path, "format": corpus.kind, "num_images": corpus.num_images,
-        "num_readable": len(heights), "num_unreadable": sum(reasons.values()),
-        "unreadable_by_reason": dict(reasons), "unreadable": bad,
+        "path": path,
+        "format": corpus.kind,
+        "num_images": corpus.num_images,
+        "num_readable": len(heights),
+        "num_unreadable": sum(reasons.values()),
+        "unreadable_by_reason": dict(reasons),
+        "unreadable": bad,
         "num_classes": corpus.num_classes,
         "classes": {name: classes.get(name, 0) for name in corpus.class_names},
-        "height": _quantiles(heights), "width": _quantiles(widths),
-        "modes": dict(modes), "ignored_non_image_files": corpus.ignored_files,
+        "height": _quantiles(heights),
+        "width": _quantiles(widths),
+        "modes": dict(modes),
+        "ignored_non_image_files": corpus.ignored_files,
     }
 
 
 def format_report(report: dict[str, Any]) -> str:
-    lines = [f"{report['path']}: {report['num_images']} images ({report['format']}), "
-             f"{report['num_readable']} readable, {report['num_unreadable']} unreadable"]
+    lines = [
+        f"{report['path']}: {report['num_images']} images ({report['format']}), "
+        f"{report['num_readable']} readable, {report['num_unreadable']} unreadable"
+    ]
     if report["classes"]:
         lines.append(f"{report['num_classes']} classes:")
         lines += [f"  {name}: {n}" for name, n in report["classes"].items()]
@@ -135,13 +161,17 @@ def format_report(report: dict[str, Any]) -> str:
     for dim in ("height", "width"):
         q = report[dim]
         if q:
-            lines.append(f"{dim}: min {q['min']}  p5 {q['p5']:g}  median {q['median']:g}  "
-                         f"p95 {q['p95']:g}  max {q['max']}")
+            lines.append(
+                f"{dim}: min {q['min']}  p5 {q['p5']:g}  median {q['median']:g}  "
+                f"p95 {q['p95']:g}  max {q['max']}"
+            )
     if report["modes"]:
         lines.append("modes: " + ", ".join(f"{m} {n}" for m, n in report["modes"].items()))
     if report["unreadable"]:
-        lines.append("unreadable: " + ", ".join(f"{k} {v}" for k, v in
-                                                report["unreadable_by_reason"].items()))
+        lines.append(
+            "unreadable: "
+            + ", ".join(f"{k} {v}" for k, v in report["unreadable_by_reason"].items())
+        )
         lines += [f"  {b['path']}: {b['reason']}" for b in report["unreadable"]]
     if report["ignored_non_image_files"]:
         lines.append(f"ignored {report['ignored_non_image_files']} non-image files")

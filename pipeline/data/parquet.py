@@ -37,8 +37,13 @@ import pyarrow.parquet as pq
 
 from pipeline.data.bounded_map import bounded_map
 from pipeline.data.decode import BadImage, decode_bytes
-from pipeline.data.sources import (CLASS_NAMES_KEY, Corpus, CorpusError, list_corpus,
-                                   resolve_filesystem)
+from pipeline.data.sources import (
+    CLASS_NAMES_KEY,
+    Corpus,
+    CorpusError,
+    list_corpus,
+    resolve_filesystem,
+)
 
 SHARD_NAME = re.compile(r"part-\d{5,}\.parquet")
 STAGING_PREFIX = ".dino-ray-staging-"
@@ -66,20 +71,32 @@ class _Skips:
         return f"{reasons}; e.g. {', '.join(self.examples)}"
 
 
-def folder_to_parquet(src: str | list[str], dst: str, rows_per_shard: int = 10_000,
-                      row_group_size: int = 1_000, shuffle: bool = True, seed: int = 0,
-                      verify: bool = False, limit: int | None = None, overwrite: bool = False,
-                      threads: int = 4) -> dict:
+def folder_to_parquet(
+    src: str | list[str],
+    dst: str,
+    rows_per_shard: int = 10_000,
+    row_group_size: int = 1_000,
+    shuffle: bool = True,
+    seed: int = 0,
+    verify: bool = False,
+    limit: int | None = None,
+    overwrite: bool = False,
+    threads: int = 4,
+) -> dict:
     """List ``src`` (a folder tree; ``limit`` images spread evenly over classes) and write
     ``dst/part-00000.parquet`` ...; returns the summary of ``corpus_to_parquet``."""
     dst_fs, dst_path = resolve_filesystem(dst)
     check_destination(dst_fs, dst_path.rstrip("/"), dst, overwrite)  # fail before listing
     corpus = list_corpus(src, "folder", limit=limit)
     paths = corpus.entries.column("path").to_pylist()
-    root = (resolve_filesystem(src)[1].rstrip("/") if isinstance(src, str)
-            and not any(c in src for c in "*?[") and src != "demo" else _common_root(paths))
-    summary = corpus_to_parquet(corpus, dst, root, rows_per_shard, row_group_size, shuffle,
-                                seed, verify, overwrite, threads)
+    root = (
+        resolve_filesystem(src)[1].rstrip("/")
+        if isinstance(src, str) and not any(c in src for c in "*?[") and src != "demo"
+        else _common_root(paths)
+    )
+    summary = corpus_to_parquet(
+        corpus, dst, root, rows_per_shard, row_group_size, shuffle, seed, verify, overwrite, threads
+    )
     return {"src": src, **summary}
 
 
@@ -93,35 +110,62 @@ def check_destination(fs: pafs.FileSystem, path: str, dst: str, overwrite: bool)
         raise ConversionError(f"destination {dst!r} is a file; give a folder for the shards")
     entries = fs.get_file_info(pafs.FileSelector(path, recursive=False))
     if entries and not overwrite:
-        raise ConversionError(f"destination {dst!r} is not empty ({len(entries)} entries); pass "
-                              f"--overwrite to replace its part-*.parquet shards, or use an "
-                              f"empty folder")
-    return [e.path for e in entries
-            if (e.type == pafs.FileType.File and SHARD_NAME.fullmatch(e.base_name))
-            or (e.type == pafs.FileType.Directory and e.base_name.startswith(STAGING_PREFIX))]
+        raise ConversionError(
+            f"destination {dst!r} is not empty ({len(entries)} entries); pass "
+            f"--overwrite to replace its part-*.parquet shards, or use an "
+            f"empty folder"
+        )
+    return [
+        e.path
+        for e in entries
+        if (e.type == pafs.FileType.File and SHARD_NAME.fullmatch(e.base_name))
+        or (e.type == pafs.FileType.Directory and e.base_name.startswith(STAGING_PREFIX))
+    ]
 
 
-def corpus_to_parquet(corpus: Corpus, dst: str, root: str, rows_per_shard: int = 10_000,
-                      row_group_size: int = 1_000, shuffle: bool = True, seed: int = 0,
-                      verify: bool = False, overwrite: bool = False, threads: int = 4) -> dict:
+def corpus_to_parquet(
+    corpus: Corpus,
+    dst: str,
+    root: str,
+    rows_per_shard: int = 10_000,
+    row_group_size: int = 1_000,
+    shuffle: bool = True,
+    seed: int = 0,
+    verify: bool = False,
+    overwrite: bool = False,
+    threads: int = 4,
+) -> dict:
     """Write the listed ``corpus`` (kind ``files``) as shards under ``dst``; ``path`` column =
     path relative to ``root``. Returns ``{dst, shards, rows, skipped, skipped_by_reason,
     skipped_examples, replaced, classes, shuffled}``; raises ``ConversionError`` (destination
     untouched) when no file could be converted."""
     if rows_per_shard < 1 or row_group_size < 1:
-        raise ConversionError(f"rows_per_shard ({rows_per_shard}) and row_group_size "
-                              f"({row_group_size}) must be >= 1")
+        raise ConversionError(
+            f"rows_per_shard ({rows_per_shard}) and row_group_size ({row_group_size}) must be >= 1"
+        )
     fs, dst_path = resolve_filesystem(dst)
     dst_path = dst_path.rstrip("/")
     owned = check_destination(fs, dst_path, dst, overwrite)
     staging = f"{dst_path}/{STAGING_PREFIX}{uuid.uuid4().hex[:12]}"
     fs.create_dir(staging, recursive=True)
     try:
-        shards, rows, skips = _write_shards(corpus, fs, staging, root, rows_per_shard,
-                                            row_group_size, shuffle, seed, verify, threads)
+        shards, rows, skips = _write_shards(
+            corpus,
+            fs,
+            staging,
+            root,
+            rows_per_shard,
+            row_group_size,
+            shuffle,
+            seed,
+            verify,
+            threads,
+        )
         if rows == 0:
-            raise ConversionError(f"nothing converted to {dst!r}: all {corpus.num_images} files "
-                                  f"skipped ({skips.describe()}); fix or remove them")
+            raise ConversionError(
+                f"nothing converted to {dst!r}: all {corpus.num_images} files "
+                f"skipped ({skips.describe()}); fix or remove them"
+            )
         for old in owned:  # only now: a failed run leaves the previous shards in place
             if old.rstrip("/").rsplit("/", 1)[-1].startswith(STAGING_PREFIX):
                 fs.delete_dir(old)
@@ -131,30 +175,49 @@ def corpus_to_parquet(corpus: Corpus, dst: str, root: str, rows_per_shard: int =
             fs.move(f"{staging}/{name}", f"{dst_path}/{name}")
     finally:
         fs.delete_dir(staging)
-    return {"dst": dst, "shards": len(shards), "rows": rows,
-            "skipped": sum(skips.by_reason.values()), "skipped_by_reason": dict(skips.by_reason),
-            "skipped_examples": skips.examples, "replaced": len(owned),
-            "classes": corpus.class_names, "shuffled": shuffle}
+    return {
+        "dst": dst,
+        "shards": len(shards),
+        "rows": rows,
+        "skipped": sum(skips.by_reason.values()),
+        "skipped_by_reason": dict(skips.by_reason),
+        "skipped_examples": skips.examples,
+        "replaced": len(owned),
+        "classes": corpus.class_names,
+        "shuffled": shuffle,
+    }
 
 
 def _schema(corpus: Corpus) -> pa.Schema:
-    label_type = pa.int16() if corpus.num_classes < 2 ** 15 else pa.int32()
+    label_type = pa.int16() if corpus.num_classes < 2**15 else pa.int32()
     meta = {CLASS_NAMES_KEY: json.dumps(corpus.class_names).encode()} if corpus.labelled else {}
-    return pa.schema([("image", pa.binary())]
-                     + ([("label", label_type), ("class_name", pa.string())]
-                        if corpus.labelled else [])
-                     + [("path", pa.string())], metadata=meta)
+    return pa.schema(
+        [("image", pa.binary())]
+        + ([("label", label_type), ("class_name", pa.string())] if corpus.labelled else [])
+        + [("path", pa.string())],
+        metadata=meta,
+    )
 
 
-def _write_shards(corpus: Corpus, fs: pafs.FileSystem, folder: str, root: str,
-                  rows_per_shard: int, row_group_size: int, shuffle: bool, seed: int,
-                  verify: bool, threads: int) -> tuple[list[str], int, _Skips]:
+def _write_shards(
+    corpus: Corpus,
+    fs: pafs.FileSystem,
+    folder: str,
+    root: str,
+    rows_per_shard: int,
+    row_group_size: int,
+    shuffle: bool,
+    seed: int,
+    verify: bool,
+    threads: int,
+) -> tuple[list[str], int, _Skips]:
     """Read (and verify) the files on ``threads`` threads in the (shuffled) order and append
     them row group by row group; returns (shard names, rows written, skips)."""
     paths = corpus.entries.column("path").to_pylist()
     labels = corpus.entries.column("label").to_pylist() if corpus.labelled else None
-    order = (np.random.default_rng(seed).permutation(len(paths)) if shuffle
-             else np.arange(len(paths)))
+    order = (
+        np.random.default_rng(seed).permutation(len(paths)) if shuffle else np.arange(len(paths))
+    )
     schema = _schema(corpus)
     group_rows = min(row_group_size, rows_per_shard)
     src_fs = corpus.filesystem
@@ -202,7 +265,7 @@ def _write_shards(corpus: Corpus, fs: pafs.FileSystem, folder: str, root: str,
 
     try:
         for i, data, reason in bounded_map(load, (int(i) for i in order), threads):
-            rel = paths[i][len(root):].lstrip("/")
+            rel = paths[i][len(root) :].lstrip("/")
             if reason:
                 skips.add(rel, reason)
                 continue
@@ -212,8 +275,10 @@ def _write_shards(corpus: Corpus, fs: pafs.FileSystem, folder: str, root: str,
                 batch["class_name"].append(corpus.class_names[labels[i]])
             batch["path"].append(rel)
             rows += 1
-            if (len(batch["image"]) >= group_rows
-                    or in_shard + len(batch["image"]) >= rows_per_shard):
+            if (
+                len(batch["image"]) >= group_rows
+                or in_shard + len(batch["image"]) >= rows_per_shard
+            ):
                 write_group()
         write_group()
     finally:
@@ -224,5 +289,8 @@ def _write_shards(corpus: Corpus, fs: pafs.FileSystem, folder: str, root: str,
 def _common_root(paths: list[str]) -> str:
     if not paths:
         return ""
-    return os.path.commonpath([p.rsplit("/", 1)[0] for p in paths]) if len(paths) > 1 \
+    return (
+        os.path.commonpath([p.rsplit("/", 1)[0] for p in paths])
+        if len(paths) > 1
         else paths[0].rsplit("/", 2)[0]
+    )

@@ -29,8 +29,10 @@ def check_skip_share(stats: dict, max_fraction: float, *, steps: int | None = No
     if steps == 0:
         head = "trained 0 steps"
     elif read and share > max_fraction:
-        head = (f"{share:.0%} of the images read could not be used (data.max_skip_fraction="
-                f"{max_fraction:g})")
+        head = (
+            f"{share:.0%} of the images read could not be used (data.max_skip_fraction="
+            f"{max_fraction:g})"
+        )
     else:
         return
     reasons = ", ".join(f"{k} {v}" for k, v in sorted(stats.get("skipped", {}).items())) or "none"
@@ -38,4 +40,5 @@ def check_skip_share(stats: dict, max_fraction: float, *, steps: int | None = No
     raise DataQualityError(
         f"{head}: {skipped} of {read} images skipped ({reasons}); e.g. {examples}. Check that "
         "data.path is readable from the data nodes (object storage on a cluster) and the files "
-        "are images")
+        "are images"
+    )

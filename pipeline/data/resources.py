@@ -62,8 +62,9 @@ class ResourcePlan:
     def resource_limits(self):
         from ray.data import ExecutionResources
 
-        return ExecutionResources.for_limits(cpu=self.data_cpus,
-                                             object_store_memory=self.object_store_bytes)
+        return ExecutionResources.for_limits(
+            cpu=self.data_cpus, object_store_memory=self.object_store_bytes
+        )
 
     def execution_options(self):
         from ray.data import ExecutionOptions
@@ -86,28 +87,37 @@ class ResourcePlan:
         return asdict(self)
 
 
-def plan_data_resources(cluster_cpus: float, num_workers: int, cpus_per_worker: float, *,
-                        num_actors: int = 1, cpus_per_actor: float = 1.0,
-                        data_cpu_limit: float | None = None,
-                        read_cpus: float = DEFAULT_READ_CPUS,
-                        headroom_cpus: float | None = None,
-                        object_store_bytes: float | None = None) -> ResourcePlan:
+def plan_data_resources(
+    cluster_cpus: float,
+    num_workers: int,
+    cpus_per_worker: float,
+    *,
+    num_actors: int = 1,
+    cpus_per_actor: float = 1.0,
+    data_cpu_limit: float | None = None,
+    read_cpus: float = DEFAULT_READ_CPUS,
+    headroom_cpus: float | None = None,
+    object_store_bytes: float | None = None,
+) -> ResourcePlan:
     """Split ``cluster_cpus`` between Train, headroom and Ray Data (see module docstring)."""
     notes: list[str] = []
     train = float(num_workers) * float(cpus_per_worker)
-    headroom = (max(1.0, 0.1 * cluster_cpus) if headroom_cpus is None else float(headroom_cpus))
+    headroom = max(1.0, 0.1 * cluster_cpus) if headroom_cpus is None else float(headroom_cpus)
     free = cluster_cpus - train - headroom
     data = free if data_cpu_limit is None else min(float(data_cpu_limit), free)
     if data_cpu_limit is not None and data_cpu_limit > free:
-        notes.append(f"data_cpu_limit {data_cpu_limit} lowered to {free:g} (cluster {cluster_cpus:g}"
-                     f" - train {train:g} - headroom {headroom:g})")
+        notes.append(
+            f"data_cpu_limit {data_cpu_limit} lowered to {free:g} (cluster {cluster_cpus:g}"
+            f" - train {train:g} - headroom {headroom:g})"
+        )
     if data < read_cpus + MIN_ACTOR_CPUS:
         need = train + headroom + read_cpus + MIN_ACTOR_CPUS
         raise ResourceError(
             f"cluster has {cluster_cpus:g} CPUs but training takes {train:g} "
             f"({num_workers} workers x {cpus_per_worker:g}) and {headroom:g} are kept as headroom: "
             f"the data pipeline needs at least {read_cpus + MIN_ACTOR_CPUS:g} more "
-            f"(>= {need:g} CPUs in all). Use fewer/smaller workers or a bigger cluster.")
+            f"(>= {need:g} CPUs in all). Use fewer/smaller workers or a bigger cluster."
+        )
     per_actor = float(cpus_per_actor)
     if data - read_cpus < per_actor:
         per_actor = round(data - read_cpus, 3)
@@ -116,8 +126,17 @@ def plan_data_resources(cluster_cpus: float, num_workers: int, cpus_per_worker: 
     actors = min(int(num_actors), fit)
     if actors < num_actors:
         notes.append(f"num_actors {num_actors} lowered to {actors} to fit {data:g} data CPUs")
-    return ResourcePlan(float(cluster_cpus), train, headroom, round(data, 3), actors, per_actor,
-                        read_cpus, notes, object_store_bytes)
+    return ResourcePlan(
+        float(cluster_cpus),
+        train,
+        headroom,
+        round(data, 3),
+        actors,
+        per_actor,
+        read_cpus,
+        notes,
+        object_store_bytes,
+    )
 
 
 def cluster_cpus() -> float:
@@ -131,15 +150,21 @@ def cluster_cpus() -> float:
 def plan_from_config(data, train, cluster: float | None = None) -> ResourcePlan:
     """Plan from ``cfg.data`` and ``cfg.train`` on the connected cluster (or ``cluster`` CPUs)."""
     return plan_data_resources(
-        cluster if cluster is not None else cluster_cpus(), train.num_workers,
-        train.cpus_per_worker, num_actors=data.num_actors, cpus_per_actor=data.cpus_per_actor,
+        cluster if cluster is not None else cluster_cpus(),
+        train.num_workers,
+        train.cpus_per_worker,
+        num_actors=data.num_actors,
+        cpus_per_actor=data.cpus_per_actor,
         data_cpu_limit=data.data_cpu_limit,
-        object_store_bytes=(data.object_store_limit_mib * 2 ** 20
-                            if data.object_store_limit_mib else None))
+        object_store_bytes=(
+            data.object_store_limit_mib * 2**20 if data.object_store_limit_mib else None
+        ),
+    )
 
 
-def apply_data_resources(cluster: float, num_workers: int, cpus_per_worker: float,
-                         **kwargs: Any) -> ResourcePlan:
+def apply_data_resources(
+    cluster: float, num_workers: int, cpus_per_worker: float, **kwargs: Any
+) -> ResourcePlan:
     """Plan and set ``DataContext...resource_limits`` in one call; returns the plan."""
     plan = plan_data_resources(cluster, num_workers, cpus_per_worker, **kwargs)
     plan.apply()

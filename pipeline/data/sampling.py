@@ -31,8 +31,9 @@ def _rank(key: str, seed: int) -> int:
     ``limit:``: the bank/val split hashes ``{seed}:{key}``, and the same hash here would make a
     limited listing all validation images (the smallest hashes are both what a limit keeps and
     what the split sends to val)."""
-    return int.from_bytes(hashlib.blake2b(f"limit:{seed}:{key}".encode(),
-                                          digest_size=8).digest(), "little")
+    return int.from_bytes(
+        hashlib.blake2b(f"limit:{seed}:{key}".encode(), digest_size=8).digest(), "little"
+    )
 
 
 def local_key(path: str) -> str:
@@ -61,8 +62,9 @@ def even_quotas(counts: Sequence[int], limit: int, seed: int = LIMIT_SEED) -> np
     return quotas
 
 
-def even_sample(paths: Sequence[str], classes: Sequence[object], limit: int,
-                seed: int = LIMIT_SEED) -> np.ndarray:
+def even_sample(
+    paths: Sequence[str], classes: Sequence[object], limit: int, seed: int = LIMIT_SEED
+) -> np.ndarray:
     """Sorted indices of ``limit`` items spread evenly over ``classes`` (one value per path;
     all ``None`` = unlabelled: a seeded uniform sample)."""
     if limit >= len(paths):

@@ -27,8 +27,22 @@ import pyarrow.parquet as pq
 
 from pipeline.data.sampling import even_sample, proportional_prefixes
 
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff",
-                              ".ppm", ".pgm", ".pbm", ".jfif"})
+IMAGE_EXTENSIONS = frozenset(
+    {
+        ".jpg",
+        ".jpeg",
+        ".png",
+        ".bmp",
+        ".gif",
+        ".webp",
+        ".tif",
+        ".tiff",
+        ".ppm",
+        ".pgm",
+        ".pbm",
+        ".jfif",
+    }
+)
 CLASS_NAMES_KEY = b"dino_ray.class_names"  # Parquet schema metadata written by ``to-parquet``
 _GLOB = re.compile(r"[*?\[]")
 
@@ -82,16 +96,22 @@ def _expand(fs: pafs.FileSystem, path: str, original: str) -> tuple[list[pafs.Fi
         info = fs.get_file_info(base)
         if info.type != pafs.FileType.Directory:
             raise CorpusError(f"data.path {original!r}: glob base {base!r} not found")
-        files = [f for f in fs.get_file_info(pafs.FileSelector(base, recursive=True))
-                 if f.type == pafs.FileType.File and fnmatch.fnmatchcase(f.path, path)]
+        files = [
+            f
+            for f in fs.get_file_info(pafs.FileSelector(base, recursive=True))
+            if f.type == pafs.FileType.File and fnmatch.fnmatchcase(f.path, path)
+        ]
         return files, base.rstrip("/")
     info = fs.get_file_info(path)
     if info.type == pafs.FileType.NotFound:
         raise CorpusError(f"data.path not found: {original!r}")
     if info.type == pafs.FileType.File:
         return [info], os.path.dirname(path)
-    files = [f for f in fs.get_file_info(pafs.FileSelector(path, recursive=True))
-             if f.type == pafs.FileType.File]
+    files = [
+        f
+        for f in fs.get_file_info(pafs.FileSelector(path, recursive=True))
+        if f.type == pafs.FileType.File
+    ]
     return files, path.rstrip("/")
 
 
@@ -107,8 +127,13 @@ def demo_path() -> str:
     return str(build_digits_corpus(root, size=32))
 
 
-def list_corpus(path: str | list[str], format: str = "auto", image_column: str = "image",
-                label_column: str | None = "label", limit: int | None = None) -> Corpus:
+def list_corpus(
+    path: str | list[str],
+    format: str = "auto",
+    image_column: str = "image",
+    label_column: str | None = "label",
+    limit: int | None = None,
+) -> Corpus:
     """List ``path``; raise ``CorpusError`` naming the path when it is missing or empty."""
     paths = [path] if isinstance(path, str) else list(path)
     if not paths:
@@ -118,18 +143,26 @@ def list_corpus(path: str | list[str], format: str = "auto", image_column: str =
     for p in paths:
         fs, local = resolve_filesystem(p)
         files, root = _expand(fs, local, p)
-        files = [f for f in files if not _hidden(f.path[len(root):].lstrip("/"))]
+        files = [f for f in files if not _hidden(f.path[len(root) :].lstrip("/"))]
         listed.append((fs, files, root, p))
     if format == "auto":
         all_files = [f for _, files, _, _ in listed for f in files]
         n_parquet = sum(_ext(f.path) == ".parquet" for f in all_files)
-        format = "parquet" if n_parquet and n_parquet >= sum(
-            _ext(f.path) in IMAGE_EXTENSIONS for f in all_files) else "folder"
-    corpus = (_list_parquet(listed, image_column, label_column, limit) if format == "parquet"
-              else _list_folder(listed, limit))
+        format = (
+            "parquet"
+            if n_parquet and n_parquet >= sum(_ext(f.path) in IMAGE_EXTENSIONS for f in all_files)
+            else "folder"
+        )
+    corpus = (
+        _list_parquet(listed, image_column, label_column, limit)
+        if format == "parquet"
+        else _list_folder(listed, limit)
+    )
     if corpus.num_images == 0:
-        raise CorpusError(f"empty corpus: no {'Parquet rows' if format == 'parquet' else 'images'}"
-                          f" under {', '.join(map(repr, paths))}")
+        raise CorpusError(
+            f"empty corpus: no {'Parquet rows' if format == 'parquet' else 'images'}"
+            f" under {', '.join(map(repr, paths))}"
+        )
     return corpus
 
 
@@ -142,7 +175,7 @@ def _list_folder(listed, limit: int | None) -> Corpus:
             if _ext(f.path) not in IMAGE_EXTENSIONS:
                 ignored += 1
                 continue
-            rel = f.path[len(root):].lstrip("/")
+            rel = f.path[len(root) :].lstrip("/")
             cls = rel.split("/", 1)[0] if "/" in rel else None
             rows.append((f.path, int(f.size or 0), cls))
     rows.sort(key=lambda r: r[0])  # listing order differs by filesystem; fix it
@@ -150,8 +183,7 @@ def _list_folder(listed, limit: int | None) -> Corpus:
     # class names from the whole listing, so a limit never renumbers labels (bank vs val)
     all_classes = sorted({r[2] for r in rows}) if labelled else []
     if limit is not None:  # even across classes, seeded (pipeline/data/sampling.py)
-        keep = even_sample([r[0] for r in rows], [r[2] if labelled else None for r in rows],
-                           limit)
+        keep = even_sample([r[0] for r in rows], [r[2] if labelled else None for r in rows], limit)
         rows = [rows[i] for i in keep]
     columns: dict[str, pa.Array] = {
         "path": pa.array([r[0] for r in rows], pa.string()),
@@ -162,8 +194,16 @@ def _list_folder(listed, limit: int | None) -> Corpus:
         class_names = all_classes
         index = {c: i for i, c in enumerate(class_names)}
         columns["label"] = pa.array([index[r[2]] for r in rows], pa.int64())
-    return Corpus("files", fs, pa.table(columns), class_names, labelled, num_images=len(rows),
-                  ignored_files=ignored, description=", ".join(r for *_, r in listed))
+    return Corpus(
+        "files",
+        fs,
+        pa.table(columns),
+        class_names,
+        labelled,
+        num_images=len(rows),
+        ignored_files=ignored,
+        description=", ".join(r for *_, r in listed),
+    )
 
 
 def _image_bytes(row_group, image_column: str) -> int:
@@ -177,11 +217,11 @@ def _image_bytes(row_group, image_column: str) -> int:
     return int(row_group.total_byte_size)
 
 
-def _list_parquet(listed, image_column: str, label_column: str | None,
-                  limit: int | None) -> Corpus:
+def _list_parquet(listed, image_column: str, label_column: str | None, limit: int | None) -> Corpus:
     fs = listed[0][0]
-    files = sorted((f.path for _, fs_files, _, _ in listed for f in fs_files
-                    if _ext(f.path) == ".parquet"))
+    files = sorted(
+        (f.path for _, fs_files, _, _ in listed for f in fs_files if _ext(f.path) == ".parquet")
+    )
     paths, groups, counts, sizes = [], [], [], []
     labels: list[np.ndarray] = []
     labelled: bool | None = None
@@ -208,15 +248,20 @@ def _list_parquet(listed, image_column: str, label_column: str | None,
             sizes.append(_image_bytes(pf.metadata.row_group(rg), image_column))
             total += n
         if has_label:
-            cols = [label_column] + (["class_name"] if "class_name" in schema.names
-                                     and names_meta is None else [])
+            cols = [label_column] + (
+                ["class_name"] if "class_name" in schema.names and names_meta is None else []
+            )
             table = pf.read(columns=cols)
             table = table.slice(0, sum(c for p, c in zip(paths, counts) if p == path))
             labels.append(table.column(label_column).to_numpy().astype(np.int64))
             if "class_name" in cols:
-                pairs = pc.unique(pc.binary_join_element_wise(
-                    pc.cast(table.column(label_column), pa.string()), table.column("class_name"),
-                    "\x00"))
+                pairs = pc.unique(
+                    pc.binary_join_element_wise(
+                        pc.cast(table.column(label_column), pa.string()),
+                        table.column("class_name"),
+                        "\x00",
+                    )
+                )
                 for item in pairs.to_pylist():
                     if item is not None:
                         idx, name = item.split("\x00", 1)
@@ -234,13 +279,16 @@ def _list_parquet(listed, image_column: str, label_column: str | None,
             if n > 0:
                 kept.append((path, rg, n, size * n // max(1, n0)))
                 budget[path] -= n
-        paths, groups, counts, sizes = ((list(c) for c in zip(*kept)) if kept
-                                        else ([], [], [], []))
+        paths, groups, counts, sizes = (list(c) for c in zip(*kept)) if kept else ([], [], [], [])
         total = sum(counts)
-    entries = pa.table({"path": pa.array(paths, pa.string()),
-                        "row_group": pa.array(groups, pa.int64()),
-                        "num_rows": pa.array(counts, pa.int64()),
-                        "bytes": pa.array(sizes, pa.int64())})
+    entries = pa.table(
+        {
+            "path": pa.array(paths, pa.string()),
+            "row_group": pa.array(groups, pa.int64()),
+            "num_rows": pa.array(counts, pa.int64()),
+            "bytes": pa.array(sizes, pa.int64()),
+        }
+    )
     class_names: list[str] = []
     if labelled and labels:
         all_labels = np.concatenate(labels)
@@ -251,6 +299,14 @@ def _list_parquet(listed, image_column: str, label_column: str | None,
             class_names = list(names_meta)
         else:
             class_names = [name_pairs.get(i, str(i)) for i in range(n_classes)]
-    return Corpus("parquet", fs, entries, class_names, bool(labelled), image_column,
-                  label_column if labelled else None, num_images=total,
-                  description=", ".join(r for *_, r in listed))
+    return Corpus(
+        "parquet",
+        fs,
+        entries,
+        class_names,
+        bool(labelled),
+        image_column,
+        label_column if labelled else None,
+        num_images=total,
+        description=", ".join(r for *_, r in listed),
+    )

@@ -19,8 +19,9 @@ def image_keys(corpus: Corpus) -> list[str]:
         return corpus.entries.column("path").to_pylist()
     keys: list[str] = []
     offsets: dict[str, int] = {}
-    for path, n in zip(corpus.entries.column("path").to_pylist(),
-                       corpus.entries.column("num_rows").to_pylist()):
+    for path, n in zip(
+        corpus.entries.column("path").to_pylist(), corpus.entries.column("num_rows").to_pylist()
+    ):
         start = offsets.get(path, 0)
         keys += [f"{path}#{start + r}" for r in range(n)]
         offsets[path] = start + n
@@ -32,8 +33,10 @@ def split_indices(corpus: Corpus, val_fraction: float, seed: int) -> tuple[np.nd
     ``cat/0042.png`` or ``part-00000.parquet#17``): independent of listing order, stable when
     images are added, and the same wherever the corpus is stored (so figures compare across
     machines)."""
-    u = np.array([stable_hash(f"{seed}:{_local_key(k)}") for k in image_keys(corpus)],
-                 np.float64) / 2.0 ** 63
+    u = (
+        np.array([stable_hash(f"{seed}:{_local_key(k)}") for k in image_keys(corpus)], np.float64)
+        / 2.0**63
+    )
     val = u < val_fraction
     return np.flatnonzero(~val), np.flatnonzero(val)
 

@@ -40,8 +40,9 @@ class DataState:
         self.converted: Counter[str] = Counter()
         self.examples: list[str] = []  # "reason: key" of the first skipped images
 
-    def set_epoch(self, epoch: int, until: int | None = None,
-                  rows_per_epoch: int | None = None) -> int:
+    def set_epoch(
+        self, epoch: int, until: int | None = None, rows_per_epoch: int | None = None
+    ) -> int:
         self.epoch = int(epoch)
         self.until = None if until is None else max(int(until), self.epoch + 1)
         self.rows_per_epoch = None if rows_per_epoch is None else int(rows_per_epoch)
@@ -53,8 +54,13 @@ class DataState:
     def window(self) -> tuple[int, int, int | None]:
         return self.epoch, self.until or self.epoch + 1, self.rows_per_epoch
 
-    def add(self, decoded: int, skipped: dict[str, int], converted: dict[str, int],
-            examples: list[str] | None = None) -> None:
+    def add(
+        self,
+        decoded: int,
+        skipped: dict[str, int],
+        converted: dict[str, int],
+        examples: list[str] | None = None,
+    ) -> None:
         self.decoded += int(decoded)
         self.skipped.update({k: int(v) for k, v in skipped.items() if v})
         self.converted.update({k: int(v) for k, v in converted.items() if v})
@@ -63,8 +69,13 @@ class DataState:
                 self.examples.append(e)
 
     def stats(self) -> dict:
-        return {"epoch": self.epoch, "decoded": self.decoded, "skipped": dict(self.skipped),
-                "converted": dict(self.converted), "examples": list(self.examples)}
+        return {
+            "epoch": self.epoch,
+            "decoded": self.decoded,
+            "skipped": dict(self.skipped),
+            "converted": dict(self.converted),
+            "examples": list(self.examples),
+        }
 
 
 def stream_end(epoch: int, until: int | None, rows_per_epoch: int, max_rows: int) -> int:
@@ -85,8 +96,9 @@ class DataHandle:
         self.namespace = namespace or ray.get_runtime_context().namespace
         from pipeline.ray_runtime import on_this_node
 
-        self._actor = DataState.options(name=self.name, namespace=self.namespace,
-                                        lifetime=None, **on_this_node()).remote()
+        self._actor = DataState.options(
+            name=self.name, namespace=self.namespace, lifetime=None, **on_this_node()
+        ).remote()
 
     def __getstate__(self) -> dict:
         return {"name": self.name, "namespace": self.namespace, "_actor": self._actor}
@@ -98,8 +110,9 @@ class DataHandle:
     def actor(self):
         return self._actor
 
-    def set_epoch(self, epoch: int, until: int | None = None,
-                  rows_per_epoch: int | None = None) -> None:
+    def set_epoch(
+        self, epoch: int, until: int | None = None, rows_per_epoch: int | None = None
+    ) -> None:
         """Idempotent, from any process; call before starting an iteration. The next execution
         streams epochs ``epoch .. until-1`` (just ``epoch`` when ``until`` is None), each cut to
         its first ``rows_per_epoch`` images in that epoch's order (all when None)."""
@@ -112,8 +125,14 @@ class DataHandle:
         """``(first epoch, end epoch exclusive, rows per epoch or None)`` of the next execution."""
         return tuple(ray.get(self._actor.window.remote()))
 
-    def add(self, decoded: int, skipped: dict[str, int], converted: dict[str, int],
-            examples: list[str] | None = None, wait: bool = True) -> None:
+    def add(
+        self,
+        decoded: int,
+        skipped: dict[str, int],
+        converted: dict[str, int],
+        examples: list[str] | None = None,
+        wait: bool = True,
+    ) -> None:
         """Add counts; ``wait=False`` sends them without waiting (the crop actors' path: their
         calls arrive in order, and a blocking round trip per batch throttled every actor)."""
         ref = self._actor.add.remote(decoded, skipped, converted, examples)

@@ -6,9 +6,14 @@ with a registered backbone, to Parquet. Imports only ``pipeline.data``,
 ``pipeline.checkpoints``, ``dino_model`` and the shared base modules: never ``pipeline.train``.
 """
 
-from pipeline.evaluate.embed import EmbedResult, Embedder, embed_corpus
-from pipeline.evaluate.knn_eval import (TEST_PREFIX, EmbedBatch, eval_on_gpu, evaluate_knn,
-                                        evaluate_test_split)
+from pipeline.evaluate.embed import Embedder, EmbedResult, embed_corpus
+from pipeline.evaluate.knn_eval import (
+    TEST_PREFIX,
+    EmbedBatch,
+    eval_on_gpu,
+    evaluate_knn,
+    evaluate_test_split,
+)
 
 __all__ = [
     "TEST_PREFIX",

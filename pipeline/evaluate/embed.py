@@ -26,10 +26,17 @@ import pyarrow as pa
 class Embedder:
     """Callable class for ``map_batches``: decode + resize/centre-crop + backbone forward."""
 
-    def __init__(self, package: Any, build_module: Callable[[dict[str, Any]], Any],
-                 filesystem=None, image_size: int | None = None,
-                 resize: int | None = None, with_label: bool = False,
-                 class_names: list[str] | None = None, device: str = "cpu"):
+    def __init__(
+        self,
+        package: Any,
+        build_module: Callable[[dict[str, Any]], Any],
+        filesystem=None,
+        image_size: int | None = None,
+        resize: int | None = None,
+        with_label: bool = False,
+        class_names: list[str] | None = None,
+        device: str = "cpu",
+    ):
         import cv2
         import ray
         import torch
@@ -63,15 +70,20 @@ class Embedder:
         dim = emb.shape[1]
         flat = pa.array(emb.reshape(-1), pa.float32())
         offsets = pa.array(np.arange(0, (len(emb) + 1) * dim, dim, dtype=np.int32)[: len(emb) + 1])
-        cols: dict[str, Any] = {"id": pa.array([str(k) for k in np.asarray(batch["key"])[keep]],
-                                               pa.string())}
+        cols: dict[str, Any] = {
+            "id": pa.array([str(k) for k in np.asarray(batch["key"])[keep]], pa.string())
+        }
         if self.with_label and "label" in batch:
             labels = np.asarray(batch["label"], np.int64)[keep]
             cols["label"] = pa.array(labels, pa.int64())
             if self.class_names:
                 cols["label_name"] = pa.array(
-                    [self.class_names[j] if 0 <= j < len(self.class_names) else str(j)
-                     for j in labels], pa.string())
+                    [
+                        self.class_names[j] if 0 <= j < len(self.class_names) else str(j)
+                        for j in labels
+                    ],
+                    pa.string(),
+                )
         cols["embedding"] = pa.ListArray.from_arrays(offsets, flat)
         return pa.table(cols)
 
@@ -83,13 +95,23 @@ class EmbedResult:
     embed_dim: int
 
 
-def embed_corpus(package: dict[str, Any], src: str | list[str], dst: str, *,
-                 build_module: Callable[[dict[str, Any]], Any], num_actors: int = 1,
-                 cpus_per_actor: float = 1.0, batch_size: int = 64,
-                 image_size: int | None = None, resize: int | None = None,
-                 format: str = "auto", image_column: str = "image",
-                 label_column: str | None = "label", limit: int | None = None,
-                 address: str | None = None) -> EmbedResult:
+def embed_corpus(
+    package: dict[str, Any],
+    src: str | list[str],
+    dst: str,
+    *,
+    build_module: Callable[[dict[str, Any]], Any],
+    num_actors: int = 1,
+    cpus_per_actor: float = 1.0,
+    batch_size: int = 64,
+    image_size: int | None = None,
+    resize: int | None = None,
+    format: str = "auto",
+    image_column: str = "image",
+    label_column: str | None = "label",
+    limit: int | None = None,
+    address: str | None = None,
+) -> EmbedResult:
     """Embed ``src`` (image folder tree or Parquet) into Parquet at ``dst`` with the backbone of
     ``package`` (``{"arch": dict, "weights": bytes}``), which each actor rebuilds with
     ``build_module(package)``: a module-level function, so Ray ships it by reference."""
@@ -106,11 +128,16 @@ def embed_corpus(package: dict[str, Any], src: str | list[str], dst: str, *,
     ds = ds.map_batches(
         Embedder,
         fn_constructor_kwargs={
-            "package": ray.put(package), "build_module": build_module,
-            "filesystem": corpus.filesystem, "image_size": image_size,
-            "resize": resize, "with_label": corpus.labelled,
-            "class_names": list(corpus.class_names)},
-        batch_size=batch_size, batch_format="numpy",
+            "package": ray.put(package),
+            "build_module": build_module,
+            "filesystem": corpus.filesystem,
+            "image_size": image_size,
+            "resize": resize,
+            "with_label": corpus.labelled,
+            "class_names": list(corpus.class_names),
+        },
+        batch_size=batch_size,
+        batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=max(1, int(num_actors))),
         num_cpus=cpus_per_actor,
     )

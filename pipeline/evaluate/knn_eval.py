@@ -41,8 +41,15 @@ class EmbedBatch:
     the driver). ``probe`` (``{"n_last_blocks": n, "avgpool": b}``) adds DINO's linear-probe
     features (``feat_probe``, ``feat_probe_init``)."""
 
-    def __init__(self, cfg: dict, checkpoint_path: str | None, include_random_init: bool,
-                 batch_size: int, include_pixels: bool = False, probe: dict | None = None) -> None:
+    def __init__(
+        self,
+        cfg: dict,
+        checkpoint_path: str | None,
+        include_random_init: bool,
+        batch_size: int,
+        include_pixels: bool = False,
+        probe: dict | None = None,
+    ) -> None:
         from pipeline.checkpoints import load_teacher_backbone, random_init_backbone
 
         torch.set_num_threads(1)
@@ -57,8 +64,9 @@ class EmbedBatch:
         from dino_model.precision import resolve_precision
 
         # the run's own precision (fp16 on a CPU actor falls back to fp32)
-        self.autocast = resolve_precision(DinoConfig.from_dict(cfg).train.precision, self.device,
-                                          training=False).autocast_dtype
+        self.autocast = resolve_precision(
+            DinoConfig.from_dict(cfg).train.precision, self.device, training=False
+        ).autocast_dtype
         self.batch_size = batch_size
         self.include_pixels = include_pixels
         self.probe = probe
@@ -69,8 +77,11 @@ class EmbedBatch:
             out["split"] = batch["split"]
         images = batch["image"]
         for suffix, backbone in self.backbones.items():
-            kw = {"device": self.device, "batch_size": self.batch_size,
-                  "autocast_dtype": self.autocast}
+            kw = {
+                "device": self.device,
+                "batch_size": self.batch_size,
+                "autocast_dtype": self.autocast,
+            }
             out[f"feat_knn{suffix}"] = embed(backbone, images, **kw).numpy()
             if self.probe is not None:
                 out[f"feat_probe{suffix}"] = embed(backbone, images, **kw, **self.probe).numpy()
@@ -84,25 +95,38 @@ def _tag(batch: dict[str, np.ndarray], split: int) -> dict[str, np.ndarray]:
     return batch
 
 
-def embed_sets(sets: EvalSets, cfg: DinoConfig, checkpoint_path: str | None,
-               include_random_init: bool, *, include_pixels: bool = False,
-               probe: dict | None = None) -> dict[str, Any]:
+def embed_sets(
+    sets: EvalSets,
+    cfg: DinoConfig,
+    checkpoint_path: str | None,
+    include_random_init: bool,
+    *,
+    include_pixels: bool = False,
+    probe: dict | None = None,
+) -> dict[str, Any]:
     """One Ray Data pass over bank + val: ``{name: (bank_feats, bank_labels, val_feats, val_labels)}``
     with names ``knn`` (checkpoint), ``knn_init``, ``knn_pixels`` (uint8, flattened) and, with
     ``probe``, ``probe`` / ``probe_init``."""
     use_gpu = eval_on_gpu(cfg)
     ds = sets.bank.map_batches(_tag, fn_kwargs={"split": 0}, batch_format="numpy").union(
-        sets.val.map_batches(_tag, fn_kwargs={"split": 1}, batch_format="numpy"))
+        sets.val.map_batches(_tag, fn_kwargs={"split": 1}, batch_format="numpy")
+    )
     out = ds.map_batches(
         EmbedBatch,
-        fn_constructor_kwargs={"cfg": cfg.model_dump(mode="json"),
-                               "checkpoint_path": checkpoint_path,
-                               "include_random_init": include_random_init,
-                               "batch_size": cfg.eval.batch_size,
-                               "include_pixels": include_pixels, "probe": probe},
-        batch_size=cfg.eval.batch_size, batch_format="numpy",
+        fn_constructor_kwargs={
+            "cfg": cfg.model_dump(mode="json"),
+            "checkpoint_path": checkpoint_path,
+            "include_random_init": include_random_init,
+            "batch_size": cfg.eval.batch_size,
+            "include_pixels": include_pixels,
+            "probe": probe,
+        },
+        batch_size=cfg.eval.batch_size,
+        batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=cfg.eval.num_actors),
-        num_cpus=0 if use_gpu else 1, num_gpus=1 if use_gpu else 0)
+        num_cpus=0 if use_gpu else 1,
+        num_gpus=1 if use_gpu else 0,
+    )
     cols: dict[str, list] = {}
     for b in out.iter_batches(batch_size=4096, batch_format="numpy"):
         for k, v in b.items():
@@ -115,14 +139,26 @@ def embed_sets(sets: EvalSets, cfg: DinoConfig, checkpoint_path: str | None,
     for k, feats in arrays.items():
         if k.startswith("feat_"):
             f = torch.from_numpy(feats)
-            result[k[len("feat_"):]] = (f[bank], arrays["label"][bank], f[val], arrays["label"][val])
+            result[k[len("feat_") :]] = (
+                f[bank],
+                arrays["label"][bank],
+                f[val],
+                arrays["label"][val],
+            )
     return result
 
 
-def evaluate_knn(cfg: DinoConfig, checkpoint_path: str | None, *, sets: EvalSets | None = None,
-                 include_random_init: bool = True, include_pixels: bool = True,
-                 linear: bool = False, n_last_blocks: int = 1,
-                 avgpool: bool = False) -> dict[str, Any]:
+def evaluate_knn(
+    cfg: DinoConfig,
+    checkpoint_path: str | None,
+    *,
+    sets: EvalSets | None = None,
+    include_random_init: bool = True,
+    include_pixels: bool = True,
+    linear: bool = False,
+    n_last_blocks: int = 1,
+    avgpool: bool = False,
+) -> dict[str, Any]:
     """All evaluation figures of a checkpoint (percent), on one pass over the eval images.
 
     k-NN, for ``knn`` (the checkpoint's teacher; skipped when ``checkpoint_path`` is None),
@@ -146,10 +182,14 @@ def evaluate_knn(cfg: DinoConfig, checkpoint_path: str | None, *, sets: EvalSets
         return out
     # the linear probe fits on every bank feature: it holds them (bound the bank with eval.limit)
     # the probe reads other features than the k-NN only with DINO's options; else it reuses them
-    probe = ({"n_last_blocks": n_last_blocks, "avgpool": avgpool}
-             if linear and (n_last_blocks != 1 or avgpool) else None)
-    feats = embed_sets(sets, cfg, checkpoint_path, include_random_init,
-                       include_pixels=include_pixels, probe=probe)
+    probe = (
+        {"n_last_blocks": n_last_blocks, "avgpool": avgpool}
+        if linear and (n_last_blocks != 1 or avgpool)
+        else None
+    )
+    feats = embed_sets(
+        sets, cfg, checkpoint_path, include_random_init, include_pixels=include_pixels, probe=probe
+    )
     if "knn_pixels" in feats:
         bank_px, bank_l, val_px, val_l = feats["knn_pixels"]
         feats["knn_pixels"] = (pixel_features(bank_px), bank_l, pixel_features(val_px), val_l)
@@ -159,15 +199,28 @@ def evaluate_knn(cfg: DinoConfig, checkpoint_path: str | None, *, sets: EvalSets
         if prefix not in feats:
             continue
         bank_f, bank_l, val_f, val_l = feats[prefix]
-        out.update(knn_metrics(bank_f, bank_l, val_f, val_l, ks=e.k, temperature=e.temperature,
-                               prefix=prefix, headline_k=e.headline_k))
+        out.update(
+            knn_metrics(
+                bank_f,
+                bank_l,
+                val_f,
+                val_l,
+                ks=e.k,
+                temperature=e.temperature,
+                prefix=prefix,
+                headline_k=e.headline_k,
+            )
+        )
         out[f"{prefix}_bank_size"] = int(len(bank_l))
         out[f"{prefix}_val_size"] = int(len(val_l))
         if linear:
             # pixels are probed on the same features as their k-NN; backbones on the probe's
             source = prefix.replace("knn", "probe") if probe and prefix != "knn_pixels" else prefix
-            out.update(linear_metrics(*feats[source], prefix=prefix.replace("knn", "linear"),
-                                      seed=cfg.train.seed))
+            out.update(
+                linear_metrics(
+                    *feats[source], prefix=prefix.replace("knn", "linear"), seed=cfg.train.seed
+                )
+            )
     if "knn_top1" in out and "knn_init_top1" in out:
         out["knn_gain_top1"] = out["knn_top1"] - out["knn_init_top1"]
     if linear:
@@ -180,23 +233,31 @@ def evaluate_knn(cfg: DinoConfig, checkpoint_path: str | None, *, sets: EvalSets
 TEST_PREFIX = "test_"
 
 
-def evaluate_test_split(cfg: DinoConfig, checkpoint_path: str, *, linear: bool = False,
-                        include_random_init: bool = True) -> dict[str, Any]:
+def evaluate_test_split(
+    cfg: DinoConfig, checkpoint_path: str, *, linear: bool = False, include_random_init: bool = True
+) -> dict[str, Any]:
     """The once-only report on ``eval.test_path``: the k-NN (and probe) figures of
     ``evaluate_knn`` with the test split as queries and ``eval.train_path`` (else all of
     ``data.path``) as the bank, every key prefixed ``test_`` (``test_knn_top1``, ...)."""
     e = cfg.eval
     if e.test_path is None:
         raise ValueError("eval.test_path is not set")
-    test_cfg = cfg.with_overrides({"eval.val_path": e.test_path,
-                                   "eval.train_path": e.train_path or cfg.data.path})
-    figures = evaluate_knn(test_cfg, checkpoint_path, include_random_init=include_random_init,
-                           linear=linear)
+    test_cfg = cfg.with_overrides(
+        {"eval.val_path": e.test_path, "eval.train_path": e.train_path or cfg.data.path}
+    )
+    figures = evaluate_knn(
+        test_cfg, checkpoint_path, include_random_init=include_random_init, linear=linear
+    )
     return {f"{TEST_PREFIX}{k}": v for k, v in figures.items()}
 
 
-def knn_streamed(sets: EvalSets, cfg: DinoConfig, checkpoint_path: str | None,
-                 include_random_init: bool, include_pixels: bool) -> dict[str, Any]:
+def knn_streamed(
+    sets: EvalSets,
+    cfg: DinoConfig,
+    checkpoint_path: str | None,
+    include_random_init: bool,
+    include_pixels: bool,
+) -> dict[str, Any]:
     """k-NN figures without gathering the bank: the val rows are embedded first (kept: the
     queries), then the bank streams through in batches folded into ``NeighbourVotes`` (k_max
     best neighbours per query). The driver holds val features + val x k_max votes + one batch,
@@ -212,13 +273,18 @@ def knn_streamed(sets: EvalSets, cfg: DinoConfig, checkpoint_path: str | None,
     def embedded(ds: ray.data.Dataset):
         return ds.map_batches(
             EmbedBatch,
-            fn_constructor_kwargs={"cfg": cfg.model_dump(mode="json"),
-                                   "checkpoint_path": checkpoint_path,
-                                   "include_random_init": include_random_init,
-                                   "batch_size": e.batch_size, "include_pixels": include_pixels},
-            batch_size=e.batch_size, batch_format="numpy",
+            fn_constructor_kwargs={
+                "cfg": cfg.model_dump(mode="json"),
+                "checkpoint_path": checkpoint_path,
+                "include_random_init": include_random_init,
+                "batch_size": e.batch_size,
+                "include_pixels": include_pixels,
+            },
+            batch_size=e.batch_size,
+            batch_format="numpy",
             compute=ray.data.ActorPoolStrategy(size=e.num_actors),
-            num_cpus=0 if use_gpu else 1, num_gpus=1 if use_gpu else 0,
+            num_cpus=0 if use_gpu else 1,
+            num_gpus=1 if use_gpu else 0,
         ).iter_batches(batch_size=1024, batch_format="numpy")
 
     def feats(name: str, x: np.ndarray) -> torch.Tensor:
@@ -226,21 +292,25 @@ def knn_streamed(sets: EvalSets, cfg: DinoConfig, checkpoint_path: str | None,
 
     val_parts: dict[str, list] = {}
     for b in embedded(sets.val):
-        for name in (k[len("feat_"):] for k in b if k.startswith("feat_")):
+        for name in (k[len("feat_") :] for k in b if k.startswith("feat_")):
             val_parts.setdefault(name, []).append(b[f"feat_{name}"])
         val_parts.setdefault("label", []).append(b["label"])
     if not val_parts:
         raise ValueError("empty validation set")
-    votes = {name: NeighbourVotes(feats(name, np.concatenate(parts)), max(ks))
-             for name, parts in val_parts.items() if name != "label"}
+    votes = {
+        name: NeighbourVotes(feats(name, np.concatenate(parts)), max(ks))
+        for name, parts in val_parts.items()
+        if name != "label"
+    }
     for b in embedded(sets.bank):
         for name, v in votes.items():
             v.add(feats(name, b[f"feat_{name}"]), torch.from_numpy(b["label"]))
     if not any(v.bank_size for v in votes.values()):
         raise ValueError("empty evaluation set (no bank images)")
     val_labels = torch.from_numpy(np.concatenate(val_parts["label"]))
-    n_classes = int(max(max(int(v.labels.max()) for v in votes.values()),
-                        int(val_labels.max()))) + 1
+    n_classes = (
+        int(max(max(int(v.labels.max()) for v in votes.values()), int(val_labels.max()))) + 1
+    )
     out: dict[str, Any] = {}
     for name, v in votes.items():
         res = v.classify(val_labels, ks=ks, temperature=e.temperature, num_classes=n_classes)
@@ -260,6 +330,8 @@ def eval_on_gpu(cfg: DinoConfig) -> bool:
 
     if ClusterView.current().max_total("GPU") >= 1:
         return True
-    log.warning("train.use_gpu=true but this cluster has no GPU and cannot get one: the k-NN "
-                "evaluation runs on CPU")
+    log.warning(
+        "train.use_gpu=true but this cluster has no GPU and cannot get one: the k-NN "
+        "evaluation runs on CPU"
+    )
     return False

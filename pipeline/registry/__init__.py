@@ -7,5 +7,13 @@ from pipeline.registry.champion import update_champion
 from pipeline.registry.pull import list_models, load_backbone, pull
 from pipeline.registry.register import EvalKeyConflictError, register_teacher
 
-__all__ = ["ArchError", "EvalKeyConflictError", "WeightsError", "list_models", "load_backbone",
-           "pull", "register_teacher", "update_champion"]
+__all__ = [
+    "ArchError",
+    "EvalKeyConflictError",
+    "WeightsError",
+    "list_models",
+    "load_backbone",
+    "pull",
+    "register_teacher",
+    "update_champion",
+]

@@ -90,8 +90,10 @@ def parse_arch(raw: str | bytes | dict[str, Any], source: str = ARCH_FILE) -> Ar
     except ValidationError as exc:
         err = exc.errors()[0]
         field = ".".join(str(p) for p in err["loc"]) or "(document)"
-        raise ArchError(f"{source}: arch.json field {field!r}: {err['msg']} "
-                        f"(re-register the model with dino-ray register)") from None
+        raise ArchError(
+            f"{source}: arch.json field {field!r}: {err['msg']} "
+            f"(re-register the model with dino-ray register)"
+        ) from None
 
 
 def build_verified(spec: ArchSpec, weights: bytes | str | Path) -> nn.Module:
@@ -109,15 +111,18 @@ def build_verified(spec: ArchSpec, weights: bytes | str | Path) -> nn.Module:
         use_cifar_stem(model)
     model.embed_dim = int(model.num_features)
     if model.embed_dim != spec.embed_dim:
-        raise ArchError(f"arch.json field 'embed_dim': says {spec.embed_dim}, the architecture "
-                        f"gives {model.embed_dim} (re-register the model)")
+        raise ArchError(
+            f"arch.json field 'embed_dim': says {spec.embed_dim}, the architecture "
+            f"gives {model.embed_dim} (re-register the model)"
+        )
     state = load_bytes(weights) if isinstance(weights, bytes) else load_file(str(weights))
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
         first = str(exc).splitlines()[1:2] or [str(exc)]
-        raise WeightsError(f"{WEIGHTS_FILE} does not match arch.json: {first[0].strip()} "
-                           "(re-register the model)") from None
+        raise WeightsError(
+            f"{WEIGHTS_FILE} does not match arch.json: {first[0].strip()} (re-register the model)"
+        ) from None
     model.eval()
     for p in model.parameters():
         p.requires_grad = False

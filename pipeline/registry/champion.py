@@ -53,8 +53,7 @@ def comparable_entries(client, name: str) -> list[Entry]:
         if mv.run_id not in runs:
             try:
                 data = client.get_run(mv.run_id).data
-                runs[mv.run_id] = (data.params.get(EVAL_KEY_PARAM),
-                                   data.metrics.get(FIGURE_METRIC))
+                runs[mv.run_id] = (data.params.get(EVAL_KEY_PARAM), data.metrics.get(FIGURE_METRIC))
             except MlflowException:
                 runs[mv.run_id] = (None, None)
         key, figure = runs[mv.run_id]
@@ -81,8 +80,10 @@ def update_champion(client, name: str, prefer: int | None = None) -> int | None:
         return None
     best: dict[str, Entry] = {}
     for e in entries:
-        if e.eval_key not in best or (e.figure, e.version) > (best[e.eval_key].figure,
-                                                               best[e.eval_key].version):
+        if e.eval_key not in best or (e.figure, e.version) > (
+            best[e.eval_key].figure,
+            best[e.eval_key].version,
+        ):
             best[e.eval_key] = e
     for key, e in best.items():
         client.set_registered_model_alias(name, champion_alias(key), str(e.version))

@@ -59,6 +59,9 @@ def eval_identity(cfg: DinoConfig) -> dict[str, str]:
 
 def eval_key(identity: dict[str, Any]) -> str:
     """A 12-hex-character hash of ``identity`` (order of keys does not matter)."""
-    text = json.dumps({"v": KEY_VERSION, **{k: str(v) for k, v in identity.items()}},
-                      sort_keys=True, separators=(",", ":"))
+    text = json.dumps(
+        {"v": KEY_VERSION, **{k: str(v) for k, v in identity.items()}},
+        sort_keys=True,
+        separators=(",", ":"),
+    )
     return hashlib.sha256(text.encode()).hexdigest()[:KEY_LENGTH]

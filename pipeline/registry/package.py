@@ -22,11 +22,10 @@ import json
 from pathlib import Path
 from typing import Any
 
+import mlflow
 import numpy as np
 import torch
 import torch.nn as nn
-
-import mlflow
 from mlflow.models import set_model
 
 FORMAT = "dino-ray-backbone/1"
@@ -40,8 +39,13 @@ def save_package(backbone: nn.Module, arch: dict[str, Any], directory: str | Pat
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().to("cpu", torch.float32 if v.is_floating_point() else v.dtype)
-             .contiguous().clone() for k, v in backbone.state_dict().items()}
+    state = {
+        k: v.detach()
+        .to("cpu", torch.float32 if v.is_floating_point() else v.dtype)
+        .contiguous()
+        .clone()
+        for k, v in backbone.state_dict().items()
+    }
     save_file(state, str(directory / WEIGHTS_FILE), metadata={"format": FORMAT})
     (directory / ARCH_FILE).write_text(json.dumps({"format": FORMAT, **arch}, indent=1))
     return directory

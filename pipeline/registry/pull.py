@@ -23,7 +23,11 @@ from pipeline.tracking.global_uri import use_tracking_uri
 
 
 def normalize_uri(model_uri: str) -> str:
-    if "://" in model_uri or model_uri.startswith(("models:/", "runs:/")) or Path(model_uri).exists():
+    if (
+        "://" in model_uri
+        or model_uri.startswith(("models:/", "runs:/"))
+        or Path(model_uri).exists()
+    ):
         return model_uri
     return "models:/" + model_uri
 
@@ -46,8 +50,9 @@ def pull(model_uri: str, dst_dir: str | Path, tracking_uri: str | None = None) -
     return Path(local)
 
 
-def load_backbone(model_uri: str, tracking_uri: str | None = None,
-                  device: str = "cpu") -> nn.Module:
+def load_backbone(
+    model_uri: str, tracking_uri: str | None = None, device: str = "cpu"
+) -> nn.Module:
     """The registered backbone as a ready module (eval mode, no grad). Only safetensors weights
     and the validated arch.json are read: nothing is unpickled, imported or executed, so a
     registry writer cannot run code here. Raises ``ArchError`` / ``WeightsError`` when the
@@ -68,8 +73,10 @@ def load_package_bytes(model_uri: str, tracking_uri: str | None = None) -> dict[
         local = Path(model_uri) if Path(model_uri).exists() else pull(model_uri, tmp, tracking_uri)
         pkg = package.find_package(local)
         spec = parse_arch((pkg / package.ARCH_FILE).read_text(), source=model_uri)
-        return {"arch": spec.model_dump(mode="json"),
-                "weights": (pkg / package.WEIGHTS_FILE).read_bytes()}
+        return {
+            "arch": spec.model_dump(mode="json"),
+            "weights": (pkg / package.WEIGHTS_FILE).read_bytes(),
+        }
 
 
 def module_from_bytes(pkg: dict[str, Any]) -> nn.Module:
@@ -92,13 +99,18 @@ def list_models(tracking_uri: str, name: str | None = None) -> list[dict[str, An
             alias_of.setdefault(str(version), []).append(alias)
         for mv in client.search_model_versions(f"name='{model_name}'"):
             tags = mv.tags or {}
-            rows.append({
-                "name": model_name, "version": int(mv.version),
-                "aliases": ",".join(sorted(alias_of.get(str(mv.version), []))),
-                "knn_top1": tags.get("knn_top1", ""), "eval_key": tags.get("eval_key", ""),
-                "epochs": tags.get("epochs", ""),
-                "arch": tags.get("arch", ""), "code_version": tags.get("code_version", ""),
-                "run_id": mv.run_id or "",
-            })
+            rows.append(
+                {
+                    "name": model_name,
+                    "version": int(mv.version),
+                    "aliases": ",".join(sorted(alias_of.get(str(mv.version), []))),
+                    "knn_top1": tags.get("knn_top1", ""),
+                    "eval_key": tags.get("eval_key", ""),
+                    "epochs": tags.get("epochs", ""),
+                    "arch": tags.get("arch", ""),
+                    "code_version": tags.get("code_version", ""),
+                    "run_id": mv.run_id or "",
+                }
+            )
     rows.sort(key=lambda r: (r["name"], -r["version"]))
     return rows

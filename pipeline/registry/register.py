@@ -55,8 +55,13 @@ def arch_description(cfg: DinoConfig, embed_dim: int) -> dict[str, Any]:
         "resolutions": resolutions,
         "eval_size": cfg.augment.global_size,
         "eval_resize": cfg.eval.resize or round(cfg.augment.global_size * 8 / 7),
-        "input": {"layout": "NCHW", "dtype": "float32", "mean": list(IMAGENET_MEAN),
-                  "std": list(IMAGENET_STD), "scale": "x / 255, then (x - mean) / std"},
+        "input": {
+            "layout": "NCHW",
+            "dtype": "float32",
+            "mean": list(IMAGENET_MEAN),
+            "std": list(IMAGENET_STD),
+            "scale": "x / 255, then (x - mean) / std",
+        },
         "model": cfg.model.model_dump(mode="json"),
     }
 
@@ -146,8 +151,9 @@ def register_teacher(
         "epochs": str(meta.get("epoch", cfg.train.epochs)),
         "arch": cfg.model.arch,
         "patch_size": str(cfg.model.patch_size),
-        "resolutions": ",".join(str(r) for r in
-                                sorted({cfg.augment.global_size, cfg.augment.local_size})),
+        "resolutions": ",".join(
+            str(r) for r in sorted({cfg.augment.global_size, cfg.augment.local_size})
+        ),
         "code_version": code_version(),
     }
     extra_tags = dict(extra_tags or {})
@@ -170,8 +176,10 @@ def register_teacher(
             info = mlflow.pyfunc.log_model(
                 name=MODEL_ARTIFACT,
                 python_model=package.__file__,
-                artifacts={"weights": str(pkg / package.WEIGHTS_FILE),
-                           "arch": str(pkg / package.ARCH_FILE)},
+                artifacts={
+                    "weights": str(pkg / package.WEIGHTS_FILE),
+                    "arch": str(pkg / package.ARCH_FILE),
+                },
                 signature=signature(embed_dim),
                 # one image at the smallest trained resolution: MLflow warns on every log_model
                 # without an example, and the example documents the expected input
@@ -202,7 +210,8 @@ def _check_eval_key(client, run_id: str, key: str) -> None:
     if recorded not in (None, key):
         raise EvalKeyConflictError(
             f"run {run_id} records eval_key={recorded}, this config gives {key}: register with "
-            "the run's own config, or without run_id (a new run)")
+            "the run's own config, or without run_id (a new run)"
+        )
 
 
 def _record_evaluation(client, run_id: str, key: str, metrics: dict[str, Any]) -> None:
@@ -216,9 +225,14 @@ def _record_evaluation(client, run_id: str, key: str, metrics: dict[str, Any]) -
     run = client.get_run(run_id)
     params = [] if EVAL_KEY_PARAM in run.data.params else [Param(EVAL_KEY_PARAM, key)]
     now = int(time.time() * 1000)
-    new = [Metric(k, float(v), now, 0) for k, v in metrics.items()
-           if k not in run.data.metrics and isinstance(v, (int, float))
-           and not isinstance(v, bool) and math.isfinite(float(v))]
+    new = [
+        Metric(k, float(v), now, 0)
+        for k, v in metrics.items()
+        if k not in run.data.metrics
+        and isinstance(v, (int, float))
+        and not isinstance(v, bool)
+        and math.isfinite(float(v))
+    ]
     if params or new:
         client.log_batch(run_id, metrics=new, params=params)
 

@@ -9,5 +9,11 @@ from pipeline.tracking.global_uri import use_tracking_uri
 from pipeline.tracking.mlflow_tracker import Tracker, resolve_tracking_uri
 from pipeline.tracking.transport import PermanentError, TrackingError, TransientError
 
-__all__ = ["PermanentError", "Tracker", "TrackingError", "TransientError", "resolve_tracking_uri",
-           "use_tracking_uri"]
+__all__ = [
+    "PermanentError",
+    "Tracker",
+    "TrackingError",
+    "TransientError",
+    "resolve_tracking_uri",
+    "use_tracking_uri",
+]

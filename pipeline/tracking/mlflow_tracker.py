@@ -45,8 +45,15 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.redact import redact
-from pipeline.tracking.transport import (MAX_METRICS, MAX_PARAMS, MAX_TAGS, MetricItem,
-                                         PermanentError, TransientError, transport_for)
+from pipeline.tracking.transport import (
+    MAX_METRICS,
+    MAX_PARAMS,
+    MAX_TAGS,
+    MetricItem,
+    PermanentError,
+    TransientError,
+    transport_for,
+)
 
 log = logging.getLogger("dino_ray.tracking")
 
@@ -62,7 +69,7 @@ def resolve_tracking_uri(uri: str, base_dir: str | Path | None = None) -> str:
     """``sqlite:///rel.db`` -> absolute path (relative to ``base_dir`` or the cwd)."""
     prefix = "sqlite:///"
     if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
-        rel = uri[len(prefix):]
+        rel = uri[len(prefix) :]
         return prefix + str((Path(base_dir or os.getcwd()) / rel).resolve())
     return uri
 
@@ -78,13 +85,24 @@ class Tracker:
     values kept while the server is down. Attributes: ``ok`` (a run was started), ``run_id``.
     """
 
-    def __init__(self, tracking_uri: str, experiment: str, *, run_name: str | None = None,
-                 enabled: bool = True, resume_run_id: str | None = None,
-                 http_timeout_s: float = 5.0, tags: dict[str, str] | None = None,
-                 max_buffered: int = 100_000, flush_interval_s: float = 1.0,
-                 max_backoff_s: float = 30.0, finish_timeout_s: float = 60.0,
-                 artifact_timeout_s: float = 300.0, artifact_attempts: int = 3,
-                 start_attempts: int = 3) -> None:
+    def __init__(
+        self,
+        tracking_uri: str,
+        experiment: str,
+        *,
+        run_name: str | None = None,
+        enabled: bool = True,
+        resume_run_id: str | None = None,
+        http_timeout_s: float = 5.0,
+        tags: dict[str, str] | None = None,
+        max_buffered: int = 100_000,
+        flush_interval_s: float = 1.0,
+        max_backoff_s: float = 30.0,
+        finish_timeout_s: float = 60.0,
+        artifact_timeout_s: float = 300.0,
+        artifact_attempts: int = 3,
+        start_attempts: int = 3,
+    ) -> None:
         self.uri = resolve_tracking_uri(tracking_uri)
         self.run_id: str | None = None
         self.ok = False
@@ -124,7 +142,7 @@ class Tracker:
             except TransientError as exc:
                 if attempt == start_attempts - 1:
                     return self._disable("start a run", exc)
-                time.sleep(min(max_backoff_s, 2.0 ** attempt))
+                time.sleep(min(max_backoff_s, 2.0**attempt))
             except Exception as exc:  # noqa: BLE001 - PermanentError or a malformed reply
                 return self._disable("start a run", exc)
         self.ok = True
@@ -133,8 +151,9 @@ class Tracker:
             threading.Thread(target=target, name=f"dino-ray-mlflow-{name}", daemon=True).start()
         atexit.register(self._at_exit)
 
-    def _start(self, experiment: str, run_name: str | None, resume_run_id: str | None,
-               tags: dict[str, str]) -> None:
+    def _start(
+        self, experiment: str, run_name: str | None, resume_run_id: str | None, tags: dict[str, str]
+    ) -> None:
         exp_id = self.transport.experiment_id(experiment)
         if resume_run_id:
             try:
@@ -156,8 +175,12 @@ class Tracker:
 
     def _disable(self, what: str, exc: BaseException) -> None:
         self.ok = False
-        log.warning("MLflow tracking disabled for this run: could not %s at %s (%s). "
-                    "Training continues.", what, redact(self.uri), exc)
+        log.warning(
+            "MLflow tracking disabled for this run: could not %s at %s (%s). Training continues.",
+            what,
+            redact(self.uri),
+            exc,
+        )
 
     # --- public API: queue only, never touch the network ---------------------------------------
     def log_params(self, params: dict[str, Any]) -> None:
@@ -177,9 +200,11 @@ class Tracker:
         if not self._open():
             return
         ts, step = int(time.time() * 1000), int(step or 0)
-        items = [(k, float(v), ts, step) for k, v in metrics.items()
-                 if isinstance(v, (int, float)) and not isinstance(v, bool)
-                 and math.isfinite(float(v))]
+        items = [
+            (k, float(v), ts, step)
+            for k, v in metrics.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))
+        ]
         with self._cond:
             self._last_step = max(self._last_step, step)
             for item in items:
@@ -210,8 +235,12 @@ class Tracker:
             else:
                 shutil.copy2(src, dst)
         except OSError as exc:
-            log.warning("MLflow: could not stage artifact %s for run %s (%s); skipped",
-                        src, self.run_id, exc)
+            log.warning(
+                "MLflow: could not stage artifact %s for run %s (%s); skipped",
+                src,
+                self.run_id,
+                exc,
+            )
             return
         self._uploads.put((dst, artifact_path))
 
@@ -223,8 +252,9 @@ class Tracker:
             dst = Path(tempfile.mkdtemp(dir=self._stage)) / name
             dst.write_text(redact(text))
         except OSError as exc:
-            log.warning("MLflow: could not stage %s for run %s (%s); skipped",
-                        name, self.run_id, exc)
+            log.warning(
+                "MLflow: could not stage %s for run %s (%s); skipped", name, self.run_id, exc
+            )
             return
         self._uploads.put((dst, None))
 
@@ -249,8 +279,9 @@ class Tracker:
         Waits at most ``timeout_s`` (default ``finish_timeout_s``) for the queue, the uploads and
         the status update together; whatever is left is named in a warning with the run id."""
         if status not in TERMINAL_STATUSES:
-            raise ValueError(f"finish(status={status!r}): use one of "
-                             f"{', '.join(TERMINAL_STATUSES)}")
+            raise ValueError(
+                f"finish(status={status!r}): use one of {', '.join(TERMINAL_STATUSES)}"
+            )
         if not self._open():
             return
         self._finished = True
@@ -266,19 +297,31 @@ class Tracker:
             self._cond.notify_all()
         self._uploads.put(None)
         if not flushed:
-            log.warning("MLflow: %d params/tags/metric values of run %s were not sent to %s "
-                        "before the finish time-out (%.0f s); they are lost.",
-                        left, self.run_id, redact(self.uri), self.finish_timeout_s)
+            log.warning(
+                "MLflow: %d params/tags/metric values of run %s were not sent to %s "
+                "before the finish time-out (%.0f s); they are lost.",
+                left,
+                self.run_id,
+                redact(self.uri),
+                self.finish_timeout_s,
+            )
         uploads_done = self._uploads.unfinished_tasks <= 1 and not self._abandoned_upload
         if not uploads_done:
-            log.warning("MLflow: some artifacts of run %s may be missing (uploads unfinished).",
-                        self.run_id)
+            log.warning(
+                "MLflow: some artifacts of run %s may be missing (uploads unfinished).", self.run_id
+            )
         elif self._stage is not None:
             shutil.rmtree(self._stage, ignore_errors=True)
         if not closed:
-            log.warning("MLflow: could not mark run %s %s at %s; it stays RUNNING. Close it later "
-                        "with MlflowClient(<uri>).set_terminated(%r, %r).", self.run_id, status,
-                        redact(self.uri), self.run_id, status)
+            log.warning(
+                "MLflow: could not mark run %s %s at %s; it stays RUNNING. Close it later "
+                "with MlflowClient(<uri>).set_terminated(%r, %r).",
+                self.run_id,
+                status,
+                redact(self.uri),
+                self.run_id,
+                status,
+            )
 
     # --- internals --------------------------------------------------------------------------------
     def _open(self) -> bool:
@@ -290,9 +333,13 @@ class Tracker:
     def _push_metric(self, item: MetricItem, left: bool = False) -> None:
         if len(self._metrics) >= self.max_buffered:
             if self.dropped == self._dropped_reported:
-                log.warning("MLflow: buffer of %d metric values full while %s is unreachable; "
-                            "dropping the oldest values of run %s (counted).",
-                            self.max_buffered, redact(self.uri), self.run_id)
+                log.warning(
+                    "MLflow: buffer of %d metric values full while %s is unreachable; "
+                    "dropping the oldest values of run %s (counted).",
+                    self.max_buffered,
+                    redact(self.uri),
+                    self.run_id,
+                )
             self.dropped += 1
             if left:
                 return  # the item itself is the oldest
@@ -323,10 +370,14 @@ class Tracker:
     def _flush_loop(self) -> None:
         while True:
             with self._cond:
-                while not self._stop and (not self._pending_locked()
-                                          or time.monotonic() < self._retry_at):
-                    wait = self.flush_interval_s if not self._pending_locked() else \
-                        self._retry_at - time.monotonic()
+                while not self._stop and (
+                    not self._pending_locked() or time.monotonic() < self._retry_at
+                ):
+                    wait = (
+                        self.flush_interval_s
+                        if not self._pending_locked()
+                        else self._retry_at - time.monotonic()
+                    )
                     self._cond.wait(max(0.01, wait))
                 if self._stop:
                     return
@@ -345,20 +396,30 @@ class Tracker:
             self._inflight = 0
             self._solo = max(0, self._solo - 1)
             if self._down_since is not None:
-                log.warning("MLflow: %s reachable again after %.0f s; sending the %d buffered "
-                            "values of run %s.", redact(self.uri),
-                            time.monotonic() - self._down_since, self._pending_locked(),
-                            self.run_id)
+                log.warning(
+                    "MLflow: %s reachable again after %.0f s; sending the %d buffered "
+                    "values of run %s.",
+                    redact(self.uri),
+                    time.monotonic() - self._down_since,
+                    self._pending_locked(),
+                    self.run_id,
+                )
                 self._down_since = None
             self._failures = 0
             if self.dropped > self._dropped_reported:
                 self._dropped_reported = self.dropped
-                log.warning("MLflow: %d metric values of run %s were dropped while %s was "
-                            "unreachable (buffer of %d).", self.dropped, self.run_id,
-                            redact(self.uri), self.max_buffered)
+                log.warning(
+                    "MLflow: %d metric values of run %s were dropped while %s was "
+                    "unreachable (buffer of %d).",
+                    self.dropped,
+                    self.run_id,
+                    redact(self.uri),
+                    self.max_buffered,
+                )
                 self._tags[DROPPED_TAG] = str(self.dropped)
-                self._metrics.append((DROPPED_METRIC, float(self.dropped),
-                                      int(time.time() * 1000), self._last_step))
+                self._metrics.append(
+                    (DROPPED_METRIC, float(self.dropped), int(time.time() * 1000), self._last_step)
+                )
             self._cond.notify_all()
 
     def _on_transient(self, batch: tuple[list, list, list], exc: Exception) -> None:
@@ -370,10 +431,15 @@ class Tracker:
             self._retry_at = time.monotonic() + backoff
             if self._down_since is None:
                 self._down_since = time.monotonic()
-                log.warning("MLflow: %s unreachable (%s); keeping the values of run %s buffered "
-                            "(%d now, at most %d) and retrying with back-off.", redact(self.uri),
-                            redact(str(exc)), self.run_id, self._pending_locked(),
-                            self.max_buffered)
+                log.warning(
+                    "MLflow: %s unreachable (%s); keeping the values of run %s buffered "
+                    "(%d now, at most %d) and retrying with back-off.",
+                    redact(self.uri),
+                    redact(str(exc)),
+                    self.run_id,
+                    self._pending_locked(),
+                    self.max_buffered,
+                )
             self._cond.notify_all()
 
     def _on_permanent(self, batch: tuple[list, list, list], exc: Exception) -> None:
@@ -386,10 +452,19 @@ class Tracker:
                 self._solo = n
             else:
                 self._solo = max(0, self._solo - 1)
-                what = (f"metric {metrics[0][0]}" if metrics else
-                        f"param {params[0][0]}" if params else f"tag {tags[0][0]}")
-                log.warning("MLflow refused %s of run %s (%s); dropped it, tracking goes on.",
-                            what, self.run_id, redact(str(exc)))
+                what = (
+                    f"metric {metrics[0][0]}"
+                    if metrics
+                    else f"param {params[0][0]}"
+                    if params
+                    else f"tag {tags[0][0]}"
+                )
+                log.warning(
+                    "MLflow refused %s of run %s (%s); dropped it, tracking goes on.",
+                    what,
+                    self.run_id,
+                    redact(str(exc)),
+                )
             self._cond.notify_all()
 
     def _close_run(self, status: str, deadline: float) -> bool:
@@ -435,17 +510,26 @@ class Tracker:
             worker.join(self.artifact_timeout_s)
             if worker.is_alive():  # never wait forever; it may still finish on its own
                 self._abandoned_upload = True
-                log.warning("MLflow: upload of artifact %s for run %s still running after %.0f s;"
-                            " not waiting for it.", path.name, self.run_id, self.artifact_timeout_s)
+                log.warning(
+                    "MLflow: upload of artifact %s for run %s still running after %.0f s;"
+                    " not waiting for it.",
+                    path.name,
+                    self.run_id,
+                    self.artifact_timeout_s,
+                )
                 return
             err = box.get("error")
             if err is None:
                 return
             if isinstance(err, PermanentError) or attempt == self.artifact_attempts - 1:
-                log.warning("MLflow: could not upload artifact %s for run %s (%s); skipped.",
-                            path.name, self.run_id, redact(str(err)))
+                log.warning(
+                    "MLflow: could not upload artifact %s for run %s (%s); skipped.",
+                    path.name,
+                    self.run_id,
+                    redact(str(err)),
+                )
                 return
-            time.sleep(min(self.max_backoff_s, 2.0 * 2 ** attempt))
+            time.sleep(min(self.max_backoff_s, 2.0 * 2**attempt))
 
     def _at_exit(self) -> None:
         """The process ends without ``finish``: send what is queued (briefly), mark it KILLED."""
@@ -454,7 +538,7 @@ class Tracker:
 
 
 def _clip(s: str, limit: int) -> str:
-    return s if len(s) <= limit else s[:limit - 3] + "..."
+    return s if len(s) <= limit else s[: limit - 3] + "..."
 
 
 def _param_value(v: Any) -> str:

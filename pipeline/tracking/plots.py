@@ -5,8 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 
-def plot_training(steps: list[dict], epochs: list[dict], knn: dict[str, float], path: str | Path
-                  ) -> Path:
+def plot_training(
+    steps: list[dict], epochs: list[dict], knn: dict[str, float], path: str | Path
+) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -16,8 +17,9 @@ def plot_training(steps: list[dict], epochs: list[dict], knn: dict[str, float], 
     fig, axes = plt.subplots(1, 3 if curve else 2, figsize=(16 if curve else 11, 4))
     ax = axes[0]
     if steps:
-        ax.plot([s["step"] for s in steps], [s["loss"] for s in steps], label="loss (step)",
-                alpha=0.6)
+        ax.plot(
+            [s["step"] for s in steps], [s["loss"] for s in steps], label="loss (step)", alpha=0.6
+        )
     ep = [e for e in epochs if "epoch_loss" in e]
     if ep:
         ax.plot([e["step"] for e in ep], [e["epoch_loss"] for e in ep], "o-", label="loss (epoch)")
@@ -30,22 +32,38 @@ def plot_training(steps: list[dict], epochs: list[dict], knn: dict[str, float], 
     if ks:
         width = 0.38
         xs = range(len(ks))
-        ax.bar([x - width / 2 for x in xs], [knn.get(f"knn_init_top1_k{k}", 0.0) for k in ks],
-               width, label="random init")
-        ax.bar([x + width / 2 for x in xs], [knn[f"knn_top1_k{k}"] for k in ks], width,
-               label="trained teacher")
+        ax.bar(
+            [x - width / 2 for x in xs],
+            [knn.get(f"knn_init_top1_k{k}", 0.0) for k in ks],
+            width,
+            label="random init",
+        )
+        ax.bar(
+            [x + width / 2 for x in xs],
+            [knn[f"knn_top1_k{k}"] for k in ks],
+            width,
+            label="trained teacher",
+        )
         ax.set_xticks(list(xs), [f"k={k}" for k in ks])
         ax.set_ylabel("top-1 (%)")
         ax.legend()
     ax.set_title("k-NN top-1")
     if curve:  # the k-NN curve over epochs, against the two baselines
         ax = axes[2]
-        ax.plot([e["epoch"] for e in curve], [e["knn_top1"] for e in curve], "o-",
-                label="trained teacher")
+        ax.plot(
+            [e["epoch"] for e in curve],
+            [e["knn_top1"] for e in curve],
+            "o-",
+            label="trained teacher",
+        )
         for key, label in (("knn_init_top1", "random init"), ("knn_pixels_top1", "raw pixels")):
             if key in knn:
-                ax.axhline(knn[key], linestyle="--", color="grey" if "init" in key else "black",
-                           label=label)
+                ax.axhline(
+                    knn[key],
+                    linestyle="--",
+                    color="grey" if "init" in key else "black",
+                    label=label,
+                )
         ax.set_xlabel("epoch")
         ax.set_ylabel("k-NN top-1 (%)")
         ax.set_title("k-NN during training")

@@ -56,16 +56,28 @@ class RestTransport:
         self.timeout_s = timeout_s
         self.creds = get_default_host_creds(self.uri)
 
-    def _call(self, endpoint: str, body: dict[str, Any], method: str = "POST",
-              timeout_s: float | None = None) -> dict[str, Any]:
+    def _call(
+        self,
+        endpoint: str,
+        body: dict[str, Any],
+        method: str = "POST",
+        timeout_s: float | None = None,
+    ) -> dict[str, Any]:
         from mlflow.exceptions import InvalidUrlException, MlflowException
         from mlflow.utils.rest_utils import http_request
 
         kwargs = {"params": body} if method == "GET" else {"json": body}
         try:
-            resp = http_request(self.creds, _API + endpoint, method, max_retries=0,
-                                backoff_factor=0, timeout=timeout_s or self.timeout_s,
-                                raise_on_status=False, **kwargs)
+            resp = http_request(
+                self.creds,
+                _API + endpoint,
+                method,
+                max_retries=0,
+                backoff_factor=0,
+                timeout=timeout_s or self.timeout_s,
+                raise_on_status=False,
+                **kwargs,
+            )
         except InvalidUrlException as exc:
             raise PermanentError(f"{endpoint}: {_one_line(exc)}") from None
         except MlflowException as exc:  # connection refused / reset, time-out
@@ -94,26 +106,41 @@ class RestTransport:
 
     def find_run(self, experiment_id: str, tag: str, value: str) -> str | None:
         """The id of a run of the experiment with tag ``tag`` = ``value``, or None."""
-        got = self._call("/runs/search", {"experiment_ids": [experiment_id], "max_results": 1,
-                                          "filter": f"tags.`{tag}` = '{value}'"})
+        got = self._call(
+            "/runs/search",
+            {
+                "experiment_ids": [experiment_id],
+                "max_results": 1,
+                "filter": f"tags.`{tag}` = '{value}'",
+            },
+        )
         runs = got.get("runs") or []
         return runs[0]["info"]["run_id"] if runs else None
 
     def create_run(self, experiment_id: str, run_name: str | None, tags: dict[str, str]) -> str:
-        body = {"experiment_id": experiment_id, "start_time": int(time.time() * 1000),
-                "tags": [{"key": k, "value": v} for k, v in tags.items()]}
+        body = {
+            "experiment_id": experiment_id,
+            "start_time": int(time.time() * 1000),
+            "tags": [{"key": k, "value": v} for k, v in tags.items()],
+        }
         if run_name:
             body["run_name"] = run_name
         return self._call("/runs/create", body)["run"]["info"]["run_id"]
 
-    def log_batch(self, run_id: str, metrics: list[MetricItem], params: list[Item],
-                  tags: list[Item]) -> None:
-        self._call("/runs/log-batch", {
-            "run_id": run_id,
-            "metrics": [{"key": k, "value": v, "timestamp": ts, "step": s}
-                        for k, v, ts, s in metrics],
-            "params": [{"key": k, "value": v} for k, v in params],
-            "tags": [{"key": k, "value": v} for k, v in tags]})
+    def log_batch(
+        self, run_id: str, metrics: list[MetricItem], params: list[Item], tags: list[Item]
+    ) -> None:
+        self._call(
+            "/runs/log-batch",
+            {
+                "run_id": run_id,
+                "metrics": [
+                    {"key": k, "value": v, "timestamp": ts, "step": s} for k, v, ts, s in metrics
+                ],
+                "params": [{"key": k, "value": v} for k, v in params],
+                "tags": [{"key": k, "value": v} for k, v in tags],
+            },
+        )
 
     def update_run(self, run_id: str, status: str) -> None:
         body: dict[str, Any] = {"run_id": run_id, "status": status}
@@ -124,8 +151,12 @@ class RestTransport:
     def log_artifact(self, run_id: str, path: Path, artifact_path: str | None) -> None:
         # uploads go through MLflow's artifact repository (proxied or direct to a bucket); its
         # retries are bounded by MLflow, and the tracker bounds the wait on top (artifact_timeout_s)
-        _client_call(lambda c: (c.log_artifacts if path.is_dir() else c.log_artifact)(
-            run_id, str(path), artifact_path), self.uri)
+        _client_call(
+            lambda c: (c.log_artifacts if path.is_dir() else c.log_artifact)(
+                run_id, str(path), artifact_path
+            ),
+            self.uri,
+        )
 
 
 class ClientTransport:
@@ -146,22 +177,34 @@ class ClientTransport:
         return run.info.experiment_id, set(run.data.params)
 
     def find_run(self, experiment_id: str, tag: str, value: str) -> str | None:
-        runs = _client_call(lambda c: c.search_runs(
-            [experiment_id], filter_string=f"tags.`{tag}` = '{value}'", max_results=1), self.uri)
+        runs = _client_call(
+            lambda c: c.search_runs(
+                [experiment_id], filter_string=f"tags.`{tag}` = '{value}'", max_results=1
+            ),
+            self.uri,
+        )
         return runs[0].info.run_id if runs else None
 
     def create_run(self, experiment_id: str, run_name: str | None, tags: dict[str, str]) -> str:
-        return _client_call(lambda c: c.create_run(experiment_id, run_name=run_name, tags=tags),
-                            self.uri).info.run_id
+        return _client_call(
+            lambda c: c.create_run(experiment_id, run_name=run_name, tags=tags), self.uri
+        ).info.run_id
 
-    def log_batch(self, run_id: str, metrics: list[MetricItem], params: list[Item],
-                  tags: list[Item]) -> None:
+    def log_batch(
+        self, run_id: str, metrics: list[MetricItem], params: list[Item], tags: list[Item]
+    ) -> None:
         from mlflow.entities import Metric, Param, RunTag
 
-        _client_call(lambda c: c.log_batch(
-            run_id, metrics=[Metric(k, v, ts, s) for k, v, ts, s in metrics],
-            params=[Param(k, v) for k, v in params], tags=[RunTag(k, v) for k, v in tags],
-            synchronous=True), self.uri)
+        _client_call(
+            lambda c: c.log_batch(
+                run_id,
+                metrics=[Metric(k, v, ts, s) for k, v, ts, s in metrics],
+                params=[Param(k, v) for k, v in params],
+                tags=[RunTag(k, v) for k, v in tags],
+                synchronous=True,
+            ),
+            self.uri,
+        )
 
     def update_run(self, run_id: str, status: str) -> None:
         if status == "RUNNING":
@@ -170,14 +213,27 @@ class ClientTransport:
             _client_call(lambda c: c.set_terminated(run_id, status=status), self.uri)
 
     def log_artifact(self, run_id: str, path: Path, artifact_path: str | None) -> None:
-        _client_call(lambda c: (c.log_artifacts if path.is_dir() else c.log_artifact)(
-            run_id, str(path), artifact_path), self.uri)
+        _client_call(
+            lambda c: (c.log_artifacts if path.is_dir() else c.log_artifact)(
+                run_id, str(path), artifact_path
+            ),
+            self.uri,
+        )
 
 
 # MLflow error codes that mean "the request itself is wrong"
-_PERMANENT_CODES = {"INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST", "RESOURCE_ALREADY_EXISTS",
-                    "INVALID_STATE", "BAD_REQUEST", "PERMISSION_DENIED", "UNAUTHENTICATED",
-                    "ENDPOINT_NOT_FOUND", "INVALID_REQUEST", "CUSTOMER_UNAUTHORIZED"}
+_PERMANENT_CODES = {
+    "INVALID_PARAMETER_VALUE",
+    "RESOURCE_DOES_NOT_EXIST",
+    "RESOURCE_ALREADY_EXISTS",
+    "INVALID_STATE",
+    "BAD_REQUEST",
+    "PERMISSION_DENIED",
+    "UNAUTHENTICATED",
+    "ENDPOINT_NOT_FOUND",
+    "INVALID_REQUEST",
+    "CUSTOMER_UNAUTHORIZED",
+}
 
 
 def _client_call(fn, uri: str) -> Any:

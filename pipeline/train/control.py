@@ -87,8 +87,11 @@ class StopOnSignals:
         if self.reason is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.reason = self.reason or name
-        log.warning("%s: the workers stop after this step and write a checkpoint "
-                    "(Ctrl-C again to abandon the run now)", name)
+        log.warning(
+            "%s: the workers stop after this step and write a checkpoint "
+            "(Ctrl-C again to abandon the run now)",
+            name,
+        )
         try:
             self.control.request_stop.remote(name)
         except Exception:  # noqa: BLE001

@@ -24,14 +24,27 @@ def view_recipes(cfg: AugmentConfig) -> dict[str, PhotometricRecipe]:
     """View name (global_0, global_1, local_*) -> its photometric recipe."""
     from pipeline.data.augment import view_specs
 
-    return {s.name: PhotometricRecipe(
-        jitter=tuple(cfg.jitter), jitter_p=cfg.jitter_p, grayscale_p=cfg.grayscale_p,
-        blur_sigma=tuple(cfg.blur_sigma), blur_p=s.blur_p, solarize_p=s.solarize_p,
-        solarize_threshold=cfg.solarize_threshold) for s in view_specs(cfg)}
+    return {
+        s.name: PhotometricRecipe(
+            jitter=tuple(cfg.jitter),
+            jitter_p=cfg.jitter_p,
+            grayscale_p=cfg.grayscale_p,
+            blur_sigma=tuple(cfg.blur_sigma),
+            blur_p=s.blur_p,
+            solarize_p=s.solarize_p,
+            solarize_threshold=cfg.solarize_threshold,
+        )
+        for s in view_specs(cfg)
+    }
 
 
-def device_photometric(cfg: AugmentConfig, name: str, images: torch.Tensor,
-                       device: torch.device | str, key: tuple[int, ...]) -> torch.Tensor:
+def device_photometric(
+    cfg: AugmentConfig,
+    name: str,
+    images: torch.Tensor,
+    device: torch.device | str,
+    key: tuple[int, ...],
+) -> torch.Tensor:
     """One view's (B, H, W, 3) uint8 crops -> on ``device``, photometric ops applied when
     ``cfg.photometric == "device"`` (else returned as they are). ``key`` is (seed, epoch, step,
     rank); the view's index in ``view_specs`` order is appended to it."""

@@ -17,8 +17,11 @@ from collections.abc import Iterator
 # what a surviving rank raises when a peer's process or node is gone: gloo raises a plain
 # RuntimeError ("Connection closed by peer ... typically caused by a remote worker crashing",
 # torch 2.x), NCCL and the rendezvous store raise torch.distributed's DistError subclasses
-_PEER_LOST = re.compile(r"Connection (closed|reset) by peer|remote worker crash|Broken pipe|"
-                        r"remote process exited|ncclRemoteError", re.IGNORECASE)
+_PEER_LOST = re.compile(
+    r"Connection (closed|reset) by peer|remote worker crash|Broken pipe|"
+    r"remote process exited|ncclRemoteError",
+    re.IGNORECASE,
+)
 
 
 def _deterministic_types() -> tuple[type[BaseException], ...]:
@@ -33,8 +36,9 @@ def _deterministic_types() -> tuple[type[BaseException], ...]:
 class TrainingError(RuntimeError):
     """Training stopped with an error; ``last_checkpoint`` is the last good checkpoint (or None)."""
 
-    def __init__(self, message: str, last_checkpoint: str | None = None,
-                 mlflow_run_id: str | None = None) -> None:
+    def __init__(
+        self, message: str, last_checkpoint: str | None = None, mlflow_run_id: str | None = None
+    ) -> None:
         super().__init__(message)
         self.last_checkpoint = last_checkpoint
         self.mlflow_run_id = mlflow_run_id
@@ -47,9 +51,18 @@ class ResumeMismatchError(ValueError):
 def _death_types() -> tuple[type[BaseException], ...]:
     import ray.exceptions as rex
 
-    names = ("ActorDiedError", "RayActorError", "NodeDiedError", "WorkerCrashedError",
-             "OwnerDiedError", "ObjectLostError", "ActorUnavailableError", "ObjectFetchTimedOutError",
-             "LocalRayletDiedError", "ActorUnschedulableError")
+    names = (
+        "ActorDiedError",
+        "RayActorError",
+        "NodeDiedError",
+        "WorkerCrashedError",
+        "OwnerDiedError",
+        "ObjectLostError",
+        "ActorUnavailableError",
+        "ObjectFetchTimedOutError",
+        "LocalRayletDiedError",
+        "ActorUnschedulableError",
+    )
     return tuple(getattr(rex, n) for n in names if hasattr(rex, n))
 
 
@@ -85,9 +98,17 @@ def classify(exc: BaseException) -> str:
         return "deterministic"
     if any(isinstance(e, _death_types()) for e in chain):
         return "retryable"
-    if any(type(e).__name__ in ("WorkerGroupStartupTimeoutError", "WorkerGroupStartupFailedError",
-                                "PreemptionError", "WorkerHealthCheckFailedError",
-                                "WorkerHealthCheckTimeoutError") for e in chain):
+    if any(
+        type(e).__name__
+        in (
+            "WorkerGroupStartupTimeoutError",
+            "WorkerGroupStartupFailedError",
+            "PreemptionError",
+            "WorkerHealthCheckFailedError",
+            "WorkerHealthCheckTimeoutError",
+        )
+        for e in chain
+    ):
         return "retryable"
     if any(isinstance(e, (OSError, ConnectionError, TimeoutError)) for e in chain):
         return "retryable"
@@ -102,8 +123,12 @@ def classify(exc: BaseException) -> str:
 
 def _worker_failures(chain: list[BaseException]) -> list[BaseException]:
     """Each failed rank's error, from every ``WorkerGroupError`` in ``chain``."""
-    return [f for e in chain if isinstance(getattr(e, "worker_failures", None), dict)
-            for f in e.worker_failures.values()]
+    return [
+        f
+        for e in chain
+        if isinstance(getattr(e, "worker_failures", None), dict)
+        for f in e.worker_failures.values()
+    ]
 
 
 def _peer_lost(exc: BaseException) -> bool:

@@ -31,8 +31,9 @@ class Faults:
     fail_at_step: int | None = None
     nan_at_step: int | None = None
 
-    def maybe_die(self, *, rank: int, world: int, global_step: int,
-                  run_directory: str | None) -> None:
+    def maybe_die(
+        self, *, rank: int, world: int, global_step: int, run_directory: str | None
+    ) -> None:
         """Exit the process (``os._exit(1)``, as a killed worker would) when this rank is the one
         chosen to die at ``global_step`` and it has not died there before; a marker file
         ``.fault_injected_step_<n>`` in ``run_directory`` records the death."""

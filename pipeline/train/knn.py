@@ -28,13 +28,23 @@ log = logging.getLogger("dino_ray.train")
 
 def knn_on_rank0(backbone, eval_data: dict, cfg: DinoConfig, device, *, prefix: str) -> dict:
     """``{prefix}_top1``, ``{prefix}_top1_k{k}``, ... of ``backbone`` on ``eval_data``."""
-    kw = {"device": device, "batch_size": cfg.eval.batch_size,  # the training precision, no scaler
-          "autocast_dtype": resolve_precision(cfg.train.precision, device, training=False)[0]}
+    kw = {
+        "device": device,
+        "batch_size": cfg.eval.batch_size,  # the training precision, no scaler
+        "autocast_dtype": resolve_precision(cfg.train.precision, device, training=False)[0],
+    }
     bank = embed(backbone, eval_data["bank_images"], **kw)
     val = embed(backbone, eval_data["val_images"], **kw)
-    return knn_metrics(bank, eval_data["bank_labels"], val, eval_data["val_labels"],
-                       ks=cfg.eval.k, temperature=cfg.eval.temperature, prefix=prefix,
-                       headline_k=cfg.eval.headline_k)
+    return knn_metrics(
+        bank,
+        eval_data["bank_labels"],
+        val,
+        eval_data["val_labels"],
+        ks=cfg.eval.k,
+        temperature=cfg.eval.temperature,
+        prefix=prefix,
+        headline_k=cfg.eval.headline_k,
+    )
 
 
 def pixel_knn_metrics(eval_data: dict[str, np.ndarray], cfg: DinoConfig) -> dict[str, float]:
@@ -42,10 +52,16 @@ def pixel_knn_metrics(eval_data: dict[str, np.ndarray], cfg: DinoConfig) -> dict
     raw-pixel baseline for the in-training evaluation. Pixels do not change during training, so
     compute it once (with ``knn_init_*``), not every epoch."""
     e = cfg.eval
-    return knn_metrics(pixel_features(eval_data["bank_images"]), eval_data["bank_labels"],
-                       pixel_features(eval_data["val_images"]), eval_data["val_labels"],
-                       ks=e.k, temperature=e.temperature, prefix="knn_pixels",
-                       headline_k=e.headline_k)
+    return knn_metrics(
+        pixel_features(eval_data["bank_images"]),
+        eval_data["bank_labels"],
+        pixel_features(eval_data["val_images"]),
+        eval_data["val_labels"],
+        ks=e.k,
+        temperature=e.temperature,
+        prefix="knn_pixels",
+        headline_k=e.headline_k,
+    )
 
 
 class InTrainingKnn:
@@ -54,8 +70,15 @@ class InTrainingKnn:
     random-init backbone and the raw-pixel baselines. It never stops training: eval sets that
     cannot be read turn it off."""
 
-    def __init__(self, cfg: DinoConfig, device: torch.device, eval_ref, *,
-                 with_baselines: bool, metrics_queue) -> None:
+    def __init__(
+        self,
+        cfg: DinoConfig,
+        device: torch.device,
+        eval_ref,
+        *,
+        with_baselines: bool,
+        metrics_queue,
+    ) -> None:
         self.cfg = cfg
         self.device = device
         self.eval_ref = eval_ref  # ObjectRef of the eval sets; None: no evaluation on this rank
@@ -66,8 +89,9 @@ class InTrainingKnn:
         """Whether to evaluate after ``epoch`` (``last``: the run ends there), which trained
         ``steps`` steps."""
         every = self.cfg.eval.every_epochs
-        return bool(self.eval_ref is not None and every and ((epoch + 1) % every == 0 or last)
-                    and steps)
+        return bool(
+            self.eval_ref is not None and every and ((epoch + 1) % every == 0 or last) and steps
+        )
 
     def evaluate(self, backbone: torch.nn.Module, epoch: int) -> dict[str, float]:
         """``knn_*`` of ``backbone`` (plus ``knn_init_*`` and ``knn_pixels_*`` the first time);
@@ -78,8 +102,15 @@ class InTrainingKnn:
             return {}
         out: dict[str, float] = {}
         if self.baselines_pending:
-            out.update(knn_on_rank0(random_init_backbone(self.cfg).to(self.device), eval_data,
-                                    self.cfg, self.device, prefix="knn_init"))
+            out.update(
+                knn_on_rank0(
+                    random_init_backbone(self.cfg).to(self.device),
+                    eval_data,
+                    self.cfg,
+                    self.device,
+                    prefix="knn_init",
+                )
+            )
             out.update(pixel_knn_metrics(eval_data, self.cfg))  # the raw-pixel baseline
             self.baselines_pending = False
         out.update(knn_on_rank0(backbone, eval_data, self.cfg, self.device, prefix="knn"))
@@ -105,8 +136,14 @@ def _send_attention(q, backbone, eval_data: dict, device, epoch: int) -> None:
         with tempfile.TemporaryDirectory() as d:
             path = plot_attention(images, maps.float().cpu().numpy(), f"{d}/attention.png")
             data = path.read_bytes()
-        q.put_nowait({"kind": "artifact", "name": f"epoch_{epoch:04d}.png",
-                      "artifact_path": "attention", "data": data})
+        q.put_nowait(
+            {
+                "kind": "artifact",
+                "name": f"epoch_{epoch:04d}.png",
+                "artifact_path": "attention",
+                "data": data,
+            }
+        )
     except Exception as exc:  # noqa: BLE001 - a picture never stops training
         log.warning("attention maps skipped: %s", exc)
 

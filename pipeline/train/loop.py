@@ -71,8 +71,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     point = resume_point(ray.train.get_checkpoint(), inputs.storage, cfg.train.name, ipe)
 
     # data: its actors start (seconds each) while the networks are built
-    batches = BatchStream(inputs.train_data, ray.train.get_dataset_shard("train"), cfg,
-                          rows_per_epoch=ipe * cfg.train.batch_size_per_worker * world)
+    batches = BatchStream(
+        inputs.train_data,
+        ray.train.get_dataset_shard("train"),
+        cfg,
+        rows_per_epoch=ipe * cfg.train.batch_size_per_worker * world,
+    )
     first_epoch = point.global_step // ipe if point else 0
     if first_epoch < cfg.train.epochs:  # a restart after the last report trains nothing
         batches.start(first_epoch)
@@ -85,10 +89,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     del point  # the checkpoint's tensors (networks and optimizer state) are in the state now
 
     # epochs
-    stopping = StopConditions(cfg.train.max_wall_seconds,
-                              StopPoller(inputs.control if state.rank == 0 else None))
-    knn = InTrainingKnn(cfg, state.device, inputs.eval_ref if state.rank == 0 else None,
-                        with_baselines=state.start_step == 0, metrics_queue=inputs.metrics_queue)
+    stopping = StopConditions(
+        cfg.train.max_wall_seconds, StopPoller(inputs.control if state.rank == 0 else None)
+    )
+    knn = InTrainingKnn(
+        cfg,
+        state.device,
+        inputs.eval_ref if state.rank == 0 else None,
+        with_baselines=state.start_step == 0,
+        metrics_queue=inputs.metrics_queue,
+    )
     for epoch in range(state.global_step // state.ipe, cfg.train.epochs):
         outcome = train_one_epoch(state, batches, epoch, stopping, inputs)
         end_epoch(state, epoch, outcome, inputs, knn, stopping)
@@ -104,12 +114,15 @@ def iters_per_epoch(cfg: DinoConfig, num_images: int, world_size: int) -> int:
     if cfg.train.max_steps_per_epoch:
         iters = min(iters, cfg.train.max_steps_per_epoch)
     if iters < 1:
-        raise ValueError(f"train.batch_size_per_worker x num_workers = {global_batch} exceeds the "
-                         f"{num_images} images of the corpus: no full step per epoch")
+        raise ValueError(
+            f"train.batch_size_per_worker x num_workers = {global_batch} exceeds the "
+            f"{num_images} images of the corpus: no full step per epoch"
+        )
     return iters
 
 
 # --- the state of one worker --------------------------------------------------------------------
+
 
 @dataclass
 class LoopInputs:
@@ -127,11 +140,17 @@ class LoopInputs:
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> LoopInputs:
-        return cls(cfg=DinoConfig.from_dict(config["cfg"]), train_data=config["train_data"],
-                   num_images=config["num_images"], storage=config.get("storage"),
-                   run_dir=config.get("run_dir"), metrics_queue=config.get("metrics_queue"),
-                   eval_ref=config.get("eval_ref"), control=config.get("control"),
-                   faults=config.get("faults") or Faults())
+        return cls(
+            cfg=DinoConfig.from_dict(config["cfg"]),
+            train_data=config["train_data"],
+            num_images=config["num_images"],
+            storage=config.get("storage"),
+            run_dir=config.get("run_dir"),
+            metrics_queue=config.get("metrics_queue"),
+            eval_ref=config.get("eval_ref"),
+            control=config.get("control"),
+            faults=config.get("faults") or Faults(),
+        )
 
 
 @dataclass
@@ -171,6 +190,7 @@ class EpochOutcome:
 
 # --- setup and resume ---------------------------------------------------------------------------
 
+
 def setup(cfg: DinoConfig, num_images: int) -> TrainState:
     """Student, teacher, loss, optimizer and schedules of this worker, on its device, at step 0.
 
@@ -184,8 +204,11 @@ def setup(cfg: DinoConfig, num_images: int) -> TrainState:
     if device.type == "cpu":
         torch.set_num_threads(max(1, int(tc.cpus_per_worker)))
     student, teacher = _networks(cfg, world, device)
-    loss_fn = DINOLoss(cfg.model.out_dim, student_temp=cfg.loss.student_temp,
-                       center_momentum=cfg.loss.center_momentum)
+    loss_fn = DINOLoss(
+        cfg.model.out_dim,
+        student_temp=cfg.loss.student_temp,
+        center_momentum=cfg.loss.center_momentum,
+    )
     ipe = iters_per_epoch(cfg, num_images, world)
     schedules = _schedules(cfg, ipe, global_batch=tc.batch_size_per_worker * world)
     # DDP for the student only; the EMA teacher just lives on the device
@@ -194,14 +217,26 @@ def setup(cfg: DinoConfig, num_images: int) -> TrainState:
     loss_fn.to(device)
     optimizer = build_optimizer(unwrap(student), cfg.optim.optimizer)
     backend = dist.get_backend() if dist.is_initialized() else "none"
-    return TrainState(cfg=cfg, rank=rank, world=world, device=device, student=student,
-                      teacher=teacher, loss_fn=loss_fn, optimizer=optimizer, scaler=scaler,
-                      autocast_dtype=autocast_dtype, schedules=schedules, ipe=ipe,
-                      backend=backend)
+    return TrainState(
+        cfg=cfg,
+        rank=rank,
+        world=world,
+        device=device,
+        student=student,
+        teacher=teacher,
+        loss_fn=loss_fn,
+        optimizer=optimizer,
+        scaler=scaler,
+        autocast_dtype=autocast_dtype,
+        schedules=schedules,
+        ipe=ipe,
+        backend=backend,
+    )
 
 
-def _networks(cfg: DinoConfig, world: int,
-              device: torch.device) -> tuple[torch.nn.Module, torch.nn.Module]:
+def _networks(
+    cfg: DinoConfig, world: int, device: torch.device
+) -> tuple[torch.nn.Module, torch.nn.Module]:
     """(student, teacher), seeded with ``train.seed`` so every rank starts identical."""
     student, teacher = build_models(cfg, seed=cfg.train.seed)
     # official DINO: with BN in the backbone or head, normalise over the global batch of all
@@ -216,13 +251,20 @@ def _schedules(cfg: DinoConfig, ipe: int, *, global_batch: int) -> Schedules:
     """The official DINO per-step schedules; the lr is scaled linearly with ``global_batch``."""
     o, loss = cfg.optim, cfg.loss
     return build_schedules(
-        lr=scaled_lr(o.lr, global_batch), min_lr=o.min_lr, warmup_epochs=o.warmup_epochs,
-        weight_decay=o.weight_decay, weight_decay_end=o.weight_decay_end,
-        momentum=o.momentum_teacher, momentum_end=o.momentum_teacher_end,
-        warmup_teacher_temp=loss.warmup_teacher_temp, teacher_temp=loss.teacher_temp,
+        lr=scaled_lr(o.lr, global_batch),
+        min_lr=o.min_lr,
+        warmup_epochs=o.warmup_epochs,
+        weight_decay=o.weight_decay,
+        weight_decay_end=o.weight_decay_end,
+        momentum=o.momentum_teacher,
+        momentum_end=o.momentum_teacher_end,
+        warmup_teacher_temp=loss.warmup_teacher_temp,
+        teacher_temp=loss.teacher_temp,
         warmup_teacher_temp_epochs=loss.warmup_teacher_temp_epochs,
-        freeze_last_layer_epochs=o.freeze_last_layer_epochs, epochs=cfg.train.epochs,
-        iters_per_epoch=ipe)
+        freeze_last_layer_epochs=o.freeze_last_layer_epochs,
+        epochs=cfg.train.epochs,
+        iters_per_epoch=ipe,
+    )
 
 
 def resume(state: TrainState, point: ResumePoint | None) -> None:
@@ -240,14 +282,24 @@ def resume(state: TrainState, point: ResumePoint | None) -> None:
         state.scaler.load_state_dict(saved["scaler"])
     state.start_step = state.global_step = point.global_step
     if state.rank == 0:
-        log.warning("resuming from %s at global step %d (epoch %d)", point.source,
-                    state.global_step, state.global_step // state.ipe)
+        log.warning(
+            "resuming from %s at global step %d (epoch %d)",
+            point.source,
+            state.global_step,
+            state.global_step // state.ipe,
+        )
 
 
 # --- one epoch ----------------------------------------------------------------------------------
 
-def train_one_epoch(state: TrainState, batches: BatchStream, epoch: int,
-                    stopping: StopConditions, inputs: LoopInputs) -> EpochOutcome:
+
+def train_one_epoch(
+    state: TrainState,
+    batches: BatchStream,
+    epoch: int,
+    stopping: StopConditions,
+    inputs: LoopInputs,
+) -> EpochOutcome:
     """Up to ``ipe`` DINO steps of ``epoch``, advancing ``state.global_step``; steps done before
     the checkpoint this attempt resumed from are read from the stream but not trained again.
     Returns early, with the reason, when all ranks agree to stop."""
@@ -265,10 +317,15 @@ def train_one_epoch(state: TrainState, batches: BatchStream, epoch: int,
             return EpochOutcome(meter, stopped=fetched.stop, dry=not fetched.stop)
         if i < done_before:
             continue
-        inputs.faults.maybe_die(rank=state.rank, world=state.world,
-                                global_step=state.global_step, run_directory=inputs.run_dir)
-        crops = _crops(fetched.batch, state.device, state.cfg,
-                       (tc.seed, epoch, state.global_step, state.rank))
+        inputs.faults.maybe_die(
+            rank=state.rank,
+            world=state.world,
+            global_step=state.global_step,
+            run_directory=inputs.run_dir,
+        )
+        crops = _crops(
+            fetched.batch, state.device, state.cfg, (tc.seed, epoch, state.global_step, state.rank)
+        )
         crops = inputs.faults.poison(crops, state.global_step)
         t_compute = time.perf_counter()
         result = train_step(state, crops)
@@ -278,8 +335,15 @@ def train_one_epoch(state: TrainState, batches: BatchStream, epoch: int,
         state.global_step += 1
         if state.global_step % tc.log_every_steps == 0:
             t_report = time.perf_counter()
-            report_step(state, result, epoch, images=images, wait_s=fetched.wait_s,
-                        compute_s=compute_s, metrics_queue=inputs.metrics_queue)
+            report_step(
+                state,
+                result,
+                epoch,
+                images=images,
+                wait_s=fetched.wait_s,
+                compute_s=compute_s,
+                metrics_queue=inputs.metrics_queue,
+            )
             meter.report_s += time.perf_counter() - t_report
     return EpochOutcome(meter)
 
@@ -295,8 +359,13 @@ class FetchedBatch:
     stop: bool  # some rank must stop: wall-clock budget or stop request
 
 
-def next_batch(state: TrainState, batches: BatchStream, stopping: StopConditions, epoch: int,
-               step_in_epoch: int) -> FetchedBatch:
+def next_batch(
+    state: TrainState,
+    batches: BatchStream,
+    stopping: StopConditions,
+    epoch: int,
+    step_in_epoch: int,
+) -> FetchedBatch:
     """This rank's next batch, and whether every rank goes on (each flag OR-ed over the ranks in
     one all-reduce): every rank must take the same number of steps.
 
@@ -311,8 +380,13 @@ def next_batch(state: TrainState, batches: BatchStream, stopping: StopConditions
     any_dry, stop = _any_rank_flags(batch is None, stop_wanted)
     if any_dry and not stop and batches.one_stream and state.global_step > state.start_step:
         if state.rank == 0:
-            log.warning("epoch %d: the data stream ran out after %d of %d steps "
-                        "(skipped images); reopening it", epoch, step_in_epoch, state.ipe)
+            log.warning(
+                "epoch %d: the data stream ran out after %d of %d steps "
+                "(skipped images); reopening it",
+                epoch,
+                step_in_epoch,
+                state.ipe,
+            )
         batches.reopen(epoch)
         if batch is None:
             batch = batches.next()
@@ -327,23 +401,39 @@ def train_step(state: TrainState, crops: list[torch.Tensor]) -> StepResult:
     cfg = state.cfg
     try:
         result = dino_step(
-            student=state.student, teacher=state.teacher, loss_fn=state.loss_fn,
-            optimizer=state.optimizer, crops=crops, schedule=state.schedules.at(state.global_step),
-            n_global=N_GLOBAL_CROPS, clip_grad=cfg.optim.clip_grad,
-            koleo_weight=cfg.loss.koleo_weight, autocast_dtype=state.autocast_dtype,
-            scaler=state.scaler)
+            student=state.student,
+            teacher=state.teacher,
+            loss_fn=state.loss_fn,
+            optimizer=state.optimizer,
+            crops=crops,
+            schedule=state.schedules.at(state.global_step),
+            n_global=N_GLOBAL_CROPS,
+            clip_grad=cfg.optim.clip_grad,
+            koleo_weight=cfg.loss.koleo_weight,
+            autocast_dtype=state.autocast_dtype,
+            scaler=state.scaler,
+        )
         result.raise_if_nonfinite()  # a read, beside the synchronize below
     except NonFiniteLossError as exc:
         raise NonFiniteLossError(
             f"rank {state.rank}: {exc} (global step {state.global_step}); the last checkpoint is "
-            f"untouched - lower optim.lr or check the data") from None
+            f"untouched - lower optim.lr or check the data"
+        ) from None
     if state.device.type == "cuda":
         torch.cuda.synchronize()
     return result
 
 
-def report_step(state: TrainState, result: StepResult, epoch: int, *, images: int,
-                wait_s: float, compute_s: float, metrics_queue) -> None:
+def report_step(
+    state: TrainState,
+    result: StepResult,
+    epoch: int,
+    *,
+    images: int,
+    wait_s: float,
+    compute_s: float,
+    metrics_queue,
+) -> None:
     """The step's metrics averaged over the ranks (every rank takes part in the all-reduce);
     rank 0 adds the schedule, the collapse check and the throughput of ``images`` per rank, and
     sends them to the driver. Called after ``global_step`` was advanced."""
@@ -354,15 +444,28 @@ def report_step(state: TrainState, result: StepResult, epoch: int, *, images: in
     mode = collapse_check(result.stats, where=f"step {state.global_step}")
     m.update(state.schedules.at(state.global_step - 1).metrics())
     step_s = max(wait_s + compute_s, 1e-9)
-    m.update(kind="step", epoch=epoch, step=state.global_step, collapse=mode or "none",
-             images_per_s=images * state.world / step_s, data_wait_fraction=wait_s / step_s)
+    m.update(
+        kind="step",
+        epoch=epoch,
+        step=state.global_step,
+        collapse=mode or "none",
+        images_per_s=images * state.world / step_s,
+        data_wait_fraction=wait_s / step_s,
+    )
     _send_to_driver(metrics_queue, finite(m))
 
 
 # --- end of an epoch ----------------------------------------------------------------------------
 
-def end_epoch(state: TrainState, epoch: int, outcome: EpochOutcome, inputs: LoopInputs,
-              knn: InTrainingKnn, stopping: StopConditions) -> None:
+
+def end_epoch(
+    state: TrainState,
+    epoch: int,
+    outcome: EpochOutcome,
+    inputs: LoopInputs,
+    knn: InTrainingKnn,
+    stopping: StopConditions,
+) -> None:
     """The epoch summary (meter, schedule, skipped images), the data-quality check and the due
     k-NN on rank 0, then a checkpoint from rank 0 (when due) and ``ray.train.report`` from all.
     Raises ``DataQualityError`` on rank 0 when too many images were unreadable."""
@@ -376,26 +479,36 @@ def end_epoch(state: TrainState, epoch: int, outcome: EpochOutcome, inputs: Loop
         summary.update(knn.evaluate(state.teacher.backbone, epoch))
     finished_epoch = state.global_step == (epoch + 1) * state.ipe
     checkpoint_due = outcome.meter.steps > 0 and (
-        last or (finished_epoch and (epoch + 1) % tc.checkpoint_every_epochs == 0))
-    report_epoch(state, summary, with_checkpoint=checkpoint_due,
-                 metrics_queue=inputs.metrics_queue)
+        last or (finished_epoch and (epoch + 1) % tc.checkpoint_every_epochs == 0)
+    )
+    report_epoch(state, summary, with_checkpoint=checkpoint_due, metrics_queue=inputs.metrics_queue)
 
 
-def epoch_summary(state: TrainState, epoch: int, outcome: EpochOutcome, *,
-                  wall_s: float) -> dict[str, Any]:
+def epoch_summary(
+    state: TrainState, epoch: int, outcome: EpochOutcome, *, wall_s: float
+) -> dict[str, Any]:
     """The epoch's metrics: the meter's means and throughput, where the run is, the schedule."""
     summary = outcome.meter.summary(state.world)
-    summary.update(kind="epoch", epoch=epoch, step=state.global_step, backend=state.backend,
-                   world_size=state.world, iters_per_epoch=state.ipe,
-                   global_batch=state.global_batch, wall_s=wall_s,
-                   stopped_early=outcome.stopped, precision=state.cfg.train.precision)
+    summary.update(
+        kind="epoch",
+        epoch=epoch,
+        step=state.global_step,
+        backend=state.backend,
+        world_size=state.world,
+        iters_per_epoch=state.ipe,
+        global_batch=state.global_batch,
+        wall_s=wall_s,
+        stopped_early=outcome.stopped,
+        precision=state.cfg.train.precision,
+    )
     schedule = state.schedules.at(max(state.global_step - 1, 0))
     summary.update({f"sched_{k}": v for k, v in schedule.metrics().items()})
     return summary
 
 
-def report_epoch(state: TrainState, summary: dict[str, Any], *, with_checkpoint: bool,
-                 metrics_queue) -> None:
+def report_epoch(
+    state: TrainState, summary: dict[str, Any], *, with_checkpoint: bool, metrics_queue
+) -> None:
     """``ray.train.report`` of ``summary`` from every rank, rank 0's with a checkpoint of
     ``state`` when ``with_checkpoint``; rank 0 also sends ``summary`` straight to the driver."""
     summary = finite(summary)
@@ -405,24 +518,40 @@ def report_epoch(state: TrainState, summary: dict[str, Any], *, with_checkpoint:
         ray.train.report(summary)
         return
     with tempfile.TemporaryDirectory(prefix="dino-ckpt-") as d:
-        save_checkpoint(d, student=unwrap(state.student), teacher=state.teacher,
-                        center=state.loss_fn.center, optimizer=state.optimizer,
-                        epoch=state.global_step // state.ipe, global_step=state.global_step,
-                        iters_per_epoch=state.ipe, cfg=state.cfg, metrics=summary,
-                        scaler=state.scaler)
-        ray.train.report(summary, checkpoint=ray.train.Checkpoint.from_directory(d),
-                         checkpoint_dir_name=f"checkpoint_step_{state.global_step:08d}")
+        save_checkpoint(
+            d,
+            student=unwrap(state.student),
+            teacher=state.teacher,
+            center=state.loss_fn.center,
+            optimizer=state.optimizer,
+            epoch=state.global_step // state.ipe,
+            global_step=state.global_step,
+            iters_per_epoch=state.ipe,
+            cfg=state.cfg,
+            metrics=summary,
+            scaler=state.scaler,
+        )
+        ray.train.report(
+            summary,
+            checkpoint=ray.train.Checkpoint.from_directory(d),
+            checkpoint_dir_name=f"checkpoint_step_{state.global_step:08d}",
+        )
 
 
-def _crops(batch: dict[str, torch.Tensor], device: torch.device, cfg: DinoConfig | None = None,
-           key: tuple[int, ...] = ()) -> list[torch.Tensor]:
+def _crops(
+    batch: dict[str, torch.Tensor],
+    device: torch.device,
+    cfg: DinoConfig | None = None,
+    key: tuple[int, ...] = (),
+) -> list[torch.Tensor]:
     """Normalised crops in view order; with ``augment.photometric=device`` the photometric ops
     run here first, on the device, seeded by ``key`` = (seed, epoch, step, rank)."""
     names = sorted((k for k in batch if k.startswith("global_")), key=_index)
     names += sorted((k for k in batch if k.startswith("local_")), key=_index)
     if names[:2] != ["global_0", "global_1"]:
-        raise ValueError("train batches need global_0, global_1 and any local_* columns, got "
-                         f"{list(batch)}")
+        raise ValueError(
+            f"train batches need global_0, global_1 and any local_* columns, got {list(batch)}"
+        )
     if cfg is not None and cfg.augment.photometric == "device":
         from pipeline.train.device_augment import device_photometric
 
@@ -457,6 +586,7 @@ def _check_data_quality(data: DataStatistics, cfg: DinoConfig, *, steps: int) ->
 
 # --- stopping early -----------------------------------------------------------------------------
 
+
 class StopConditions:
     """Why this rank would stop before the last epoch: the wall-clock budget
     ``train.max_wall_seconds`` (counted from the first epoch) or a stop the driver asked for
@@ -479,8 +609,9 @@ def _any_rank_flags(*flags: bool) -> tuple[bool, ...]:
     """Each flag OR-ed over the ranks (one all-reduce)."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return tuple(bool(f) for f in flags)
-    t = torch.tensor([1.0 if f else 0.0 for f in flags],
-                     device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    t = torch.tensor(
+        [1.0 if f else 0.0 for f in flags], device="cuda" if dist.get_backend() == "nccl" else "cpu"
+    )
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return tuple(bool(v > 0) for v in t.tolist())
 
@@ -489,14 +620,18 @@ def _mean_over_ranks(values: dict[str, float]) -> dict[str, float]:
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return dict(values)
     keys = sorted(values)
-    t = torch.tensor([values[k] for k in keys], dtype=torch.float64,
-                     device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    t = torch.tensor(
+        [values[k] for k in keys],
+        dtype=torch.float64,
+        device="cuda" if dist.get_backend() == "nccl" else "cpu",
+    )
     dist.all_reduce(t)
     t /= dist.get_world_size()
     return dict(zip(keys, t.tolist()))
 
 
 # --- to the driver ------------------------------------------------------------------------------
+
 
 def _send_to_driver(q, metrics: dict) -> None:
     """Step metrics go straight to the driver's queue, not through ``ray.train.report``: a report

@@ -12,8 +12,16 @@ from dino_model.loss import LossStats
 log = logging.getLogger("dino_ray.train")
 
 # metric names averaged over the steps of an epoch (and over ranks at log steps)
-AVERAGED = ("loss", "dino_loss", "koleo", "teacher_entropy", "teacher_batch_entropy", "kl",
-            "grad_norm_max", "amp_step_skipped")
+AVERAGED = (
+    "loss",
+    "dino_loss",
+    "koleo",
+    "teacher_entropy",
+    "teacher_batch_entropy",
+    "kl",
+    "grad_norm_max",
+    "amp_step_skipped",
+)
 
 
 class EpochMeter:
@@ -33,8 +41,7 @@ class EpochMeter:
         self.agree_s = 0.0  # the per-step agreement of all ranks to go on (waits for the slowest)
         self.started = time.perf_counter()
 
-    def add(self, step_metrics: dict, *, images: int, wait_s: float,
-            compute_s: float) -> None:
+    def add(self, step_metrics: dict, *, images: int, wait_s: float, compute_s: float) -> None:
         for key in AVERAGED:  # floats or device tensors (summed there, read in ``summary``)
             if key in step_metrics:
                 self.sums[key] += step_metrics[key]
@@ -62,17 +69,23 @@ def collapse_check(stats: LossStats, *, where: str) -> str | None:
     """Warn loudly (once per call) when the teacher output collapses; returns the mode."""
     mode = stats.collapse()
     if mode == "uniform":
-        log.warning("COLLAPSE WARNING (%s): teacher output is ~uniform (entropy %.3f of ln K = %.3f)"
-                    " - lower loss.teacher_temp or raise the centre momentum", where,
-                    stats.teacher_entropy, stats.log_k)
+        log.warning(
+            "COLLAPSE WARNING (%s): teacher output is ~uniform (entropy %.3f of ln K = %.3f)"
+            " - lower loss.teacher_temp or raise the centre momentum",
+            where,
+            stats.teacher_entropy,
+            stats.log_k,
+        )
     elif mode == "one-prototype":
-        log.warning("COLLAPSE WARNING (%s): teacher output collapsed to one prototype (batch "
-                    "entropy %.3f) - raise loss.teacher_temp / centring", where,
-                    stats.teacher_batch_entropy)
+        log.warning(
+            "COLLAPSE WARNING (%s): teacher output collapsed to one prototype (batch "
+            "entropy %.3f) - raise loss.teacher_temp / centring",
+            where,
+            stats.teacher_batch_entropy,
+        )
     return mode
 
 
 def finite(metrics: dict) -> dict:
     """Drop non-finite floats (MLflow and JSON reject them)."""
-    return {k: v for k, v in metrics.items()
-            if not (isinstance(v, float) and not math.isfinite(v))}
+    return {k: v for k, v in metrics.items() if not (isinstance(v, float) and not math.isfinite(v))}

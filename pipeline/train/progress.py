@@ -33,8 +33,14 @@ class Progress:
     ``start_step`` when resumed). The time left is the steps left at the rate measured since the
     first step this driver saw, so a resumed run's start-up is not counted as training."""
 
-    def __init__(self, epochs: int, steps_per_epoch: int, start_step: int = 0,
-                 headline_k: int = 20, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        epochs: int,
+        steps_per_epoch: int,
+        start_step: int = 0,
+        headline_k: int = 20,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.epochs, self.ipe = int(epochs), max(1, int(steps_per_epoch))
         self.total = self.epochs * self.ipe
         self.headline_k = headline_k
@@ -50,19 +56,26 @@ class Progress:
 
     def step_line(self, m: dict) -> str:
         step = int(m.get("step", 0))
-        return (f"epoch {int(m.get('epoch', 0)) + 1}/{self.epochs}  step {step}/{self.total}  "
-                f"loss {m.get('loss', float('nan')):.3f}  "
-                f"{m.get('images_per_s', 0.0):,.0f} img/s  "
-                f"data wait {100 * m.get('data_wait_fraction', 0.0):.0f}%  "
-                f"left {duration(self.left_s(step))}")
+        return (
+            f"epoch {int(m.get('epoch', 0)) + 1}/{self.epochs}  step {step}/{self.total}  "
+            f"loss {m.get('loss', float('nan')):.3f}  "
+            f"{m.get('images_per_s', 0.0):,.0f} img/s  "
+            f"data wait {100 * m.get('data_wait_fraction', 0.0):.0f}%  "
+            f"left {duration(self.left_s(step))}"
+        )
 
     def epoch_line(self, m: dict) -> str:
-        knn = (f"  k-NN top-1 {m['knn_top1']:.2f} (val, k={self.headline_k})"
-               if "knn_top1" in m else "")
-        return (f"epoch {int(m.get('epoch', 0)) + 1}/{self.epochs} done  "
-                f"loss {m.get('epoch_loss', float('nan')):.3f}  "
-                f"{m.get('epoch_images_per_s', 0.0):,.0f} img/s  "
-                f"data wait {100 * m.get('epoch_data_wait_fraction', 0.0):.0f}%{knn}")
+        knn = (
+            f"  k-NN top-1 {m['knn_top1']:.2f} (val, k={self.headline_k})"
+            if "knn_top1" in m
+            else ""
+        )
+        return (
+            f"epoch {int(m.get('epoch', 0)) + 1}/{self.epochs} done  "
+            f"loss {m.get('epoch_loss', float('nan')):.3f}  "
+            f"{m.get('epoch_images_per_s', 0.0):,.0f} img/s  "
+            f"data wait {100 * m.get('epoch_data_wait_fraction', 0.0):.0f}%{knn}"
+        )
 
     def on_step(self, m: dict) -> None:
         log.info(self.step_line(m))

@@ -29,11 +29,29 @@ log = logging.getLogger("dino_ray.train")
 
 # fields that do not change what is trained
 OPERATIONAL = {
-    "train": {"name", "storage_path", "shared_filesystem", "epochs", "max_failures", "use_gpu",
-              "cpus_per_worker", "max_wall_seconds", "checkpoint_every_epochs",
-              "keep_checkpoints", "log_every_steps", "resume"},
-    "data": {"num_actors", "cpus_per_actor", "map_batch_size", "data_cpu_limit",
-             "object_store_limit_mib", "max_skip_fraction", "stream_rows"},
+    "train": {
+        "name",
+        "storage_path",
+        "shared_filesystem",
+        "epochs",
+        "max_failures",
+        "use_gpu",
+        "cpus_per_worker",
+        "max_wall_seconds",
+        "checkpoint_every_epochs",
+        "keep_checkpoints",
+        "log_every_steps",
+        "resume",
+    },
+    "data": {
+        "num_actors",
+        "cpus_per_actor",
+        "map_batch_size",
+        "data_cpu_limit",
+        "object_store_limit_mib",
+        "max_skip_fraction",
+        "stream_rows",
+    },
 }
 IGNORED_SECTIONS = {"eval", "tracking", "tune"}
 
@@ -81,7 +99,8 @@ def check_rerun(cfg: DinoConfig, saved_yaml: str | None) -> tuple[DinoConfig, bo
     raise PreflightError(
         f"train.name: run {cfg.train.name!r} in {cfg.train.storage_path} was started with another "
         f"config ({shown}). Set train.resume=changed to continue it with these changes, "
-        "train.resume=never for a fresh run under a new name, or choose another train.name")
+        "train.resume=never for a fresh run under a new name, or choose another train.name"
+    )
 
 
 def rerun_policy(cfg: DinoConfig) -> tuple[DinoConfig, bool]:
@@ -91,8 +110,9 @@ def rerun_policy(cfg: DinoConfig) -> tuple[DinoConfig, bool]:
     saved = read_run_file(found[1], "config.yaml") if found else None
     new_cfg, changed = check_rerun(cfg, saved)
     if new_cfg.train.name != cfg.train.name:
-        log.warning("train.resume=never: %r exists, this run is %r", cfg.train.name,
-                    new_cfg.train.name)
+        log.warning(
+            "train.resume=never: %r exists, this run is %r", cfg.train.name, new_cfg.train.name
+        )
     return new_cfg, changed
 
 
@@ -110,11 +130,13 @@ def resumable_step(cfg: DinoConfig, storage: str, ipe: int) -> int:
         raise PreflightError(
             f"train.name: {tc.name!r} in {tc.storage_path} has a checkpoint with {meta_ipe} "
             f"iterations per epoch, this run has {ipe}: resume with the same batch size, workers "
-            "and data, or choose another train.name")
+            "and data, or choose another train.name"
+        )
     if step >= tc.epochs * ipe:
         raise PreflightError(
             f"train.epochs: run {tc.name!r} already finished {step // ipe} epochs ({path}); raise "
-            "train.epochs to continue it, or choose another train.name for a new run")
+            "train.epochs to continue it, or choose another train.name for a new run"
+        )
     return step
 
 

@@ -32,9 +32,11 @@ def resume_point(ckpt, storage: str | None, name: str, ipe: int) -> ResumePoint 
     if saved is None:
         return None
     if int(saved["iters_per_epoch"]) != ipe:
-        raise ResumeMismatchError(f"checkpoint has {saved['iters_per_epoch']} iterations per "
-                                  f"epoch, this run {ipe}: resume with the same batch size, "
-                                  "workers and data")
+        raise ResumeMismatchError(
+            f"checkpoint has {saved['iters_per_epoch']} iterations per "
+            f"epoch, this run {ipe}: resume with the same batch size, "
+            "workers and data"
+        )
     return ResumePoint(saved, source)
 
 

@@ -58,8 +58,9 @@ class BatchStream:
     def reopen(self, epoch: int) -> None:
         """The single stream: a new execution of epochs ``epoch .. train.epochs - 1``, or of the
         window of them the dataset bounds."""
-        end = self.data.set_epoch(epoch, until=self.cfg.train.epochs,
-                                  rows_per_epoch=self.rows_per_epoch)
+        end = self.data.set_epoch(
+            epoch, until=self.cfg.train.epochs, rows_per_epoch=self.rows_per_epoch
+        )
         self.window_end = int(end) if isinstance(end, int) else self.cfg.train.epochs
         self.batches = _iter_batches(self.shard, self.cfg, epoch)
 
@@ -73,7 +74,12 @@ class BatchStream:
 
 def _iter_batches(shard, cfg: DinoConfig, epoch: int) -> Iterator[dict[str, torch.Tensor]]:
     tc = cfg.train
-    return iter(shard.iter_torch_batches(
-        batch_size=tc.batch_size_per_worker, drop_last=True, prefetch_batches=2,
-        local_shuffle_buffer_size=cfg.data.local_shuffle_buffer or None,
-        local_shuffle_seed=(tc.seed + epoch) if cfg.data.local_shuffle_buffer else None))
+    return iter(
+        shard.iter_torch_batches(
+            batch_size=tc.batch_size_per_worker,
+            drop_last=True,
+            prefetch_batches=2,
+            local_shuffle_buffer_size=cfg.data.local_shuffle_buffer or None,
+            local_shuffle_seed=(tc.seed + epoch) if cfg.data.local_shuffle_buffer else None,
+        )
+    )

@@ -118,10 +118,8 @@ def fit(
     succeed, and ``TrainingError`` (with ``last_checkpoint``) when training fails.
     """
     from pipeline.cluster import ClusterView, release_nodes
-    from pipeline.preflight import check_cluster, check_config
+    from pipeline.preflight import check_cluster, check_config, check_corpus
     from pipeline.ray_runtime import ensure_ray
-
-    from pipeline.preflight import check_corpus
 
     t0 = time.monotonic()
     check_config(cfg)  # no Ray yet: arch, then the corpus (missing, empty, smaller than a batch)
@@ -140,8 +138,9 @@ def fit(
         run.new_tracking_run = changed
         run.faults = faults or Faults()
         tracker = _open_tracking(cfg, run, config_path)
-        history, steps, last = _launch_and_collect(cfg, run, tracker, on_epoch_metrics,
-                                                   on_step_metrics, callbacks)
+        history, steps, last = _launch_and_collect(
+            cfg, run, tracker, on_epoch_metrics, on_step_metrics, callbacks
+        )
         return _finish(cfg, run, tracker, history, steps, last, t0, evaluation)
     finally:
         release_nodes(view)
@@ -187,8 +186,14 @@ def _plan(cfg: DinoConfig, view, train_data, corpus=None) -> _Run:
         plan = plan_from_config(cfg.data, tc)
         for note in plan.notes:
             progress_log.info("data stage: %s", note)
-        train_data = build_train_dataset(cfg.data, cfg.augment, seed=tc.seed, plan=plan,
-                                         corpus=corpus, indices=ssl_indices(cfg, corpus))
+        train_data = build_train_dataset(
+            cfg.data,
+            cfg.augment,
+            seed=tc.seed,
+            plan=plan,
+            corpus=corpus,
+            indices=ssl_indices(cfg, corpus),
+        )
     else:
         check_corpus(cfg, train_data.num_images)
     ipe = iters_per_epoch(cfg, train_data.num_images, tc.num_workers)
@@ -196,15 +201,22 @@ def _plan(cfg: DinoConfig, view, train_data, corpus=None) -> _Run:
     data_bundle = {"CPU": plan.cpus_per_actor if plan else cfg.data.cpus_per_actor}
     if view.has_role("data"):
         data_bundle["data"] = data_bundle["CPU"]
-    request_nodes([train_worker_bundle(cfg, view)] * tc.num_workers
-                  + [data_bundle] * (plan.num_actors if plan else cfg.data.num_actors), view)
+    request_nodes(
+        [train_worker_bundle(cfg, view)] * tc.num_workers
+        + [data_bundle] * (plan.num_actors if plan else cfg.data.num_actors),
+        view,
+    )
     worker = {k: v for k, v in train_worker_bundle(cfg, view).items() if k != "GPU"}
     run = _Run(storage, rdir, train_data, plan, ipe, start_step, worker_resources=worker)
-    progress_log.info("%s: %d epochs x %d steps of %d images on %d worker(s)%s", cfg.train.name,
-                      cfg.train.epochs, ipe,
-                      cfg.train.batch_size_per_worker * cfg.train.num_workers,
-                      cfg.train.num_workers,
-                      f", continuing from step {start_step}" if start_step else "")
+    progress_log.info(
+        "%s: %d epochs x %d steps of %d images on %d worker(s)%s",
+        cfg.train.name,
+        cfg.train.epochs,
+        ipe,
+        cfg.train.batch_size_per_worker * cfg.train.num_workers,
+        cfg.train.num_workers,
+        f", continuing from step {start_step}" if start_step else "",
+    )
     if cfg.eval.every_epochs:  # the eval images are read by a Ray task while the workers start
         from pipeline.data.eval_sets import materialize_task
 
@@ -235,9 +247,15 @@ def _open_tracking(cfg: DinoConfig, run: _Run, config_path):
     tags = {"dino_ray.train.name": tc.name}
     if run.new_tracking_run and previous_id:  # params are immutable: the changed ones need a run
         tags["dino_ray.continues_run"] = previous_id
-    tracker = Tracker(tr.tracking_uri, tr.experiment, run_name=tr.run_name or tc.name,
-                      enabled=tr.enabled, resume_run_id=resume_id,
-                      http_timeout_s=tr.http_timeout_s, tags=tags)
+    tracker = Tracker(
+        tr.tracking_uri,
+        tr.experiment,
+        run_name=tr.run_name or tc.name,
+        enabled=tr.enabled,
+        resume_run_id=resume_id,
+        http_timeout_s=tr.http_timeout_s,
+        tags=tags,
+    )
     if tracker.run_id and tracker.ok:
         try:
             write_run_file(run.rdir, RUN_ID_FILE, tracker.run_id)
@@ -265,26 +283,37 @@ def _build_trainer(cfg: DinoConfig, run: _Run, q, callbacks, control=None):
     resources = run.worker_resources or {"CPU": tc.cpus_per_worker}
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"cfg": cfg.model_dump(mode="json"), "train_data": run.train_data,
-                           "num_images": run.train_data.num_images, "eval_ref": run.eval_ref,
-                           "storage": run.storage, "metrics_queue": q, "run_dir": run.rdir,
-                           "control": control, "faults": run.faults},
-        scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu,
-                                     resources_per_worker=resources),
+        train_loop_config={
+            "cfg": cfg.model_dump(mode="json"),
+            "train_data": run.train_data,
+            "num_images": run.train_data.num_images,
+            "eval_ref": run.eval_ref,
+            "storage": run.storage,
+            "metrics_queue": q,
+            "run_dir": run.rdir,
+            "control": control,
+            "faults": run.faults,
+        },
+        scaling_config=ScalingConfig(
+            num_workers=tc.num_workers, use_gpu=tc.use_gpu, resources_per_worker=resources
+        ),
         run_config=RunConfig(
-            name=tc.name, storage_path=run.storage,
+            name=tc.name,
+            storage_path=run.storage,
             checkpoint_config=CheckpointConfig(num_to_keep=tc.keep_checkpoints),
             # retries are decided by the driver (pipeline.train.failures): Ray Train would
             # replay a NaN or a config error max_failures times; start-up time-outs are bounded
             failure_config=FailureConfig(max_failures=0, controller_failure_limit=2),
-            callbacks=[_forward_callback(q), *(callbacks or [])]),
+            callbacks=[_forward_callback(q), *(callbacks or [])],
+        ),
         datasets={"train": run.train_data.dataset},
         dataset_config=DataConfig(execution_options=ingest),
     )
 
 
-def _launch_and_collect(cfg: DinoConfig, run: _Run, tracker, on_epoch_metrics, on_step_metrics,
-                        callbacks) -> tuple[list[dict], list[dict], str | None]:
+def _launch_and_collect(
+    cfg: DinoConfig, run: _Run, tracker, on_epoch_metrics, on_step_metrics, callbacks
+) -> tuple[list[dict], list[dict], str | None]:
     """Run the trainer, rerunning it after a worker or node death (it resumes from the newest
     checkpoint) up to ``train.max_failures`` times; metrics are drained on this thread."""
     from ray.util.queue import Queue
@@ -338,20 +367,28 @@ def _launch_and_collect(cfg: DinoConfig, run: _Run, tracker, on_epoch_metrics, o
                 tracker.finish("KILLED")
                 raise TrainingInterrupted(
                     f"training run {tc.name!r} stopped by {stopping.reason}; rerun the same "
-                    f"command to continue from {good or 'the start'}", good, tracker.run_id)
+                    f"command to continue from {good or 'the start'}",
+                    good,
+                    tracker.run_id,
+                )
             if "error" not in outcome:
                 return history, steps, _result_checkpoint(outcome["result"]) or last_ckpt[0]
             exc = outcome["error"]
             kind = classify(exc)
             if kind == "retryable" and (tc.max_failures < 0 or failures < tc.max_failures):
                 failures += 1
-                log.warning("training attempt %d failed (%s): restarting from the newest "
-                            "checkpoint (%s; %d of %s retries)", failures, _root_message(exc),
-                            latest_checkpoint(run.storage, tc.name)
-                            or "none complete yet: step 0", failures,
-                            "unlimited" if tc.max_failures < 0 else tc.max_failures)
-                tracker.log_metrics({"restarts": failures}, step=int(history[-1]["step"])
-                                    if history else 0)
+                log.warning(
+                    "training attempt %d failed (%s): restarting from the newest "
+                    "checkpoint (%s; %d of %s retries)",
+                    failures,
+                    _root_message(exc),
+                    latest_checkpoint(run.storage, tc.name) or "none complete yet: step 0",
+                    failures,
+                    "unlimited" if tc.max_failures < 0 else tc.max_failures,
+                )
+                tracker.log_metrics(
+                    {"restarts": failures}, step=int(history[-1]["step"]) if history else 0
+                )
                 continue
             good = latest_checkpoint(run.storage, tc.name)
             tracker.set_tags({"error": _root_message(exc)[:5000], "error_kind": kind})
@@ -359,7 +396,10 @@ def _launch_and_collect(cfg: DinoConfig, run: _Run, tracker, on_epoch_metrics, o
             why = "" if kind == "deterministic" else f" after {failures} restart(s)"
             raise TrainingError(
                 f"training run {tc.name!r} failed{why}: {_root_message(exc)}\n"
-                f"last good checkpoint: {good or 'none'}", good, tracker.run_id) from exc
+                f"last good checkpoint: {good or 'none'}",
+                good,
+                tracker.run_id,
+            ) from exc
     except KeyboardInterrupt:  # a second Ctrl-C: abandon the run now
         tracker.set_tags({"stopped_by": "SIGINT (twice)"})
         tracker.finish("KILLED")
@@ -401,8 +441,16 @@ def _result_checkpoint(result) -> str | None:
     return checkpoint_uri(result.checkpoint) if result.checkpoint is not None else None
 
 
-def _finish(cfg: DinoConfig, run: _Run, tracker, history, steps, ckpt_path, t0,
-            evaluation: FinalEvaluation | None) -> TrainingResult:
+def _finish(
+    cfg: DinoConfig,
+    run: _Run,
+    tracker,
+    history,
+    steps,
+    ckpt_path,
+    t0,
+    evaluation: FinalEvaluation | None,
+) -> TrainingResult:
     """Fail a run that trained nothing; final k-NN when the loop did not do it; close MLflow."""
     from pipeline.data.quality import DataQualityError, check_skip_share
 
@@ -415,8 +463,11 @@ def _finish(cfg: DinoConfig, run: _Run, tracker, history, steps, ckpt_path, t0,
         except DataQualityError as exc:
             tracker.set_tags({"error": str(exc)[:5000], "error_kind": "deterministic"})
             tracker.finish("FAILED")
-            raise TrainingError(f"training run {tc.name!r} failed: {exc}",
-                                latest_checkpoint(run.storage, tc.name), tracker.run_id) from None
+            raise TrainingError(
+                f"training run {tc.name!r} failed: {exc}",
+                latest_checkpoint(run.storage, tc.name),
+                tracker.run_id,
+            ) from None
     metrics: dict[str, Any] = dict(history[-1]) if history else {}
     for h in history:  # the random-init k-NN from the in-training eval rides on epoch 0
         metrics.update({k: v for k, v in h.items() if k.startswith(("knn_init", "knn_pixels"))})
@@ -439,15 +490,26 @@ def _finish(cfg: DinoConfig, run: _Run, tracker, history, steps, ckpt_path, t0,
         tracker.log_metrics(test, step=int(metrics.get("step", 0)))
     if "knn_top1" in metrics and "knn_init_top1" in metrics:
         metrics["knn_gain_top1"] = metrics["knn_top1"] - metrics["knn_init_top1"]
-        tracker.log_metrics({"knn_gain_top1": metrics["knn_gain_top1"]},
-                            step=int(metrics.get("step", 0)))
-        progress_log.info("k-NN top-1: trained %.2f vs random init %.2f (gain %+.2f)",
-                    metrics["knn_top1"], metrics["knn_init_top1"], metrics["knn_gain_top1"])
+        tracker.log_metrics(
+            {"knn_gain_top1": metrics["knn_gain_top1"]}, step=int(metrics.get("step", 0))
+        )
+        progress_log.info(
+            "k-NN top-1: trained %.2f vs random init %.2f (gain %+.2f)",
+            metrics["knn_top1"],
+            metrics["knn_init_top1"],
+            metrics["knn_gain_top1"],
+        )
     _log_plot(tracker, steps, history, metrics)
     tracker.set_tags({"checkpoint_path": ckpt_path or ""})
     tracker.finish("FINISHED")
-    return TrainingResult(checkpoint_path=ckpt_path, metrics=metrics, mlflow_run_id=tracker.run_id,
-                          storage_path=run.rdir, history=history, wall_s=time.monotonic() - t0)
+    return TrainingResult(
+        checkpoint_path=ckpt_path,
+        metrics=metrics,
+        mlflow_run_id=tracker.run_id,
+        storage_path=run.rdir,
+        history=history,
+        wall_s=time.monotonic() - t0,
+    )
 
 
 def _data_stats(train_data) -> dict:
@@ -460,7 +522,9 @@ def _data_stats(train_data) -> dict:
 def _evaluated_in_loop(history: list[dict]) -> bool:
     """The last epoch already carries the k-NN of the final teacher (and the random init is
     known): the same figures as an evaluation of the final checkpoint, so it is not repeated."""
-    return bool(history) and "knn_top1" in history[-1] and any("knn_init_top1" in h for h in history)
+    return (
+        bool(history) and "knn_top1" in history[-1] and any("knn_init_top1" in h for h in history)
+    )
 
 
 def _call(hook: MetricsHook | None, m: dict) -> None:

@@ -4,5 +4,11 @@ validation k-NN; the test split reported once for the best trial)."""
 from pipeline.tune.space import concurrent_trials, param_space, trial_cpus
 from pipeline.tune.sweep import SweepResult, report_test_once, run_sweep
 
-__all__ = ["SweepResult", "concurrent_trials", "param_space", "report_test_once", "run_sweep",
-           "trial_cpus"]
+__all__ = [
+    "SweepResult",
+    "concurrent_trials",
+    "param_space",
+    "report_test_once",
+    "run_sweep",
+    "trial_cpus",
+]

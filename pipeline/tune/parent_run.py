@@ -25,10 +25,14 @@ class ParentRun:
 
             self.client = MlflowClient(tracking_uri=cfg.tracking.tracking_uri)
             exp = self.client.get_experiment_by_name(cfg.tracking.experiment)
-            exp_id = (exp.experiment_id if exp is not None
-                      else self.client.create_experiment(cfg.tracking.experiment))
-            run = self.client.create_run(exp_id, run_name=sweep,
-                                         tags={"dino_ray.kind": "sweep", "dino_ray.sweep": sweep})
+            exp_id = (
+                exp.experiment_id
+                if exp is not None
+                else self.client.create_experiment(cfg.tracking.experiment)
+            )
+            run = self.client.create_run(
+                exp_id, run_name=sweep, tags={"dino_ray.kind": "sweep", "dino_ray.sweep": sweep}
+            )
             self.run_id = run.info.run_id
             for key, value in cfg.flat(redact=True).items():
                 if key.startswith("tune."):
@@ -50,8 +54,11 @@ class ParentRun:
             for row in table:
                 name = trial_name(sweep, row["trial_id"])
                 runs = self.client.search_runs(
-                    [exp.experiment_id], f"tags.`dino_ray.train.name` = '{name}'",
-                    order_by=["attributes.start_time DESC"], max_results=1)
+                    [exp.experiment_id],
+                    f"tags.`dino_ray.train.name` = '{name}'",
+                    order_by=["attributes.start_time DESC"],
+                    max_results=1,
+                )
                 if not runs:
                     continue
                 run = runs[0]
@@ -94,8 +101,9 @@ class ParentRun:
             if plot_path is not None:
                 self.client.log_artifact(self.run_id, str(plot_path))
             if best is not None:
-                self.client.log_metric(self.run_id, f"best_{cfg.tune.metric}",
-                                       float(best[cfg.tune.metric]))
+                self.client.log_metric(
+                    self.run_id, f"best_{cfg.tune.metric}", float(best[cfg.tune.metric])
+                )
                 for key in cfg.tune.search_space:
                     self.client.set_tag(self.run_id, f"best.{key}", redact(str(best.get(key))))
                 self.client.set_tag(self.run_id, "best_trial", str(best["trial_id"]))

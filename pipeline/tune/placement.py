@@ -21,8 +21,11 @@ log = logging.getLogger("dino_ray.tune")
 def _created_groups(skip: dict[str, float]) -> set[str]:
     """Ids of the placement groups alive now, except those whose every bundle is ``skip``."""
     table = ray.util.placement_group_table()
-    return {pid for pid, info in table.items() if info["state"] == "CREATED"
-            and not all(dict(b) == skip for b in info["bundles"].values())}
+    return {
+        pid
+        for pid, info in table.items()
+        if info["state"] == "CREATED" and not all(dict(b) == skip for b in info["bundles"].values())
+    }
 
 
 class ReleaseTrialPlacementGroups(tune.Callback):

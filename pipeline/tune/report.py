@@ -17,25 +17,35 @@ def results_table(grid, cfg: DinoConfig) -> list[dict[str, Any]]:
         m = res.metrics or {}
         history = res.metrics_dataframe
         epochs = int(history["epoch"].max()) if history is not None and "epoch" in history else 0
-        best_metric = (float(history[metric].max() if cfg.tune.mode == "max" else
-                             history[metric].min())
-                       if history is not None and metric in history else float("nan"))
-        rows.append({
-            "trial_id": str(m.get("trial_id") or (res.path or "?").rstrip("/").split("/")[-1]),
-            **params,
-            metric: float(m.get(metric, float("nan"))),
-            f"best_{metric}": best_metric,
-            f"{metric}_by_epoch": ([round(float(v), 2) for v in history[metric].dropna()]
-                                   if history is not None and metric in history else []),
-            "epochs_reported": epochs,
-            "stopped_early": not bool(m.get("final")),
-            "status": "ERROR" if res.error else "OK",
-            "images_per_s": float(m.get("epoch_images_per_s", float("nan"))),
-            "checkpoint_path": m.get("checkpoint_path", ""),
-            "mlflow_run_id": m.get("mlflow_run_id", ""),
-            **{k: float(v) for k, v in m.items() if k.startswith("knn") and k != metric
-               and isinstance(v, (int, float))},
-        })
+        best_metric = (
+            float(history[metric].max() if cfg.tune.mode == "max" else history[metric].min())
+            if history is not None and metric in history
+            else float("nan")
+        )
+        rows.append(
+            {
+                "trial_id": str(m.get("trial_id") or (res.path or "?").rstrip("/").split("/")[-1]),
+                **params,
+                metric: float(m.get(metric, float("nan"))),
+                f"best_{metric}": best_metric,
+                f"{metric}_by_epoch": (
+                    [round(float(v), 2) for v in history[metric].dropna()]
+                    if history is not None and metric in history
+                    else []
+                ),
+                "epochs_reported": epochs,
+                "stopped_early": not bool(m.get("final")),
+                "status": "ERROR" if res.error else "OK",
+                "images_per_s": float(m.get("epoch_images_per_s", float("nan"))),
+                "checkpoint_path": m.get("checkpoint_path", ""),
+                "mlflow_run_id": m.get("mlflow_run_id", ""),
+                **{
+                    k: float(v)
+                    for k, v in m.items()
+                    if k.startswith("knn") and k != metric and isinstance(v, (int, float))
+                },
+            }
+        )
         for key in ("knn_init_top1", "knn_pixels_top1"):  # measured once, at the first epoch
             if key not in rows[-1] and history is not None and key in history:
                 first = history[key].dropna()
@@ -45,53 +55,94 @@ def results_table(grid, cfg: DinoConfig) -> list[dict[str, Any]]:
 
 
 def best_row(table: list[dict[str, Any]], metric: str, mode: str) -> dict[str, Any] | None:
-    done = [r for r in table if r["status"] == "OK" and not r["stopped_early"]
-            and not math.isnan(r[metric])]
+    done = [
+        r
+        for r in table
+        if r["status"] == "OK" and not r["stopped_early"] and not math.isnan(r[metric])
+    ]
     if not done:
         return None
     return (max if mode == "max" else min)(done, key=lambda r: r[metric])
 
 
 def format_table(table: list[dict[str, Any]], cfg: DinoConfig) -> str:
-    cols = ["trial_id", *cfg.tune.search_space, cfg.tune.metric, "epochs_reported",
-            "stopped_early", "status"]
+    cols = [
+        "trial_id",
+        *cfg.tune.search_space,
+        cfg.tune.metric,
+        "epochs_reported",
+        "stopped_early",
+        "status",
+    ]
     cells = [[_fmt(r.get(c, "")) for c in cols] for r in table]
-    widths = [max(len(c), *(len(row[i]) for row in cells)) if cells else len(c)
-              for i, c in enumerate(cols)]
+    widths = [
+        max(len(c), *(len(row[i]) for row in cells)) if cells else len(c)
+        for i, c in enumerate(cols)
+    ]
     lines = ["  ".join(c.ljust(w) for c, w in zip(cols, widths))]
     lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in cells]
     return "\n".join(lines)
 
 
-def write_markdown(table: list[dict[str, Any]], cfg: DinoConfig, path: str | Path,
-                   best: dict[str, Any] | None = None, test: dict[str, Any] | None = None,
-                   title: str = "Sweep results") -> None:
+def write_markdown(
+    table: list[dict[str, Any]],
+    cfg: DinoConfig,
+    path: str | Path,
+    best: dict[str, Any] | None = None,
+    test: dict[str, Any] | None = None,
+    title: str = "Sweep results",
+) -> None:
     """The results as a Markdown table (best validation figure first), with the best trial's
     once-only test figures underneath: what ``bench/results/`` keeps in the repository."""
     metric = cfg.tune.metric
     keys = list(cfg.tune.search_space)
-    rows = sorted(table, key=lambda r: -(r.get(metric) if isinstance(r.get(metric), float)
-                                         and not math.isnan(r[metric]) else -1e9))
-    head = ["trial", *keys, f"val {metric} by epoch", "random init", "raw pixels", "img/s",
-            "stopped early", "status"]
-    lines = [f"# {title}", "", "| " + " | ".join(head) + " |",
-             "|" + "---|" * len(head)]
+    rows = sorted(
+        table,
+        key=lambda r: (
+            -(
+                r.get(metric)
+                if isinstance(r.get(metric), float) and not math.isnan(r[metric])
+                else -1e9
+            )
+        ),
+    )
+    head = [
+        "trial",
+        *keys,
+        f"val {metric} by epoch",
+        "random init",
+        "raw pixels",
+        "img/s",
+        "stopped early",
+        "status",
+    ]
+    lines = [f"# {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        cells = [r["trial_id"], *(_fmt(r.get(k, "")) for k in keys),
-                 " > ".join(f"{v:.1f}" for v in r.get(f"{metric}_by_epoch", [])) or "-",
-                 _fmt(r.get("knn_init_top1", float("nan"))),
-                 _fmt(r.get("knn_pixels_top1", float("nan"))),
-                 f"{r.get('images_per_s', float('nan')):.0f}",
-                 "yes" if r.get("stopped_early") else "no", r.get("status", "")]
+        cells = [
+            r["trial_id"],
+            *(_fmt(r.get(k, "")) for k in keys),
+            " > ".join(f"{v:.1f}" for v in r.get(f"{metric}_by_epoch", [])) or "-",
+            _fmt(r.get("knn_init_top1", float("nan"))),
+            _fmt(r.get("knn_pixels_top1", float("nan"))),
+            f"{r.get('images_per_s', float('nan')):.0f}",
+            "yes" if r.get("stopped_early") else "no",
+            r.get("status", ""),
+        ]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     if best is not None:
-        lines += ["", f"Best trial on the validation split: {best['trial_id']} "
-                  f"({metric} {best[metric]:.2f})."]
+        lines += [
+            "",
+            f"Best trial on the validation split: {best['trial_id']} "
+            f"({metric} {best[metric]:.2f}).",
+        ]
     if test:
-        lines += ["", "Its teacher on the test split, evaluated once after the selection "
-                  f"(bank: the whole train split): k-NN top-1 {test.get('test_knn_top1', 0):.2f}, "
-                  f"random init {test.get('test_knn_init_top1', 0):.2f}, raw pixels "
-                  f"{test.get('test_knn_pixels_top1', 0):.2f}."]
+        lines += [
+            "",
+            "Its teacher on the test split, evaluated once after the selection "
+            f"(bank: the whole train split): k-NN top-1 {test.get('test_knn_top1', 0):.2f}, "
+            f"random init {test.get('test_knn_init_top1', 0):.2f}, raw pixels "
+            f"{test.get('test_knn_pixels_top1', 0):.2f}.",
+        ]
     Path(path).write_text("\n".join(lines) + "\n")
 
 
@@ -121,19 +172,26 @@ def plot_results(table: list[dict[str, Any]], cfg: DinoConfig, path: str | Path)
 
     metric = cfg.tune.metric
     keys = list(cfg.tune.search_space)
-    fig, axes = plt.subplots(1, max(1, len(keys)), figsize=(4 * max(1, len(keys)), 3.2),
-                             squeeze=False)
+    fig, axes = plt.subplots(
+        1, max(1, len(keys)), figsize=(4 * max(1, len(keys)), 3.2), squeeze=False
+    )
     scored = [r for r in table if isinstance(r.get(metric), float) and not math.isnan(r[metric])]
     for ax, key in zip(axes[0], keys or [None]):
         # categorical x: every choice in the order of the search space, then the trial ids
-        labels = ([_fmt(c) for c in cfg.tune.search_space[key]] if key
-                  else [r["trial_id"] for r in scored])
+        labels = (
+            [_fmt(c) for c in cfg.tune.search_space[key]]
+            if key
+            else [r["trial_id"] for r in scored]
+        )
         for row in scored:  # an errored or unfinished trial has no figure to place
             x = labels.index(_fmt(row.get(key)) if key else row["trial_id"])
-            ax.scatter([x], [row[metric]], marker="x" if row["stopped_early"] else "o",
-                       color="tab:red" if row["stopped_early"] else "tab:blue")
-        ax.set_xticks(range(len(labels)), [lab.replace(",", "\n") for lab in labels],
-                      fontsize=6)
+            ax.scatter(
+                [x],
+                [row[metric]],
+                marker="x" if row["stopped_early"] else "o",
+                color="tab:red" if row["stopped_early"] else "tab:blue",
+            )
+        ax.set_xticks(range(len(labels)), [lab.replace(",", "\n") for lab in labels], fontsize=6)
         ax.set_xlabel(key or "trial")
         ax.set_ylabel(metric)
     fig.suptitle(f"{metric} per trial (x = stopped early by ASHA)")

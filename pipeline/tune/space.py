@@ -16,8 +16,12 @@ def trial_cpus(cfg: DinoConfig) -> float:
     """CPUs one trial holds: its train workers + its data actors + the read tasks, plus the
     trial driver itself (0: it only waits)."""
     t, d = cfg.train, cfg.data
-    return (t.num_workers * t.cpus_per_worker + d.num_actors * d.cpus_per_actor
-            + DATA_CPUS_ON_HEAD + DRIVER_RESOURCES["CPU"])
+    return (
+        t.num_workers * t.cpus_per_worker
+        + d.num_actors * d.cpus_per_actor
+        + DATA_CPUS_ON_HEAD
+        + DRIVER_RESOURCES["CPU"]
+    )
 
 
 def concurrent_trials(cfg: DinoConfig, cluster: dict[str, float] | None = None) -> int:
@@ -61,7 +65,9 @@ def param_space(cfg: DinoConfig) -> dict[str, Any]:
     for key, choices in cfg.tune.search_space.items():
         for choice in choices:
             cfg.with_overrides(trial_overrides({key: choice}))  # names a bad field
-        space[key] = tune.grid_search(list(choices)) if cfg.tune.grid else tune.choice(list(choices))
+        space[key] = (
+            tune.grid_search(list(choices)) if cfg.tune.grid else tune.choice(list(choices))
+        )
     return space
 
 
@@ -76,10 +82,14 @@ def trial_overrides(params: dict[str, Any]) -> dict[str, Any]:
             updates[key] = value
         elif isinstance(value, dict):
             if not all("." in k for k in value):
-                raise ValueError(f"tune.search_space.{key}: a group's choices map dotted fields "
-                                 f"(section.field) to values, got {value!r}")
+                raise ValueError(
+                    f"tune.search_space.{key}: a group's choices map dotted fields "
+                    f"(section.field) to values, got {value!r}"
+                )
             updates.update(value)
         else:
-            raise ValueError(f"tune.search_space.{key}: not a section.field, and its choice "
-                             f"{value!r} is not a dict of section.field values (a group)")
+            raise ValueError(
+                f"tune.search_space.{key}: not a section.field, and its choice "
+                f"{value!r} is not a dict of section.field values (a group)"
+            )
     return updates

@@ -22,8 +22,14 @@ from pipeline.config import DinoConfig
 from pipeline.tune.parent_run import ParentRun
 from pipeline.tune.placement import ReleaseTrialPlacementGroups
 from pipeline.tune.report import best_row, format_table, results_table
-from pipeline.tune.space import (DRIVER_RESOURCES, concurrent_trials, param_space, total_trials,
-                                 trial_cpus, trial_overrides)
+from pipeline.tune.space import (
+    DRIVER_RESOURCES,
+    concurrent_trials,
+    param_space,
+    total_trials,
+    trial_cpus,
+    trial_overrides,
+)
 from pipeline.tune.trainable import train_trial
 
 
@@ -39,15 +45,21 @@ class SweepResult:
     test: dict[str, Any] = field(default_factory=dict)  # the best trial on eval.test_path
 
 
-def run_sweep(cfg: DinoConfig, *, address: str | None = None, register: bool = True,
-              name: str | None = None, results_dir: str | None = None) -> SweepResult:
+def run_sweep(
+    cfg: DinoConfig,
+    *,
+    address: str | None = None,
+    register: bool = True,
+    name: str | None = None,
+    results_dir: str | None = None,
+) -> SweepResult:
     import ray
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
+    from pipeline.checkpoints import resolve_storage_path
     from pipeline.preflight import absolute_local_paths
     from pipeline.ray_runtime import ensure_ray
-    from pipeline.checkpoints import resolve_storage_path
 
     ensure_ray(address)
     tc = cfg.tune
@@ -55,30 +67,46 @@ def run_sweep(cfg: DinoConfig, *, address: str | None = None, register: bool = T
     storage = resolve_storage_path(cfg.train.storage_path)
     space = param_space(cfg)
     concurrency = concurrent_trials(cfg)
-    print(f"sweep {sweep}: {total_trials(cfg)} trial(s), {concurrency} at a time "
-          f"({trial_cpus(cfg):g} CPU each of {ray.cluster_resources().get('CPU', 0):g}); "
-          f"searching {', '.join(space)}", flush=True)
+    print(
+        f"sweep {sweep}: {total_trials(cfg)} trial(s), {concurrency} at a time "
+        f"({trial_cpus(cfg):g} CPU each of {ray.cluster_resources().get('CPU', 0):g}); "
+        f"searching {', '.join(space)}",
+        flush=True,
+    )
 
     parent = ParentRun(cfg, sweep)
     # trials start in their own directory: relative data paths are made absolute here
     base = absolute_local_paths(cfg).model_dump(mode="json")
-    space.update({"_base": base, "_sweep": sweep, "_storage": storage,
-                  "_parent_run_id": parent.run_id})
+    space.update(
+        {"_base": base, "_sweep": sweep, "_storage": storage, "_parent_run_id": parent.run_id}
+    )
     # max_t above the last report (epochs + the final one), so only the rungs stop trials
-    scheduler = ASHAScheduler(time_attr="epoch", max_t=cfg.train.epochs + 2,
-                              grace_period=tc.grace_period, reduction_factor=tc.reduction_factor)
+    scheduler = ASHAScheduler(
+        time_attr="epoch",
+        max_t=cfg.train.epochs + 2,
+        grace_period=tc.grace_period,
+        reduction_factor=tc.reduction_factor,
+    )
     tuner = tune.Tuner(
         # the trial is only the Train driver (it waits); the TorchTrainer workers and the data
         # actors it starts reserve the real CPUs/GPUs
         tune.with_resources(train_trial, dict(DRIVER_RESOURCES)),
         param_space=space,
-        tune_config=tune.TuneConfig(metric=tc.metric, mode=tc.mode, scheduler=scheduler,
-                                    num_samples=tc.num_samples,
-                                    max_concurrent_trials=concurrency),
+        tune_config=tune.TuneConfig(
+            metric=tc.metric,
+            mode=tc.mode,
+            scheduler=scheduler,
+            num_samples=tc.num_samples,
+            max_concurrent_trials=concurrency,
+        ),
         # verbose=0: Tune's status table repeats the whole base config every few seconds; the
         # results table printed at the end (format_table, below) is the one to read
-        run_config=tune.RunConfig(name=sweep, storage_path=storage, verbose=0,
-                                  callbacks=[ReleaseTrialPlacementGroups(DRIVER_RESOURCES)]),
+        run_config=tune.RunConfig(
+            name=sweep,
+            storage_path=storage,
+            verbose=0,
+            callbacks=[ReleaseTrialPlacementGroups(DRIVER_RESOURCES)],
+        ),
     )
     grid = tuner.fit()
     table = results_table(grid, cfg)
@@ -91,28 +119,51 @@ def run_sweep(cfg: DinoConfig, *, address: str | None = None, register: bool = T
         keep_results(results_dir, sweep, table, cfg, best, test, csv_path, plot_path)
     print(format_table(table, cfg), flush=True)
     version = None
-    if register and tc.register_best and best is not None and best.get("checkpoint_path") and cfg.tracking.enabled:
+    if (
+        register
+        and tc.register_best
+        and best is not None
+        and best.get("checkpoint_path")
+        and cfg.tracking.enabled
+    ):
         from pipeline.registry.register import register_teacher
 
         version = register_teacher(
-            best["checkpoint_path"], None,
+            best["checkpoint_path"],
+            None,
             # validation figures only on the trial's run: the champion is chosen on run
             # metrics, and the test split must never take part in a choice
             metrics={k: best[k] for k in best if k.startswith("knn")},
-            run_id=best.get("mlflow_run_id") or None, tracking_uri=cfg.tracking.tracking_uri,
-            name=cfg.tracking.registered_model, set_champion=True,
-            extra_tags={"sweep": sweep, "trial_id": str(best["trial_id"]),
-                        **{k: f"{float(v):.6g}" for k, v in test.items()
-                           if isinstance(v, (int, float))}})
-        print(f"registered best trial {best['trial_id']} as {cfg.tracking.registered_model} "
-              f"version {version}", flush=True)
+            run_id=best.get("mlflow_run_id") or None,
+            tracking_uri=cfg.tracking.tracking_uri,
+            name=cfg.tracking.registered_model,
+            set_champion=True,
+            extra_tags={
+                "sweep": sweep,
+                "trial_id": str(best["trial_id"]),
+                **{k: f"{float(v):.6g}" for k, v in test.items() if isinstance(v, (int, float))},
+            },
+        )
+        print(
+            f"registered best trial {best['trial_id']} as {cfg.tracking.registered_model} "
+            f"version {version}",
+            flush=True,
+        )
         parent.set_tag("registered_version", str(version))
     parent.finish("FINISHED" if best is not None else "FAILED")
     return SweepResult(table, best, parent.run_id, version, csv_path, plot_path, test=test)
 
 
-def keep_results(results_dir: str, sweep: str, table, cfg: DinoConfig, best, test,
-                 csv_path: str | None, plot_path: str | None) -> None:
+def keep_results(
+    results_dir: str,
+    sweep: str,
+    table,
+    cfg: DinoConfig,
+    best,
+    test,
+    csv_path: str | None,
+    plot_path: str | None,
+) -> None:
     """Copy the CSV and plot to ``results_dir`` and write the Markdown table beside them
     (``<sweep>.csv``, ``<sweep>.png``, ``<sweep>.md``)."""
     import shutil
@@ -137,12 +188,16 @@ def report_test_once(cfg: DinoConfig, best: dict[str, Any] | None) -> dict[str, 
         return {}
     from pipeline.evaluate.knn_eval import evaluate_test_split
 
-    best_cfg = cfg.with_overrides(trial_overrides(
-        {k: best[k] for k in cfg.tune.search_space if k in best}))
+    best_cfg = cfg.with_overrides(
+        trial_overrides({k: best[k] for k in cfg.tune.search_space if k in best})
+    )
     test = evaluate_test_split(best_cfg, best["checkpoint_path"])
     best.update(test)
-    print(f"best trial {best['trial_id']} on the test split (reported once, never used to "
-          f"select): k-NN top-1 {test.get('test_knn_top1', float('nan')):.2f} "
-          f"(random init {test.get('test_knn_init_top1', float('nan')):.2f}, "
-          f"raw pixels {test.get('test_knn_pixels_top1', float('nan')):.2f})", flush=True)
+    print(
+        f"best trial {best['trial_id']} on the test split (reported once, never used to "
+        f"select): k-NN top-1 {test.get('test_knn_top1', float('nan')):.2f} "
+        f"(random init {test.get('test_knn_init_top1', float('nan')):.2f}, "
+        f"raw pixels {test.get('test_knn_pixels_top1', float('nan')):.2f})",
+        flush=True,
+    )
     return test

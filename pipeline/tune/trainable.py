@@ -14,16 +14,20 @@ from pipeline.config import DinoConfig
 from pipeline.tune.space import trial_overrides
 
 
-def trial_config(base: dict[str, Any], params: dict[str, Any], trial_name: str,
-                 storage_path: str) -> DinoConfig:
+def trial_config(
+    base: dict[str, Any], params: dict[str, Any], trial_name: str, storage_path: str
+) -> DinoConfig:
     cfg = DinoConfig.from_dict(base)
     updates = trial_overrides(params)
-    updates.update({
-        "train.name": trial_name, "train.storage_path": storage_path,
-        "eval.every_epochs": 1,  # ASHA decides on the per-epoch validation k-NN top-1
-        "eval.test_path": None,  # selection never sees the test split
-        "tracking.run_name": trial_name,
-    })
+    updates.update(
+        {
+            "train.name": trial_name,
+            "train.storage_path": storage_path,
+            "eval.every_epochs": 1,  # ASHA decides on the per-epoch validation k-NN top-1
+            "eval.test_path": None,  # selection never sees the test split
+            "tracking.run_name": trial_name,
+        }
+    )
     return cfg.with_overrides(updates)
 
 
@@ -40,7 +44,9 @@ def train_trial(params: dict[str, Any]) -> None:
     reported: list[dict] = []
 
     def on_epoch(m: dict[str, Any]) -> None:
-        row = {k: v for k, v in m.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        row = {
+            k: v for k, v in m.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+        }
         row["epoch"] = int(m.get("epoch", len(reported))) + 1  # training_iteration-like, from 1
         if metric not in row:
             return  # no eval this epoch: nothing ASHA can use
@@ -48,10 +54,18 @@ def train_trial(params: dict[str, Any]) -> None:
         ray.tune.report(row)
 
     result = run_training(cfg, on_epoch_metrics=on_epoch)
-    final = {k: v for k, v in result.metrics.items()
-             if isinstance(v, (int, float)) and not isinstance(v, bool)}
-    final.update({"checkpoint_path": result.checkpoint_path or "",
-                  "mlflow_run_id": result.mlflow_run_id or "", "final": 1})
+    final = {
+        k: v
+        for k, v in result.metrics.items()
+        if isinstance(v, (int, float)) and not isinstance(v, bool)
+    }
+    final.update(
+        {
+            "checkpoint_path": result.checkpoint_path or "",
+            "mlflow_run_id": result.mlflow_run_id or "",
+            "final": 1,
+        }
+    )
     if metric in final:
         final["epoch"] = (reported[-1]["epoch"] + 1) if reported else 1
         ray.tune.report(final)  # the last statement: ASHA may end the trial right here
