@@ -1,5 +1,5 @@
 """One DINO training step: ours (``dino_model.step.dino_step``) against the official DINO
-``train_one_epoch`` step (re-created in ``bench/official_dino.py``), on the same network, batch,
+``train_one_epoch`` step (re-created in ``tests/official_dino.py``), on the same network, batch,
 crops and precision.
 
 Both sides start from the same student, teacher and centre and take the same batch at every
@@ -33,8 +33,10 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench import official_dino as official  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # the package, and the tests' official reference
+import official_dino as official  # noqa: E402
+
 from bench._corpus import command_line, machine  # noqa: E402
 from dino_model.loss import DINOLoss  # noqa: E402
 from dino_model.model import build_student_teacher  # noqa: E402
@@ -234,7 +236,7 @@ def main() -> None:
         json.dumps(
             {
                 "benchmark": "one DINO training step: dino_model.step.dino_step vs the official "
-                "train_one_epoch step (bench/official_dino.py)",
+                "train_one_epoch step (tests/official_dino.py)",
                 "command": command_line(),
                 "machine": {
                     **machine(),

@@ -16,7 +16,6 @@ from typing import Any
 from pipeline.config import DinoConfig
 from pipeline.data.contract import TrainData
 from pipeline.evaluate.knn_eval import evaluate_knn, evaluate_test_split
-from pipeline.train.faults import Faults
 from pipeline.train.trainer import MetricsHook, TrainingResult, fit
 
 
@@ -39,14 +38,12 @@ def run_training(
     train_data: TrainData | None = None,
     config_path: str | Path | None = None,
     callbacks: list | None = None,
-    faults: Faults | None = None,
 ) -> TrainingResult:
     """Train DINO on Ray Train, then k-NN-evaluate the teacher (and the random-init backbone).
 
     The arguments, results and errors are those of ``pipeline.train.trainer.fit``: it raises
     ``PreflightError`` (a ``ConfigError``) before any Ray work for a run that cannot succeed, and
-    ``TrainingError`` (with ``last_checkpoint``) when training fails. ``faults`` exists for the
-    tests of failure handling (``pipeline.train.faults``); no CLI, job or YAML passes it.
+    ``TrainingError`` (with ``last_checkpoint``) when training fails.
     """
     return fit(
         cfg,
@@ -57,5 +54,4 @@ def run_training(
         config_path=config_path,
         callbacks=callbacks,
         evaluation=CheckpointEvaluation(),
-        faults=faults,
     )

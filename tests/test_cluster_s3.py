@@ -20,10 +20,10 @@ import pytest
 from live_cluster import LocalCluster
 from live_services import shared_mlflow_server, shared_s3_server
 from polling import wait_for
+from presets import tiny_config
 
 from pipeline.checkpoints import CONFIG_FILE, META_FILE, STATE_FILE
 from pipeline.cli import main
-from pipeline.train.presets import tiny_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.cluster, pytest.mark.timeout(1500)]
 

@@ -8,13 +8,13 @@ import json
 import numpy as np
 import pytest
 import torch
+from presets import tiny_config
 
 from dino_model.features import pixel_features
 from dino_model.knn import knn_metrics
 from pipeline.data.eval_sets import build_eval_sets, materialize
 from pipeline.evaluate.knn_eval import evaluate_knn
 from pipeline.train.knn import pixel_knn_metrics
-from pipeline.train.presets import tiny_config
 
 
 def test_knn_metrics_names_and_perfect_separation():

@@ -8,7 +8,7 @@ import numpy as np
 from pipeline.config import DinoConfig
 from pipeline.data.sources import list_corpus
 from pipeline.data.split import image_keys, split_indices
-from pipeline.train.trainer import ssl_indices
+from pipeline.train.plan import ssl_indices
 
 
 def test_ssl_training_never_sees_the_validation_split(digits_dir):

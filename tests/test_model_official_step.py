@@ -6,7 +6,7 @@ backbone and head modules come from ``dino_model`` (so both sides start from ide
 After one step the student (weights and clipped gradients), the EMA teacher and the centre must
 match parameter by parameter.
 
-The reference is ``bench/official_dino.py``, shared with the speed benchmark ``bench/step.py``.
+The reference is ``tests/official_dino.py``, shared with the speed benchmark ``bench/step.py``.
 
 The networks run in float64 on both sides, the loss in float32 (as the official trains):
 AdamW's first update is lr * g / (|g| + eps), so with float32 networks the rounding noise of
@@ -15,9 +15,8 @@ becomes updates of up to lr that differ between any two correct implementations.
 """
 
 import copy
-import sys
-from pathlib import Path
 
+import official_dino as official
 import pytest
 import torch
 
@@ -26,9 +25,6 @@ from dino_model.model import build_student_teacher
 from dino_model.optim import build_optimizer  # our side only: the optimiser as the loop builds it
 from dino_model.schedules import StepSchedule
 from dino_model.step import dino_step
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout's root, for bench/
-from bench import official_dino as official  # noqa: E402
 
 K, STUDENT_TEMP, CENTER_M, CLIP, FREEZE_EPOCHS, EPOCHS, IPE = 64, 0.1, 0.9, 3.0, 1, 4, 3
 TEACHER_TEMP = 0.05

@@ -13,10 +13,10 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from live_services import shared_mlflow_server
+from presets import tiny_config
 
 from pipeline.checkpoints import build_models, load_teacher_backbone, save_checkpoint
 from pipeline.cli import main
-from pipeline.train.presets import tiny_config
 
 NAME = "reg-teacher"
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import pytest
 from live_services import shared_mlflow_server
+from presets import tiny_config
 
 from pipeline.checkpoints import build_models
 from pipeline.registry.champion import champion_alias, update_champion
 from pipeline.registry.eval_key import eval_identity, eval_key
 from pipeline.registry.register import EvalKeyConflictError, register_teacher
-from pipeline.train.presets import tiny_config
 
 NAME = "champ-teacher"
 OTHER_DATA = "s3://reader:hunter2@minio.local/corpora/other?X-Amz-Signature=abc"

@@ -2,10 +2,10 @@
 
 import mlflow
 from mlflow.tracking import MlflowClient
+from presets import tiny_config
 
 from pipeline.checkpoints import build_models
 from pipeline.registry import register_teacher
-from pipeline.train.presets import tiny_config
 
 
 def test_register_into_run_of_another_experiment(tmp_path, digits_dir, mlflow_sqlite):

@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 from live_services import shared_mlflow_server
+from presets import tiny_config
 
 from pipeline.checkpoints import build_models
 from pipeline.registry import load_backbone, pull, register_teacher
 from pipeline.registry.arch import ArchError, WeightsError
-from pipeline.train.presets import tiny_config
 
 NAME = "trust-teacher"
 

@@ -9,14 +9,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from presets import tiny_config
 from ray.train import Checkpoint
 
 from pipeline.checkpoints import build_models, save_checkpoint
+from pipeline.train.finish import evaluated_in_loop
 from pipeline.train.metrics import EpochMeter
-from pipeline.train.presets import tiny_config
 from pipeline.train.resume_point import resume_state
 from pipeline.train.stream import BatchStream
-from pipeline.train.trainer import _evaluated_in_loop
 
 
 def _save(run: Path, step: int, cfg) -> Path:
@@ -107,10 +107,10 @@ def test_epoch_meter_counts_time_outside_wait_and_compute():
 
 
 def test_final_knn_is_not_repeated_when_the_last_epoch_has_it():
-    assert _evaluated_in_loop([{"knn_init_top1": 30.0, "knn_top1": 31.0}, {"knn_top1": 40.0}])
-    assert not _evaluated_in_loop([{"knn_init_top1": 30.0, "knn_top1": 31.0}, {"epoch_loss": 1.0}])
-    assert not _evaluated_in_loop([{"knn_top1": 40.0}])  # random init unknown (resumed run)
-    assert not _evaluated_in_loop([])
+    assert evaluated_in_loop([{"knn_init_top1": 30.0, "knn_top1": 31.0}, {"knn_top1": 40.0}])
+    assert not evaluated_in_loop([{"knn_init_top1": 30.0, "knn_top1": 31.0}, {"epoch_loss": 1.0}])
+    assert not evaluated_in_loop([{"knn_top1": 40.0}])  # random init unknown (resumed run)
+    assert not evaluated_in_loop([])
 
 
 def test_the_stream_opens_a_new_execution_where_each_window_ends():

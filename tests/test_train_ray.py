@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from fault_injection import inject_faults
+from presets import tiny_config
 
 from pipeline.checkpoints import latest_checkpoint, load_state, load_teacher_backbone, read_meta
 from pipeline.preflight import PreflightError
 from pipeline.train.failures import TrainingError
-from pipeline.train.faults import Faults
-from pipeline.train.presets import tiny_config
 from pipeline.training_run import run_training
 
 pytestmark = [
@@ -25,7 +25,7 @@ pytestmark = [
 
 
 def test_two_workers_survive_a_worker_death_and_log_to_mlflow(
-    ray_session, digits_dir, tmp_path, mlflow_sqlite
+    ray_session, digits_dir, tmp_path, mlflow_sqlite, monkeypatch
 ):
     uri = mlflow_sqlite(tmp_path / "mlflow.db")
     cfg = tiny_config(
@@ -40,15 +40,11 @@ def test_two_workers_survive_a_worker_death_and_log_to_mlflow(
     )
     steps: list[dict] = []
     epochs: list[dict] = []
-    result = run_training(
-        cfg,
-        on_step_metrics=steps.append,
-        on_epoch_metrics=epochs.append,
-        faults=Faults(fail_at_step=4),
-    )
+    inject_faults(monkeypatch, fail_at_step=4)
+    result = run_training(cfg, on_step_metrics=steps.append, on_epoch_metrics=epochs.append)
 
     # rank 1 died once at step 4 (marker), the group restarted from the step-3 checkpoint
-    assert (Path(result.storage_path) / ".fault_injected_step_4").is_file()
+    assert (Path(result.run_dir) / ".fault_injected_step_4").is_file()
     assert result.metrics["step"] == 6 and result.metrics["epoch"] == 1
     assert result.metrics["backend"] == "gloo" and result.metrics["world_size"] == 2
     assert result.metrics["global_batch"] == 32
@@ -96,7 +92,7 @@ def _final_teacher(result) -> dict[str, torch.Tensor]:
 
 
 def test_nan_stop_keeps_a_finite_checkpoint_and_the_resumed_run_matches_an_uninterrupted_one(
-    ray_session, digits_dir, tmp_path
+    ray_session, digits_dir, tmp_path, monkeypatch
 ):
     common = dict(
         train__epochs=2,
@@ -127,7 +123,9 @@ def test_nan_stop_keeps_a_finite_checkpoint_and_the_resumed_run_matches_an_unint
     # max_failures says; the step-2 checkpoint it leaves is finite and the resume point
     interrupted = tiny_config(digits_dir, tmp_path / "runs", "cut", train__max_failures=2, **common)
     with pytest.raises(TrainingError) as info:
-        run_training(interrupted, faults=Faults(nan_at_step=3))
+        with monkeypatch.context() as patched:
+            inject_faults(patched, nan_at_step=3)
+            run_training(interrupted)
     msg = str(info.value)
     assert "NonFiniteLossError" in msg and "nan" in msg.lower()
     assert "restart" not in msg

@@ -8,9 +8,9 @@ import csv
 
 import pytest
 from live_services import shared_mlflow_server
+from presets import tiny_config
 
 from pipeline.config import DinoConfig
-from pipeline.train.presets import tiny_config
 from pipeline.tune.space import concurrent_trials, param_space, trial_cpus
 
 

@@ -29,9 +29,6 @@ from pipeline.config import DinoConfig
 STATE_FILE = "state.pt"
 CONFIG_FILE = "config.yaml"
 META_FILE = "meta.json"
-# train fields that earlier versions wrote into config.yaml (the fault injection, now a test-only
-# argument: pipeline.train.faults): dropped on reading, so those checkpoints still load
-RETIRED_FIELDS = {"train": ("fail_at_step", "nan_at_step")}
 
 
 def save_checkpoint(
@@ -82,12 +79,7 @@ def load_state(directory: str | Path, map_location: str | torch.device = "cpu") 
 def load_config(directory: str | Path) -> DinoConfig:
     import yaml
 
-    raw = yaml.safe_load((Path(directory) / CONFIG_FILE).read_text())
-    for section, names in RETIRED_FIELDS.items():
-        values = raw.get(section) if isinstance(raw, dict) else None
-        for name in names if isinstance(values, dict) else ():
-            values.pop(name, None)
-    return DinoConfig.from_dict(raw)
+    return DinoConfig.from_dict(yaml.safe_load((Path(directory) / CONFIG_FILE).read_text()))
 
 
 def read_meta(directory: str | Path) -> dict[str, Any]:

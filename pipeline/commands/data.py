@@ -62,47 +62,41 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pipeline.data.sources import CorpusError
+    if args.action == "inspect":
+        from pipeline.data.inspection import format_report, inspect_corpus
 
-    try:
-        if args.action == "inspect":
-            from pipeline.data.inspection import format_report, inspect_corpus
-
-            path = args.path[0] if len(args.path) == 1 else args.path
-            report = inspect_corpus(
-                path,
-                args.format,
-                args.image_column,
-                args.label_column or None,
-                args.limit,
-                full_decode=not args.header_only,
-                threads=args.threads,
-            )
-            print(json.dumps(report, indent=2) if args.json else format_report(report))
-            return 0
-        from pipeline.data.parquet import folder_to_parquet
-
-        summary = folder_to_parquet(
-            args.src,
-            args.dst,
-            args.rows_per_shard,
-            args.row_group_size,
-            args.shuffle,
-            args.seed,
-            args.verify,
+        path = args.path[0] if len(args.path) == 1 else args.path
+        report = inspect_corpus(
+            path,
+            args.format,
+            args.image_column,
+            args.label_column or None,
             args.limit,
-            overwrite=args.overwrite,
+            full_decode=not args.header_only,
             threads=args.threads,
         )
-        print(json.dumps(summary))
-        if summary["skipped"]:
-            reasons = ", ".join(f"{r} {n}" for r, n in sorted(summary["skipped_by_reason"].items()))
-            print(
-                f"dino-ray data: skipped {summary['skipped']} files ({reasons}); e.g. "
-                f"{', '.join(summary['skipped_examples'])}",
-                file=sys.stderr,
-            )
+        print(json.dumps(report, indent=2) if args.json else format_report(report))
         return 0
-    except CorpusError as exc:
-        print(f"dino-ray data: {exc}", file=sys.stderr)
-        return 2
+    from pipeline.data.parquet import folder_to_parquet
+
+    summary = folder_to_parquet(
+        args.src,
+        args.dst,
+        args.rows_per_shard,
+        args.row_group_size,
+        args.shuffle,
+        args.seed,
+        args.verify,
+        args.limit,
+        overwrite=args.overwrite,
+        threads=args.threads,
+    )
+    print(json.dumps(summary))
+    if summary["skipped"]:
+        reasons = ", ".join(f"{r} {n}" for r, n in sorted(summary["skipped_by_reason"].items()))
+        print(
+            f"dino-ray data: skipped {summary['skipped']} files ({reasons}); e.g. "
+            f"{', '.join(summary['skipped_examples'])}",
+            file=sys.stderr,
+        )
+    return 0

@@ -6,6 +6,9 @@ logistic-regression probe on the same three. A table goes to stderr, the JSON to
 import argparse
 import json
 import sys
+from pathlib import Path
+
+from pipeline.commands import UsageError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -38,9 +41,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from pipeline.checkpoints import CONFIG_FILE, STATE_FILE, latest_checkpoint, load_config
+    from pipeline.checkpoints import (
+        CONFIG_FILE,
+        STATE_FILE,
+        as_local_dir,
+        latest_checkpoint,
+        load_config,
+    )
     from pipeline.config import ConfigError, DinoConfig, apply_override
 
     ckpt = args.checkpoint
@@ -48,53 +55,36 @@ def run(args: argparse.Namespace) -> int:
         p = Path(ckpt)
         found = latest_checkpoint(str(p.parent), p.name) if p.is_dir() else None
         if found is None:
-            print(f"dino-ray evaluate: no checkpoint at {ckpt}", file=sys.stderr)
-            return 2
+            raise UsageError(f"no checkpoint at {ckpt}")
         ckpt = found
-    try:
-        if args.config:
-            cfg = DinoConfig.load(args.config, args.overrides)
-        else:
-            from pipeline.checkpoints import as_local_dir
-
-            with as_local_dir(ckpt) as d:
-                if not (Path(d) / CONFIG_FILE).is_file():
-                    raise ConfigError(f"{ckpt} has no {CONFIG_FILE}; pass --config")
-                raw = load_config(d).model_dump(mode="json")
-            for item in args.overrides:
-                apply_override(raw, item)
-            cfg = DinoConfig.from_dict(raw)
-    except ConfigError as exc:
-        print(f"dino-ray evaluate: {exc}", file=sys.stderr)
-        return 2
+    if args.config:
+        cfg = DinoConfig.load(args.config, args.overrides)
+    else:
+        with as_local_dir(ckpt) as d:
+            if not (Path(d) / CONFIG_FILE).is_file():
+                raise ConfigError(f"{ckpt} has no {CONFIG_FILE}; pass --config")
+            raw = load_config(d).model_dump(mode="json")
+        for item in args.overrides:
+            apply_override(raw, item)
+        cfg = DinoConfig.from_dict(raw)
     problem = _probe_problem(args, cfg)
     if problem:
-        print(f"dino-ray evaluate: {problem}", file=sys.stderr)
-        return 2
-    from dino_model.linear_probe import LinearProbeError
+        raise UsageError(problem)
     from pipeline.evaluate.knn_eval import evaluate_knn
     from pipeline.ray_runtime import ensure_ray
 
     ensure_ray(args.address)
-    try:
-        metrics = evaluate_knn(
-            cfg,
-            ckpt,
-            include_random_init=not args.no_random_init,
-            include_pixels=not args.no_pixels,
-            linear=args.linear,
-            n_last_blocks=args.n_last_blocks,
-            avgpool=args.avgpool,
-        )
-    except LinearProbeError as exc:
-        print(f"dino-ray evaluate: {exc}", file=sys.stderr)
-        return 2
+    metrics = evaluate_knn(
+        cfg,
+        ckpt,
+        include_random_init=not args.no_random_init,
+        include_pixels=not args.no_pixels,
+        linear=args.linear,
+        n_last_blocks=args.n_last_blocks,
+        avgpool=args.avgpool,
+    )
     if not metrics:
-        print(
-            "dino-ray evaluate: no labelled evaluation data (set eval.train_path/val_path)",
-            file=sys.stderr,
-        )
-        return 2
+        raise UsageError("no labelled evaluation data (set eval.train_path/val_path)")
     print(summary_table(metrics, cfg.eval.headline_k), file=sys.stderr)
     print(json.dumps({"checkpoint": ckpt, **metrics}, indent=1))
     return 0

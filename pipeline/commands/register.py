@@ -14,9 +14,8 @@ are decided on (``pipeline.registry.champion``).
 from __future__ import annotations
 
 import argparse
-import sys
 
-from pipeline.commands import add_config_arguments
+from pipeline.commands import CommandFailed, UsageError, add_config_arguments
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -64,12 +63,10 @@ def run(args: argparse.Namespace) -> int:
         tracking_uri = tracking_uri or base.tracking.tracking_uri
         found = find_run(tracking_uri, base.tracking.experiment, args.run_name)
         if found is None:
-            print(
-                f"register: no MLflow run named {args.run_name!r} in experiment "
-                f"{base.tracking.experiment!r} at {tracking_uri}",
-                file=sys.stderr,
+            raise CommandFailed(
+                f"no MLflow run named {args.run_name!r} in experiment "
+                f"{base.tracking.experiment!r} at {tracking_uri}"
             )
-            return 1
         run_id = found.info.run_id
         metrics = dict(found.data.metrics)
         checkpoint = found.data.tags.get("checkpoint_path") or found.data.params.get(
@@ -80,17 +77,13 @@ def run(args: argparse.Namespace) -> int:
 
             checkpoint = latest_checkpoint(base.train.storage_path, args.run_name)
         if not checkpoint:
-            print(
-                f"register: run {args.run_name!r} has no checkpoint under "
-                f"{base.train.storage_path}",
-                file=sys.stderr,
+            raise CommandFailed(
+                f"run {args.run_name!r} has no checkpoint under {base.train.storage_path}"
             )
-            return 1
     from pipeline.checkpoints import load_teacher_backbone, read_meta, read_run_file
 
     if read_run_file(checkpoint, "config.yaml") is None:
-        print(f"register: no checkpoint at {checkpoint} (no config.yaml there)", file=sys.stderr)
-        return 2
+        raise UsageError(f"no checkpoint at {checkpoint} (no config.yaml there)")
 
     backbone, ckpt_cfg = load_teacher_backbone(checkpoint)
     if not metrics:
@@ -115,8 +108,7 @@ def run(args: argparse.Namespace) -> int:
             aliases=args.alias,
         )
     except EvalKeyConflictError as exc:
-        print(f"register: {exc}", file=sys.stderr)
-        return 1
+        raise CommandFailed(str(exc)) from exc
     name = args.name or use_cfg.tracking.registered_model
     print(f"registered {name} version {version} (knn_top1={metrics.get('knn_top1', 'n/a')})")
     print(f"load it with: dino-ray models pull models:/{name}/{version} DIR")

@@ -24,6 +24,8 @@ from typing import Any
 
 import yaml
 
+from pipeline.commands import UsageError
+
 EXCLUDES = [
     ".venv",
     ".git",
@@ -204,9 +206,9 @@ def _refuse_secrets(entry_args: list[str], env: list[str]) -> None:
             key = item.partition("=")[0].upper() if where == "--env" else ""
             if redact(item) != item or any(w in key for w in SECRET_NAMES):
                 raise ValueError(
-                    f"{where} {redact(item) if not key else key!r} carries a credential, which the job's metadata "
-                    "would keep; give credentials to the cluster's nodes (instance profile, "
-                    "service account or their environment), not to the job"
+                    f"{where} {redact(item) if not key else key!r} carries a credential, which "
+                    "the job's metadata would keep; give credentials to the cluster's nodes "
+                    "(instance profile, service account or their environment), not to the job"
                 )
 
 
@@ -307,19 +309,13 @@ def submit_and_follow(
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        plan = build_submission(args.verb, list(args.rest))
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"submit: {exc}", file=sys.stderr)
-        return 2
+    plan = build_submission(args.verb, list(args.rest))
     try:
         return submit_and_follow(
             plan["address"], plan["submit"], plan["wait"], plan["stop_grace_s"]
         )
     except ConnectionError as exc:  # the dashboard is down or the address is wrong
-        print(
-            f"submit: cannot reach the Ray dashboard at {plan['address']}: "
-            f"{str(exc).strip().splitlines()[0]}",
-            file=sys.stderr,
-        )
-        return 2
+        raise UsageError(
+            f"cannot reach the Ray dashboard at {plan['address']}: "
+            f"{str(exc).strip().splitlines()[0]}"
+        ) from exc

@@ -2,7 +2,6 @@
 
 import argparse
 import json
-import sys
 
 from pipeline.commands import add_config_arguments
 
@@ -17,40 +16,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pipeline.config import ConfigError, DinoConfig
-
-    try:
-        cfg = DinoConfig.load(args.config, args.overrides)
-    except ConfigError as exc:
-        print(f"dino-ray train: {exc}", file=sys.stderr)
-        return 2
+    from pipeline.config import DinoConfig
     from pipeline.console import setup_console
-
-    setup_console()
-    from pipeline.train.control import TrainingInterrupted
-    from pipeline.train.failures import TrainingError
+    from pipeline.train import TrainingInterrupted
     from pipeline.training_run import run_training
 
+    cfg = DinoConfig.load(args.config, args.overrides)
+    setup_console()
     try:
         result = run_training(cfg, address=args.address, config_path=args.config)
-    except ConfigError as exc:  # preflight: the run cannot succeed here (field named)
-        print(f"dino-ray train: {exc}", file=sys.stderr)
-        return 2
-    except TrainingInterrupted as exc:
-        print(f"dino-ray train: {exc}", file=sys.stderr)
-        return 130
     except KeyboardInterrupt:
-        print(
-            "dino-ray train: abandoned (second Ctrl-C); the MLflow run is marked KILLED",
-            file=sys.stderr,
-        )
-        return 130
-    except TrainingError as exc:
-        print(f"dino-ray train: {exc}", file=sys.stderr)
-        return 1
+        raise TrainingInterrupted(
+            "abandoned (second Ctrl-C); the MLflow run is marked KILLED"
+        ) from None
     summary = {
         "checkpoint_path": result.checkpoint_path,
-        "storage_path": result.storage_path,
+        "run_dir": result.run_dir,
         "mlflow_run_id": result.mlflow_run_id,
         "tracking_uri": cfg.tracking.tracking_uri if cfg.tracking.enabled else None,
         "wall_s": round(result.wall_s, 1),

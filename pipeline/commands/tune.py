@@ -9,9 +9,8 @@ and logs the results table, and registers the best trial's teacher (alias ``cham
 from __future__ import annotations
 
 import argparse
-import sys
 
-from pipeline.commands import add_config_arguments
+from pipeline.commands import CommandFailed, add_config_arguments
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -31,21 +30,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pipeline.config import ConfigError, DinoConfig
+    from pipeline.config import DinoConfig
+    from pipeline.data.dataset import list_data
+    from pipeline.preflight import check_config, check_corpus
+    from pipeline.tune.space import param_space
 
-    try:
-        cfg = DinoConfig.load(args.config, args.overrides)
-        from pipeline.tune.space import param_space
-
-        param_space(cfg)  # unknown search-space fields fail here
-        from pipeline.data.dataset import list_data
-        from pipeline.preflight import check_config, check_corpus
-
-        check_config(cfg)  # before Ray: arch, precision, then the corpus
-        check_corpus(cfg, list_data(cfg.data).num_images)
-    except ConfigError as exc:
-        print(f"dino-ray tune: {exc}", file=sys.stderr)
-        return 2
+    cfg = DinoConfig.load(args.config, args.overrides)
+    param_space(cfg)  # unknown search-space fields fail here
+    check_config(cfg)  # before Ray: arch, precision, then the corpus
+    check_corpus(cfg, list_data(cfg.data).num_images)
     from pipeline.console import setup_console
 
     setup_console()
@@ -59,8 +52,7 @@ def run(args: argparse.Namespace) -> int:
         results_dir=args.results_dir,
     )
     if result.best is None:
-        print("dino-ray tune: no trial finished", file=sys.stderr)
-        return 1
+        raise CommandFailed("no trial finished")
     print(
         f"best trial {result.best['trial_id']}: {cfg.tune.metric}="
         f"{result.best[cfg.tune.metric]:.4f}; results: {result.csv_path}"

@@ -1,6 +1,6 @@
 """The deterministic bank / validation split of one labelled corpus.
 
-Training excludes the validation images from SSL (``pipeline.train.trainer.ssl_indices``) and the
+Training excludes the validation images from SSL (``pipeline.train.plan.ssl_indices``) and the
 k-NN evaluation uses them as queries (``pipeline.data.eval_sets``): both take the split from here,
 so they always agree on which image is which.
 """

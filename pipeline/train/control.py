@@ -15,11 +15,15 @@ actor; ``StopPoller`` is rank 0's view of it; ``TrainingInterrupted`` is what th
 from __future__ import annotations
 
 import logging
+import signal
 import threading
 
 import ray
+from ray.exceptions import RayError
 
-from pipeline.train.failures import TrainingError
+from pipeline.train.errors import TrainingInterrupted
+
+__all__ = ["RunControl", "StopOnSignals", "StopPoller", "TrainingInterrupted"]
 
 log = logging.getLogger("dino_ray.train")
 
@@ -51,14 +55,11 @@ class StopPoller:
         if ready:
             try:
                 self.reason = ray.get(ready[0])
-            except Exception:  # noqa: BLE001 - a lost control actor never stops training
+            except RayError as exc:  # a lost control actor never stops training
+                log.warning("stop requests are not readable (%r); training goes on", exc)
                 self.reason = None
             self.pending = None if self.reason else self.control.stop_reason.remote()
         return self.reason is not None
-
-
-class TrainingInterrupted(TrainingError):
-    """The run was stopped on request (Ctrl-C, SIGTERM); its last checkpoint is kept."""
 
 
 class StopOnSignals:
@@ -72,17 +73,13 @@ class StopOnSignals:
         self._saved: dict = {}
 
     def __enter__(self):
-        import signal
-
         if threading.current_thread() is not threading.main_thread():
             return self
         for sig in (signal.SIGINT, signal.SIGTERM):
             self._saved[sig] = signal.signal(sig, self._on_signal)
         return self
 
-    def _on_signal(self, signum, frame) -> None:
-        import signal
-
+    def _on_signal(self, signum, _frame) -> None:
         name = signal.Signals(signum).name
         if self.reason is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt
@@ -94,12 +91,10 @@ class StopOnSignals:
         )
         try:
             self.control.request_stop.remote(name)
-        except Exception:  # noqa: BLE001
-            pass
+        except RayError as exc:  # the control actor is gone: the workers cannot be told
+            log.warning("could not ask the workers to stop (%r); Ctrl-C again to abandon", exc)
 
     def __exit__(self, *exc) -> None:
-        import signal
-
         for sig, handler in self._saved.items():
             signal.signal(sig, handler)
         self._saved.clear()

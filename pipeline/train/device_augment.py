@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from dino_model.photometric import PhotometricRecipe, generator_for, photometric
+from pipeline.data.augment import view_specs
 
 if TYPE_CHECKING:
     from pipeline.config import AugmentConfig
@@ -22,8 +23,6 @@ if TYPE_CHECKING:
 
 def view_recipes(cfg: AugmentConfig) -> dict[str, PhotometricRecipe]:
     """View name (global_0, global_1, local_*) -> its photometric recipe."""
-    from pipeline.data.augment import view_specs
-
     return {
         s.name: PhotometricRecipe(
             jitter=tuple(cfg.jitter),

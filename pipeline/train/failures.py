@@ -14,6 +14,24 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 
+import ray.exceptions as rex
+import torch.distributed as dist
+
+from dino_model.step import NonFiniteLossError
+from pipeline.config import ConfigError
+from pipeline.data.quality import DataQualityError
+from pipeline.data.sources import CorpusError
+from pipeline.train.errors import ResumeMismatchError, TrainingError
+
+__all__ = [
+    "ResumeMismatchError",
+    "TrainingError",
+    "causes",
+    "classify",
+    "root_cause",
+    "root_message",
+]
+
 # what a surviving rank raises when a peer's process or node is gone: gloo raises a plain
 # RuntimeError ("Connection closed by peer ... typically caused by a remote worker crashing",
 # torch 2.x), NCCL and the rendezvous store raise torch.distributed's DistError subclasses
@@ -24,46 +42,28 @@ _PEER_LOST = re.compile(
 )
 
 
-def _deterministic_types() -> tuple[type[BaseException], ...]:
-    from dino_model.step import NonFiniteLossError
-    from pipeline.config import ConfigError
-    from pipeline.data.quality import DataQualityError
-    from pipeline.data.sources import CorpusError
-
-    return (NonFiniteLossError, ConfigError, DataQualityError, CorpusError, ResumeMismatchError)
-
-
-class TrainingError(RuntimeError):
-    """Training stopped with an error; ``last_checkpoint`` is the last good checkpoint (or None)."""
-
-    def __init__(
-        self, message: str, last_checkpoint: str | None = None, mlflow_run_id: str | None = None
-    ) -> None:
-        super().__init__(message)
-        self.last_checkpoint = last_checkpoint
-        self.mlflow_run_id = mlflow_run_id
+_DETERMINISTIC = (
+    NonFiniteLossError,
+    ConfigError,
+    DataQualityError,
+    CorpusError,
+    ResumeMismatchError,
+)
 
 
-class ResumeMismatchError(ValueError):
-    """The checkpoint in the run directory does not belong to this run's shape."""
-
-
-def _death_types() -> tuple[type[BaseException], ...]:
-    import ray.exceptions as rex
-
-    names = (
-        "ActorDiedError",
-        "RayActorError",
-        "NodeDiedError",
-        "WorkerCrashedError",
-        "OwnerDiedError",
-        "ObjectLostError",
-        "ActorUnavailableError",
-        "ObjectFetchTimedOutError",
-        "LocalRayletDiedError",
-        "ActorUnschedulableError",
-    )
-    return tuple(getattr(rex, n) for n in names if hasattr(rex, n))
+_DEATH_NAMES = (
+    "ActorDiedError",
+    "RayActorError",
+    "NodeDiedError",
+    "WorkerCrashedError",
+    "OwnerDiedError",
+    "ObjectLostError",
+    "ActorUnavailableError",
+    "ObjectFetchTimedOutError",
+    "LocalRayletDiedError",
+    "ActorUnschedulableError",
+)
+_DEATHS = tuple(getattr(rex, n) for n in _DEATH_NAMES if hasattr(rex, n))
 
 
 def causes(exc: BaseException) -> Iterator[BaseException]:
@@ -94,9 +94,9 @@ def classify(exc: BaseException) -> str:
     wins (the other ranks' errors are collateral); else any death or storage I/O error retries;
     anything else (a bug) is deterministic."""
     chain = list(causes(exc))
-    if any(isinstance(e, _deterministic_types()) for e in chain):
+    if any(isinstance(e, _DETERMINISTIC) for e in chain):
         return "deterministic"
-    if any(isinstance(e, _death_types()) for e in chain):
+    if any(isinstance(e, _DEATHS) for e in chain):
         return "retryable"
     if any(
         type(e).__name__
@@ -133,8 +133,6 @@ def _worker_failures(chain: list[BaseException]) -> list[BaseException]:
 
 def _peer_lost(exc: BaseException) -> bool:
     """A collective or rendezvous broken because another rank went away."""
-    import torch.distributed as dist
-
     if isinstance(exc, (dist.DistNetworkError, dist.DistBackendError, dist.DistStoreError)):
         return True
     return isinstance(exc, RuntimeError) and bool(_PEER_LOST.search(str(exc)))
@@ -144,8 +142,15 @@ def root_cause(exc: BaseException) -> BaseException:
     """The error to show: a deterministic one if any rank raised one, else a death, else the
     innermost error."""
     chain = list(causes(exc))
-    for types in (_deterministic_types(), _death_types()):
+    for types in (_DETERMINISTIC, _DEATHS):
         found = [e for e in chain if isinstance(e, types)]
         if found:
             return found[0]
     return chain[-1]
+
+
+def root_message(exc: BaseException) -> str:
+    """One line for the error that matters (Ray wraps worker errors in several layers)."""
+    root = root_cause(exc)
+    text = str(root).strip().splitlines()
+    return f"{type(root).__name__}: {text[-1] if text else ''}"

@@ -15,13 +15,16 @@ import tempfile
 import numpy as np
 import ray
 import torch
+from ray.exceptions import RayError
 
+from dino_model.attention import cls_attention_maps
 from dino_model.features import embed, pixel_features
 from dino_model.knn import knn_metrics
 from dino_model.normalize import normalize_uint8
 from dino_model.precision import resolve_precision
 from pipeline.checkpoints import random_init_backbone
 from pipeline.config import DinoConfig
+from pipeline.tracking.plots import plot_attention
 
 log = logging.getLogger("dino_ray.train")
 
@@ -128,9 +131,6 @@ def _send_attention(q, backbone, eval_data: dict, device, epoch: int) -> None:
     if q is None or not hasattr(backbone, "blocks"):
         return
     try:
-        from dino_model.attention import cls_attention_maps
-        from pipeline.tracking.plots import plot_attention
-
         images = eval_data["val_images"][:ATTENTION_IMAGES]
         maps = cls_attention_maps(backbone, normalize_uint8(torch.as_tensor(images), device))
         with tempfile.TemporaryDirectory() as d:
@@ -151,6 +151,6 @@ def _send_attention(q, backbone, eval_data: dict, device, epoch: int) -> None:
 def _fetch_eval_data(ref) -> dict | None:
     try:
         return ray.get(ref)
-    except Exception as exc:  # noqa: BLE001 - evaluation never stops training
+    except RayError as exc:  # evaluation never stops training
         log.warning("in-training k-NN disabled: reading the eval sets failed: %s", exc)
         return None

@@ -6,6 +6,7 @@ import logging
 import math
 import time
 from collections import defaultdict
+from dataclasses import dataclass
 
 from dino_model.loss import LossStats
 
@@ -89,3 +90,12 @@ def collapse_check(stats: LossStats, *, where: str) -> str | None:
 def finite(metrics: dict) -> dict:
     """Drop non-finite floats (MLflow and JSON reject them)."""
     return {k: v for k, v in metrics.items() if not (isinstance(v, float) and not math.isfinite(v))}
+
+
+@dataclass
+class EpochOutcome:
+    """How ``train_one_epoch`` ended: its meter, and why it ended early if it did."""
+
+    meter: EpochMeter
+    stopped: bool = False  # wall-clock budget spent or a stop requested: the run ends here
+    dry: bool = False  # a shard ran out before the epoch's last step: the run ends here

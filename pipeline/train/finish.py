@@ -1,0 +1,143 @@
+"""The end of a run on the driver: fail a run that trained nothing, evaluate the final checkpoint
+when the loop did not, log the figures and the training plot, close the MLflow run."""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Protocol
+
+from ray.exceptions import RayError
+
+from pipeline.checkpoints import latest_checkpoint
+from pipeline.config import DinoConfig
+from pipeline.data.contract import DataStatistics
+from pipeline.data.quality import DataQualityError, check_skip_share
+from pipeline.tracking import Tracker
+from pipeline.tracking.plots import plot_training
+from pipeline.train.collector import MetricsCollector
+from pipeline.train.errors import TrainingError
+from pipeline.train.plan import RunPlan
+
+log = logging.getLogger("dino_ray.train")
+progress_log = logging.getLogger("dino_ray.progress")
+
+
+class FinalEvaluation(Protocol):
+    """The end-of-run figures of the final checkpoint, logged into the run's MLflow run.
+
+    ``pipeline.training_run`` passes one built on ``pipeline.evaluate``: training and evaluation
+    only meet at checkpoints, so this package never imports the evaluation code.
+    """
+
+    def knn(self, cfg: DinoConfig, checkpoint_path: str) -> dict[str, Any]:
+        """k-NN of the teacher and the random-init backbone (``eval.at_end``)."""
+
+    def test_split(self, cfg: DinoConfig, checkpoint_path: str) -> dict[str, Any]:
+        """The once-only ``test_*`` figures on ``eval.test_path``."""
+
+
+def finish_run(
+    cfg: DinoConfig,
+    plan: RunPlan,
+    tracker: Tracker,
+    collector: MetricsCollector,
+    checkpoint: str | None,
+    evaluation: FinalEvaluation | None,
+) -> dict[str, Any]:
+    """The run's final metrics (last epoch, baselines, end-of-run figures); the MLflow run is
+    FINISHED. Raises ``TrainingError`` for a run that trained no step (the data-quality reason
+    when images were skipped)."""
+    history = collector.history
+    if (collector.last_step if history else plan.start_step) <= plan.start_step:
+        _fail_untrained(cfg, plan, tracker)
+    metrics: dict[str, Any] = dict(history[-1]) if history else {}
+    for h in history:  # the random-init k-NN from the in-training eval rides on epoch 0
+        metrics.update({k: v for k, v in h.items() if k.startswith(("knn_init", "knn_pixels"))})
+    step = int(metrics.get("step", 0))
+
+    # final evaluation
+    if evaluation is not None and cfg.eval.at_end and checkpoint:
+        if not evaluated_in_loop(history):
+            metrics.update(_evaluate("k-NN", evaluation.knn, cfg, checkpoint, tracker, step))
+        if cfg.eval.test_path is not None:
+            metrics.update(
+                _evaluate("test-split", evaluation.test_split, cfg, checkpoint, tracker, step)
+            )
+    if "knn_top1" in metrics and "knn_init_top1" in metrics:
+        metrics["knn_gain_top1"] = metrics["knn_top1"] - metrics["knn_init_top1"]
+        tracker.log_metrics({"knn_gain_top1": metrics["knn_gain_top1"]}, step=step)
+        progress_log.info(
+            "k-NN top-1: trained %.2f vs random init %.2f (gain %+.2f)",
+            metrics["knn_top1"],
+            metrics["knn_init_top1"],
+            metrics["knn_gain_top1"],
+        )
+
+    # close the MLflow run
+    _log_plot(tracker, collector.steps, history, metrics)
+    tracker.set_tags({"checkpoint_path": checkpoint or ""})
+    tracker.finish("FINISHED")
+    return metrics
+
+
+def _fail_untrained(cfg: DinoConfig, plan: RunPlan, tracker: Tracker) -> None:
+    """A run that trained nothing fails, with the data-quality reason when there is one."""
+    try:
+        check_skip_share(_data_stats(plan.train_data), cfg.data.max_skip_fraction, steps=0)
+    except DataQualityError as exc:
+        tracker.set_tags({"error": str(exc)[:5000], "error_kind": "deterministic"})
+        tracker.finish("FAILED")
+        raise TrainingError(
+            f"training run {cfg.train.name!r} failed: {exc}",
+            latest_checkpoint(plan.storage, cfg.train.name),
+            tracker.run_id,
+        ) from None
+
+
+def _data_stats(train_data) -> dict:
+    if not isinstance(train_data, DataStatistics):
+        return {}
+    try:
+        return train_data.stats()
+    except RayError as exc:  # the counters' actor is gone: the reason is unknown
+        log.warning("the data stage's counters are not readable: %r", exc)
+        return {}
+
+
+def _evaluate(
+    what: str,
+    figures: Callable[[DinoConfig, str], dict[str, Any]],
+    cfg: DinoConfig,
+    checkpoint: str,
+    tracker: Tracker,
+    step: int,
+) -> dict[str, Any]:
+    """``figures(cfg, checkpoint)`` logged at ``step``; {} with a warning when it fails."""
+    try:
+        out = figures(cfg, checkpoint)
+    except Exception as exc:  # noqa: BLE001 - a failed eval must not lose the trained model
+        log.warning("%s evaluation failed: %r", what, exc)
+        return {}
+    tracker.log_metrics(out, step=step)
+    return out
+
+
+def evaluated_in_loop(history: list[dict]) -> bool:
+    """The last epoch already carries the k-NN of the final teacher (and the random init is
+    known): the same figures as an evaluation of the final checkpoint, so it is not repeated."""
+    return (
+        bool(history) and "knn_top1" in history[-1] and any("knn_init_top1" in h for h in history)
+    )
+
+
+def _log_plot(tracker: Tracker, steps: list[dict], history: list[dict], metrics: dict) -> None:
+    if not tracker.ok:
+        return
+    try:
+        with tempfile.TemporaryDirectory() as d:
+            tracker.log_artifact(plot_training(steps, history, metrics, Path(d) / "training.png"))
+    except (OSError, ValueError, RuntimeError) as exc:  # a plot never fails a trained run
+        log.warning("could not draw the training plot: %r", exc)

@@ -1,0 +1,126 @@
+"""What the driver plans for one run before any worker starts: the ``RunPlan``.
+
+``plan_run`` lays out the data stage (Ray Data gets the CPUs that Train and a headroom leave free),
+builds the training dataset, finds where a rerun continues, asks the autoscaler for the nodes and
+starts reading the in-training evaluation sets. The plan is immutable: the attempts and the end of
+the run read it, nothing changes it.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pipeline.checkpoints import resolve_storage_path, run_dir
+from pipeline.cluster import ClusterView, request_nodes
+from pipeline.config import DinoConfig
+from pipeline.data.contract import TrainData
+from pipeline.data.dataset import build_train_dataset
+from pipeline.data.eval_sets import materialize_task
+from pipeline.data.resources import ResourcePlan, plan_from_config
+from pipeline.data.sources import Corpus
+from pipeline.data.split import split_indices
+from pipeline.preflight import train_worker_bundle
+from pipeline.train.rerun import resumable_step
+from pipeline.train.worker_state import iters_per_epoch
+
+progress_log = logging.getLogger("dino_ray.progress")
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """One run as the driver laid it out (shared by the attempts and the end of the run)."""
+
+    storage: str  # train.storage_path resolved: the parent of every run directory
+    run_dir: str  # <storage>/<train.name>: Ray Train's run directory, local path or URI
+    train_data: TrainData
+    resources: ResourcePlan | None  # the data stage's CPUs (None: a caller-built dataset)
+    iters_per_epoch: int
+    start_step: int  # > 0: a rerun continues from this global step
+    # what one Train worker asks for, fixed here: a retry after the train node died must still
+    # ask for the `train` role (asked afresh, with no train node alive at that moment, the
+    # workers landed on the data node and took the CPUs the crop actor needed: a deadlock)
+    worker_resources: dict[str, float]
+    new_tracking_run: bool = False  # continued with a changed config: a new MLflow run
+    eval_ref: Any = None  # ObjectRef of the in-training evaluation sets, or None
+
+
+def plan_run(
+    cfg: DinoConfig,
+    view: ClusterView,
+    *,
+    corpus: Corpus | None,
+    train_data: TrainData | None,
+    new_tracking_run: bool,
+) -> RunPlan:
+    """Size the data stage, build the dataset (unless the caller built one), find the resume
+    step, ask the autoscaler for the nodes. ``corpus``: the listing preflight checked."""
+    tc = cfg.train
+    storage = resolve_storage_path(tc.storage_path)
+    rdir = run_dir(storage, tc.name)
+    if "://" not in rdir:
+        Path(rdir).mkdir(parents=True, exist_ok=True)
+    resources = None
+    if train_data is None:
+        # Ray Data gets the CPUs that Train and a headroom leave free (ray-project/ray#44687),
+        # counted on the cluster as the autoscaler can grow it
+        resources = plan_from_config(cfg.data, tc)
+        for note in resources.notes:
+            progress_log.info("data stage: %s", note)
+        train_data = build_train_dataset(
+            cfg.data,
+            cfg.augment,
+            seed=tc.seed,
+            plan=resources,
+            corpus=corpus,
+            indices=ssl_indices(cfg, corpus),
+        )
+    ipe = iters_per_epoch(cfg, train_data.num_images, tc.num_workers)
+    start_step = resumable_step(cfg, storage, ipe)
+    _request_nodes(cfg, view, resources)
+    progress_log.info(
+        "%s: %d epochs x %d steps of %d images on %d worker(s)%s",
+        tc.name,
+        tc.epochs,
+        ipe,
+        tc.batch_size_per_worker * tc.num_workers,
+        tc.num_workers,
+        f", continuing from step {start_step}" if start_step else "",
+    )
+    return RunPlan(
+        storage=storage,
+        run_dir=rdir,
+        train_data=train_data,
+        resources=resources,
+        iters_per_epoch=ipe,
+        start_step=start_step,
+        worker_resources={k: v for k, v in train_worker_bundle(cfg, view).items() if k != "GPU"},
+        new_tracking_run=new_tracking_run,
+        # the eval images are read by a Ray task while the workers start
+        eval_ref=materialize_task.remote(cfg.model_dump(mode="json"))
+        if cfg.eval.every_epochs
+        else None,
+    )
+
+
+def _request_nodes(cfg: DinoConfig, view: ClusterView, resources: ResourcePlan | None) -> None:
+    """Ask the autoscaler for the Train workers' and the crop actors' bundles at once."""
+    cpus = resources.cpus_per_actor if resources else cfg.data.cpus_per_actor
+    data_bundle = {"CPU": cpus, **({"data": cpus} if view.has_role("data") else {})}
+    actors = resources.num_actors if resources else cfg.data.num_actors
+    request_nodes(
+        [train_worker_bundle(cfg, view)] * cfg.train.num_workers + [data_bundle] * actors, view
+    )
+
+
+def ssl_indices(cfg: DinoConfig, corpus: Corpus | None):
+    """The images SSL trains on: without ``eval.val_path`` the k-NN validation split is carved
+    out of ``data.path`` (``pipeline.data.split.split_indices``, the same per-image hash the
+    evaluation uses), so the headline figure is on images the run never trained on."""
+    e = cfg.eval
+    if e.val_path is not None or not corpus.labelled or not (e.every_epochs or e.at_end):
+        return None
+    bank, _ = split_indices(corpus, e.val_fraction, cfg.train.seed)
+    return bank

@@ -1,0 +1,199 @@
+"""What one Train worker trains with: its inputs from the driver (``LoopInputs``), its state
+(``TrainState``: networks, loss, optimizer, precision, schedules, step counters), built by
+``setup`` at step 0 and advanced by ``resume`` to a checkpoint's step, as the official
+``train_dino`` builds the networks and calls ``restart_from_checkpoint``."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import ray
+import ray.train
+import ray.train.torch
+import torch
+import torch.distributed as dist
+
+from dino_model import DINOLoss
+from dino_model.model import unwrap
+from dino_model.optim import build_optimizer
+from dino_model.precision import resolve_precision
+from dino_model.schedules import Schedules, build_schedules, scaled_lr
+from dino_model.sync_bn import convert_sync_batchnorm, has_batchnorm
+from pipeline.checkpoints import build_models
+from pipeline.config import DinoConfig
+from pipeline.data.contract import TrainData
+from pipeline.train.resume_point import ResumePoint
+
+log = logging.getLogger("dino_ray.train")
+
+
+def iters_per_epoch(cfg: DinoConfig, num_images: int, world_size: int) -> int:
+    """Steps per epoch: the full global batches in ``num_images`` (at most
+    ``train.max_steps_per_epoch``); ValueError when not one fits."""
+    global_batch = cfg.train.batch_size_per_worker * world_size
+    iters = num_images // global_batch
+    if cfg.train.max_steps_per_epoch:
+        iters = min(iters, cfg.train.max_steps_per_epoch)
+    if iters < 1:
+        raise ValueError(
+            f"train.batch_size_per_worker x num_workers = {global_batch} exceeds the "
+            f"{num_images} images of the corpus: no full step per epoch"
+        )
+    return iters
+
+
+@dataclass
+class LoopInputs:
+    """``train_loop_config`` as ``pipeline.train.trainer`` builds it, by name."""
+
+    cfg: DinoConfig
+    train_data: TrainData  # the whole dataset (its epoch window and counters are shared)
+    num_images: int
+    storage: str | None  # resolved train.storage_path: where to look for newer checkpoints
+    run_dir: str | None  # <storage>/<name>
+    metrics_queue: Any  # ray.util.queue.Queue to the driver, or None
+    eval_ref: Any  # ObjectRef of the in-training eval sets, or None
+    control: Any  # the driver's RunControl actor (stop requests), or None
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> LoopInputs:
+        return cls(
+            cfg=DinoConfig.from_dict(config["cfg"]),
+            train_data=config["train_data"],
+            num_images=config["num_images"],
+            storage=config.get("storage"),
+            run_dir=config.get("run_dir"),
+            metrics_queue=config.get("metrics_queue"),
+            eval_ref=config.get("eval_ref"),
+            control=config.get("control"),
+        )
+
+
+@dataclass
+class TrainState:
+    """What one worker trains with, built by ``setup``; ``resume`` and every step advance
+    ``global_step``."""
+
+    cfg: DinoConfig
+    rank: int
+    world: int
+    device: torch.device
+    student: torch.nn.Module  # wrapped for DDP: ``unwrap(student)`` is the network
+    teacher: torch.nn.Module  # the EMA of the student, never wrapped
+    loss_fn: DINOLoss  # holds the centre
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler | None  # fp16 only
+    autocast_dtype: torch.dtype | None  # None: the forward runs in fp32
+    schedules: Schedules  # lr, weight decay, teacher momentum and temperature per global step
+    ipe: int  # iterations (steps) per epoch
+    backend: str  # torch.distributed backend, "none" without a process group
+    start_step: int = 0  # where this attempt started: > 0 after a resume
+    global_step: int = 0  # optimizer steps done
+
+    @property
+    def global_batch(self) -> int:
+        return self.cfg.train.batch_size_per_worker * self.world
+
+
+# --- setup and resume ---------------------------------------------------------------------------
+
+
+def setup(cfg: DinoConfig, num_images: int) -> TrainState:
+    """Student, teacher, loss, optimizer and schedules of this worker, on its device, at step 0.
+
+    ``num_images``: the corpus size, which with the world size sets the steps per epoch."""
+    tc = cfg.train
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    # train.precision as configured on every device; fp16 brings a GradScaler (CUDA only)
+    autocast_dtype, scaler = resolve_precision(tc.precision, device)
+    if device.type == "cpu":
+        torch.set_num_threads(max(1, int(tc.cpus_per_worker)))
+    student, teacher = _networks(cfg, world, device)
+    loss_fn = DINOLoss(
+        cfg.model.out_dim,
+        student_temp=cfg.loss.student_temp,
+        center_momentum=cfg.loss.center_momentum,
+    )
+    ipe = iters_per_epoch(cfg, num_images, world)
+    schedules = _schedules(cfg, ipe, global_batch=tc.batch_size_per_worker * world)
+    # DDP for the student only; the EMA teacher just lives on the device
+    student = ray.train.torch.prepare_model(student)
+    teacher.to(device)
+    loss_fn.to(device)
+    optimizer = build_optimizer(unwrap(student), cfg.optim.optimizer)
+    backend = dist.get_backend() if dist.is_initialized() else "none"
+    return TrainState(
+        cfg=cfg,
+        rank=rank,
+        world=world,
+        device=device,
+        student=student,
+        teacher=teacher,
+        loss_fn=loss_fn,
+        optimizer=optimizer,
+        scaler=scaler,
+        autocast_dtype=autocast_dtype,
+        schedules=schedules,
+        ipe=ipe,
+        backend=backend,
+    )
+
+
+def _networks(
+    cfg: DinoConfig, world: int, device: torch.device
+) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """(student, teacher), seeded with ``train.seed`` so every rank starts identical."""
+    student, teacher = build_models(cfg, seed=cfg.train.seed)
+    # official DINO: with BN in the backbone or head, normalise over the global batch of all
+    # workers (torch's SyncBatchNorm refuses CPU tensors: dino_model.sync_bn covers gloo)
+    if world > 1 and has_batchnorm(student):
+        student = convert_sync_batchnorm(student, device)
+        teacher = convert_sync_batchnorm(teacher, device)
+    return student, teacher
+
+
+def _schedules(cfg: DinoConfig, ipe: int, *, global_batch: int) -> Schedules:
+    """The official DINO per-step schedules; the lr is scaled linearly with ``global_batch``."""
+    o, loss = cfg.optim, cfg.loss
+    return build_schedules(
+        lr=scaled_lr(o.lr, global_batch),
+        min_lr=o.min_lr,
+        warmup_epochs=o.warmup_epochs,
+        weight_decay=o.weight_decay,
+        weight_decay_end=o.weight_decay_end,
+        momentum=o.momentum_teacher,
+        momentum_end=o.momentum_teacher_end,
+        warmup_teacher_temp=loss.warmup_teacher_temp,
+        teacher_temp=loss.teacher_temp,
+        warmup_teacher_temp_epochs=loss.warmup_teacher_temp_epochs,
+        freeze_last_layer_epochs=o.freeze_last_layer_epochs,
+        epochs=cfg.train.epochs,
+        iters_per_epoch=ipe,
+    )
+
+
+def resume(state: TrainState, point: ResumePoint | None) -> None:
+    """Load ``point`` into ``state`` (networks, centre, optimizer, fp16 scaler; ``start_step``
+    and ``global_step``), as the official ``restart_from_checkpoint``. A new run: nothing."""
+    if point is None:
+        return
+    saved = point.saved
+    # every rank loads the same state, so the DDP replicas stay identical
+    unwrap(state.student).load_state_dict(saved["student"])
+    state.teacher.load_state_dict(saved["teacher"])
+    state.loss_fn.center.copy_(saved["center"])
+    state.optimizer.load_state_dict(saved["optimizer"])
+    if state.scaler is not None and saved.get("scaler"):  # {} / None: saved without fp16
+        state.scaler.load_state_dict(saved["scaler"])
+    state.start_step = state.global_step = point.global_step
+    if state.rank == 0:
+        log.warning(
+            "resuming from %s at global step %d (epoch %d)",
+            point.source,
+            state.global_step,
+            state.global_step // state.ipe,
+        )
