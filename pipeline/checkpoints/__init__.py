@@ -7,13 +7,14 @@ them; this package imports neither training nor evaluation, so both can depend o
   ``load_state``, ``load_config``, ``read_meta``;
 * where checkpoints live: ``run_dir``, ``resolve_storage_path``, ``newest_checkpoint`` /
   ``latest_checkpoint``, ``checkpoint_uri``, ``as_local_dir`` and the run directory's small text
-  files (``read_run_file`` / ``write_run_file``);
+  files (``read_run_file`` / ``write_run_file``); ``check_storage_writable`` before a run;
 * the networks: ``build_models`` (the seeded student/teacher pair of a config),
   ``random_init_backbone`` (the teacher backbone as training starts) and
   ``load_teacher_backbone`` (the trained teacher's backbone of a checkpoint).
 """
 
 from pipeline.checkpoints._models import build_models, load_teacher_backbone, random_init_backbone
+from pipeline.checkpoints._probe import check_storage_writable, storage_error_for_good
 from pipeline.checkpoints._state import (
     CONFIG_FILE,
     META_FILE,
@@ -40,6 +41,7 @@ __all__ = [
     "STATE_FILE",
     "as_local_dir",
     "build_models",
+    "check_storage_writable",
     "checkpoint_uri",
     "latest_checkpoint",
     "load_config",
@@ -52,5 +54,6 @@ __all__ = [
     "resolve_storage_path",
     "run_dir",
     "save_checkpoint",
+    "storage_error_for_good",
     "write_run_file",
 ]

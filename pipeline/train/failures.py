@@ -18,6 +18,7 @@ import ray.exceptions as rex
 import torch.distributed as dist
 
 from dino_model.step import NonFiniteLossError
+from pipeline.checkpoints import storage_error_for_good
 from pipeline.config import ConfigError
 from pipeline.data.quality import DataQualityError
 from pipeline.data.sources import CorpusError
@@ -110,6 +111,8 @@ def classify(exc: BaseException) -> str:
         for e in chain
     ):
         return "retryable"
+    if any(storage_error_for_good(e) for e in chain):
+        return "deterministic"
     if any(isinstance(e, (OSError, ConnectionError, TimeoutError)) for e in chain):
         return "retryable"
     # a peer lost before Ray has noticed the death (a node's loss takes the health checks

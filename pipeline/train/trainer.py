@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pipeline.checkpoints import check_storage_writable, resolve_storage_path
 from pipeline.cluster import ClusterView, release_nodes
 from pipeline.config import DinoConfig
 from pipeline.data.contract import TrainData
@@ -69,11 +70,12 @@ def fit(
     """
     t0 = time.monotonic()
 
-    # preflight: arch and fields, then the corpus (missing, empty, smaller than a batch), then
-    # the cluster (local paths on several nodes, workers no node can hold)
+    # preflight: arch and fields, the corpus (missing, empty, smaller than a batch), a writable
+    # storage path, then the cluster (local paths on several nodes, workers no node can hold)
     check_config(cfg)
     corpus = list_data(cfg.data) if train_data is None else None
     check_corpus(cfg, corpus.num_images if corpus is not None else train_data.num_images)
+    check_storage_writable(resolve_storage_path(cfg.train.storage_path))
     ensure_ray(address)
     view = ClusterView.current()
     check_cluster(cfg, view)
