@@ -33,7 +33,8 @@ EXIT_STATUS: tuple[tuple[type[BaseException] | tuple[type[BaseException], ...], 
     (TrainingInterrupted, 130),
     (CommandFailed, 1),
     ((UsageError, ResumeMismatchError, ValueError, FileNotFoundError), 2),
-    (TrainingError, 1),
+    # storage that did not answer (pipeline.checkpoints.StorageUnavailableError) and other I/O
+    ((TrainingError, OSError), 1),
 )
 MAX_MESSAGE = 400  # e.g. MLflow's connection errors carry the whole URL and stack
 

@@ -11,9 +11,11 @@ import pytest
 from live_services import S3Server
 from ray.train import WorkerGroupError
 
-from pipeline.checkpoints import check_storage_writable
+from pipeline.checkpoints import StorageUnavailableError, check_storage_writable, newest_checkpoint
+from pipeline.config import DinoConfig
 from pipeline.preflight import PreflightError
 from pipeline.train.failures import classify
+from pipeline.train.rerun import rerun_policy
 
 
 def test_storage_errors_a_retry_cannot_fix_are_deterministic_and_a_503_is_not():
@@ -69,3 +71,19 @@ def test_a_missing_bucket_is_refused_and_a_writable_one_keeps_no_probe(s3, monke
     assert not [k for k in s3.keys("runs") if "probe" in k]  # the probe object was deleted
     with pytest.raises(PreflightError, match=r"train\.storage_path='s3://no-such-bucket/runs'"):
         check_storage_writable("s3://no-such-bucket/runs", backoff_s=0.01)
+
+
+def test_a_storage_that_does_not_answer_is_never_read_as_no_checkpoint(monkeypatch, tmp_path):
+    """Issue 22 #3: listing errors are retried, then fail: a rerun must not start over."""
+    gone = S3Server()
+    for key, value in gone.env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")  # pyarrow's own retries, not the point here
+    gone.stop()  # connection refused from now on: a transient error that outlasts the retries
+    with pytest.raises(StorageUnavailableError, match=r"cannot list the checkpoints in s3://"):
+        newest_checkpoint(f"s3://{gone.bucket}/runs", "run")
+    cfg = DinoConfig().with_overrides({"train.storage_path": f"s3://{gone.bucket}/runs"})
+    with pytest.raises(StorageUnavailableError):
+        rerun_policy(cfg)  # not "a new run": no changed-config check skipped, no new MLflow run
+    # a run directory that does not exist yet is a new run, as before
+    assert newest_checkpoint(str(tmp_path / "runs"), "new") is None

@@ -25,6 +25,7 @@ from pipeline.checkpoints._state import (
     save_checkpoint,
 )
 from pipeline.checkpoints._storage import (
+    StorageUnavailableError,
     as_local_dir,
     checkpoint_uri,
     latest_checkpoint,
@@ -39,6 +40,7 @@ __all__ = [
     "CONFIG_FILE",
     "META_FILE",
     "STATE_FILE",
+    "StorageUnavailableError",
     "as_local_dir",
     "build_models",
     "check_storage_writable",

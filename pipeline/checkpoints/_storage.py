@@ -7,8 +7,10 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
+from pipeline.checkpoints._probe import storage_error_for_good
 from pipeline.checkpoints._state import META_FILE, STATE_FILE
 from pipeline.data.sources import resolve_filesystem
 
@@ -36,10 +38,7 @@ def newest_checkpoint(storage_path: str, name: str) -> tuple[int, str] | None:
 
     root = run_dir(resolve_storage_path(storage_path), name)
     fs, base = pafs.FileSystem.from_uri(root) if "://" in root else (pafs.LocalFileSystem(), root)
-    try:
-        infos = fs.get_file_info(pafs.FileSelector(base, allow_not_found=True))
-    except OSError:
-        return None
+    infos = _list_with_retries(fs, pafs.FileSelector(base, allow_not_found=True), root)
     best: tuple[int, str] | None = None
     for info in infos:
         if info.type != pafs.FileType.Directory or not Path(info.path).name.startswith(
@@ -52,6 +51,30 @@ def newest_checkpoint(storage_path: str, name: str) -> tuple[int, str] | None:
     if best is None:
         return None
     return best[0], best[1] if "://" not in root else root.split("://")[0] + "://" + best[1]
+
+
+class StorageUnavailableError(OSError):
+    """The run directory could not be listed: never taken for "no checkpoint yet", which would
+    start the run over, skip the rerun checks and open a new MLflow run."""
+
+
+LIST_TRIES = 3  # a transient error (an S3 503, a dropped connection) is tried again
+
+
+def _list_with_retries(fs, selector, root: str, backoff_s: float = 1.0) -> list:
+    for attempt in range(1, LIST_TRIES + 1):
+        try:
+            return fs.get_file_info(selector)
+        except OSError as exc:
+            if storage_error_for_good(exc) or attempt == LIST_TRIES:
+                first_line = (str(exc).strip().splitlines() or [""])[0]
+                raise StorageUnavailableError(
+                    f"cannot list the checkpoints in {root} ({type(exc).__name__}: "
+                    f"{first_line}) after {attempt} tries; nothing was started or changed: rerun "
+                    "when the storage answers"
+                ) from exc
+            time.sleep(backoff_s * attempt)
+    raise AssertionError("unreachable")
 
 
 def _complete_step(fs, path: str) -> int | None:

@@ -21,7 +21,7 @@ from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, Sc
 from ray.train.torch import TorchTrainer
 from ray.util.queue import Empty, Queue
 
-from pipeline.checkpoints import checkpoint_uri, latest_checkpoint
+from pipeline.checkpoints import checkpoint_uri
 from pipeline.config import DinoConfig
 from pipeline.ray_runtime import on_this_node
 from pipeline.tracking import Tracker
@@ -171,7 +171,7 @@ def _log_restart(
         "retries)",
         failures,
         root_message(error),
-        latest_checkpoint(plan.storage, tc.name) or "none complete yet: step 0",
+        plan.newest_checkpoint(tc.name) or "none complete yet: step 0",
         failures,
         "unlimited" if tc.max_failures < 0 else tc.max_failures,
     )
@@ -182,7 +182,7 @@ def _interrupted(
     cfg: DinoConfig, plan: RunPlan, tracker: Tracker, reason: str
 ) -> TrainingInterrupted:
     """Stopped on request: the workers wrote a checkpoint; the MLflow run is KILLED."""
-    good = latest_checkpoint(plan.storage, cfg.train.name)
+    good = plan.newest_checkpoint(cfg.train.name)
     tracker.set_tags({"stopped_by": reason})
     tracker.finish("KILLED")
     return TrainingInterrupted(
@@ -197,7 +197,7 @@ def _failed(
     cfg: DinoConfig, plan: RunPlan, tracker: Tracker, error: BaseException, kind: str, failures: int
 ) -> TrainingError:
     """Failed for good: the MLflow run is FAILED with the root cause as a tag."""
-    good = latest_checkpoint(plan.storage, cfg.train.name)
+    good = plan.newest_checkpoint(cfg.train.name)
     tracker.set_tags({"error": root_message(error)[:5000], "error_kind": kind})
     tracker.finish("FAILED")
     why = "" if kind == "deterministic" else f" after {failures} restart(s)"

@@ -11,7 +11,6 @@ from typing import Any, Protocol
 
 from ray.exceptions import RayError
 
-from pipeline.checkpoints import latest_checkpoint
 from pipeline.config import DinoConfig
 from pipeline.data.contract import DataStatistics
 from pipeline.data.quality import DataQualityError, check_skip_share
@@ -92,7 +91,7 @@ def _fail_untrained(cfg: DinoConfig, plan: RunPlan, tracker: Tracker) -> None:
         tracker.finish("FAILED")
         raise TrainingError(
             f"training run {cfg.train.name!r} failed: {exc}",
-            latest_checkpoint(plan.storage, cfg.train.name),
+            plan.newest_checkpoint(cfg.train.name),
             tracker.run_id,
         ) from None
 

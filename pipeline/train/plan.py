@@ -13,7 +13,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.checkpoints import resolve_storage_path, run_dir
+from pipeline.checkpoints import (
+    StorageUnavailableError,
+    latest_checkpoint,
+    resolve_storage_path,
+    run_dir,
+)
 from pipeline.cluster import ClusterView, request_nodes
 from pipeline.config import DinoConfig
 from pipeline.data.contract import TrainData
@@ -45,6 +50,15 @@ class RunPlan:
     worker_resources: dict[str, float]
     new_tracking_run: bool = False  # continued with a changed config: a new MLflow run
     eval_ref: Any = None  # ObjectRef of the in-training evaluation sets, or None
+
+    def newest_checkpoint(self, name: str) -> str | None:
+        """The run's newest complete checkpoint for a message about a failure: None when the
+        storage does not answer (said in a warning), so the failure itself is what is raised."""
+        try:
+            return latest_checkpoint(self.storage, name)
+        except StorageUnavailableError as exc:
+            progress_log.warning("%s", exc)
+            return None
 
 
 def plan_run(
