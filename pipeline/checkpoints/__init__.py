@@ -13,6 +13,7 @@ them; this package imports neither training nor evaluation, so both can depend o
   ``load_teacher_backbone`` (the trained teacher's backbone of a checkpoint).
 """
 
+from pipeline.checkpoints._lease import RunInUseError, RunLease
 from pipeline.checkpoints._models import build_models, load_teacher_backbone, random_init_backbone
 from pipeline.checkpoints._probe import check_storage_writable, storage_error_for_good
 from pipeline.checkpoints._state import (
@@ -39,6 +40,8 @@ from pipeline.checkpoints._storage import (
 __all__ = [
     "CONFIG_FILE",
     "META_FILE",
+    "RunInUseError",
+    "RunLease",
     "STATE_FILE",
     "StorageUnavailableError",
     "as_local_dir",

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+import uuid
 from typing import Any
 
 import yaml
@@ -76,7 +77,8 @@ def _norm(v: Any) -> Any:
 
 
 def fresh_name(name: str) -> str:
-    return f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    """``name-YYYYmmdd-HHMMSS-xxxxxx``: two reruns in the same second get different names."""
+    return f"{name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
 
 
 def check_rerun(cfg: DinoConfig, saved_yaml: str | None) -> tuple[DinoConfig, bool]:

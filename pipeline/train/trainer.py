@@ -1,6 +1,7 @@
 """``fit(cfg)``: one DINO training run on Ray Train, read top to bottom by phase.
 
 * preflight: the config, the corpus and the cluster are checked, before Ray where they can be
+* the run's name: a lease in its directory, renewed while it trains (``pipeline.checkpoints``)
 * plan: the data stage, the dataset, the resume step and the nodes (``pipeline.train.plan``)
 * tracking: the run's MLflow run, reopened by a rerun (``pipeline.train.run_tracking``)
 * attempts: the ``TorchTrainer`` run and rerun after a death (``pipeline.train.attempts``), its
@@ -17,7 +18,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.checkpoints import check_storage_writable, resolve_storage_path
+from pipeline.checkpoints import (
+    RunLease,
+    check_storage_writable,
+    resolve_storage_path,
+    run_dir,
+)
 from pipeline.cluster import ClusterView, release_nodes
 from pipeline.config import DinoConfig
 from pipeline.data.contract import TrainData
@@ -71,38 +77,43 @@ def fit(
     t0 = time.monotonic()
 
     # preflight: arch and fields, the corpus (missing, empty, smaller than a batch), a writable
-    # storage path, then the cluster (local paths on several nodes, workers no node can hold)
+    # storage path, the rerun rules; then the name is ours (one driver per run) and, with Ray,
+    # the cluster (local paths on several nodes, workers no node can hold)
     check_config(cfg)
     corpus = list_data(cfg.data) if train_data is None else None
     check_corpus(cfg, corpus.num_images if corpus is not None else train_data.num_images)
-    check_storage_writable(resolve_storage_path(cfg.train.storage_path))
-    ensure_ray(address)
-    view = ClusterView.current()
-    check_cluster(cfg, view)
-    try:
-        # plan
-        cfg, changed = rerun_policy(cfg)
-        plan = plan_run(cfg, view, corpus=corpus, train_data=train_data, new_tracking_run=changed)
+    storage = resolve_storage_path(cfg.train.storage_path)
+    check_storage_writable(storage)
+    cfg, changed = rerun_policy(cfg)
+    with RunLease(run_dir(storage, cfg.train.name), cfg.train.name):
+        ensure_ray(address)
+        view = ClusterView.current()
+        check_cluster(cfg, view)
+        try:
+            # plan
+            plan = plan_run(
+                cfg, view, corpus=corpus, train_data=train_data, new_tracking_run=changed
+            )
 
-        # tracking
-        tracker = open_tracking(cfg, plan, config_path)
-        progress = Progress(
-            cfg.train.epochs, plan.iters_per_epoch, plan.start_step, cfg.eval.headline_k
-        )
-        collector = MetricsCollector(tracker, progress, on_epoch_metrics, on_step_metrics)
+            # tracking
+            tracker = open_tracking(cfg, plan, config_path)
+            progress = Progress(
+                cfg.train.epochs, plan.iters_per_epoch, plan.start_step, cfg.eval.headline_k
+            )
+            collector = MetricsCollector(tracker, progress, on_epoch_metrics, on_step_metrics)
 
-        # attempts
-        checkpoint = run_attempts(cfg, plan, tracker, collector, callbacks)
+            # attempts
+            checkpoint = run_attempts(cfg, plan, tracker, collector, callbacks)
 
-        # finish
-        metrics = finish_run(cfg, plan, tracker, collector, checkpoint, evaluation)
-        return TrainingResult(
-            checkpoint_path=checkpoint,
-            metrics=metrics,
-            mlflow_run_id=tracker.run_id,
-            run_dir=plan.run_dir,
-            history=collector.history,
-            wall_s=time.monotonic() - t0,
-        )
-    finally:
-        release_nodes(view)
+            # finish
+            metrics = finish_run(cfg, plan, tracker, collector, checkpoint, evaluation)
+        finally:
+            release_nodes(view)
+    return TrainingResult(
+        checkpoint_path=checkpoint,
+        metrics=metrics,
+        mlflow_run_id=tracker.run_id,
+        run_dir=plan.run_dir,
+        history=collector.history,
+        wall_s=time.monotonic() - t0,
+    )
