@@ -3,6 +3,7 @@ when the loop did not, log the figures and the training plot, close the MLflow r
 
 from __future__ import annotations
 
+import json
 import logging
 import tempfile
 from collections.abc import Callable
@@ -11,6 +12,7 @@ from typing import Any, Protocol
 
 from ray.exceptions import RayError
 
+from pipeline.checkpoints import read_meta, write_run_file
 from pipeline.config import DinoConfig
 from pipeline.data.contract import DataStatistics
 from pipeline.data.quality import DataQualityError, check_skip_share
@@ -18,7 +20,9 @@ from pipeline.tracking import Tracker
 from pipeline.tracking.plots import plot_training
 from pipeline.train.collector import MetricsCollector
 from pipeline.train.errors import TrainingError
+from pipeline.train.metrics import finite
 from pipeline.train.plan import RunPlan
+from pipeline.train.rerun import FINISHED_FILE
 
 log = logging.getLogger("dino_ray.train")
 progress_log = logging.getLogger("dino_ray.progress")
@@ -50,7 +54,9 @@ def finish_run(
     FINISHED. Raises ``TrainingError`` for a run that trained no step (the data-quality reason
     when images were skipped)."""
     history = collector.history
-    if (collector.last_step if history else plan.start_step) <= plan.start_step:
+    if plan.trained:  # a rerun that only finishes the run: the figures its checkpoint carries
+        history = [read_meta(checkpoint).get("metrics", {})] if checkpoint else []
+    elif (collector.last_step if history else plan.start_step) <= plan.start_step:
         _fail_untrained(cfg, plan, tracker)
     metrics: dict[str, Any] = dict(history[-1]) if history else {}
     for h in history:  # the random-init k-NN from the in-training eval rides on epoch 0
@@ -75,10 +81,18 @@ def finish_run(
             metrics["knn_gain_top1"],
         )
 
-    # close the MLflow run
+    # close the MLflow run; the run directory says the run is done (a rerun is refused)
     _log_plot(tracker, collector.steps, history, metrics)
     tracker.set_tags({"checkpoint_path": checkpoint or ""})
     tracker.finish("FINISHED")
+    try:
+        write_run_file(
+            plan.run_dir,
+            FINISHED_FILE,
+            json.dumps({"checkpoint": checkpoint, "metrics": finite(metrics)}, default=str),
+        )
+    except OSError as exc:  # a rerun then evaluates the final checkpoint again: nothing is lost
+        log.warning("could not mark %s finished: %r", plan.run_dir, exc)
     return metrics
 
 

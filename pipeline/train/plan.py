@@ -42,6 +42,7 @@ class RunPlan:
     run_dir: str  # <storage>/<train.name>: Ray Train's run directory, local path or URI
     train_data: TrainData
     resources: ResourcePlan | None  # the data stage's CPUs (None: a caller-built dataset)
+    epochs: int
     iters_per_epoch: int
     start_step: int  # > 0: a rerun continues from this global step
     # what one Train worker asks for, fixed here: a retry after the train node died must still
@@ -50,6 +51,15 @@ class RunPlan:
     worker_resources: dict[str, float]
     new_tracking_run: bool = False  # continued with a changed config: a new MLflow run
     eval_ref: Any = None  # ObjectRef of the in-training evaluation sets, or None
+
+    @property
+    def total_steps(self) -> int:
+        return self.epochs * self.iters_per_epoch
+
+    @property
+    def trained(self) -> bool:
+        """Every epoch was trained before this attempt: only the end of the run is left."""
+        return self.start_step >= self.total_steps
 
     def newest_checkpoint(self, name: str) -> str | None:
         """The run's newest complete checkpoint for a message about a failure: None when the
@@ -94,6 +104,13 @@ def plan_run(
     ipe = iters_per_epoch(cfg, train_data.num_images, tc.num_workers)
     start_step = resumable_step(cfg, storage, ipe)
     _request_nodes(cfg, view, resources)
+    if start_step >= tc.epochs * ipe:
+        progress_log.warning(
+            "%s: trained all %d epochs before, but its driver stopped before the end of the run: "
+            "evaluating its final checkpoint now",
+            tc.name,
+            tc.epochs,
+        )
     progress_log.info(
         "%s: %d epochs x %d steps of %d images on %d worker(s)%s",
         tc.name,
@@ -108,6 +125,7 @@ def plan_run(
         run_dir=rdir,
         train_data=train_data,
         resources=resources,
+        epochs=tc.epochs,
         iters_per_epoch=ipe,
         start_step=start_step,
         worker_resources={k: v for k, v in train_worker_bundle(cfg, view).items() if k != "GPU"},

@@ -22,7 +22,7 @@ from typing import Any
 
 import yaml
 
-from pipeline.checkpoints import newest_checkpoint, read_run_file, resolve_storage_path
+from pipeline.checkpoints import newest_checkpoint, read_run_file, resolve_storage_path, run_dir
 from pipeline.config import DinoConfig
 from pipeline.preflight import PreflightError
 
@@ -118,10 +118,15 @@ def rerun_policy(cfg: DinoConfig) -> tuple[DinoConfig, bool]:
     return new_cfg, changed
 
 
+FINISHED_FILE = "finished.json"  # in the run directory: the end of the run (evaluation) is done
+
+
 def resumable_step(cfg: DinoConfig, storage: str, ipe: int) -> int:
     """The global step a rerun continues from (0 for a new run). A run directory whose newest
-    checkpoint has another iterations-per-epoch, or that already finished ``train.epochs``, is
-    refused here: the workers would fail on it (or train nothing)."""
+    checkpoint has another iterations-per-epoch, or that already finished ``train.epochs`` and
+    its end-of-run evaluation, is refused here: the workers would fail on it (or train nothing).
+    A run that trained all its epochs but whose driver died before the end of the run (the final
+    evaluation, the closed MLflow run) continues at its last step: only that end is done."""
     tc = cfg.train
     found = newest_checkpoint(storage, tc.name)
     if found is None:
@@ -134,7 +139,7 @@ def resumable_step(cfg: DinoConfig, storage: str, ipe: int) -> int:
             f"iterations per epoch, this run has {ipe}: resume with the same batch size, workers "
             "and data, or choose another train.name"
         )
-    if step >= tc.epochs * ipe:
+    if step >= tc.epochs * ipe and read_run_file(run_dir(storage, tc.name), FINISHED_FILE):
         raise PreflightError(
             f"train.epochs: run {tc.name!r} already finished {step // ipe} epochs ({path}); raise "
             "train.epochs to continue it, or choose another train.name for a new run"

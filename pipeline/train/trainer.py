@@ -102,8 +102,12 @@ def fit(
             )
             collector = MetricsCollector(tracker, progress, on_epoch_metrics, on_step_metrics)
 
-            # attempts
-            checkpoint = run_attempts(cfg, plan, tracker, collector, callbacks)
+            # attempts (none when a rerun only has the end of the run left)
+            checkpoint = (
+                plan.newest_checkpoint(cfg.train.name)
+                if plan.trained
+                else run_attempts(cfg, plan, tracker, collector, callbacks)
+            )
 
             # finish
             metrics = finish_run(cfg, plan, tracker, collector, checkpoint, evaluation)
