@@ -138,6 +138,12 @@ class ModelConfig(Section):
     head_layers: int = Field(3, ge=1)
     head_use_bn: bool = False
     norm_last_layer: bool = True
+    num_registers: int = Field(
+        0,
+        ge=0,
+        description="ViT register tokens (Darcet et al. 2024; DINOv2 with registers: 4): "
+        "prefix tokens the blocks attend to; features are the CLS token, never a register",
+    )
 
 
 class LossConfig(Section):
@@ -146,7 +152,49 @@ class LossConfig(Section):
     warmup_teacher_temp: float = Field(0.04, gt=0)
     warmup_teacher_temp_epochs: int = Field(0, ge=0)
     center_momentum: float = Field(0.9, ge=0, lt=1)
-    koleo_weight: float = Field(0.0, ge=0)
+    koleo_weight: float = Field(
+        0.0,
+        ge=0,
+        description="KoLeo on the global crops' CLS features (DINOv2: 0.1); with ibot.enabled "
+        "summed over the global views as DINOv2 does, else averaged over them",
+    )
+    centering: Literal["center", "sinkhorn_knopp"] = Field(
+        "center",
+        description="how the teacher targets of the DINO (and iBOT) loss are centred: center = "
+        "the EMA centre of DINO; sinkhorn_knopp = DINOv2's balanced assignment of the global batch",
+    )
+    sinkhorn_iterations: int = Field(3, ge=1, description="Sinkhorn-Knopp iterations (DINOv2: 3)")
+
+
+class IbotConfig(Section):
+    """iBOT's masked-patch loss (DINOv2's ``ibot`` section, same names and defaults): the student
+    sees a mask token at block-masked patches of its global crops and predicts the teacher's
+    patch tokens of the unmasked crops. The teacher temperature schedule is the DINO loss's
+    (``loss.teacher_temp``), as DINOv2 shares it; centring is ``loss.centering``."""
+
+    enabled: bool = Field(False, description="train with iBOT + the DINOv2 step (ViTs only)")
+    loss_weight: float = Field(1.0, ge=0, description="w_ibot of L = L_DINO + w_ibot L_iBOT + ...")
+    mask_sample_probability: float = Field(
+        0.5, ge=0, le=1, description="share of the global crops that are masked"
+    )
+    mask_ratio_min_max: tuple[float, float] = Field(
+        (0.1, 0.5), description="a masked crop's share of masked patches ~ U(min, max)"
+    )
+    separate_head: bool = Field(
+        False, description="a head of its own for the patches (else the DINO head serves them)"
+    )
+    head_n_prototypes: int | None = Field(
+        None, ge=2, description="K_p of the separate head; None = model.out_dim"
+    )
+    student_temp: float = Field(0.1, gt=0)
+    center_momentum: float = Field(0.9, ge=0, lt=1)
+
+    @field_validator("mask_ratio_min_max")
+    @classmethod
+    def _ratio_range(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not (0 <= v[0] <= v[1] <= 1):
+            raise ValueError(f"expected 0 <= min <= max <= 1, got {v}")
+        return v
 
 
 class OptimConfig(Section):
@@ -160,6 +208,16 @@ class OptimConfig(Section):
     freeze_last_layer_epochs: int = Field(1, ge=0)
     momentum_teacher: float = Field(0.996, ge=0, le=1)
     momentum_teacher_end: float = Field(1.0, ge=0, le=1)
+    layer_decay: float = Field(
+        1.0,
+        gt=0,
+        le=1,
+        description="ViT layer-wise lr decay: block i of L gets lr x layer_decay^(L - i) "
+        "(DINOv2: 0.9); 1 = none",
+    )
+    patch_embed_lr_mult: float = Field(
+        1.0, gt=0, description="lr factor of the patch embedding (DINOv2: 0.2)"
+    )
 
 
 class TrainConfig(Section):
@@ -286,6 +344,7 @@ class DinoConfig(Section):
     augment: AugmentConfig = AugmentConfig()
     model: ModelConfig = ModelConfig()
     loss: LossConfig = LossConfig()
+    ibot: IbotConfig = IbotConfig()
     optim: OptimConfig = OptimConfig()
     train: TrainConfig = TrainConfig()
     eval: EvalConfig = EvalConfig()
@@ -296,7 +355,22 @@ class DinoConfig(Section):
     def _consistent(self) -> DinoConfig:
         if self.loss.warmup_teacher_temp_epochs > self.train.epochs:
             raise ValueError("loss.warmup_teacher_temp_epochs must not exceed train.epochs")
+        if self.ibot.enabled:
+            patch = self.model.patch_size
+            if patch is None or self.augment.global_size % patch:
+                raise ValueError(
+                    f"ibot.enabled: the masks cover the patch grid of the global crops, so "
+                    f"augment.global_size ({self.augment.global_size}) must be a multiple of "
+                    f"model.patch_size ({patch})"
+                )
         return self
+
+    @property
+    def mask_grid(self) -> int | None:
+        """Patches per side of a global crop, the grid the iBOT masks cover (None: no iBOT)."""
+        if not self.ibot.enabled or self.model.patch_size is None:
+            return None
+        return self.augment.global_size // self.model.patch_size
 
     # --- loading -------------------------------------------------------------------------------
     @classmethod

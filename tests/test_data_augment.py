@@ -212,3 +212,52 @@ def test_render_view_on_reduced_source_maps_box():
     out = render_view(reduced, ViewParams((0, 0, 20, 40), size=8), src_size=(40, 40))
     assert out.min() == 255 and out.shape == (8, 8, 3)
     assert math.isclose(out.mean(), 255)
+
+
+def _stage_batch(stage, images: dict[str, bytes], epoch: int) -> dict[str, np.ndarray]:
+    keys = np.array(list(images), dtype=object)
+    data = np.array([images[k] for k in keys], dtype=object)
+    return stage({"key": keys, "bytes": data, "epoch": np.full(len(keys), epoch, np.int64)})
+
+
+def test_crop_stage_emits_ibot_masks_of_the_global_crops_deterministic_per_epoch():
+    from pipeline.config import DinoConfig
+    from pipeline.data.augment import masking_spec
+    from pipeline.data.dataset import MultiCropStage
+
+    cfg = DinoConfig().with_overrides(
+        {
+            "augment.global_size": 32,
+            "augment.local_size": 16,
+            "augment.num_local": 1,
+            "model.patch_size": 4,
+            "ibot.enabled": True,
+            "ibot.mask_ratio_min_max": [0.2, 0.4],
+        }
+    )
+    spec = masking_spec(cfg)
+    augment = cfg.augment.model_dump(mode="json")
+    images = {f"img{i}.jpg": jpeg_bytes(textured(48, 40, seed=i)) for i in range(60)}
+    stage = MultiCropStage(augment, 7, masking=spec)
+    e0, e0_again = _stage_batch(stage, images, 0), _stage_batch(stage, images, 0)
+    e1 = _stage_batch(stage, images, 1)
+    # another actor (a fresh stage), the images in another order: the same masks per image
+    reordered = dict(reversed(list(images.items())))
+    other = _stage_batch(MultiCropStage(augment, 7, masking=spec), reordered, 0)
+
+    n = len(images)
+    for col in ("mask_0", "mask_1"):
+        assert e0[col].shape == (n, 64) and e0[col].dtype == bool  # the 8 x 8 patch grid
+        np.testing.assert_array_equal(e0[col], e0_again[col])
+        np.testing.assert_array_equal(e0[col], other[col][::-1])
+        assert not np.array_equal(e0[col], e1[col])  # a new epoch: new masks
+    masked = np.concatenate([e0["mask_0"], e0["mask_1"], e1["mask_0"], e1["mask_1"]])
+    counts = masked.sum(1)
+    ratios = counts[counts > 0] / 64
+    assert ((ratios >= 0.2 - 1 / 64) & (ratios <= 0.4)).all()
+    assert 0.3 < (counts > 0).mean() < 0.7  # mask_sample_probability 0.5 of 240 crops
+    # the masks come from a stream of their own: the crops are those of a run without iBOT
+    plain = _stage_batch(MultiCropStage(augment, 7), images, 0)
+    assert "mask_0" not in plain
+    for name in ("global_0", "global_1", "local_0"):
+        np.testing.assert_array_equal(plain[name], e0[name])

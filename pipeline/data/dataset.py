@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import ray
 
-from pipeline.data.augment import MultiCrop, view_specs
+from pipeline.data.augment import GlobalMasks, MultiCrop, mask_columns, view_specs
 from pipeline.data.datasource import CorpusDatasource, stable_hash
 from pipeline.data.decode import BadImage, read_bytes
 from pipeline.data.sources import Corpus, list_corpus
@@ -51,6 +51,7 @@ class MultiCropStage:
         filesystem=None,
         state: DataHandle | None = None,
         with_label: bool = False,
+        masking: dict | None = None,
     ):
         import cv2
 
@@ -62,11 +63,14 @@ class MultiCropStage:
         self.crop = MultiCrop(self.cfg)
         self.specs = view_specs(self.cfg)
         self.seed, self.fs, self.state, self.with_label = seed, filesystem, state, with_label
+        self.masks = GlobalMasks(masking) if masking else None  # iBOT: mask_0, mask_1 columns
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         keys = batch["key"]
         n = len(keys)
         out = {s.name: np.empty((n, s.size, s.size, 3), np.uint8) for s in self.specs}
+        if self.masks is not None:
+            masks = np.zeros((len(mask_columns()), n, self.masks.n_patches), bool)
         keep = np.zeros(n, bool)
         skipped: Counter[str] = Counter()
         converted: Counter[str] = Counter()
@@ -75,7 +79,8 @@ class MultiCropStage:
             key = str(keys[i])
             try:
                 data = batch["bytes"][i] if "bytes" in batch else read_bytes(self.fs, key)
-                crops = self.crop(data, image_rng(self.seed, int(batch["epoch"][i]), key))
+                epoch = int(batch["epoch"][i])
+                crops = self.crop(data, image_rng(self.seed, epoch, key))
             except Exception as exc:  # noqa: BLE001 - one bad file never kills a run
                 reason = exc.reason if isinstance(exc, BadImage) else "error"
                 skipped[reason] += 1
@@ -84,6 +89,8 @@ class MultiCropStage:
                 continue
             for spec, crop in zip(self.specs, crops):
                 out[spec.name][i] = crop
+            if self.masks is not None:
+                masks[:, i] = self.masks(self.seed, epoch, stable_hash(key))
             keep[i] = True
             if self.crop.last_mode != "RGB":
                 converted[f"mode_{self.crop.last_mode}"] += 1
@@ -92,6 +99,8 @@ class MultiCropStage:
         if self.state is not None:
             # sent without waiting: a blocking round trip per batch held every crop actor up
             self.state.add(int(keep.sum()), dict(skipped), dict(converted), examples, wait=False)
+        if self.masks is not None:
+            out.update(zip(mask_columns(), masks))
         if not keep.all():
             out = {k: v[keep] for k, v in out.items()}
         if self.with_label:
@@ -167,10 +176,12 @@ def build_train_dataset(
     plan: ResourcePlan | None = None,
     corpus: Corpus | None = None,
     indices: np.ndarray | None = None,
+    masking: dict | None = None,
 ) -> TrainDataset:
     """List and validate the corpus (clear ``CorpusError`` before any worker starts), then build
     the lazy multi-crop dataset. ``plan`` (``pipeline.data.resources.plan_data_resources``)
-    overrides the actor pool size / CPUs and sets the dataset's resource limits."""
+    overrides the actor pool size / CPUs and sets the dataset's resource limits. ``masking``
+    (``pipeline.data.augment.masking_spec``): the actors add the iBOT mask columns."""
     corpus = corpus or list_data(data)
     _ensure_ray()
     handle = DataHandle()
@@ -200,6 +211,7 @@ def build_train_dataset(
             "filesystem": corpus.filesystem,
             "state": handle,
             "with_label": corpus.labelled,
+            "masking": masking,
         },
         batch_size=data.map_batch_size,
         batch_format="numpy",

@@ -21,6 +21,7 @@ from pipeline.checkpoints import (
 )
 from pipeline.cluster import ClusterView, request_nodes
 from pipeline.config import DinoConfig
+from pipeline.data.augment import masking_spec
 from pipeline.data.contract import TrainData
 from pipeline.data.dataset import build_train_dataset
 from pipeline.data.eval_sets import materialize_task
@@ -100,6 +101,7 @@ def plan_run(
             plan=resources,
             corpus=corpus,
             indices=ssl_indices(cfg, corpus),
+            masking=masking_spec(cfg),
         )
     ipe = iters_per_epoch(cfg, train_data.num_images, tc.num_workers)
     start_step = resumable_step(cfg, storage, ipe)
