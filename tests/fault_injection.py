@@ -40,12 +40,12 @@ def _loop_with_faults(real_loop, fail_at_step, nan_at_step, config: dict) -> Non
     real_step = pipeline.train.loop.train_step
     run_dir = config.get("run_dir")
 
-    def train_step(state, crops):
+    def train_step(state, crops, *rest):  # rest: the iBOT masks, where the run has them
         if state.global_step == fail_at_step:
             _maybe_die(state.rank, state.world, state.global_step, run_dir)
         if state.global_step == nan_at_step:
             crops = [c * float("nan") for c in crops]
-        return real_step(state, crops)
+        return real_step(state, crops, *rest)
 
     pipeline.train.loop.train_step = train_step
     try:

@@ -26,8 +26,14 @@ def mlflow_uri():
     return shared_mlflow_server().uri
 
 
+# the champion (seed 2) is a DINOv2 run: a ViT with register tokens, a mask token and an iBOT head
+DINOV2 = {2: dict(model__num_registers=2, ibot__enabled=True, ibot__separate_head=True)}
+
+
 def _checkpoint(root: Path, digits_dir, knn: float, seed: int) -> Path:
-    cfg = tiny_config(digits_dir, root / "runs", f"reg{seed}", train__seed=seed)
+    cfg = tiny_config(
+        digits_dir, root / "runs", f"reg{seed}", train__seed=seed, **DINOV2.get(seed, {})
+    )
     student, teacher = build_models(cfg, seed=seed)
     with torch.no_grad():  # a teacher that differs from its random init
         for p in teacher.parameters():
@@ -128,9 +134,11 @@ def test_pulled_model_matches_trained_teacher(registered, digits_dir, mlflow_uri
     assert spec.shape == (-1, 3, -1, -1) and str(spec.type) == "float32"  # any batch / size
     arch = json.loads(next(dst.rglob("arch.json")).read_text())
     assert arch["resolutions"] == [32, 16] and arch["timm_name"] == "test_vit"
+    assert arch["timm_kwargs"]["reg_tokens"] == 2 and arch["model"]["num_registers"] == 2
 
     loaded = load_backbone(f"models:/{NAME}@champion", mlflow_uri)
     assert not loaded.training and not any(p.requires_grad for p in loaded.parameters())
+    assert teacher.num_reg_tokens == loaded.num_reg_tokens == 2  # the registers came back
     other = load_backbone(f"models:/{NAME}/1", mlflow_uri)
     pyfunc = mlflow.pyfunc.load_model(str(dst))
     images = _images(digits_dir, 5)

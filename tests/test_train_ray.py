@@ -1,6 +1,6 @@
 """Ray Train DINO loop on the shared local Ray: 2 workers with a worker death + MLflow, a NaN stop
-and resume equivalence (with an unreachable tracking server), Ctrl-C, skipped images. Tiny ViT
-(patch 4, 32/16 px), K=256."""
+and resume equivalence of the DINOv2 recipe (with an unreachable tracking server), Ctrl-C,
+skipped images. Tiny ViT (patch 4, 32/16 px), K=256."""
 
 from __future__ import annotations
 
@@ -87,19 +87,24 @@ def test_two_workers_survive_a_worker_death_and_log_to_mlflow(
     assert {"resolved_config.yaml", "training.png"} <= artifacts
 
 
-def _final_teacher(result) -> dict[str, torch.Tensor]:
-    return load_state(result.checkpoint_path)["teacher"]
-
-
 def test_nan_stop_keeps_a_finite_checkpoint_and_the_resumed_run_matches_an_uninterrupted_one(
     ray_session, digits_dir, tmp_path, monkeypatch
 ):
+    # the DINOv2 recipe: registers, iBOT on masks from the crop actors (a separate head),
+    # Sinkhorn-Knopp centring, KoLeo, layer-wise lr decay
     common = dict(
         train__epochs=2,
         train__max_steps_per_epoch=2,
         train__deterministic_data=True,
         model__drop_path_rate=0.1,
         data__limit=64,
+        model__num_registers=2,
+        ibot__enabled=True,
+        ibot__separate_head=True,
+        ibot__head_n_prototypes=128,
+        loss__centering="sinkhorn_knopp",
+        loss__koleo_weight=0.1,
+        optim__layer_decay=0.9,
     )
     # the uninterrupted run also logs to an MLflow server that is down: a warning, no failure;
     # and it streams one epoch per execution (data.stream_rows below one epoch's rows), so the
@@ -143,12 +148,20 @@ def test_nan_stop_keeps_a_finite_checkpoint_and_the_resumed_run_matches_an_unint
     assert [h["epoch"] for h in resumed.history] == [1]  # it did not start over
     with pytest.raises(PreflightError, match=r"already finished 2 epochs"):
         run_training(interrupted)  # a finished run trains nothing: refused, not a silent no-op
-    a, b = _final_teacher(full), _final_teacher(resumed)
-    assert a.keys() == b.keys()
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
     sa, sb = load_state(full.checkpoint_path), load_state(resumed.checkpoint_path)
-    torch.testing.assert_close(sa["center"], sb["center"], rtol=1e-5, atol=1e-6)
+    for net in ("teacher", "student"):
+        a, b = sa[net], sb[net]
+        assert a.keys() == b.keys()
+        assert {"backbone.reg_token", "mask_token", "ibot_head.mlp.0.weight"} <= a.keys()
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=f"{net}.{k}")
+    for centre in ("center", "ibot_center"):
+        torch.testing.assert_close(sa[centre], sb[centre], rtol=1e-5, atol=1e-6)
+    assert sa["ibot_center"].shape == (1, 128)
+    for epoch in full.history + resumed.history:  # the DINOv2 losses reach the reports
+        assert math.isfinite(epoch["epoch_ibot_loss"]) and epoch["epoch_ibot_loss"] > 0
+        assert 0 < epoch["epoch_ibot_teacher_entropy"] <= math.log(128) + 1e-4
+        assert epoch["epoch_koleo"] != 0
 
 
 def test_ctrl_c_stops_with_a_checkpoint_and_a_killed_mlflow_run(

@@ -16,8 +16,10 @@ from pipeline.config import DinoConfig
 
 
 def build_models(cfg: DinoConfig, *, seed: int):
+    """(student, teacher) of ``cfg``: registers, and with ``ibot.enabled`` the mask token and
+    the iBOT head (shared or separate) that the DINOv2 step trains."""
     torch.manual_seed(seed)
-    m = cfg.model
+    m, ibot = cfg.model, cfg.ibot
     return build_student_teacher(
         m.arch,
         img_size=cfg.augment.global_size,
@@ -30,6 +32,10 @@ def build_models(cfg: DinoConfig, *, seed: int):
         use_bn=m.head_use_bn,
         norm_last_layer=m.norm_last_layer,
         cifar_stem=m.cifar_stem,
+        num_registers=m.num_registers,
+        ibot=ibot.enabled,
+        ibot_separate_head=ibot.enabled and ibot.separate_head,
+        ibot_out_dim=ibot.head_n_prototypes,
     )
 
 

@@ -4,6 +4,7 @@ A checkpoint is a directory (persisted by Ray Train under ``<storage_path>/<name
 
     state.pt      torch.save of plain tensors/dicts (load with ``torch.load(weights_only=True)``):
                   student, teacher (state dicts, un-wrapped), center (DINO loss centre),
+                  ibot_center (the iBOT patch loss's centre; only with ibot.enabled),
                   optimizer (state dict), scaler (the fp16 GradScaler's state; None for fp32/bf16),
                   epoch (epoch the next step belongs to), global_step (optimiser steps done),
                   iters_per_epoch
@@ -44,6 +45,7 @@ def save_checkpoint(
     cfg: DinoConfig,
     metrics: dict[str, Any] | None = None,
     scaler: torch.amp.GradScaler | None = None,
+    ibot_center: torch.Tensor | None = None,
 ) -> Path:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -57,6 +59,8 @@ def save_checkpoint(
         "global_step": int(global_step),
         "iters_per_epoch": int(iters_per_epoch),
     }
+    if ibot_center is not None:
+        state["ibot_center"] = ibot_center.detach().cpu().clone()
     torch.save(state, directory / STATE_FILE)
     (directory / CONFIG_FILE).write_text(cfg.to_yaml(redact=True))  # no secrets at rest
     meta = {

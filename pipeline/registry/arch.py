@@ -45,6 +45,7 @@ class TimmKwargs(_Strict):
     dynamic_img_size: bool | None = None
     global_pool: Literal["token", "avg", ""] | None = None
     drop_path_rate: float | None = Field(None, ge=0, lt=1)
+    reg_tokens: int | None = Field(None, ge=1, le=256)  # ViT register tokens (model.num_registers)
 
 
 class InputSpec(_Strict):

@@ -46,6 +46,8 @@ def arch_description(cfg: DinoConfig, embed_dim: int) -> dict[str, Any]:
         kwargs.update(img_size=cfg.augment.global_size, dynamic_img_size=True, global_pool="token")
         if cfg.model.patch_size is not None:
             kwargs["patch_size"] = cfg.model.patch_size
+        if cfg.model.num_registers:  # register tokens: the CLS token stays the feature
+            kwargs["reg_tokens"] = cfg.model.num_registers
     resolutions = sorted({cfg.augment.global_size, cfg.augment.local_size}, reverse=True)
     return {
         "arch": cfg.model.arch,

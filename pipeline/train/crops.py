@@ -1,5 +1,7 @@
 """A batch from the stream as the step takes it: the views in order (global crops first),
-normalised on the device, after the photometric ops when ``augment.photometric=device``."""
+normalised on the device, after the photometric ops when ``augment.photometric=device``; with
+iBOT the global crops' masks (``mask_0``, ``mask_1`` columns from the crop actors) as the step's
+``MaskBatch``."""
 
 from __future__ import annotations
 
@@ -7,8 +9,10 @@ import logging
 
 import torch
 
+from dino_model.mask_batch import MaskBatch
 from dino_model.normalize import normalize_uint8
 from pipeline.config import DinoConfig
+from pipeline.data.augment import mask_columns
 from pipeline.train.device_augment import device_photometric
 
 log = logging.getLogger("dino_ray.train")
@@ -35,3 +39,19 @@ def batch_crops(
 
 def _index(name: str) -> int:
     return int(name.rsplit("_", 1)[1])
+
+
+def batch_masks(batch: dict[str, torch.Tensor], device: torch.device) -> MaskBatch:
+    """The (2 * B, N) masks of the global crops, view by view as ``batch_crops`` concatenates
+    them, with the masked patches' indices and weights derived on the host (no per-sample work:
+    the crop actors drew the masks), then moved to ``device``."""
+    names = mask_columns()
+    missing = [n for n in names if n not in batch]
+    if missing:
+        raise ValueError(
+            f"ibot.enabled: train batches need the masks {names} of the global crops (made by the "
+            f"crop stage when ibot.enabled is set), got {sorted(batch)}"
+        )
+    masks = torch.cat([torch.as_tensor(batch[n]).to(torch.bool) for n in names])
+    non_blocking = device.type == "cuda"
+    return MaskBatch.from_masks(masks).to(device, non_blocking=non_blocking)

@@ -30,12 +30,14 @@ import ray.train
 import ray.train.torch
 import torch
 
+from dino_model.dinov2_step import dinov2_step
+from dino_model.mask_batch import MaskBatch
 from dino_model.step import NonFiniteLossError, StepResult, dino_step
 from pipeline.data.contract import DataStatistics
 from pipeline.redact import install_log_redaction
 from pipeline.train.collectives import any_rank_flags
 from pipeline.train.control import StopPoller
-from pipeline.train.crops import batch_crops
+from pipeline.train.crops import batch_crops, batch_masks
 from pipeline.train.knn import InTrainingKnn
 from pipeline.train.metrics import EpochMeter, EpochOutcome
 from pipeline.train.reports import (
@@ -134,8 +136,9 @@ def train_one_epoch(
         crops = batch_crops(
             fetched.batch, state.device, state.cfg, (tc.seed, epoch, state.global_step, state.rank)
         )
+        masks = batch_masks(fetched.batch, state.device) if state.ibot_loss is not None else None
         t_compute = time.perf_counter()
-        result = train_step(state, crops)
+        result = train_step(state, crops, masks)
         compute_s = time.perf_counter() - t_compute
         images = crops[0].shape[0]
         meter.add(result.tensors(), images=images, wait_s=fetched.wait_s, compute_s=compute_s)
@@ -202,24 +205,36 @@ def next_batch(
     return FetchedBatch(batch, wait_s, time.perf_counter() - t_agree, any_dry, stop)
 
 
-def train_step(state: TrainState, crops: list[torch.Tensor]) -> StepResult:
-    """One ``dino_step`` at ``state.global_step``'s schedule, finished on the device (so that its
-    time is measured). ``NonFiniteLossError`` naming the rank and step on a NaN/inf loss."""
+def train_step(
+    state: TrainState, crops: list[torch.Tensor], masks: MaskBatch | None = None
+) -> StepResult:
+    """One step at ``state.global_step``'s schedule, finished on the device (so that its time is
+    measured): ``dinov2_step`` (DINO + iBOT on ``masks`` + KoLeo) with ``ibot.enabled``, else
+    ``dino_step``. ``NonFiniteLossError`` naming the rank and step on a NaN/inf loss."""
     cfg = state.cfg
+    common = dict(
+        student=state.student,
+        teacher=state.teacher,
+        optimizer=state.optimizer,
+        crops=crops,
+        schedule=state.schedules.at(state.global_step),
+        n_global=N_GLOBAL_CROPS,
+        clip_grad=cfg.optim.clip_grad,
+        koleo_weight=cfg.loss.koleo_weight,
+        autocast_dtype=state.autocast_dtype,
+        scaler=state.scaler,
+    )
     try:
-        result = dino_step(
-            student=state.student,
-            teacher=state.teacher,
-            loss_fn=state.loss_fn,
-            optimizer=state.optimizer,
-            crops=crops,
-            schedule=state.schedules.at(state.global_step),
-            n_global=N_GLOBAL_CROPS,
-            clip_grad=cfg.optim.clip_grad,
-            koleo_weight=cfg.loss.koleo_weight,
-            autocast_dtype=state.autocast_dtype,
-            scaler=state.scaler,
-        )
+        if state.ibot_loss is not None:
+            result = dinov2_step(
+                dino_loss=state.loss_fn,
+                ibot_loss=state.ibot_loss,
+                masks=masks,
+                ibot_weight=cfg.ibot.loss_weight,
+                **common,
+            )
+        else:
+            result = dino_step(loss_fn=state.loss_fn, **common)
         result.raise_if_nonfinite()  # a read, beside the synchronize below
     except NonFiniteLossError as exc:
         raise NonFiniteLossError(

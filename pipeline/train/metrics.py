@@ -22,6 +22,8 @@ AVERAGED = (
     "kl",
     "grad_norm_max",
     "amp_step_skipped",
+    "ibot_loss",  # ibot.enabled: the iBOT patch loss and its targets' entropy
+    "ibot_teacher_entropy",
 )
 
 

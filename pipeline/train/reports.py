@@ -103,6 +103,7 @@ def report_epoch(
             cfg=state.cfg,
             metrics=summary,
             scaler=state.scaler,
+            ibot_center=state.ibot_loss.center if state.ibot_loss is not None else None,
         )
         ray.train.report(
             summary,

@@ -16,8 +16,10 @@ import torch
 import torch.distributed as dist
 
 from dino_model import DINOLoss
+from dino_model.ibot_loss import IBOTPatchLoss
 from dino_model.model import unwrap
 from dino_model.optim import build_optimizer
+from dino_model.param_groups import dinov2_param_groups
 from dino_model.precision import resolve_precision
 from dino_model.schedules import Schedules, build_schedules, scaled_lr
 from dino_model.sync_bn import convert_sync_batchnorm, has_batchnorm
@@ -83,6 +85,7 @@ class TrainState:
     student: torch.nn.Module  # wrapped for DDP: ``unwrap(student)`` is the network
     teacher: torch.nn.Module  # the EMA of the student, never wrapped
     loss_fn: DINOLoss  # holds the centre
+    ibot_loss: IBOTPatchLoss | None  # ibot.enabled: the patch loss (its own centre); else None
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler | None  # fp16 only
     autocast_dtype: torch.dtype | None  # None: the forward runs in fp32
@@ -113,18 +116,18 @@ def setup(cfg: DinoConfig, num_images: int) -> TrainState:
     if device.type == "cpu":
         torch.set_num_threads(max(1, int(tc.cpus_per_worker)))
     student, teacher = _networks(cfg, world, device)
-    loss_fn = DINOLoss(
-        cfg.model.out_dim,
-        student_temp=cfg.loss.student_temp,
-        center_momentum=cfg.loss.center_momentum,
-    )
+    loss_fn, ibot_loss = _losses(cfg)
     ipe = iters_per_epoch(cfg, num_images, world)
     schedules = _schedules(cfg, ipe, global_batch=tc.batch_size_per_worker * world)
     # DDP for the student only; the EMA teacher just lives on the device
     student = ray.train.torch.prepare_model(student)
     teacher.to(device)
     loss_fn.to(device)
-    optimizer = build_optimizer(unwrap(student), cfg.optim.optimizer)
+    if ibot_loss is not None:
+        ibot_loss.to(device)
+    optimizer = build_optimizer(
+        unwrap(student), cfg.optim.optimizer, groups=_param_groups(cfg, student)
+    )
     backend = dist.get_backend() if dist.is_initialized() else "none"
     return TrainState(
         cfg=cfg,
@@ -134,12 +137,45 @@ def setup(cfg: DinoConfig, num_images: int) -> TrainState:
         student=student,
         teacher=teacher,
         loss_fn=loss_fn,
+        ibot_loss=ibot_loss,
         optimizer=optimizer,
         scaler=scaler,
         autocast_dtype=autocast_dtype,
         schedules=schedules,
         ipe=ipe,
         backend=backend,
+    )
+
+
+def _losses(cfg: DinoConfig) -> tuple[DINOLoss, IBOTPatchLoss | None]:
+    """The DINO loss, and the iBOT patch loss with ``ibot.enabled``; both centre their teacher
+    targets as ``loss.centering`` says (the EMA centre or Sinkhorn-Knopp)."""
+    centring = dict(centering=cfg.loss.centering, sinkhorn_iterations=cfg.loss.sinkhorn_iterations)
+    dino = DINOLoss(
+        cfg.model.out_dim,
+        student_temp=cfg.loss.student_temp,
+        center_momentum=cfg.loss.center_momentum,
+        **centring,
+    )
+    if not cfg.ibot.enabled:
+        return dino, None
+    ib = cfg.ibot
+    patch_dim = (ib.separate_head and ib.head_n_prototypes) or cfg.model.out_dim
+    ibot = IBOTPatchLoss(
+        patch_dim, student_temp=ib.student_temp, center_momentum=ib.center_momentum, **centring
+    )
+    return dino, ibot
+
+
+def _param_groups(cfg: DinoConfig, student: torch.nn.Module) -> list[dict] | None:
+    """DINOv2's groups (layer-wise lr decay, patch-embedding lr factor, no weight decay on norms,
+    biases and tokens, the last layer marked for its freeze) for iBOT runs and wherever
+    ``optim.layer_decay`` / ``optim.patch_embed_lr_mult`` are set; None: DINO's two groups."""
+    o = cfg.optim
+    if not (cfg.ibot.enabled or o.layer_decay != 1.0 or o.patch_embed_lr_mult != 1.0):
+        return None
+    return dinov2_param_groups(
+        unwrap(student), layer_decay=o.layer_decay, patch_embed_lr_mult=o.patch_embed_lr_mult
     )
 
 
@@ -177,7 +213,7 @@ def _schedules(cfg: DinoConfig, ipe: int, *, global_batch: int) -> Schedules:
 
 
 def resume(state: TrainState, point: ResumePoint | None) -> None:
-    """Load ``point`` into ``state`` (networks, centre, optimizer, fp16 scaler; ``start_step``
+    """Load ``point`` into ``state`` (networks, centres, optimizer, fp16 scaler; ``start_step``
     and ``global_step``), as the official ``restart_from_checkpoint``. A new run: nothing."""
     if point is None:
         return
@@ -186,6 +222,8 @@ def resume(state: TrainState, point: ResumePoint | None) -> None:
     unwrap(state.student).load_state_dict(saved["student"])
     state.teacher.load_state_dict(saved["teacher"])
     state.loss_fn.center.copy_(saved["center"])
+    if state.ibot_loss is not None:
+        state.ibot_loss.center.copy_(saved["ibot_center"])
     state.optimizer.load_state_dict(saved["optimizer"])
     if state.scaler is not None and saved.get("scaler"):  # {} / None: saved without fp16
         state.scaler.load_state_dict(saved["scaler"])
