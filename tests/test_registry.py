@@ -15,7 +15,7 @@ import torch
 from live_services import shared_mlflow_server
 from presets import tiny_config
 
-from pipeline.checkpoints import build_models, load_teacher_backbone, save_checkpoint
+from pipeline.checkpoints import build_models, load_config, save_checkpoint
 from pipeline.cli import main
 
 NAME = "reg-teacher"
@@ -26,14 +26,15 @@ def mlflow_uri():
     return shared_mlflow_server().uri
 
 
-def _checkpoint(root: Path, digits_dir, knn: float, seed: int) -> Path:
+def _checkpoint(root: Path, digits_dir, knn: float, seed: int) -> tuple[Path, torch.nn.Module]:
+    """(checkpoint directory, the in-memory teacher backbone it saved, in eval mode)."""
     cfg = tiny_config(digits_dir, root / "runs", f"reg{seed}", train__seed=seed)
     student, teacher = build_models(cfg, seed=seed)
     with torch.no_grad():  # a teacher that differs from its random init
         for p in teacher.parameters():
             p.add_(0.01 * torch.randn_like(p))
     opt = torch.optim.SGD(student.parameters(), lr=0.1)
-    return save_checkpoint(
+    path = save_checkpoint(
         root / f"ckpt{seed}",
         student=student,
         teacher=teacher,
@@ -45,6 +46,7 @@ def _checkpoint(root: Path, digits_dir, knn: float, seed: int) -> Path:
         cfg=cfg,
         metrics={"knn_top1": knn},
     )
+    return path, teacher.backbone.eval()
 
 
 def _images(digits_dir, n: int, size: int = 32) -> torch.Tensor:
@@ -62,9 +64,10 @@ def _images(digits_dir, n: int, size: int = 32) -> torch.Tensor:
 @pytest.fixture(scope="module")
 def registered(tmp_path_factory, digits_dir, mlflow_uri):
     root = tmp_path_factory.mktemp("registry")
-    ckpts = [
+    saved = [
         _checkpoint(root, digits_dir, knn, seed) for seed, knn in ((1, 0.3), (2, 0.6), (3, 0.1))
     ]
+    ckpts = [path for path, _ in saved]
     for ckpt in ckpts:
         assert (
             main(
@@ -80,7 +83,7 @@ def registered(tmp_path_factory, digits_dir, mlflow_uri):
             )
             == 0
         )
-    return root, ckpts
+    return root, saved
 
 
 def test_champion_is_best_knn_and_tags(registered, mlflow_uri, capsys):
@@ -108,8 +111,10 @@ def test_pulled_model_matches_trained_teacher(registered, digits_dir, mlflow_uri
 
     from pipeline.registry import load_backbone
 
-    _, ckpts = registered
-    teacher, _ = load_teacher_backbone(ckpts[1])
+    _, saved = registered
+    # the champion's teacher as it was in memory when saved, not as a loader reads it back
+    teacher = saved[1][1]
+    init = build_models(load_config(saved[1][0]), seed=2)[1].backbone.eval()
     dst = tmp_path / "pulled"
     assert (
         main(["models", "--tracking-uri", mlflow_uri, "pull", f"models:/{NAME}@champion", str(dst)])
@@ -144,6 +149,8 @@ def test_pulled_model_matches_trained_teacher(registered, digits_dir, mlflow_uri
                 pyfunc.predict(images[:n].numpy()), want[:n].numpy(), atol=1e-5
             )
         assert (other(images) - want).abs().max() > 1e-3  # version 1 is a different teacher
+        # the saved teacher is not its random init: a loader that ignored the weights would fail
+        assert (init(images) - want).abs().max() > 1e-3
         small = loaded(torch.nn.functional.interpolate(images, size=16))  # the local-crop size
         assert small.shape == (5, teacher.embed_dim)
 
