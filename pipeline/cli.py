@@ -33,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pipeline.redact import install_log_redaction
+    from pipeline.redact import install_log_redaction, redact
 
     install_log_redaction()  # dino_ray log lines never show URI passwords or signed-URL keys
     args = build_parser().parse_args(argv)
@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     except _user_errors() as exc:  # the project's own errors: one line, never a traceback
-        message = str(exc).strip().replace("\n", " | ")
+        message = redact(str(exc)).strip().replace("\n", " | ")  # redacted before the cut
         if len(message) > 400:  # e.g. MLflow's connection errors carry the whole URL and stack
             message = message[:400] + " ..."
         print(f"dino-ray {args.verb}: {type(exc).__name__}: {message}", file=sys.stderr)
