@@ -44,7 +44,14 @@ IMAGE_EXTENSIONS = frozenset(
     }
 )
 CLASS_NAMES_KEY = b"dino_ray.class_names"  # Parquet schema metadata written by ``to-parquet``
+# ``to-parquet`` writes the manifest last (shard names, rows, bytes): a folder whose shards do not
+# match it is refused. It writes the marker before it touches the destination's shards and
+# deletes it after the manifest: a folder with the marker is a conversion that did not finish.
+# Both start with "_", which pyarrow.dataset and Spark skip, as they skip "." staging folders.
+MANIFEST_NAME = "_dino_ray_manifest.json"
+INCOMPLETE_NAME = "_dino_ray_incomplete"
 _GLOB = re.compile(r"[*?\[]")
+_SHARD = re.compile(r"part-\d{5,}\.parquet")  # the shard names ``to-parquet`` writes
 
 
 class CorpusError(ValueError):
@@ -55,7 +62,7 @@ class CorpusError(ValueError):
 class Corpus:
     """What to read. ``kind == "files"``: ``entries`` has ``path`` (full path on ``filesystem``),
     ``size`` and maybe ``label``. ``kind == "parquet"``: ``entries`` has one row per row group
-    (``path``, ``row_group``, ``num_rows``, ``bytes``); ``labels`` holds the per-image labels in row order."""
+    (``path``, ``row_group``, ``num_rows``, ``bytes``)."""
 
     kind: str
     filesystem: pafs.FileSystem
@@ -140,9 +147,12 @@ def list_corpus(
         raise CorpusError("data.path is an empty list")
     paths = [demo_path() if p == "demo" else p for p in paths]
     listed: list[tuple[pafs.FileSystem, list[pafs.FileInfo], str, str]] = []
+    whole_folders: set[str] = set()  # listed as a folder: all its shards must be there
     for p in paths:
         fs, local = resolve_filesystem(p)
         files, root = _expand(fs, local, p)
+        if not _GLOB.search(local) and not any(f.path == local for f in files):
+            whole_folders.add(root)
         files = [f for f in files if not _hidden(f.path[len(root) :].lstrip("/"))]
         listed.append((fs, files, root, p))
     if format == "auto":
@@ -154,7 +164,7 @@ def list_corpus(
             else "folder"
         )
     corpus = (
-        _list_parquet(listed, image_column, label_column, limit)
+        _list_parquet(listed, image_column, label_column, limit, whole_folders)
         if format == "parquet"
         else _list_folder(listed, limit)
     )
@@ -217,11 +227,59 @@ def _image_bytes(row_group, image_column: str) -> int:
     return int(row_group.total_byte_size)
 
 
-def _list_parquet(listed, image_column: str, label_column: str | None, limit: int | None) -> Corpus:
+def check_conversion_complete(
+    fs: pafs.FileSystem, files: list[pafs.FileInfo], whole: set[str] = frozenset()
+) -> None:
+    """Refuse Parquet shards that an unfinished or failed ``to-parquet --overwrite`` left mixed:
+    for every folder of ``files``, the incomplete marker must be absent and, with a manifest,
+    every listed ``part-*`` shard must be in it with its bytes, and, for the folders in
+    ``whole`` (listed as folders, not through a glob or a file name), all its shards there."""
+    by_dir: dict[str, dict[str, pafs.FileInfo]] = {}
+    for f in files:
+        folder, _, name = f.path.rpartition("/")
+        by_dir.setdefault(folder, {})[name] = f
+    for folder, present in by_dir.items():
+        marker, manifest = fs.get_file_info(
+            [f"{folder}/{INCOMPLETE_NAME}", f"{folder}/{MANIFEST_NAME}"]
+        )
+        if marker.type != pafs.FileType.NotFound:
+            raise CorpusError(
+                f"{folder}: a `dino-ray data to-parquet` into it did not finish ({INCOMPLETE_NAME} "
+                "is there), its shards may be a mix of two conversions; run the conversion "
+                "again with --overwrite"
+            )
+        if manifest.type == pafs.FileType.NotFound:
+            continue  # shards from elsewhere, or from before the manifest existed
+        with fs.open_input_stream(manifest.path) as f:
+            expected = json.loads(f.read())["shards"]
+        shards = {n for n in present if _SHARD.fullmatch(n)}
+        missing = sorted(
+            n
+            for n, meta in expected.items()
+            if (n in present and present[n].size != meta["bytes"])
+            or (n not in present and any(folder == r or folder.startswith(f"{r}/") for r in whole))
+        )
+        extra = sorted(shards - set(expected))
+        if missing or extra:
+            raise CorpusError(
+                f"{folder}: shards do not match {MANIFEST_NAME} (missing or changed: "
+                f"{', '.join(missing[:3]) or 'none'}; not in it: "
+                f"{', '.join(extra[:3]) or 'none'}); run `dino-ray data to-parquet` again "
+                "with --overwrite"
+            )
+
+
+def _list_parquet(
+    listed,
+    image_column: str,
+    label_column: str | None,
+    limit: int | None,
+    whole_folders: set[str] = frozenset(),
+) -> Corpus:
     fs = listed[0][0]
-    files = sorted(
-        (f.path for _, fs_files, _, _ in listed for f in fs_files if _ext(f.path) == ".parquet")
-    )
+    parquet = [f for _, fs_files, _, _ in listed for f in fs_files if _ext(f.path) == ".parquet"]
+    check_conversion_complete(fs, parquet, whole_folders)
+    files = sorted(f.path for f in parquet)
     paths, groups, counts, sizes = [], [], [], []
     labels: list[np.ndarray] = []
     labelled: bool | None = None
