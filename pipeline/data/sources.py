@@ -16,7 +16,7 @@ import fnmatch
 import json
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -54,6 +54,12 @@ _GLOB = re.compile(r"[*?\[]")
 _SHARD = re.compile(r"part-\d{5,}\.parquet")  # the shard names ``to-parquet`` writes
 
 
+# Most classes a corpus may have. Labels index the k-NN vote table (queries x k x classes) and
+# the class-name list: a stray label of 3,000,000 made 3M names and a 559 GiB table. ImageNet-21k
+# has 21,841 classes; a corpus past this is a wrong label column, refused with its count.
+MAX_CLASSES = 100_000
+
+
 class CorpusError(ValueError):
     """The corpus cannot be used (missing path, empty, wrong columns); names the path."""
 
@@ -74,10 +80,62 @@ class Corpus:
     num_images: int = 0
     ignored_files: int = 0  # files listed but not images (wrong extension)
     description: str = ""
+    # Parquet whose stored labels are not the class indices: (stored labels, their class
+    # indices); rows are read with the index, ``original_labels`` maps back for output
+    label_map: tuple[list[int], list[int]] | None = None
 
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
+
+    def original_labels(self) -> list[int]:
+        """The stored label of each class index (the index itself for folder trees and for
+        Parquet labels that already are 0..n-1)."""
+        out = list(range(self.num_classes))
+        if self.label_map is not None:
+            for stored, index in zip(*self.label_map):
+                out[index] = stored
+        return out
+
+
+def to_class_index(label_map: tuple[list[int], list[int]] | None, stored: np.ndarray) -> np.ndarray:
+    """The class indices of ``stored`` labels (``Corpus.label_map``; None: they are)."""
+    if label_map is None:
+        return stored.astype(np.int64)
+    keys, index = np.asarray(label_map[0], np.int64), np.asarray(label_map[1], np.int64)
+    order = np.argsort(keys)
+    pos = np.searchsorted(keys[order], stored)
+    pos = np.clip(pos, 0, len(keys) - 1)
+    if not np.array_equal(keys[order][pos], stored):
+        raise CorpusError("a label that was not there when the corpus was listed")
+    return index[order][pos]
+
+
+def align_labels(a: Corpus, b: Corpus) -> Corpus:
+    """``b`` with the class indices of ``a`` for the class names they share, and new indices
+    after ``a``'s for its other classes: a bank and a validation set listed apart (their own
+    class lists: a class folder missing from one, Parquet labels mapped to dense indices)
+    then vote with the same index for the same class."""
+    if not (a.labelled and b.labelled) or a.class_names == b.class_names:
+        return b
+    names = list(a.class_names) + [n for n in b.class_names if n not in set(a.class_names)]
+    if len(names) > MAX_CLASSES:
+        raise CorpusError(
+            f"{len(names)} classes in {a.description} and {b.description} "
+            f"together, more than {MAX_CLASSES}: is the label column right?"
+        )
+    union = {n: i for i, n in enumerate(names)}
+    new_index = [union[n] for n in b.class_names]
+    if b.kind == "files":
+        old = b.entries.column("label").to_numpy()
+        entries = b.entries.set_column(
+            b.entries.column_names.index("label"),
+            "label",
+            pa.array(np.asarray(new_index, np.int64)[old], pa.int64()),
+        )
+        return replace(b, entries=entries, class_names=names)
+    stored = b.original_labels()
+    return replace(b, class_names=names, label_map=(stored, new_index))
 
 
 def resolve_filesystem(path: str) -> tuple[pafs.FileSystem, str]:
@@ -166,7 +224,7 @@ def list_corpus(
     corpus = (
         _list_parquet(listed, image_column, label_column, limit, whole_folders)
         if format == "parquet"
-        else _list_folder(listed, limit)
+        else _list_folder(listed, limit, labels=label_column is not None)
     )
     if corpus.num_images == 0:
         raise CorpusError(
@@ -176,11 +234,16 @@ def list_corpus(
     return corpus
 
 
-def _list_folder(listed, limit: int | None) -> Corpus:
+def _list_folder(listed, limit: int | None, labels: bool = True) -> Corpus:
+    """Image files; labelled by class sub-folder when every image is in one. With ``labels``
+    (``data.label_column`` set, the default) a tree with class folders *and* images at its top
+    level is refused: the stray images made it silently unlabelled, which turned evaluation
+    off; ``labels=False`` reads any tree unlabelled."""
     fs = listed[0][0]
     rows: list[tuple[str, int, str | None]] = []
     ignored = 0
-    for _, files, root, _ in listed:
+    for _, files, root, original in listed:
+        top, in_class = [], 0
         for f in files:
             if _ext(f.path) not in IMAGE_EXTENSIONS:
                 ignored += 1
@@ -188,10 +251,25 @@ def _list_folder(listed, limit: int | None) -> Corpus:
             rel = f.path[len(root) :].lstrip("/")
             cls = rel.split("/", 1)[0] if "/" in rel else None
             rows.append((f.path, int(f.size or 0), cls))
+            if cls is None:
+                top.append(f.path)
+            else:
+                in_class += 1
+        if labels and top and in_class:
+            raise CorpusError(
+                f"data.path {original!r}: {len(top)} image(s) at the top level next to "
+                f"{in_class} in class folders (e.g. {min(top)}); move them into a class folder "
+                "or remove them (or set data.label_column=null to read the tree unlabelled)"
+            )
     rows.sort(key=lambda r: r[0])  # listing order differs by filesystem; fix it
-    labelled = bool(rows) and all(r[2] is not None for r in rows)
+    labelled = labels and bool(rows) and all(r[2] is not None for r in rows)
     # class names from the whole listing, so a limit never renumbers labels (bank vs val)
     all_classes = sorted({r[2] for r in rows}) if labelled else []
+    if len(all_classes) > MAX_CLASSES:
+        raise CorpusError(
+            f"data.path {', '.join(r for *_, r in listed)}: {len(all_classes)} class folders, "
+            f"more than {MAX_CLASSES}; is this a folder of class folders?"
+        )
     if limit is not None:  # even across classes, seeded (pipeline/data/sampling.py)
         keep = even_sample([r[0] for r in rows], [r[2] if labelled else None for r in rows], limit)
         rows = [rows[i] for i in keep]
@@ -348,15 +426,26 @@ def _list_parquet(
         }
     )
     class_names: list[str] = []
+    label_map: tuple[list[int], list[int]] | None = None
     if labelled and labels:
         all_labels = np.concatenate(labels)
         if all_labels.size and all_labels.min() < 0:
             raise CorpusError(f"negative labels in {label_column!r}")
-        n_classes = int(all_labels.max()) + 1 if all_labels.size else 0
-        if names_meta is not None:
-            class_names = list(names_meta)
+        present = np.unique(all_labels)  # the labels present, not 0..max: one stray label of
+        if present.size > MAX_CLASSES:  # 3,000,000 made 3M class names and the vote table
+            raise CorpusError(
+                f"{', '.join(r for *_, r in listed)}: {present.size} distinct values in label "
+                f"column {label_column!r}, more than {MAX_CLASSES} classes; is it the right column?"
+            )
+        if names_meta is not None and (not present.size or present[-1] < len(names_meta)):
+            class_names = list(names_meta)  # ``to-parquet``'s own: the indices of its classes
         else:
-            class_names = [name_pairs.get(i, str(i)) for i in range(n_classes)]
+            meta = names_meta or []
+            class_names = [
+                meta[v] if v < len(meta) else name_pairs.get(int(v), str(int(v))) for v in present
+            ]
+            if not np.array_equal(present, np.arange(present.size)):
+                label_map = (present.tolist(), list(range(present.size)))
     return Corpus(
         "parquet",
         fs,
@@ -367,4 +456,5 @@ def _list_parquet(
         label_column if labelled else None,
         num_images=total,
         description=", ".join(r for *_, r in listed),
+        label_map=label_map,
     )
