@@ -192,6 +192,10 @@ class RedactingStream(io.TextIOBase):
     def encoding(self) -> str:  # type: ignore[override]
         return getattr(self.wrapped, "encoding", "utf-8")
 
+    @property
+    def errors(self) -> str | None:  # type: ignore[override]
+        return getattr(self.wrapped, "errors", None)
+
     def __getattr__(self, name: str) -> Any:  # buffer, errors, reconfigure ...
         return getattr(self.wrapped, name)
 
