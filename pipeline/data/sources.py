@@ -316,10 +316,12 @@ def check_conversion_complete(
     for f in files:
         folder, _, name = f.path.rpartition("/")
         by_dir.setdefault(folder, {})[name] = f
-    for folder, present in by_dir.items():
-        marker, manifest = fs.get_file_info(
-            [f"{folder}/{INCOMPLETE_NAME}", f"{folder}/{MANIFEST_NAME}"]
-        )
+    # one request for every folder (a partitioned corpus has many), not two per folder
+    infos = fs.get_file_info(
+        [f"{folder}/{name}" for folder in by_dir for name in (INCOMPLETE_NAME, MANIFEST_NAME)]
+    )
+    for i, (folder, present) in enumerate(by_dir.items()):
+        marker, manifest = infos[2 * i], infos[2 * i + 1]
         if marker.type != pafs.FileType.NotFound:
             raise CorpusError(
                 f"{folder}: a `dino-ray data to-parquet` into it did not finish ({INCOMPLETE_NAME} "
@@ -328,8 +330,14 @@ def check_conversion_complete(
             )
         if manifest.type == pafs.FileType.NotFound:
             continue  # shards from elsewhere, or from before the manifest existed
-        with fs.open_input_stream(manifest.path) as f:
-            expected = json.loads(f.read())["shards"]
+        try:
+            with fs.open_input_stream(manifest.path) as f:
+                expected = json.loads(f.read())["shards"]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise CorpusError(
+                f"{folder}: unreadable {MANIFEST_NAME} ({exc}); run `dino-ray data to-parquet` "
+                "again with --overwrite"
+            ) from None
         shards = {n for n in present if _SHARD.fullmatch(n)}
         missing = sorted(
             n
