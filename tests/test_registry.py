@@ -155,28 +155,31 @@ def test_pulled_model_matches_trained_teacher(registered, digits_dir, mlflow_uri
         assert small.shape == (5, teacher.embed_dim)
 
 
-def test_embed_job_writes_parquet(registered, digits_dir, mlflow_uri, tmp_path, ray_session):
+def test_embed_job_writes_parquet(
+    registered, digits_dir, mlflow_uri, tmp_path, ray_session, capsys
+):
     from pipeline.registry import load_backbone
 
     out = tmp_path / "emb"
-    assert (
-        main(
-            [
-                "models",
-                "--tracking-uri",
-                mlflow_uri,
-                "embed",
-                f"models:/{NAME}@champion",
-                str(digits_dir),
-                str(out),
-                "--limit",
-                "12",
-                "--batch-size",
-                "5",
-            ]
-        )
-        == 0
-    )
+    args = [
+        "models",
+        "--tracking-uri",
+        mlflow_uri,
+        "embed",
+        f"models:/{NAME}@champion",
+        str(digits_dir),
+        str(out),
+        "--limit",
+        "12",
+        "--batch-size",
+        "5",
+    ]
+    assert main(args) == 0
+    assert "wrote 12 embeddings" in capsys.readouterr().out
+    # a second run into the same folder is refused: it appended 12 more rows and said 24
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "is not empty" in err and str(out) in err, err
     table = pq.read_table(out)
     assert table.num_rows == 12
     emb_type = table.schema.field("embedding").type

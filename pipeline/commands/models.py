@@ -74,9 +74,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"pulled {args.model_uri} to {local}")
         print("load it with: pipeline.registry.load_backbone(DIR) or mlflow.pyfunc.load_model(DIR)")
         return 0
-    from pipeline.evaluate.embed import embed_corpus
+    from pipeline.evaluate.embed import check_output_empty, embed_corpus
     from pipeline.registry.pull import load_package_bytes, module_from_bytes
 
+    check_output_empty(args.dst)  # before the package download
     # the registry fetches and validates the package; evaluation only runs it
     package = load_package_bytes(args.model_uri, _uri(args))
     result = embed_corpus(
