@@ -8,6 +8,7 @@ eval -> tracking (and tune for sweeps).
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -162,6 +163,20 @@ class ModelConfig(Section):
     head_layers: int = Field(3, ge=1)
     head_use_bn: bool = False
     norm_last_layer: bool = True
+    init_from: str | None = Field(
+        None,
+        description="the backbone's first weights, for student and teacher (the head starts "
+        "fresh): timm:NAME (timm's pretrained weights, downloaded by timm), a .safetensors file "
+        "or URI (s3://, gs://), a registered model models:/NAME@ALIAS or models:/NAME/VERSION, "
+        "or a dino-ray checkpoint or run directory/URI (its teacher backbone); None = random",
+    )
+
+    @field_validator("init_from")
+    @classmethod
+    def _init_source(cls, v: str | None) -> str | None:
+        if v is not None:
+            init_source(v)
+        return v
 
 
 class LossConfig(Section):
@@ -182,6 +197,12 @@ class OptimConfig(Section):
     weight_decay_end: float = Field(0.4, ge=0)
     clip_grad: float = Field(3.0, ge=0, description="0 disables clipping")
     freeze_last_layer_epochs: int = Field(1, ge=0)
+    freeze_backbone_epochs: int = Field(
+        0,
+        ge=0,
+        description="with model.init_from: train the fresh DINO head alone for this many "
+        "epochs (the backbone gets no update; the teacher's EMA still runs), then everything",
+    )
     momentum_teacher: float = Field(0.996, ge=0, le=1)
     momentum_teacher_end: float = Field(1.0, ge=0, le=1)
 
@@ -329,6 +350,17 @@ class DinoConfig(Section):
     def _consistent(self) -> DinoConfig:
         if self.loss.warmup_teacher_temp_epochs > self.train.epochs:
             raise ValueError("loss.warmup_teacher_temp_epochs must not exceed train.epochs")
+        if self.optim.freeze_backbone_epochs:
+            if self.model.init_from is None:
+                raise ValueError(
+                    "optim.freeze_backbone_epochs needs model.init_from (it keeps a random "
+                    "backbone random)"
+                )
+            if self.optim.freeze_backbone_epochs >= self.train.epochs:
+                raise ValueError(
+                    "optim.freeze_backbone_epochs must be below train.epochs (the backbone "
+                    "would never train)"
+                )
         return self
 
     # --- loading -------------------------------------------------------------------------------
@@ -379,6 +411,30 @@ class DinoConfig(Section):
     def _dump(self, redact: bool) -> dict[str, Any]:
         raw = self.model_dump(mode="json")
         return redact_obj(raw) if redact else raw
+
+
+InitKind = Literal["timm", "models", "safetensors", "checkpoint"]
+_TIMM = re.compile(r"timm:(?P<name>[A-Za-z0-9_.\-]+)")
+_MODELS = re.compile(r"models:/[^/@\s]+(@[^/@\s]+|/[0-9]+)")
+
+
+def init_source(text: str) -> InitKind:
+    """The kind of a ``model.init_from`` source (read by ``pipeline.registry.init_from``);
+    ``ValueError`` naming the accepted forms."""
+    if text.startswith("timm:"):
+        if not _TIMM.fullmatch(text):
+            raise ValueError(f"{text!r}: expected timm:NAME, e.g. timm:vit_small_patch14_dinov2")
+        return "timm"
+    if text.startswith("models:"):
+        if not _MODELS.fullmatch(text):
+            raise ValueError(f"{text!r}: expected models:/NAME@ALIAS or models:/NAME/VERSION")
+        return "models"
+    if not text.strip() or (":" in text.split("/")[0] and "://" not in text):
+        raise ValueError(
+            f"{text!r}: expected timm:NAME, models:/NAME@ALIAS, models:/NAME/VERSION, a "
+            ".safetensors file or URI, or a dino-ray checkpoint directory or URI"
+        )
+    return "safetensors" if text.endswith(".safetensors") else "checkpoint"
 
 
 def apply_override(raw: dict[str, Any], item: str) -> None:

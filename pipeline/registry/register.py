@@ -31,6 +31,7 @@ from mlflow.types.schema import Schema, TensorSpec
 from dino_model.backbone import is_vit, timm_name
 from dino_model.normalize import IMAGENET_MEAN, IMAGENET_STD
 from pipeline.config import DinoConfig
+from pipeline.redact import redact
 from pipeline.registry import package
 from pipeline.registry.champion import CHAMPION, EVAL_KEY_PARAM, update_champion
 from pipeline.registry.eval_key import eval_identity, eval_key
@@ -72,7 +73,9 @@ def arch_description(cfg: DinoConfig, embed_dim: int) -> dict[str, Any]:
             "std": list(IMAGENET_STD),
             "scale": "x / 255, then (x - mean) / std",
         },
-        "model": cfg.model.model_dump(mode="json"),
+        # where the first weights came from is no part of rebuilding the module (and a URI may
+        # hold a password): the version's init_from tag records it, redacted
+        "model": cfg.model.model_dump(mode="json", exclude={"init_from"}),
     }
 
 
@@ -163,6 +166,8 @@ def register_teacher(
         ),
         "code_version": code_version(),
     }
+    if cfg.model.init_from is not None:
+        tags["init_from"] = _short(redact(cfg.model.init_from))
     extra_tags = dict(extra_tags or {})
 
     with use_tracking_uri(tracking_uri), tempfile.TemporaryDirectory(prefix="dino-pkg-") as tmp:
