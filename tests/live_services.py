@@ -45,7 +45,7 @@ def _wait_http(url: str, timeout: float, proc: subprocess.Popen, log: Path) -> N
         except urllib.error.HTTPError as exc:
             if exc.code in (401, 403):  # up, but wants Ray's auth token (clients send it)
                 return
-        except Exception:  # noqa: BLE001 - not up yet
+        except (urllib.error.URLError, OSError):  # not up yet: refused, reset or timed out
             pass
         time.sleep(0.1)
     raise TimeoutError(f"{url} not up after {timeout}s:\n{log.read_text()[-3000:]}")

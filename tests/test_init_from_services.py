@@ -8,12 +8,12 @@ import boto3
 import pytest
 import torch
 from live_services import shared_mlflow_server, shared_s3_server
+from presets import tiny_config
 from safetensors.torch import save
 
 from pipeline.checkpoints import build_models, load_teacher_backbone, save_checkpoint
 from pipeline.registry import register_teacher
 from pipeline.registry.init_from import InitSourceError, resolve_init
-from pipeline.train.presets import tiny_config
 
 NAME = "init-source"
 

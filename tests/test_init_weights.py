@@ -11,6 +11,7 @@ from __future__ import annotations
 import pytest
 import timm
 import torch
+from presets import tiny_config
 from safetensors.torch import load, save_file
 from timm.layers import resample_abs_pos_embed
 
@@ -18,7 +19,6 @@ from dino_model.init_weights import apply_init, cancel_backbone_gradients
 from pipeline.checkpoints import build_models, load_teacher_backbone, save_checkpoint
 from pipeline.config import ConfigError, DinoConfig
 from pipeline.registry.init_from import InitSourceError, resolve_init
-from pipeline.train.presets import tiny_config
 
 # the TINY preset's backbone: test_vit, patch 4, 32 px globals -> an 8 x 8 grid
 

@@ -14,6 +14,7 @@ import onnxruntime
 import pytest
 import torch
 from live_services import shared_mlflow_server
+from presets import tiny_config
 
 from pipeline.checkpoints import build_models, save_checkpoint
 from pipeline.cli import main
@@ -21,7 +22,6 @@ from pipeline.registry import load_backbone
 from pipeline.registry.export import ATOL, RTOL
 from pipeline.registry.package import save_package
 from pipeline.registry.register import arch_description
-from pipeline.train.presets import tiny_config
 
 NAME = "export-teacher"
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from presets import tiny_config
 
-from pipeline.train.presets import tiny_config
 from pipeline.tune.sweep import run_sweep
 
 SECRET = "s3cr3tVALUE42"
