@@ -47,16 +47,26 @@ def build_backbone(
     drop_path_rate: float = 0.0,
     pretrained: bool = False,
     cifar_stem: bool = False,
+    num_registers: int = 0,
 ) -> nn.Module:
     """A timm backbone without classifier; ``module.embed_dim`` is the embedding width.
 
     ``patch_size`` overrides a ViT's patch (e.g. 4 for 32 px CIFAR-size crops); ``img_size`` sets
     the size the position embeddings are created for (other sizes are interpolated).
-    ``cifar_stem`` gives a ResNet the CIFAR stem (``use_cifar_stem``).
+    ``cifar_stem`` gives a ResNet the CIFAR stem (``use_cifar_stem``). ``num_registers``: a ViT's
+    register tokens (Darcet et al. 2024, timm ``reg_tokens``): prefix tokens after the CLS token
+    that the blocks attend to and the output never includes (the CLS token stays the feature).
     """
     full = timm_name(name)
     if not is_known_backbone(full):
         raise ValueError(f"model.arch: unknown backbone {name!r} (not a timm model name)")
+    if num_registers < 0:
+        raise ValueError(f"model.num_registers: {num_registers} must be >= 0")
+    if num_registers and not is_vit(full):
+        raise ValueError(
+            f"model.num_registers: {num_registers} registers need a ViT; {name!r} is not one "
+            "(set num_registers: 0)"
+        )
     kwargs: dict = {"num_classes": 0, "pretrained": pretrained}
     if drop_path_rate:
         kwargs["drop_path_rate"] = drop_path_rate
@@ -64,6 +74,8 @@ def build_backbone(
         kwargs.update(img_size=img_size, dynamic_img_size=True, global_pool="token")
         if patch_size is not None:
             kwargs["patch_size"] = patch_size
+        if num_registers:
+            kwargs["reg_tokens"] = num_registers
     import timm
 
     model = timm.create_model(full, **kwargs)

@@ -5,6 +5,10 @@
 
 P is the number of (t, s) pairs. The centre c is an EMA of the teacher's batch mean, all-reduced
 over DDP ranks so every rank centres with the global batch statistic.
+
+With ``centering="sinkhorn_knopp"`` (DINOv2) the teacher's targets are the Sinkhorn-Knopp
+assignments of z_t / T_t over the global batch of all teacher views (``dino_model.sinkhorn``)
+in place of softmax((z_t - c) / T_t); c is then neither used nor updated (DINOv2 keeps none).
 """
 
 from __future__ import annotations
@@ -16,6 +20,10 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+
+from dino_model.sinkhorn import sinkhorn_knopp
+
+CENTERINGS = ("center", "sinkhorn_knopp")
 
 
 @dataclass
@@ -54,13 +62,27 @@ class DINOLoss(nn.Module):
         out_dim: K, the number of prototypes (the head's output width).
         student_temp: T_s, the student temperature (0.1 in the paper).
         center_momentum: m of the centre update c <- m c + (1 - m) mean_b(g_t) (0.9).
+        centering: "center" (DINO: the EMA centre c) or "sinkhorn_knopp" (DINOv2).
+        sinkhorn_iterations: Sinkhorn-Knopp iterations (3 in DINOv2).
     """
 
-    def __init__(self, out_dim: int, *, student_temp: float = 0.1, center_momentum: float = 0.9):
+    def __init__(
+        self,
+        out_dim: int,
+        *,
+        student_temp: float = 0.1,
+        center_momentum: float = 0.9,
+        centering: str = "center",
+        sinkhorn_iterations: int = 3,
+    ):
         super().__init__()
+        if centering not in CENTERINGS:
+            raise ValueError(f"loss.centering: {centering!r} is not one of {CENTERINGS}")
         self.out_dim = out_dim
         self.student_temp = student_temp
         self.center_momentum = center_momentum
+        self.centering = centering
+        self.sinkhorn_iterations = sinkhorn_iterations
         self.register_buffer("center", torch.zeros(1, out_dim))  # c: (1, K)
 
     def forward(
@@ -89,7 +111,7 @@ class DINOLoss(nn.Module):
         student_views = (student_out.float() / self.student_temp).chunk(n_student_views)
         teacher_detached = teacher_out.detach().float()
         n_teacher = teacher_detached.shape[0] // student_views[0].shape[0]
-        teacher_probs = F.softmax((teacher_detached - self.center) / teacher_temp, dim=-1)
+        teacher_probs = self.teacher_targets(teacher_detached, teacher_temp)
         teacher_views = teacher_probs.chunk(n_teacher)
 
         with torch.no_grad():  # per-sample entropy H(p_t), (V_t * B,)
@@ -122,22 +144,53 @@ class DINOLoss(nn.Module):
         return loss, stats
 
     @torch.no_grad()
+    def teacher_targets(self, teacher_out: torch.Tensor, teacher_temp: float) -> torch.Tensor:
+        """p_t: (N, K) float32 logits -> (N, K) targets, rows summing to 1: softmax((z - c) / T_t)
+        or, with Sinkhorn-Knopp centring, the balanced assignment of the global batch."""
+        if self.centering == "sinkhorn_knopp":
+            return sinkhorn_knopp(teacher_out, teacher_temp, self.sinkhorn_iterations)
+        return F.softmax((teacher_out - self.center) / teacher_temp, dim=-1)
+
+    @torch.no_grad()
     def update_center(self, teacher_out: torch.Tensor, keep: torch.Tensor | None = None) -> None:
         """c <- m c + (1 - m) * mean of teacher logits over the global (all-rank) batch.
 
         ``teacher_out``: (V_t * B, K); ``keep``: a 0-d bool device tensor, True to leave c as it
-        is (a skipped step), decided on the device (every rank still joins the all-reduce)."""
-        batch_sum = teacher_out.float().sum(dim=0, keepdim=True)
-        count: torch.Tensor | int = teacher_out.shape[0]
-        if dist.is_available() and dist.is_initialized():
-            # filled on the device: ``torch.tensor([n], device=cuda)`` copies from the host and
-            # waits for the stream, a sync in every step
-            count = torch.full((1,), float(count), device=teacher_out.device)
-            dist.all_reduce(batch_sum)
-            dist.all_reduce(count)
-        batch_center = batch_sum / count
-        if keep is None:
-            self.center.mul_(self.center_momentum).add_(batch_center * (1 - self.center_momentum))
+        is (a skipped step), decided on the device (every rank still joins the all-reduce).
+        Nothing with Sinkhorn-Knopp centring (on every rank alike: no collective is left out)."""
+        if self.centering != "center":
             return
-        new = self.center * self.center_momentum + batch_center * (1 - self.center_momentum)
-        self.center.copy_(torch.where(keep, self.center, new))
+        update_ema_center(self.center, teacher_out, self.center_momentum, keep)
+
+
+@torch.no_grad()
+def update_ema_center(
+    center: torch.Tensor,
+    rows: torch.Tensor,
+    momentum: float,
+    keep: torch.Tensor | None = None,
+) -> None:
+    """c <- m c + (1 - m) * mean of ``rows`` over the global (all-rank) batch, in place.
+
+    ``center``: (1, K); ``rows``: (N, K), N may differ between ranks and be 0 on some (iBOT: a
+    rank without masked patches); where no rank has a row, c stays as it is. ``keep``: a 0-d
+    bool device tensor, True to leave c as it is."""
+    batch_sum = rows.float().sum(dim=0, keepdim=True)
+    count: torch.Tensor | int = rows.shape[0]
+    if dist.is_available() and dist.is_initialized():
+        # filled on the device: ``torch.tensor([n], device=cuda)`` copies from the host and
+        # waits for the stream, a sync in every step
+        count = torch.full((1,), float(count), device=rows.device)
+        dist.all_reduce(batch_sum)
+        dist.all_reduce(count)
+        empty = count == 0
+        keep = empty if keep is None else keep | empty
+        count = count.clamp(min=1.0)
+    elif count == 0:  # one process and no row: nothing to average
+        return
+    batch_center = batch_sum / count
+    if keep is None:
+        center.mul_(momentum).add_(batch_center * (1 - momentum))
+        return
+    new = center * momentum + batch_center * (1 - momentum)
+    center.copy_(torch.where(keep, center, new))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch.nn as nn
 
-from dino_model.backbone import build_backbone
+from dino_model.backbone import build_backbone, is_vit
 from dino_model.head import DINOHead
 from dino_model.multicrop import MultiCropWrapper
 
@@ -23,22 +23,38 @@ def build_student_teacher(
     norm_last_layer: bool = True,
     cifar_stem: bool = False,
     cls_only_last_block: bool = True,
+    num_registers: int = 0,
+    ibot: bool = False,
+    ibot_separate_head: bool = False,
+    ibot_out_dim: int | None = None,
 ) -> tuple[MultiCropWrapper, MultiCropWrapper]:
     """Student (trainable, stochastic depth) and teacher (same weights, no grad, no drop path).
 
     ``cls_only_last_block``: a ViT's last block computes the CLS token alone, the only token the
-    head reads (``dino_model.cls_block``; same outputs, fewer FLOPs). Turn it off for a loss on
-    the last block's patch tokens (iBOT); other backbones are unaffected.
+    head reads (``dino_model.cls_block``; same outputs, fewer FLOPs); the masked forward of iBOT
+    computes every token of the global crops all the same (``dino_model.tokens``), so it can stay
+    on. Other backbones are unaffected. ``num_registers``: a ViT's register tokens.
+
+    ``ibot``: both networks hold a mask token (DINOv2), for the masked forward of a ViT;
+    ``ibot_separate_head``: the patches get their own head (out_dim ``ibot_out_dim``, default
+    ``out_dim``; the DINO head's shape otherwise), else the DINO head serves them (shared).
     """
+    if ibot and not is_vit(arch):
+        raise ValueError(f"ibot: the masked-patch loss needs a ViT backbone; {arch!r} is not one")
     student_backbone = build_backbone(
         arch,
         img_size=img_size,
         patch_size=patch_size,
         drop_path_rate=drop_path_rate,
         cifar_stem=cifar_stem,
+        num_registers=num_registers,
     )
     teacher_backbone = build_backbone(
-        arch, img_size=img_size, patch_size=patch_size, cifar_stem=cifar_stem
+        arch,
+        img_size=img_size,
+        patch_size=patch_size,
+        cifar_stem=cifar_stem,
+        num_registers=num_registers,
     )
     if cls_only_last_block:
         from dino_model.cls_block import query_cls_only  # imports timm, as build_backbone did
@@ -48,14 +64,23 @@ def build_student_teacher(
     head_kwargs = dict(
         hidden_dim=hidden_dim, bottleneck_dim=bottleneck_dim, nlayers=nlayers, use_bn=use_bn
     )
+    dim = student_backbone.embed_dim
+    patch_dim = ibot_out_dim or out_dim
+
+    def ibot_head(**kw) -> DINOHead | None:
+        return DINOHead(dim, patch_dim, **kw, **head_kwargs) if ibot_separate_head else None
+
     student = MultiCropWrapper(
         student_backbone,
-        DINOHead(
-            student_backbone.embed_dim, out_dim, norm_last_layer=norm_last_layer, **head_kwargs
-        ),
+        DINOHead(dim, out_dim, norm_last_layer=norm_last_layer, **head_kwargs),
+        ibot_head=ibot_head(norm_last_layer=norm_last_layer),
+        mask_token=ibot,
     )
     teacher = MultiCropWrapper(
-        teacher_backbone, DINOHead(teacher_backbone.embed_dim, out_dim, **head_kwargs)
+        teacher_backbone,
+        DINOHead(dim, out_dim, **head_kwargs),
+        ibot_head=ibot_head(),
+        mask_token=ibot,
     )
     teacher.load_state_dict(student.state_dict())
     freeze(teacher)

@@ -23,12 +23,14 @@ non-finite step.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 
 from dino_model.ema import update_teacher
+from dino_model.ibot_loss import PatchLossStats
 from dino_model.koleo import koleo_loss
 from dino_model.loss import DINOLoss, LossStats
 from dino_model.optim import apply_schedule, cancel_last_layer_gradients, clip_gradients
@@ -48,13 +50,15 @@ class StepResult:
     N steps, or sum ``tensors()`` on the device and read the sum.
     """
 
-    loss: torch.Tensor  # L + w_koleo * KoLeo
+    loss: torch.Tensor  # L + w_koleo * KoLeo (DINOv2: + w_ibot * iBOT)
     dino_loss: torch.Tensor  # L
     koleo: torch.Tensor
     grad_norm: torch.Tensor  # the largest per-parameter gradient norm, before clipping
     stats: LossStats
     skipped: torch.Tensor  # bool: no optimiser step and no EMA (non-finite loss or gradients)
     loss_scale: torch.Tensor | None = None  # the scaler's S after its update (None without one)
+    ibot_loss: torch.Tensor | None = None  # the iBOT patch loss (``dinov2_step``; None in DINO)
+    patch_stats: PatchLossStats | None = None  # its targets' monitors (``dinov2_step``)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """The metrics by name, still on the device (no read)."""
@@ -67,6 +71,10 @@ class StepResult:
         if self.loss_scale is not None:
             out.update(loss_scale=self.loss_scale, amp_step_skipped=self.skipped.float())
         out.update(self.stats.values())
+        if self.ibot_loss is not None:
+            out["ibot_loss"] = self.ibot_loss
+        if self.patch_stats is not None:
+            out.update(self.patch_stats.values())
         return out
 
     def metrics(self) -> dict[str, float]:
@@ -144,12 +152,62 @@ def dino_step(
             koleo = sum(koleo_loss(f) for f in global_feats.chunk(n_global)) / n_global
         loss = dino + koleo_weight * koleo
 
+    centre_updates = None
+    if loss_fn.training:  # c is updated after the step is decided: a skipped step keeps it
+        teacher_detached = teacher_out.detach()
+
+        def centre_updates(keep: torch.Tensor) -> None:
+            loss_fn.update_center(teacher_detached, keep=keep)
+
+    grad_norm, skip = update_networks(
+        student=student,
+        teacher=teacher,
+        optimizer=optimizer,
+        loss=loss,
+        schedule=schedule,
+        clip=lambda model: clip_gradients(model, clip_grad),
+        cancel_frozen_last_layer=True,
+        scaler=scaler,
+        centre_updates=centre_updates,
+    )
+    return StepResult(
+        loss.detach(),
+        dino.detach(),
+        koleo.detach(),
+        grad_norm,
+        stats,
+        skip,
+        loss_scale=scale_tensor(scaler) if scaler is not None else None,
+    )
+
+
+def update_networks(
+    *,
+    student: nn.Module,
+    teacher: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loss: torch.Tensor,
+    schedule: StepSchedule,
+    clip: Callable[[nn.Module], torch.Tensor],
+    cancel_frozen_last_layer: bool,
+    scaler: torch.amp.GradScaler | None,
+    centre_updates: Callable[[torch.Tensor], None] | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The second half of a step, shared by ``dino_step`` and ``dinov2_step``: backward (scaled),
+    unscale, ``clip`` (returns the 0-d gradient-norm metric), the frozen last layer's gradients
+    dropped (``cancel_frozen_last_layer``, DINO; DINOv2 sets its lr to 0 instead), the skip flag,
+    ``centre_updates(skip)`` (the losses' centres: every rank calls it, a skipped step keeps
+    them), the scaler's update, then the optimiser step and the EMA teacher, or neither.
+
+    Returns (grad_norm, skip), 0-d device tensors. Raises ``NonFiniteLossError`` where the flag is
+    read (see the module docstring)."""
+    device = loss.device
     optimizer.zero_grad(set_to_none=True)
     (loss if scaler is None else scaler.scale(loss)).backward()
     if scaler is not None:
         scaler.unscale_(optimizer)  # clipping and the grad-norm metric must see true gradients
-    grad_norm = clip_gradients(student, clip_grad)
-    if schedule.freeze_last_layer:
+    grad_norm = clip(student)
+    if schedule.freeze_last_layer and cancel_frozen_last_layer:
         cancel_last_layer_gradients(student)
 
     # skip the update for a non-finite loss, and (fp16) where the scaler skips it: for gradients
@@ -157,8 +215,8 @@ def dino_step(
     skip = ~torch.isfinite(loss.detach())
     if scaler is not None:
         skip = skip | ~torch.isfinite(grad_norm)
-    if loss_fn.training:  # c is updated after the step is decided: a skipped step keeps it
-        loss_fn.update_center(teacher_out.detach(), keep=skip)
+    if centre_updates is not None:
+        centre_updates(skip)
     if scaler is not None:
         scaler.update()  # S shrinks after inf gradients (found by ``unscale_``), grows otherwise
     if skips_on_device(optimizer, device):
@@ -172,15 +230,7 @@ def dino_step(
         if not skipped:
             optimizer.step()
             update_teacher(teacher, student, schedule.teacher_momentum)
-    return StepResult(
-        loss.detach(),
-        dino.detach(),
-        koleo.detach(),
-        grad_norm,
-        stats,
-        skip,
-        loss_scale=scale_tensor(scaler) if scaler is not None else None,
-    )
+    return grad_norm, skip
 
 
 def skips_on_device(optimizer: torch.optim.Optimizer, device: torch.device) -> bool:
