@@ -1,7 +1,14 @@
 """Per-iteration schedules (one value per optimisation step), as in the official DINO code.
 
-cosine: v(i) = final + (base - final) * (1 + cos(pi * i / (n - 1))) / 2 after an optional linear
-warm-up; the first post-warm-up value is ``base`` and the last is exactly ``final``.
+cosine (the official ``utils.cosine_scheduler``): an optional linear warm-up of ``w`` steps from
+``warmup_start`` that includes its end point (its last step is already ``base``), then over the
+``n`` remaining steps v(i) = final + (base - final) * (1 + cos(pi * i / n)) / 2, i = 0..n-1; the
+cosine starts at ``base`` and stops one step short of ``final`` (as the official does: its last
+value is final + (base - final) * (1 - cos(pi / n)) / 2, not ``final``).
+
+teacher temperature (the official ``DINOLoss.teacher_temp_schedule``): one value per *epoch*, a
+linear ramp over the warm-up epochs that includes its end point, then constant; every step of an
+epoch uses its epoch's value.
 
 ``build_schedules`` lays out one run's arrays (``Schedules``); ``Schedules.at(step)`` gives the
 typed record of one step (``StepSchedule``) that ``dino_step`` takes.
@@ -25,10 +32,11 @@ def cosine_schedule(
 ) -> np.ndarray:
     total = int(epochs * iters_per_epoch)
     warmup_iters = min(int(round(warmup_epochs * iters_per_epoch)), total)
-    warmup = np.linspace(warmup_start, base, warmup_iters, endpoint=False) if warmup_iters else []
+    # fractional warm-up epochs (a project extension) round to whole steps; the official takes ints
+    warmup = np.linspace(warmup_start, base, warmup_iters) if warmup_iters else []
     n = total - warmup_iters
     steps = np.arange(n)
-    cosine = final + 0.5 * (base - final) * (1 + np.cos(np.pi * steps / max(n - 1, 1)))
+    cosine = final + 0.5 * (base - final) * (1 + np.cos(np.pi * steps / max(n, 1)))
     schedule = np.concatenate([np.asarray(warmup, dtype=float), cosine])
     assert len(schedule) == total
     return schedule
@@ -42,11 +50,12 @@ def scaled_lr(base_lr: float, global_batch: int) -> float:
 def teacher_temp_schedule(
     warmup_temp: float, temp: float, warmup_epochs: int, epochs: int, iters_per_epoch: int
 ) -> np.ndarray:
-    """Linear warm-up from ``warmup_temp`` to ``temp`` over ``warmup_epochs``, then constant."""
-    warmup_iters = int(warmup_epochs * iters_per_epoch)
-    total = int(epochs * iters_per_epoch)
-    ramp = np.linspace(warmup_temp, temp, warmup_iters) if warmup_iters else np.zeros(0)
-    return np.concatenate([ramp, np.full(total - len(ramp), temp)])
+    """Per step: the official per-epoch schedule (a linear ramp from ``warmup_temp`` to ``temp``
+    over ``warmup_epochs`` epochs, end point included, then ``temp``), each epoch's value repeated
+    for its ``iters_per_epoch`` steps."""
+    ramp = np.linspace(warmup_temp, temp, min(warmup_epochs, epochs))
+    per_epoch = np.concatenate([ramp, np.full(epochs - len(ramp), temp)])
+    return np.repeat(per_epoch, iters_per_epoch)
 
 
 @dataclass(frozen=True)
@@ -117,9 +126,10 @@ def build_schedules(
     epochs: int,
     iters_per_epoch: int,
 ) -> Schedules:
-    """The official DINO schedules, one value per step: lr (linear warm-up, then cosine to
-    ``min_lr``), weight decay and teacher momentum (cosine), teacher temperature (linear warm-up,
-    then constant), and the last-layer freeze (the first ``freeze_last_layer_epochs`` epochs)."""
+    """The official DINO schedules, one value per step: lr (linear warm-up, then cosine towards
+    ``min_lr``), weight decay and teacher momentum (cosine), teacher temperature (per epoch: linear
+    warm-up, then constant), and the last-layer freeze (the first ``freeze_last_layer_epochs``
+    epochs). tests/test_model_schedules.py compares them with a re-creation of the official."""
     total = epochs * iters_per_epoch
     return Schedules(
         lr=cosine_schedule(lr, min_lr, epochs, iters_per_epoch, warmup_epochs=warmup_epochs),

@@ -8,11 +8,14 @@ eval -> tracking (and tune for sweeps).
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from pipeline.redact import redact_obj
 
 
 class ConfigError(ValueError):
@@ -78,14 +81,21 @@ class DataConfig(Section):
     )
 
 
+# Upper bounds on the crop recipe: every crop is decoded, rendered and shipped per image, so a
+# value past these (a typo such as num_local=800 or global_size=22400) only finds out as an
+# out-of-memory kill of a crop actor, which Ray Data restarts with the same batch, forever.
+MAX_CROP_SIZE = 1024
+MAX_LOCAL_CROPS = 32
+
+
 class AugmentConfig(Section):
     """The official DINO multi-crop recipe; every number is configurable."""
 
-    global_size: int = Field(224, ge=8)
+    global_size: int = Field(224, ge=8, le=MAX_CROP_SIZE)
     global_scale: tuple[float, float] = (0.4, 1.0)
-    local_size: int = Field(96, ge=4)
+    local_size: int = Field(96, ge=4, le=MAX_CROP_SIZE)
     local_scale: tuple[float, float] = (0.05, 0.4)
-    num_local: int = Field(8, ge=0)
+    num_local: int = Field(8, ge=0, le=MAX_LOCAL_CROPS)
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
     interpolation: Literal["bicubic", "bilinear"] = "bicubic"
     flip_p: float = Field(0.5, ge=0, le=1)
@@ -111,12 +121,27 @@ class AugmentConfig(Section):
         description="decode JPEGs at 1/2..1/8 scale when every crop stays at full output "
         "resolution (same crop geometry, much faster on large images)",
     )
+    max_image_pixels: int = Field(
+        89_478_485,  # Pillow's own bomb limit (Image.MAX_IMAGE_PIXELS), 1024 x 1024 x 256 / 3
+        ge=4096,
+        description="most pixels an image is decoded at: a larger JPEG is decoded at 1/2..1/8 "
+        "scale to fit, any other larger image is skipped and counted as too_large (a 150 MP "
+        "image decoded in full can OOM-kill a crop actor)",
+    )
 
     @field_validator("global_scale", "local_scale", "ratio", "blur_sigma")
     @classmethod
     def _ordered(cls, v: tuple[float, float]) -> tuple[float, float]:
         if not (0 < v[0] <= v[1]):
             raise ValueError(f"expected 0 < low <= high, got {v}")
+        return v
+
+    @field_validator("global_scale", "local_scale")
+    @classmethod
+    def _fraction_of_image(cls, v: tuple[float, float]) -> tuple[float, float]:
+        # a crop's area as a share of the image's: above 1 the crop cannot fit
+        if v[1] > 1:
+            raise ValueError(f"a crop is at most the whole image: high must be <= 1, got {v}")
         return v
 
 
@@ -144,6 +169,20 @@ class ModelConfig(Section):
         description="ViT register tokens (Darcet et al. 2024; DINOv2 with registers: 4): "
         "prefix tokens the blocks attend to; features are the CLS token, never a register",
     )
+    init_from: str | None = Field(
+        None,
+        description="the backbone's first weights, for student and teacher (the head starts "
+        "fresh): timm:NAME (timm's pretrained weights, downloaded by timm), a .safetensors file "
+        "or URI (s3://, gs://), a registered model models:/NAME@ALIAS or models:/NAME/VERSION, "
+        "or a dino-ray checkpoint or run directory/URI (its teacher backbone); None = random",
+    )
+
+    @field_validator("init_from")
+    @classmethod
+    def _init_source(cls, v: str | None) -> str | None:
+        if v is not None:
+            init_source(v)
+        return v
 
 
 class LossConfig(Section):
@@ -206,6 +245,12 @@ class OptimConfig(Section):
     weight_decay_end: float = Field(0.4, ge=0)
     clip_grad: float = Field(3.0, ge=0, description="0 disables clipping")
     freeze_last_layer_epochs: int = Field(1, ge=0)
+    freeze_backbone_epochs: int = Field(
+        0,
+        ge=0,
+        description="with model.init_from: train the fresh DINO head alone for this many "
+        "epochs (the backbone gets no update; the teacher's EMA still runs), then everything",
+    )
     momentum_teacher: float = Field(0.996, ge=0, le=1)
     momentum_teacher_end: float = Field(1.0, ge=0, le=1)
     layer_decay: float = Field(
@@ -222,6 +267,15 @@ class OptimConfig(Section):
 
 class TrainConfig(Section):
     name: str = Field("dino", pattern=r"^[A-Za-z0-9_.\-]+$")
+
+    @field_validator("name")
+    @classmethod
+    def _not_a_relative_folder(cls, v: str) -> str:
+        # the name is a folder under storage_path: "." is storage_path itself, ".." its parent
+        if set(v) == {"."}:
+            raise ValueError(f"{v!r} names a folder above or at storage_path; give a run name")
+        return v
+
     storage_path: str = Field(
         "./runs",
         description="where checkpoints live: a local folder on one machine; on a "
@@ -276,7 +330,7 @@ class EvalConfig(Section):
         "select on the validation split and report the best trial's test figure once",
     )
     every_epochs: int = Field(0, ge=0, description="0 = only after training")
-    k: list[int] = [10, 20, 100, 200]
+    k: list[Annotated[int, Field(ge=1)]] = [10, 20, 100, 200]
     headline_k: int = Field(
         20,
         ge=1,
@@ -355,6 +409,17 @@ class DinoConfig(Section):
     def _consistent(self) -> DinoConfig:
         if self.loss.warmup_teacher_temp_epochs > self.train.epochs:
             raise ValueError("loss.warmup_teacher_temp_epochs must not exceed train.epochs")
+        if self.optim.freeze_backbone_epochs:
+            if self.model.init_from is None:
+                raise ValueError(
+                    "optim.freeze_backbone_epochs needs model.init_from (it keeps a random "
+                    "backbone random)"
+                )
+            if self.optim.freeze_backbone_epochs >= self.train.epochs:
+                raise ValueError(
+                    "optim.freeze_backbone_epochs must be below train.epochs (the backbone "
+                    "would never train)"
+                )
         if self.ibot.enabled:
             patch = self.model.patch_size
             if patch is None or self.augment.global_size % patch:
@@ -388,7 +453,7 @@ class DinoConfig(Section):
             p = Path(path)
             if not p.is_file():
                 raise ConfigError(f"config file not found: {p}")
-            loaded = yaml.safe_load(p.read_text()) or {}
+            loaded = _load_yaml(p.read_text(), str(p)) or {}
             if not isinstance(loaded, dict):
                 raise ConfigError(f"{p}: top level must be a mapping of sections")
             raw = loaded
@@ -418,17 +483,70 @@ class DinoConfig(Section):
         return out
 
     def _dump(self, redact: bool) -> dict[str, Any]:
-        from pipeline.redact import redact_obj
-
         raw = self.model_dump(mode="json")
         return redact_obj(raw) if redact else raw
+
+
+InitKind = Literal["timm", "models", "safetensors", "checkpoint"]
+_TIMM = re.compile(r"timm:(?P<name>[A-Za-z0-9_.\-]+)")
+_MODELS = re.compile(r"models:/[^/@\s]+(@[^/@\s]+|/[0-9]+)")
+
+
+def init_source(text: str) -> InitKind:
+    """The kind of a ``model.init_from`` source (read by ``pipeline.registry.init_from``);
+    ``ValueError`` naming the accepted forms."""
+    if text.startswith("timm:"):
+        if not _TIMM.fullmatch(text):
+            raise ValueError(f"{text!r}: expected timm:NAME, e.g. timm:vit_small_patch14_dinov2")
+        return "timm"
+    if text.startswith("models:"):
+        if not _MODELS.fullmatch(text):
+            raise ValueError(f"{text!r}: expected models:/NAME@ALIAS or models:/NAME/VERSION")
+        return "models"
+    if not text.strip() or (":" in text.split("/")[0] and "://" not in text):
+        raise ValueError(
+            f"{text!r}: expected timm:NAME, models:/NAME@ALIAS, models:/NAME/VERSION, a "
+            ".safetensors file or URI, or a dino-ray checkpoint directory or URI"
+        )
+    return "safetensors" if text.endswith(".safetensors") else "checkpoint"
 
 
 def apply_override(raw: dict[str, Any], item: str) -> None:
     if "=" not in item:
         raise ConfigError(f"override {item!r} is not of the form section.field=value")
     key, text = item.split("=", 1)
-    _set_dotted(raw, key.strip(), yaml.safe_load(text) if text.strip() else None)
+    _set_dotted(raw, key.strip(), _load_yaml(text, f"override {item!r}") if text.strip() else None)
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key given twice in one mapping: PyYAML keeps the last,
+    so a second ``train:`` section silently replaced the whole first one."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: set = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None,
+                    None,
+                    f"duplicate key {key!r} (the second would replace the first; merge them)",
+                    key_node.start_mark,
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def _load_yaml(text: str, where: str) -> Any:
+    """``text`` parsed as YAML; a syntax error or a duplicated key is a one-line ``ConfigError``
+    naming ``where`` and the line, not a multi-line parser traceback."""
+    try:
+        return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        at = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        raise ConfigError(f"{where}: not valid YAML: {problem}{at}") from None
 
 
 def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:

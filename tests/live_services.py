@@ -45,7 +45,7 @@ def _wait_http(url: str, timeout: float, proc: subprocess.Popen, log: Path) -> N
         except urllib.error.HTTPError as exc:
             if exc.code in (401, 403):  # up, but wants Ray's auth token (clients send it)
                 return
-        except Exception:  # noqa: BLE001 - not up yet
+        except (urllib.error.URLError, OSError):  # not up yet: refused, reset or timed out
             pass
         time.sleep(0.1)
     raise TimeoutError(f"{url} not up after {timeout}s:\n{log.read_text()[-3000:]}")
@@ -112,8 +112,12 @@ class MlflowServer:
     URI with the store's variables in ``env``: tests/live_cluster.py)."""
 
     def __init__(
-        self, artifacts_destination: str | None = None, env: dict[str, str] | None = None
+        self,
+        artifacts_destination: str | None = None,
+        env: dict[str, str] | None = None,
+        extra_args: list[str] | None = None,
     ) -> None:
+        self.extra_args = list(extra_args or [])  # e.g. ["--app-name", "basic-auth"]
         self.dir = Path(tempfile.mkdtemp(prefix="mlflow-srv-"))
         self.port = free_port()
         self.uri = f"http://127.0.0.1:{self.port}"
@@ -139,6 +143,7 @@ class MlflowServer:
                 str(self.port),
                 "--workers",
                 "1",
+                *self.extra_args,
             ],
             stdout=self.log.open("a"),
             stderr=subprocess.STDOUT,

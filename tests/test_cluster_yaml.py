@@ -90,3 +90,44 @@ def test_cluster_configs_expose_nothing_and_name_only_shared_paths():
     config = args[args.index("--config") + 1]
     run = DinoConfig.load(REPO / config, [a for a in args if "=" in a and not a.startswith("-")])
     assert local_path_fields(run) == []
+
+
+def test_each_node_type_has_its_own_least_privilege_profile():
+    """Issue 22, item 13: without a profile the head took Ray's broad default role and the data
+    and train nodes had none (every S3 read failed there)."""
+    cfg = _load("cluster.yaml")
+    readme = (REPO / "README.md").read_text()
+    arns = {}
+    for name, node in cfg["available_node_types"].items():
+        arn = node["node_config"]["IamInstanceProfile"]["Arn"]
+        assert re.fullmatch(r"arn:aws:iam::ACCOUNT_ID:instance-profile/dino-ray-[a-z]+", arn), arn
+        arns[name] = arn.rsplit("/", 1)[1]
+    assert len(set(arns.values())) == len(arns)  # one role per node type, not one for all
+    section = readme[readme.index("**Cluster credentials.**") :]
+    for profile in arns.values():  # the README says what each role needs
+        row = next(line for line in section.splitlines() if line.startswith(f"| `{profile}`"))
+        assert "s3:GetObject" in row
+    head_row = next(line for line in section.splitlines() if "| `dino-ray-head`" in line)
+    assert "ec2:RunInstances" in head_row and "iam:PassRole" in head_row
+    data_row = next(line for line in section.splitlines() if "| `dino-ray-data`" in line)
+    assert "PutObject" not in data_row.split("|")[3]  # the data nodes only read
+
+
+def test_deploy_files_pin_what_they_run():
+    """Issue 22, item 15: no moving branch archive, `:latest` image or unchecked `curl | sh`."""
+    cluster = (REPO / "cluster.yaml").read_text()
+    setup = " ".join(_load("cluster.yaml")["setup_commands"])
+    assert not re.search(r"curl[^|;&]*\|\s*(ba)?sh", setup), setup
+    installer = re.search(r"releases/download/(\d+\.\d+\.\d+)/uv-installer\.sh", setup)
+    assert installer and "sha256sum --check" in setup and "UV_INSTALLER_SHA256" in cluster
+    job = _load("deploy/rayjob.yaml")
+    runtime_env = yaml.safe_load(job["spec"]["runtimeEnvYAML"])
+    assert re.fullmatch(
+        r"https://github\.com/[^/]+/dino-ray/archive/(COMMIT_SHA|[0-9a-f]{40})\.zip",
+        runtime_env["working_dir"],
+    ), runtime_env["working_dir"]
+    texts = [(REPO / "deploy" / n).read_text() for n in ("rayjob.yaml", "mlflow.yaml")]
+    images = [m for t in texts for m in re.findall(r"image:\s*(\S+)", t)]
+    assert len(images) >= 5
+    for image in images:
+        assert re.fullmatch(r"[^:@\s]+@sha256:([A-Z_]+|[0-9a-f]{64})", image), image

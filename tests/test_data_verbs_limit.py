@@ -3,10 +3,12 @@ stay prefixes of every shard (row keys stay true)."""
 
 from __future__ import annotations
 
+import json
 import shutil
 from collections import Counter
 
 import numpy as np
+import pyarrow.parquet as pq
 from data_images import solid_png, write_parquet
 
 from pipeline.cli import main
@@ -88,29 +90,55 @@ def test_parquet_limit_takes_a_prefix_of_every_shard(tmp_path):
     assert int(np.sum(proportional_prefixes([7, 1, 100], 50))) == 50
 
 
+def _to_parquet(src, dst, *flags) -> None:
+    args = ["data", "to-parquet", str(src), str(dst), "--limit", "200", "--rows-per-shard", "50"]
+    assert main([*args, *flags]) == 0
+
+
+def _inspected_classes(dst, capsys, limit: int) -> dict[str, int]:
+    capsys.readouterr()
+    args = ["data", "inspect", str(dst), "--limit", str(limit), "--header-only", "--json"]
+    assert main(args) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["num_images"] == limit
+    return report["classes"]
+
+
+def _shard_class_names(dst) -> list[list[str]]:
+    """Each shard's ``class_name`` column, in row order, shards in name order."""
+    return [
+        pq.read_table(f, columns=["class_name"]).column("class_name").to_pylist()
+        for f in sorted(dst.glob("*.parquet"))
+    ]
+
+
+def test_parquet_limit_on_class_sorted_shards_takes_every_shards_leading_rows(
+    digits_dir, tmp_path, capsys
+):
+    """Truly class-sorted shards (``--no-shuffle``): a limit takes a prefix of *every* shard in
+    proportion to its rows, so it holds every shard's leading classes, not the first shards'
+    classes only (a global prefix of the corpus)."""
+    dst = tmp_path / "sorted"
+    _to_parquet(digits_dir, dst, "--no-shuffle")
+    shards = _shard_class_names(dst)
+    assert len(shards) == 4 and all(len(s) == 50 for s in shards)
+    flat = [c for s in shards for c in s]
+    assert flat == sorted(flat, key=int)  # class-sorted across shards...
+    assert all(len(set(s)) <= 3 for s in shards)  # ...so no shard holds every class
+    classes = _inspected_classes(dst, capsys, 40)
+    want = Counter(c for s in shards for c in s[:10])  # 40 rows over 4 equal shards: 10 each
+    assert {c: n for c, n in classes.items() if n} == dict(want)
+    assert len(want) > len(set(flat[:40]))  # more classes than a prefix of the first shard
+
+
 def test_parquet_written_by_to_parquet_gives_every_class_under_a_limit(
     digits_dir, tmp_path, capsys
 ):
+    """The default ``to-parquet`` shuffles rows across shards, so the same limit of 40 over
+    10 classes (20 images each, 4 shards) holds every class, where class-sorted shards hold few."""
     dst = tmp_path / "pq"
-    assert (
-        main(
-            [
-                "data",
-                "to-parquet",
-                str(digits_dir),
-                str(dst),
-                "--limit",
-                "200",
-                "--rows-per-shard",
-                "50",
-            ]
-        )
-        == 0
-    )
-    capsys.readouterr()
-    assert main(["data", "inspect", str(dst), "--limit", "40", "--header-only", "--json"]) == 0
-    import json
-
-    report = json.loads(capsys.readouterr().out)
-    assert report["num_images"] == 40
-    assert all(n > 0 for n in report["classes"].values())  # class-sorted shards: ~4 classes
+    _to_parquet(digits_dir, dst)
+    shards = _shard_class_names(dst)
+    assert all(len(set(s)) > 3 for s in shards)  # mixed shards (sorted ones hold <= 3 classes)
+    classes = _inspected_classes(dst, capsys, 40)
+    assert len(classes) == 10 and all(n > 0 for n in classes.values())

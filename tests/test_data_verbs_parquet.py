@@ -88,6 +88,7 @@ def test_non_empty_destination_is_refused_and_overwrite_replaces_only_our_shards
     assert json.loads(capsys.readouterr().out)["replaced"] == 4
     assert sorted(p.name for p in dst.iterdir()) == [
         "README.txt",
+        "_dino_ray_manifest.json",  # written last: the conversion finished
         "part-00000.parquet",
         "part-00001.parquet",
     ]

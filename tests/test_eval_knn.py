@@ -10,7 +10,7 @@ import pytest
 import torch
 from presets import tiny_config
 
-from dino_model.features import pixel_features
+from dino_model.features import embed, pixel_features
 from dino_model.knn import knn_metrics
 from pipeline.data.eval_sets import build_eval_sets, materialize
 from pipeline.evaluate.knn_eval import evaluate_knn
@@ -125,63 +125,100 @@ def test_random_init_and_pixel_knn_on_digits_split(ray_session, digits_dir, tmp_
 
 
 @pytest.fixture
-def random_checkpoint(digits_dir, tmp_path):
-    """A real checkpoint whose teacher is the random init (saved without training)."""
+def saved_checkpoint(digits_dir, tmp_path):
+    """(a real checkpoint, the teacher backbone it saved, in memory). The teacher is built from
+    another seed than the run's, so it differs from the random init ``knn_init`` re-creates: a
+    loader that ignored the saved weights would embed with the init instead."""
     from pipeline.checkpoints import build_models, save_checkpoint
 
     # 16 px crops keep the probe cheap (768 pixel dims); all digits, so every class is in the bank
     cfg = tiny_config(
         digits_dir, tmp_path, "ck", data__limit=None, augment__global_size=16, augment__local_size=8
     )
-    student, teacher = build_models(cfg, seed=cfg.train.seed)
+    student, _ = build_models(cfg, seed=cfg.train.seed)
+    _, teacher = build_models(cfg, seed=cfg.train.seed + 1)
     opt = torch.optim.SGD(student.parameters(), lr=0.1)
-    return str(
-        save_checkpoint(
-            tmp_path / "ckpt",
-            student=student,
-            teacher=teacher,
-            center=torch.zeros(1, cfg.model.out_dim),
-            optimizer=opt,
-            epoch=0,
-            global_step=0,
-            iters_per_epoch=1,
-            cfg=cfg,
-        )
+    path = save_checkpoint(
+        tmp_path / "ckpt",
+        student=student,
+        teacher=teacher,
+        center=torch.zeros(1, cfg.model.out_dim),
+        optimizer=opt,
+        epoch=0,
+        global_step=0,
+        iters_per_epoch=1,
+        cfg=cfg,
     )
+    return str(path), teacher.backbone.eval()
 
 
 @pytest.mark.ray
-def test_evaluate_command_linear_probe(ray_session, random_checkpoint, capsys):
+def test_evaluation_embeds_with_the_saved_teacher(ray_session, saved_checkpoint):
+    """Row by row, the pass's checkpoint features (k-NN and DINO's probe features) are the saved
+    in-memory teacher's on that row's crop, and its init features are not."""
+    from pipeline.checkpoints import load_config, random_init_backbone
+    from pipeline.evaluate.knn_eval import embed_sets
+
+    path, teacher = saved_checkpoint
+    cfg = load_config(path).with_overrides({"eval.limit": 100})
+    probe = {"n_last_blocks": 2, "avgpool": True}
+    feats = embed_sets(build_eval_sets(cfg), cfg, path, True, include_pixels=True, probe=probe)
+    init = random_init_backbone(cfg)
+    size = cfg.augment.global_size
+    for split in (0, 2):  # bank, val
+        pixels = feats["knn_pixels"][split].numpy().reshape(-1, size, size, 3)
+        assert len(pixels) > 10
+        want = embed(teacher, pixels)
+        torch.testing.assert_close(feats["knn"][split], want, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(
+            feats["probe"][split], embed(teacher, pixels, **probe), rtol=1e-4, atol=1e-5
+        )
+        torch.testing.assert_close(feats["knn_init"][split], embed(init, pixels))
+        assert (want - feats["knn_init"][split]).abs().max() > 1e-2  # the test can tell them apart
+
+
+@pytest.mark.ray
+def test_evaluate_command_linear_probe(ray_session, saved_checkpoint, capsys):
+    from pipeline.checkpoints import load_config
     from pipeline.cli import main
 
+    path, teacher = saved_checkpoint
     # 600 of the 1,797 digits (60 a class): three probes of 4 C values each stay cheap
-    rc = main(
-        [
-            "evaluate",
-            random_checkpoint,
-            "eval.limit=600",
-            "--linear",
-            "--n-last-blocks",
-            "2",
-            "--avgpool",
-        ]
-    )
+    rc = main(["evaluate", path, "eval.limit=600", "--linear", "--n-last-blocks", "2", "--avgpool"])
     captured = capsys.readouterr()
     assert rc == 0, captured.err
     # the summary is the last JSON object printed; a worker's line may still follow it
     start = captured.out.rfind('{\n "checkpoint"')
     m = json.JSONDecoder().raw_decode(captured.out[start:])[0] if start >= 0 else None
     assert m is not None, captured.out[-3000:]
-    # the checkpoint's teacher IS the random init: both paths must give the same figures
-    assert m["knn_top1"] == pytest.approx(m["knn_init_top1"])
-    assert m["linear_top1"] == pytest.approx(m["linear_init_top1"])
+    # the k-NN figures are those of the saved in-memory teacher on the same crops (k-NN does not
+    # depend on the order of the bank; the probe's hold-out split does, so it is checked by range)
+    cfg = load_config(path).with_overrides({"eval.limit": 600})
+    sets = build_eval_sets(cfg)
+    bank_x, bank_y = materialize(sets.bank)
+    val_x, val_y = materialize(sets.val)
+    want = knn_metrics(
+        embed(teacher, bank_x),
+        bank_y,
+        embed(teacher, val_x),
+        val_y,
+        ks=cfg.eval.k,
+        temperature=cfg.eval.temperature,
+        headline_k=cfg.eval.headline_k,
+    )
+    figures = [k for k in want if k.startswith("knn_top")]
+    assert len(figures) >= 4
+    assert {k: m[k] for k in figures} == pytest.approx({k: want[k] for k in figures})
+    init = {k: m[k.replace("knn_", "knn_init_")] for k in figures}
+    assert init != pytest.approx({k: want[k] for k in figures})  # the init's figures differ
     assert m["linear_n_last_blocks"] == 2 and m["linear_avgpool"] == 1
-    assert m["linear_init_top1"] > 30.0 and m["linear_pixels_top1"] > 50.0  # chance is 10%
+    assert m["linear_top1"] > 30.0 and m["linear_init_top1"] > 30.0  # chance is 10%
+    assert m["linear_pixels_top1"] > 50.0
     assert "raw pixels" in captured.err and "linear top-1" in captured.err
 
 
-def test_evaluate_command_rejects_probe_options_without_linear(random_checkpoint, capsys):
+def test_evaluate_command_rejects_probe_options_without_linear(saved_checkpoint, capsys):
     from pipeline.cli import main
 
-    assert main(["evaluate", random_checkpoint, "--avgpool"]) == 2
+    assert main(["evaluate", saved_checkpoint[0], "--avgpool"]) == 2
     assert "add --linear" in capsys.readouterr().err

@@ -72,8 +72,9 @@ def _imported_names(node: ast.AST, importer: str, is_package: bool) -> list[str]
 
 def private_imports(root: Path = ROOT) -> list[str]:
     """``file:line: name`` for every import of one of our private names (a ``_x`` module or
-    attribute, dunders aside) from outside the module or package that owns it: ``from pkg.mod import _x``
-    anywhere but inside ``pkg.mod``, ``pkg._mod`` anywhere but inside ``pkg``."""
+    attribute, dunders aside) from outside the module or package that owns it:
+    ``from pkg.mod import _x`` anywhere but inside ``pkg.mod``, ``pkg._mod`` anywhere but inside
+    ``pkg``."""
     found = []
     for top in SCANNED:
         for path in sorted((root / top).rglob("*.py")):

@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -35,42 +36,107 @@ def test_ema_unwraps_ddp_style_wrapper():
     assert torch.allclose(teacher.weight, student.weight)
 
 
+def official_cosine_scheduler(base_value, final_value, epochs, niter_per_ep, warmup_epochs=0):
+    """utils.cosine_scheduler of the official DINO code (start_warmup_value=0), re-written here."""
+    warmup_iters = warmup_epochs * niter_per_ep
+    warmup = np.linspace(0, base_value, warmup_iters) if warmup_epochs > 0 else np.array([])
+    iters = np.arange(epochs * niter_per_ep - warmup_iters)
+    cosine = final_value + 0.5 * (base_value - final_value) * (
+        1 + np.cos(np.pi * iters / len(iters))
+    )
+    return np.concatenate((warmup, cosine))
+
+
+def official_teacher_temps(warmup_temp, temp, warmup_epochs, nepochs):
+    """DINOLoss.teacher_temp_schedule of the official code: one value per epoch."""
+    return np.concatenate(
+        (np.linspace(warmup_temp, temp, warmup_epochs), np.ones(nepochs - warmup_epochs) * temp)
+    )
+
+
+@pytest.mark.parametrize(
+    "epochs,ipe,warmup,temp_warmup", [(4, 3, 1, 0), (10, 7, 2, 3), (3, 1, 0, 3), (100, 5, 10, 30)]
+)
+def test_build_schedules_match_the_official_schedulers(epochs, ipe, warmup, temp_warmup):
+    s = build_schedules(
+        lr=2e-3,
+        min_lr=1e-5,
+        warmup_epochs=warmup,
+        weight_decay=0.04,
+        weight_decay_end=0.4,
+        momentum=0.996,
+        momentum_end=1.0,
+        warmup_teacher_temp=0.04,
+        teacher_temp=0.07,
+        warmup_teacher_temp_epochs=temp_warmup,
+        epochs=epochs,
+        iters_per_epoch=ipe,
+    )
+    lr = official_cosine_scheduler(2e-3, 1e-5, epochs, ipe, warmup_epochs=warmup)
+    np.testing.assert_allclose(s.lr, lr, rtol=1e-13, atol=0)
+    np.testing.assert_allclose(
+        s.weight_decay, official_cosine_scheduler(0.04, 0.4, epochs, ipe), rtol=1e-13
+    )
+    np.testing.assert_allclose(
+        s.teacher_momentum, official_cosine_scheduler(0.996, 1.0, epochs, ipe), rtol=1e-13
+    )
+    # the official indexes its temperatures by epoch: train_one_epoch's every step uses the same
+    temps = official_teacher_temps(0.04, 0.07, temp_warmup, epochs)
+    for step in range(epochs * ipe):
+        assert s.at(step).teacher_temp == pytest.approx(temps[step // ipe], rel=1e-13)
+
+
 def test_momentum_cosine_end_and_mid_points():
     sched = cosine_schedule(0.996, 1.0, epochs=10, iters_per_epoch=11)  # 110 steps
-    assert sched[0] == pytest.approx(0.996)
-    assert sched[-1] == pytest.approx(1.0)
-    # seed formula tau_t = 1 - (1 + cos(pi t / t_max)) / 2 * (1 - tau_base)
-    for t in (27, 55, 80):
-        expected = 1 - (1 + math.cos(math.pi * t / 109)) / 2 * (1 - 0.996)
-        assert sched[t] == pytest.approx(expected, rel=1e-9)
-    odd = cosine_schedule(0.996, 1.0, epochs=1, iters_per_epoch=101)
-    assert odd[50] == pytest.approx(0.998, abs=1e-12)  # exact mid-point
-    assert all(a <= b for a, b in zip(sched, sched[1:]))
+    assert sched[0] == pytest.approx(0.996, abs=1e-15)
+    # the paper's tau_k = 1 - (1 - tau_base) (cos(pi k / K) + 1) / 2 with K = 110 total steps
+    for k in (27, 55, 80, 109):
+        expected = 1 - (1 + math.cos(math.pi * k / 110)) / 2 * (1 - 0.996)
+        assert sched[k] == pytest.approx(expected, rel=0, abs=1e-15)
+    # the official stops one step short of tau = 1 (k = K is never reached), by ~1e-6 here:
+    # a tolerance of 1e-12 tells that end point from an exact 1.0 (a cosine over K - 1)
+    assert 1.0 - sched[-1] == pytest.approx(0.004 * (1 - math.cos(math.pi / 110)) / 2, rel=1e-9)
+    assert 1.0 - sched[-1] > 1e-7
+    even = cosine_schedule(0.996, 1.0, epochs=1, iters_per_epoch=100)
+    assert even[50] == pytest.approx(0.998, rel=0, abs=1e-15)  # exact mid-point: k = K / 2
+    assert all(a < b for a, b in zip(sched, sched[1:]))
 
 
 def test_lr_warmup_then_cosine_to_min():
     sched = cosine_schedule(1e-3, 1e-6, epochs=10, iters_per_epoch=10, warmup_epochs=2)
+    assert len(sched) == 100
+    # the warm-up's 20 steps run from 0 to the peak, both included (np.linspace's end point)
     assert sched[0] == 0.0
-    assert sched[10] == pytest.approx(0.5e-3)  # half-way through a linear warm-up
-    assert sched[20] == pytest.approx(1e-3)  # peak right after warm-up
-    assert sched[-1] == pytest.approx(1e-6)
-    mid = 20 + (len(sched) - 20 - 1) / 2
-    assert sched[int(mid)] == pytest.approx((1e-3 + 1e-6) / 2, rel=0.05)
+    assert sched[19] == pytest.approx(1e-3, rel=0, abs=1e-18)
+    assert sched[10] == pytest.approx(1e-3 * 10 / 19, rel=1e-12)
+    assert sched[20] == pytest.approx(1e-3, rel=0, abs=1e-18)  # the cosine starts at the peak
+    # 80 cosine steps: the mid-point (1e-3 + 1e-6) / 2 at step 20 + 40, the end one short of 1e-6
+    assert sched[60] == pytest.approx((1e-3 + 1e-6) / 2, rel=1e-12)
+    end = 1e-6 + (1e-3 - 1e-6) * (1 - math.cos(math.pi / 80)) / 2
+    assert sched[-1] == pytest.approx(end, rel=1e-12)
+    assert sched[-1] - 1e-6 > 1e-7
+
+
+def test_fractional_warmup_rounds_to_whole_steps():
+    # a project extension (the official takes whole epochs): 0.5 epoch of 10 steps = 5 steps
+    sched = cosine_schedule(1e-3, 0.0, epochs=2, iters_per_epoch=10, warmup_epochs=0.5)
+    np.testing.assert_allclose(sched[:5], np.linspace(0, 1e-3, 5), rtol=1e-15)
+    assert sched[5] == 1e-3 and sched[4] == 1e-3
 
 
 def test_weight_decay_cosine_and_lr_scaling():
     wd = cosine_schedule(0.04, 0.4, epochs=4, iters_per_epoch=5)
-    assert wd[0] == pytest.approx(0.04) and wd[-1] == pytest.approx(0.4)
+    assert wd[0] == pytest.approx(0.04)
+    assert wd[-1] == pytest.approx(0.4 - 0.36 * (1 - math.cos(math.pi / 20)) / 2, rel=1e-12)
     assert scaled_lr(5e-4, 1024) == pytest.approx(2e-3)
 
 
 def test_teacher_temperature_warmup():
     temps = teacher_temp_schedule(0.04, 0.07, warmup_epochs=3, epochs=10, iters_per_epoch=2)
     assert len(temps) == 20
-    assert temps[0] == pytest.approx(0.04)
-    assert temps[5] == pytest.approx(0.07)
-    assert temps[-1] == pytest.approx(0.07)
-    assert temps[2] == pytest.approx(0.04 + 0.03 * 2 / 5)
+    # per epoch 0.04, 0.055, 0.07 (the ramp includes its end point), each for the epoch's 2 steps
+    assert list(temps[:6]) == pytest.approx([0.04, 0.04, 0.055, 0.055, 0.07, 0.07], rel=1e-12)
+    assert list(temps[6:]) == [0.07] * 14
 
 
 def test_schedules_bundle_clamps_past_the_end():

@@ -15,7 +15,7 @@ import torch
 from live_services import shared_mlflow_server
 from presets import tiny_config
 
-from pipeline.checkpoints import build_models, load_teacher_backbone, save_checkpoint
+from pipeline.checkpoints import build_models, load_config, save_checkpoint
 from pipeline.cli import main
 
 NAME = "reg-teacher"
@@ -30,7 +30,8 @@ def mlflow_uri():
 DINOV2 = {2: dict(model__num_registers=2, ibot__enabled=True, ibot__separate_head=True)}
 
 
-def _checkpoint(root: Path, digits_dir, knn: float, seed: int) -> Path:
+def _checkpoint(root: Path, digits_dir, knn: float, seed: int) -> tuple[Path, torch.nn.Module]:
+    """(checkpoint directory, the in-memory teacher backbone it saved, in eval mode)."""
     cfg = tiny_config(
         digits_dir, root / "runs", f"reg{seed}", train__seed=seed, **DINOV2.get(seed, {})
     )
@@ -39,7 +40,7 @@ def _checkpoint(root: Path, digits_dir, knn: float, seed: int) -> Path:
         for p in teacher.parameters():
             p.add_(0.01 * torch.randn_like(p))
     opt = torch.optim.SGD(student.parameters(), lr=0.1)
-    return save_checkpoint(
+    path = save_checkpoint(
         root / f"ckpt{seed}",
         student=student,
         teacher=teacher,
@@ -51,6 +52,7 @@ def _checkpoint(root: Path, digits_dir, knn: float, seed: int) -> Path:
         cfg=cfg,
         metrics={"knn_top1": knn},
     )
+    return path, teacher.backbone.eval()
 
 
 def _images(digits_dir, n: int, size: int = 32) -> torch.Tensor:
@@ -68,9 +70,10 @@ def _images(digits_dir, n: int, size: int = 32) -> torch.Tensor:
 @pytest.fixture(scope="module")
 def registered(tmp_path_factory, digits_dir, mlflow_uri):
     root = tmp_path_factory.mktemp("registry")
-    ckpts = [
+    saved = [
         _checkpoint(root, digits_dir, knn, seed) for seed, knn in ((1, 0.3), (2, 0.6), (3, 0.1))
     ]
+    ckpts = [path for path, _ in saved]
     for ckpt in ckpts:
         assert (
             main(
@@ -86,7 +89,7 @@ def registered(tmp_path_factory, digits_dir, mlflow_uri):
             )
             == 0
         )
-    return root, ckpts
+    return root, saved
 
 
 def test_champion_is_best_knn_and_tags(registered, mlflow_uri, capsys):
@@ -114,8 +117,10 @@ def test_pulled_model_matches_trained_teacher(registered, digits_dir, mlflow_uri
 
     from pipeline.registry import load_backbone
 
-    _, ckpts = registered
-    teacher, _ = load_teacher_backbone(ckpts[1])
+    _, saved = registered
+    # the champion's teacher as it was in memory when saved, not as a loader reads it back
+    teacher = saved[1][1]
+    init = build_models(load_config(saved[1][0]), seed=2)[1].backbone.eval()
     dst = tmp_path / "pulled"
     assert (
         main(["models", "--tracking-uri", mlflow_uri, "pull", f"models:/{NAME}@champion", str(dst)])
@@ -152,32 +157,37 @@ def test_pulled_model_matches_trained_teacher(registered, digits_dir, mlflow_uri
                 pyfunc.predict(images[:n].numpy()), want[:n].numpy(), atol=1e-5
             )
         assert (other(images) - want).abs().max() > 1e-3  # version 1 is a different teacher
+        # the saved teacher is not its random init: a loader that ignored the weights would fail
+        assert (init(images) - want).abs().max() > 1e-3
         small = loaded(torch.nn.functional.interpolate(images, size=16))  # the local-crop size
         assert small.shape == (5, teacher.embed_dim)
 
 
-def test_embed_job_writes_parquet(registered, digits_dir, mlflow_uri, tmp_path, ray_session):
+def test_embed_job_writes_parquet(
+    registered, digits_dir, mlflow_uri, tmp_path, ray_session, capsys
+):
     from pipeline.registry import load_backbone
 
     out = tmp_path / "emb"
-    assert (
-        main(
-            [
-                "models",
-                "--tracking-uri",
-                mlflow_uri,
-                "embed",
-                f"models:/{NAME}@champion",
-                str(digits_dir),
-                str(out),
-                "--limit",
-                "12",
-                "--batch-size",
-                "5",
-            ]
-        )
-        == 0
-    )
+    args = [
+        "models",
+        "--tracking-uri",
+        mlflow_uri,
+        "embed",
+        f"models:/{NAME}@champion",
+        str(digits_dir),
+        str(out),
+        "--limit",
+        "12",
+        "--batch-size",
+        "5",
+    ]
+    assert main(args) == 0
+    assert "wrote 12 embeddings" in capsys.readouterr().out
+    # a second run into the same folder is refused: it appended 12 more rows and said 24
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "is not empty" in err and str(out) in err, err
     table = pq.read_table(out)
     assert table.num_rows == 12
     emb_type = table.schema.field("embedding").type

@@ -1,8 +1,10 @@
-"""`dino-ray models list|pull|embed`: registered teacher backbones.
+"""`dino-ray models list|pull|embed|export`: registered teacher backbones.
 
 dino-ray models list [--name dino-teacher]
 dino-ray models pull models:/dino-teacher@champion ./teacher
 dino-ray models embed models:/dino-teacher@champion ./images ./embeddings.parquet
+dino-ray models export models:/dino-teacher@champion ./teacher_timm --format timm
+dino-ray models export models:/dino-teacher@champion ./teacher.onnx --format onnx
 """
 
 from __future__ import annotations
@@ -37,6 +39,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--image-column", default="image")
     p.add_argument("--label-column", default="label")
     p.add_argument("--limit", type=int)
+    p = sub.add_parser(
+        "export",
+        help="write a model for timm (a folder) or ONNX (a .onnx file), no dino-ray needed",
+    )
+    p.add_argument("model_uri", help="models:/NAME@ALIAS, models:/NAME/VERSION or NAME@ALIAS")
+    p.add_argument("dst", help="timm: a folder; onnx: a .onnx file (or a folder for model.onnx)")
+    p.add_argument("--format", required=True, choices=["timm", "onnx"], dest="fmt")
 
 
 def _uri(args: argparse.Namespace) -> str:
@@ -74,9 +83,12 @@ def run(args: argparse.Namespace) -> int:
         print(f"pulled {args.model_uri} to {local}")
         print("load it with: pipeline.registry.load_backbone(DIR) or mlflow.pyfunc.load_model(DIR)")
         return 0
-    from pipeline.evaluate.embed import embed_corpus
+    if args.action == "export":
+        return _export(args)
+    from pipeline.evaluate.embed import check_output_empty, embed_corpus
     from pipeline.registry.pull import load_package_bytes, module_from_bytes
 
+    check_output_empty(args.dst)  # before the package download
     # the registry fetches and validates the package; evaluation only runs it
     package = load_package_bytes(args.model_uri, _uri(args))
     result = embed_corpus(
@@ -94,4 +106,15 @@ def run(args: argparse.Namespace) -> int:
         address=args.address,
     )
     print(f"wrote {result.num_rows} embeddings (dim {result.embed_dim}) to {result.output}")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from pipeline.registry.export import export_model
+
+    exported = export_model(args.model_uri, args.dst, args.fmt, _uri(args))
+    print(f"exported {args.model_uri} ({exported.format}) to {exported.path}")
+    if exported.max_abs_diff is not None:
+        print(f"onnxruntime matches torch: max |difference| {exported.max_abs_diff:.2g}")
+    print(f"load it with: {exported.usage}")
     return 0

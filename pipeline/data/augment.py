@@ -286,7 +286,7 @@ class MultiCrop:
         height, width = oriented_size(img)
         params = sample_multicrop_params(rng, height, width, self.cfg)
         reduce = max_reduction(params) if self.draft else 1.0
-        arr = decode_rgb(img, reduce=reduce)
+        arr = decode_rgb(img, reduce=reduce, max_pixels=getattr(self.cfg, "max_image_pixels", None))
         return [
             render_view(
                 arr,

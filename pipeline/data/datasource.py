@@ -35,7 +35,7 @@ import ray
 from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
-from pipeline.data.sources import Corpus
+from pipeline.data.sources import Corpus, to_class_index
 
 
 def stable_hash(key: str) -> int:
@@ -247,6 +247,7 @@ class CorpusDatasource(Datasource):
                         epoch,
                         self.corpus.image_column,
                         self.corpus.label_column,
+                        self.corpus.label_map,
                     ),
                     meta,
                 )
@@ -387,10 +388,12 @@ class _ParquetUnit:
         epoch: int,
         image_column: str,
         label_column: str | None,
+        label_map: tuple[list[int], list[int]] | None = None,
     ):
         self.fs, self.groups, self.subset, self.take = fs, groups, subset, take
         self.order_seed, self.epoch = order_seed, epoch
         self.image_column, self.label_column = image_column, label_column
+        self.label_map = label_map  # stored label -> class index (Corpus.label_map)
 
     def __call__(self):
         cols = [self.image_column] + ([self.label_column] if self.label_column else [])
@@ -419,7 +422,8 @@ class _ParquetUnit:
             "epoch": pa.array(np.full(len(order), self.epoch, np.int64)),
         }
         if self.label_column:
-            out["label"] = pa.array(table.column(self.label_column).to_numpy().astype(np.int64))
+            stored = table.column(self.label_column).to_numpy().astype(np.int64)
+            out["label"] = pa.array(to_class_index(self.label_map, stored))
         return [pa.table(out)]
 
 

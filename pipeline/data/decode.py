@@ -5,6 +5,14 @@ EXIF orientation), ``decode_rgb`` decodes, optionally at a reduced JPEG scale, a
 orientation and converts any mode (L, LA, P, RGBA, CMYK, 16-bit, 1-bit, float) to 8-bit RGB.
 Anything that cannot be converted raises ``BadImage`` with a short ``reason`` that is counted.
 ``read_bytes`` fetches a file's encoded bytes, with an unreadable file as ``BadImage`` too.
+
+Decompression bombs: no image is decoded at more than ``max_pixels`` (``augment.max_image_pixels``
+for training; Pillow's ``Image.MAX_IMAGE_PIXELS`` elsewhere). A larger JPEG is decoded at 1/2, 1/4
+or 1/8 scale to fit (the crops are planned on the full size and scaled onto the decode); any other
+larger image is skipped as ``too_large``, and counted. Pillow's own guard stays as it is: it
+refuses images over twice its limit at ``open``; its *warning* between 1x and 2x is what this
+module replaces with the cap (left to itself a 150-megapixel PNG decoded in full, ~450 MB, and
+could OOM-kill a crop actor that Ray Data then restarts with the same batch, forever).
 """
 
 from __future__ import annotations
@@ -100,16 +108,45 @@ def _to_rgb_array(img: Image.Image) -> np.ndarray:
     return np.asarray(img.convert("RGB"))
 
 
-def decode_rgb(img: Image.Image, reduce: float = 1.0) -> np.ndarray:
+def _bomb_scale(img: Image.Image, max_pixels: int | None) -> int:
+    """1, or the JPEG scale-down (2, 4, 8) that brings ``img`` under ``max_pixels``; raises
+    ``BadImage("too_large")`` when no decode of it fits."""
+    w, h = img.size
+    if not max_pixels or w * h <= max_pixels:
+        return 1
+    if img.format == "JPEG":
+        for scale in (2, 4, 8):  # libjpeg's DCT scaling: the decode is ceil(size / scale)
+            if math.ceil(w / scale) * math.ceil(h / scale) <= max_pixels:
+                return scale
+    raise BadImage("too_large", f"{w}x{h} = {w * h} pixels, over the {max_pixels} decoded at most")
+
+
+def decode_rgb(img: Image.Image, reduce: float = 1.0, max_pixels: int | None = None) -> np.ndarray:
     """Decode ``img`` (from ``open_image``) to an oriented HxWx3 uint8 array. With ``reduce`` > 1 a
-    JPEG may be decoded at 1/2, 1/4 or 1/8 scale, never below ``size / reduce``."""
+    JPEG may be decoded at 1/2, 1/4 or 1/8 scale, never below ``size / reduce``. At most
+    ``max_pixels`` are decoded (default: Pillow's ``Image.MAX_IMAGE_PIXELS``): a larger JPEG is
+    decoded at the scale that fits, any other larger image raises ``BadImage("too_large")``."""
+    if max_pixels is None:
+        max_pixels = Image.MAX_IMAGE_PIXELS
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             orient = orientation(img)
-            if reduce >= 2 and img.format == "JPEG":
+            bomb = _bomb_scale(img, max_pixels)
+            if (reduce >= 2 or bomb > 1) and img.format == "JPEG":
                 w, h = img.size
-                img.draft(img.mode, (max(1, math.ceil(w / reduce)), max(1, math.ceil(h / reduce))))
+                # draft picks the largest scale whose decode is at least the size asked: the
+                # crops' request rounds up (no lost resolution), the cap's rounds down (it must
+                # reach ``bomb``); the smaller request wins
+                img.draft(
+                    img.mode,
+                    (
+                        max(1, min(math.ceil(w / reduce), w // bomb)),
+                        max(1, min(math.ceil(h / reduce), h // bomb)),
+                    ),
+                )
+                if max_pixels and img.size[0] * img.size[1] > max_pixels:
+                    raise BadImage("too_large", f"{w}x{h} does not decode under {max_pixels}")
             img.load()
             if orient != 1:
                 img = img.transpose(_TRANSPOSE[orient])
@@ -128,6 +165,7 @@ def decode_rgb(img: Image.Image, reduce: float = 1.0) -> np.ndarray:
     return arr
 
 
-def decode_bytes(data: bytes) -> np.ndarray:
-    """Full-resolution oriented RGB decode (inspect, eval)."""
-    return decode_rgb(open_image(data))
+def decode_bytes(data: bytes, max_pixels: int | None = None) -> np.ndarray:
+    """Full-resolution oriented RGB decode (inspect, eval); reduced or refused over
+    ``max_pixels`` as in ``decode_rgb``."""
+    return decode_rgb(open_image(data), max_pixels=max_pixels)

@@ -21,7 +21,7 @@ from pipeline.config import DinoConfig
 from pipeline.data.dataset import READ_TASK_CPUS
 from pipeline.data.datasource import CorpusDatasource
 from pipeline.data.eval_crop import center_crops
-from pipeline.data.sources import Corpus, list_corpus
+from pipeline.data.sources import Corpus, align_labels, list_corpus
 from pipeline.data.split import split_indices
 from pipeline.ray_runtime import ensure_ray
 
@@ -124,13 +124,14 @@ def build_eval_sets(cfg: DinoConfig) -> EvalSets | None:
     size = cfg.augment.global_size
     e = cfg.eval
     if e.train_path is not None and e.val_path is not None:
-        bank = build_eval_dataset(
-            e.train_path, size, e.resize, limit=e.limit, batch_size=min(e.batch_size, 256)
+        bank_corpus = list_corpus(e.train_path, limit=e.limit)
+        # listed apart, each has its own class list: the queries take the bank's indices
+        val_corpus = align_labels(bank_corpus, list_corpus(e.val_path, limit=e.limit))
+        batch = min(e.batch_size, 256)
+        return EvalSets(
+            _eval_from_corpus(bank_corpus, size, e.resize, None, batch, 1.0),
+            _eval_from_corpus(val_corpus, size, e.resize, None, batch, 1.0),
         )
-        val = build_eval_dataset(
-            e.val_path, size, e.resize, limit=e.limit, batch_size=min(e.batch_size, 256)
-        )
-        return EvalSets(bank, val)
     if cfg.data.label_column is None:
         return None
     try:

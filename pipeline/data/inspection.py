@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 
 from pipeline.data.bounded_map import bounded_map
 from pipeline.data.decode import BadImage, decode_rgb, open_image, oriented_size
-from pipeline.data.sources import Corpus, list_corpus
+from pipeline.data.sources import Corpus, list_corpus, to_class_index
 
 
 class Unread:
@@ -60,7 +60,11 @@ def iter_encoded(corpus: Corpus) -> Iterator[tuple[str, int | None, bytes | Unre
             table = pq.ParquetFile(f).read_row_group(rg, columns=cols).slice(0, n)
         images = table.column(corpus.image_column).to_pylist()
         labels = (
-            table.column(corpus.label_column).to_pylist() if corpus.label_column else [None] * n
+            to_class_index(
+                corpus.label_map, table.column(corpus.label_column).to_numpy().astype(np.int64)
+            ).tolist()
+            if corpus.label_column
+            else [None] * n
         )
         start = offsets.get(path, 0)
         for r, (img, label) in enumerate(zip(images, labels)):

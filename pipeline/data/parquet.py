@@ -15,10 +15,16 @@ Behaviour at scale:
 * memory is bounded: one row group of bytes is buffered (``row_group_size`` images) plus the
   ``4 * threads`` images being read, never the corpus or a whole shard;
 * shards are written to a hidden staging folder inside the destination and moved into place
-  only when the conversion succeeded, so a failed run leaves the destination as it was;
+  only when the conversion succeeded, so a failed conversion leaves the destination as it was;
+* replacing shards is many operations on an object store (no rename of a folder), so it is
+  bracketed: the ``_dino_ray_incomplete`` marker is written before the first old shard is
+  deleted, the manifest ``_dino_ray_manifest.json`` (shard names, rows, bytes) after the last new
+  one is moved in, then the marker is deleted. A swap that fails or is killed half-way leaves the
+  marker, and every reader (``list_corpus``) refuses the folder, naming the fix, instead of
+  training on a mix of two corpora; a folder whose shards do not match its manifest is refused;
 * the destination (local folder or any pyarrow URI: ``s3://``, ``gs://``, ``file://``) must be
-  empty unless ``overwrite``, which replaces only the ``part-NNNNN.parquet`` shards (and stale
-  staging folders) this command writes, nothing else.
+  empty unless ``overwrite``, which replaces only the ``part-NNNNN.parquet`` shards, the manifest,
+  the marker and stale staging folders this command writes, nothing else.
 """
 
 from __future__ import annotations
@@ -39,6 +45,8 @@ from pipeline.data.bounded_map import bounded_map
 from pipeline.data.decode import BadImage, decode_bytes
 from pipeline.data.sources import (
     CLASS_NAMES_KEY,
+    INCOMPLETE_NAME,
+    MANIFEST_NAME,
     Corpus,
     CorpusError,
     list_corpus,
@@ -118,7 +126,12 @@ def check_destination(fs: pafs.FileSystem, path: str, dst: str, overwrite: bool)
     return [
         e.path
         for e in entries
-        if (e.type == pafs.FileType.File and SHARD_NAME.fullmatch(e.base_name))
+        if (
+            e.type == pafs.FileType.File
+            and (
+                SHARD_NAME.fullmatch(e.base_name) or e.base_name in (MANIFEST_NAME, INCOMPLETE_NAME)
+            )
+        )
         or (e.type == pafs.FileType.Directory and e.base_name.startswith(STAGING_PREFIX))
     ]
 
@@ -149,7 +162,7 @@ def corpus_to_parquet(
     staging = f"{dst_path}/{STAGING_PREFIX}{uuid.uuid4().hex[:12]}"
     fs.create_dir(staging, recursive=True)
     try:
-        shards, rows, skips = _write_shards(
+        shards, shard_rows, skips = _write_shards(
             corpus,
             fs,
             staging,
@@ -161,18 +174,14 @@ def corpus_to_parquet(
             verify,
             threads,
         )
+        rows = sum(shard_rows)
         if rows == 0:
             raise ConversionError(
                 f"nothing converted to {dst!r}: all {corpus.num_images} files "
                 f"skipped ({skips.describe()}); fix or remove them"
             )
-        for old in owned:  # only now: a failed run leaves the previous shards in place
-            if old.rstrip("/").rsplit("/", 1)[-1].startswith(STAGING_PREFIX):
-                fs.delete_dir(old)
-            else:
-                fs.delete_file(old)
-        for name in shards:
-            fs.move(f"{staging}/{name}", f"{dst_path}/{name}")
+        sizes = [i.size for i in fs.get_file_info([f"{staging}/{n}" for n in shards])]
+        _swap_in(fs, dst_path, staging, owned, dict(zip(shards, zip(shard_rows, sizes))))
     finally:
         fs.delete_dir(staging)
     return {
@@ -182,10 +191,39 @@ def corpus_to_parquet(
         "skipped": sum(skips.by_reason.values()),
         "skipped_by_reason": dict(skips.by_reason),
         "skipped_examples": skips.examples,
-        "replaced": len(owned),
+        "replaced": sum(bool(SHARD_NAME.fullmatch(o.rsplit("/", 1)[-1])) for o in owned),
         "classes": corpus.class_names,
         "shuffled": shuffle,
     }
+
+
+def _swap_in(
+    fs: pafs.FileSystem,
+    dst_path: str,
+    staging: str,
+    owned: list[str],
+    shards: dict[str, tuple[int, int]],
+) -> None:
+    """Replace ``owned`` by the staged ``shards`` (name -> (rows, bytes)) between the incomplete
+    marker and the manifest: a failure in between leaves the marker, which readers refuse."""
+    marker = f"{dst_path}/{INCOMPLETE_NAME}"
+    _write_json(fs, marker, {"staging": staging.rsplit("/", 1)[-1]})
+    for old in owned:  # only now: a failed conversion leaves the previous shards in place
+        name = old.rstrip("/").rsplit("/", 1)[-1]
+        if name.startswith(STAGING_PREFIX):
+            fs.delete_dir(old)
+        elif name != INCOMPLETE_NAME:  # rewritten just above
+            fs.delete_file(old)
+    for name in shards:
+        fs.move(f"{staging}/{name}", f"{dst_path}/{name}")
+    manifest = {n: {"rows": r, "bytes": b} for n, (r, b) in shards.items()}
+    _write_json(fs, f"{dst_path}/{MANIFEST_NAME}", {"format": 1, "shards": manifest})
+    fs.delete_file(marker)
+
+
+def _write_json(fs: pafs.FileSystem, path: str, value: dict) -> None:
+    with fs.open_output_stream(path) as f:
+        f.write(json.dumps(value, indent=1).encode())
 
 
 def _schema(corpus: Corpus) -> pa.Schema:
@@ -212,7 +250,7 @@ def _write_shards(
     threads: int,
 ) -> tuple[list[str], int, _Skips]:
     """Read (and verify) the files on ``threads`` threads in the (shuffled) order and append
-    them row group by row group; returns (shard names, rows written, skips)."""
+    them row group by row group; returns (shard names, rows of each shard, skips)."""
     paths = corpus.entries.column("path").to_pylist()
     labels = corpus.entries.column("label").to_pylist() if corpus.labelled else None
     order = (
@@ -236,8 +274,9 @@ def _write_shards(
         return i, data, None
 
     shards: list[str] = []
+    shard_rows: list[int] = []
     skips = _Skips()
-    rows = in_shard = 0
+    in_shard = 0
     writer: pq.ParquetWriter | None = None
     sink = None
     batch: dict[str, list] = {n: [] for n in schema.names}
@@ -248,10 +287,12 @@ def _write_shards(
             return
         if writer is None:
             shards.append(f"part-{len(shards):05d}.parquet")
+            shard_rows.append(0)
             sink = fs.open_output_stream(f"{folder}/{shards[-1]}")
             writer = pq.ParquetWriter(sink, schema)
         writer.write_table(pa.table(batch, schema=schema), row_group_size=group_rows)
         in_shard += len(batch["image"])
+        shard_rows[-1] += len(batch["image"])
         batch = {n: [] for n in schema.names}
         if in_shard >= rows_per_shard:
             close_shard()
@@ -274,7 +315,6 @@ def _write_shards(
                 batch["label"].append(labels[i])
                 batch["class_name"].append(corpus.class_names[labels[i]])
             batch["path"].append(rel)
-            rows += 1
             if (
                 len(batch["image"]) >= group_rows
                 or in_shard + len(batch["image"]) >= rows_per_shard
@@ -283,7 +323,7 @@ def _write_shards(
         write_group()
     finally:
         close_shard()
-    return shards, rows, skips
+    return shards, shard_rows, skips
 
 
 def _common_root(paths: list[str]) -> str:

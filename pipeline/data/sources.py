@@ -16,7 +16,7 @@ import fnmatch
 import json
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -44,7 +44,20 @@ IMAGE_EXTENSIONS = frozenset(
     }
 )
 CLASS_NAMES_KEY = b"dino_ray.class_names"  # Parquet schema metadata written by ``to-parquet``
+# ``to-parquet`` writes the manifest last (shard names, rows, bytes): a folder whose shards do not
+# match it is refused. It writes the marker before it touches the destination's shards and
+# deletes it after the manifest: a folder with the marker is a conversion that did not finish.
+# Both start with "_", which pyarrow.dataset and Spark skip, as they skip "." staging folders.
+MANIFEST_NAME = "_dino_ray_manifest.json"
+INCOMPLETE_NAME = "_dino_ray_incomplete"
 _GLOB = re.compile(r"[*?\[]")
+_SHARD = re.compile(r"part-\d{5,}\.parquet")  # the shard names ``to-parquet`` writes
+
+
+# Most classes a corpus may have. Labels index the k-NN vote table (queries x k x classes) and
+# the class-name list: a stray label of 3,000,000 made 3M names and a 559 GiB table. ImageNet-21k
+# has 21,841 classes; a corpus past this is a wrong label column, refused with its count.
+MAX_CLASSES = 100_000
 
 
 class CorpusError(ValueError):
@@ -55,7 +68,7 @@ class CorpusError(ValueError):
 class Corpus:
     """What to read. ``kind == "files"``: ``entries`` has ``path`` (full path on ``filesystem``),
     ``size`` and maybe ``label``. ``kind == "parquet"``: ``entries`` has one row per row group
-    (``path``, ``row_group``, ``num_rows``, ``bytes``); ``labels`` holds the per-image labels in row order."""
+    (``path``, ``row_group``, ``num_rows``, ``bytes``)."""
 
     kind: str
     filesystem: pafs.FileSystem
@@ -67,10 +80,62 @@ class Corpus:
     num_images: int = 0
     ignored_files: int = 0  # files listed but not images (wrong extension)
     description: str = ""
+    # Parquet whose stored labels are not the class indices: (stored labels, their class
+    # indices); rows are read with the index, ``original_labels`` maps back for output
+    label_map: tuple[list[int], list[int]] | None = None
 
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
+
+    def original_labels(self) -> list[int]:
+        """The stored label of each class index (the index itself for folder trees and for
+        Parquet labels that already are 0..n-1)."""
+        out = list(range(self.num_classes))
+        if self.label_map is not None:
+            for stored, index in zip(*self.label_map):
+                out[index] = stored
+        return out
+
+
+def to_class_index(label_map: tuple[list[int], list[int]] | None, stored: np.ndarray) -> np.ndarray:
+    """The class indices of ``stored`` labels (``Corpus.label_map``; None: they are)."""
+    if label_map is None:
+        return stored.astype(np.int64)
+    keys, index = np.asarray(label_map[0], np.int64), np.asarray(label_map[1], np.int64)
+    order = np.argsort(keys)
+    pos = np.searchsorted(keys[order], stored)
+    pos = np.clip(pos, 0, len(keys) - 1)
+    if not np.array_equal(keys[order][pos], stored):
+        raise CorpusError("a label that was not there when the corpus was listed")
+    return index[order][pos]
+
+
+def align_labels(a: Corpus, b: Corpus) -> Corpus:
+    """``b`` with the class indices of ``a`` for the class names they share, and new indices
+    after ``a``'s for its other classes: a bank and a validation set listed apart (their own
+    class lists: a class folder missing from one, Parquet labels mapped to dense indices)
+    then vote with the same index for the same class."""
+    if not (a.labelled and b.labelled) or a.class_names == b.class_names:
+        return b
+    names = list(a.class_names) + [n for n in b.class_names if n not in set(a.class_names)]
+    if len(names) > MAX_CLASSES:
+        raise CorpusError(
+            f"{len(names)} classes in {a.description} and {b.description} "
+            f"together, more than {MAX_CLASSES}: is the label column right?"
+        )
+    union = {n: i for i, n in enumerate(names)}
+    new_index = [union[n] for n in b.class_names]
+    if b.kind == "files":
+        old = b.entries.column("label").to_numpy()
+        entries = b.entries.set_column(
+            b.entries.column_names.index("label"),
+            "label",
+            pa.array(np.asarray(new_index, np.int64)[old], pa.int64()),
+        )
+        return replace(b, entries=entries, class_names=names)
+    stored = b.original_labels()
+    return replace(b, class_names=names, label_map=(stored, new_index))
 
 
 def resolve_filesystem(path: str) -> tuple[pafs.FileSystem, str]:
@@ -140,9 +205,12 @@ def list_corpus(
         raise CorpusError("data.path is an empty list")
     paths = [demo_path() if p == "demo" else p for p in paths]
     listed: list[tuple[pafs.FileSystem, list[pafs.FileInfo], str, str]] = []
+    whole_folders: set[str] = set()  # listed as a folder: all its shards must be there
     for p in paths:
         fs, local = resolve_filesystem(p)
         files, root = _expand(fs, local, p)
+        if not _GLOB.search(local) and not any(f.path == local for f in files):
+            whole_folders.add(root)
         files = [f for f in files if not _hidden(f.path[len(root) :].lstrip("/"))]
         listed.append((fs, files, root, p))
     if format == "auto":
@@ -154,9 +222,9 @@ def list_corpus(
             else "folder"
         )
     corpus = (
-        _list_parquet(listed, image_column, label_column, limit)
+        _list_parquet(listed, image_column, label_column, limit, whole_folders)
         if format == "parquet"
-        else _list_folder(listed, limit)
+        else _list_folder(listed, limit, labels=label_column is not None)
     )
     if corpus.num_images == 0:
         raise CorpusError(
@@ -166,11 +234,16 @@ def list_corpus(
     return corpus
 
 
-def _list_folder(listed, limit: int | None) -> Corpus:
+def _list_folder(listed, limit: int | None, labels: bool = True) -> Corpus:
+    """Image files; labelled by class sub-folder when every image is in one. With ``labels``
+    (``data.label_column`` set, the default) a tree with class folders *and* images at its top
+    level is refused: the stray images made it silently unlabelled, which turned evaluation
+    off; ``labels=False`` reads any tree unlabelled."""
     fs = listed[0][0]
     rows: list[tuple[str, int, str | None]] = []
     ignored = 0
-    for _, files, root, _ in listed:
+    for _, files, root, original in listed:
+        top, in_class = [], 0
         for f in files:
             if _ext(f.path) not in IMAGE_EXTENSIONS:
                 ignored += 1
@@ -178,10 +251,25 @@ def _list_folder(listed, limit: int | None) -> Corpus:
             rel = f.path[len(root) :].lstrip("/")
             cls = rel.split("/", 1)[0] if "/" in rel else None
             rows.append((f.path, int(f.size or 0), cls))
+            if cls is None:
+                top.append(f.path)
+            else:
+                in_class += 1
+        if labels and top and in_class:
+            raise CorpusError(
+                f"data.path {original!r}: {len(top)} image(s) at the top level next to "
+                f"{in_class} in class folders (e.g. {min(top)}); move them into a class folder "
+                "or remove them (or set data.label_column=null to read the tree unlabelled)"
+            )
     rows.sort(key=lambda r: r[0])  # listing order differs by filesystem; fix it
-    labelled = bool(rows) and all(r[2] is not None for r in rows)
+    labelled = labels and bool(rows) and all(r[2] is not None for r in rows)
     # class names from the whole listing, so a limit never renumbers labels (bank vs val)
     all_classes = sorted({r[2] for r in rows}) if labelled else []
+    if len(all_classes) > MAX_CLASSES:
+        raise CorpusError(
+            f"data.path {', '.join(r for *_, r in listed)}: {len(all_classes)} class folders, "
+            f"more than {MAX_CLASSES}; is this a folder of class folders?"
+        )
     if limit is not None:  # even across classes, seeded (pipeline/data/sampling.py)
         keep = even_sample([r[0] for r in rows], [r[2] if labelled else None for r in rows], limit)
         rows = [rows[i] for i in keep]
@@ -217,11 +305,67 @@ def _image_bytes(row_group, image_column: str) -> int:
     return int(row_group.total_byte_size)
 
 
-def _list_parquet(listed, image_column: str, label_column: str | None, limit: int | None) -> Corpus:
-    fs = listed[0][0]
-    files = sorted(
-        (f.path for _, fs_files, _, _ in listed for f in fs_files if _ext(f.path) == ".parquet")
+def check_conversion_complete(
+    fs: pafs.FileSystem, files: list[pafs.FileInfo], whole: set[str] = frozenset()
+) -> None:
+    """Refuse Parquet shards that an unfinished or failed ``to-parquet --overwrite`` left mixed:
+    for every folder of ``files``, the incomplete marker must be absent and, with a manifest,
+    every listed ``part-*`` shard must be in it with its bytes, and, for the folders in
+    ``whole`` (listed as folders, not through a glob or a file name), all its shards there."""
+    by_dir: dict[str, dict[str, pafs.FileInfo]] = {}
+    for f in files:
+        folder, _, name = f.path.rpartition("/")
+        by_dir.setdefault(folder, {})[name] = f
+    # one request for every folder (a partitioned corpus has many), not two per folder
+    infos = fs.get_file_info(
+        [f"{folder}/{name}" for folder in by_dir for name in (INCOMPLETE_NAME, MANIFEST_NAME)]
     )
+    for i, (folder, present) in enumerate(by_dir.items()):
+        marker, manifest = infos[2 * i], infos[2 * i + 1]
+        if marker.type != pafs.FileType.NotFound:
+            raise CorpusError(
+                f"{folder}: a `dino-ray data to-parquet` into it did not finish ({INCOMPLETE_NAME} "
+                "is there), its shards may be a mix of two conversions; run the conversion "
+                "again with --overwrite"
+            )
+        if manifest.type == pafs.FileType.NotFound:
+            continue  # shards from elsewhere, or from before the manifest existed
+        try:
+            with fs.open_input_stream(manifest.path) as f:
+                expected = json.loads(f.read())["shards"]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise CorpusError(
+                f"{folder}: unreadable {MANIFEST_NAME} ({exc}); run `dino-ray data to-parquet` "
+                "again with --overwrite"
+            ) from None
+        shards = {n for n in present if _SHARD.fullmatch(n)}
+        missing = sorted(
+            n
+            for n, meta in expected.items()
+            if (n in present and present[n].size != meta["bytes"])
+            or (n not in present and any(folder == r or folder.startswith(f"{r}/") for r in whole))
+        )
+        extra = sorted(shards - set(expected))
+        if missing or extra:
+            raise CorpusError(
+                f"{folder}: shards do not match {MANIFEST_NAME} (missing or changed: "
+                f"{', '.join(missing[:3]) or 'none'}; not in it: "
+                f"{', '.join(extra[:3]) or 'none'}); run `dino-ray data to-parquet` again "
+                "with --overwrite"
+            )
+
+
+def _list_parquet(
+    listed,
+    image_column: str,
+    label_column: str | None,
+    limit: int | None,
+    whole_folders: set[str] = frozenset(),
+) -> Corpus:
+    fs = listed[0][0]
+    parquet = [f for _, fs_files, _, _ in listed for f in fs_files if _ext(f.path) == ".parquet"]
+    check_conversion_complete(fs, parquet, whole_folders)
+    files = sorted(f.path for f in parquet)
     paths, groups, counts, sizes = [], [], [], []
     labels: list[np.ndarray] = []
     labelled: bool | None = None
@@ -290,15 +434,26 @@ def _list_parquet(listed, image_column: str, label_column: str | None, limit: in
         }
     )
     class_names: list[str] = []
+    label_map: tuple[list[int], list[int]] | None = None
     if labelled and labels:
         all_labels = np.concatenate(labels)
         if all_labels.size and all_labels.min() < 0:
             raise CorpusError(f"negative labels in {label_column!r}")
-        n_classes = int(all_labels.max()) + 1 if all_labels.size else 0
-        if names_meta is not None:
-            class_names = list(names_meta)
+        present = np.unique(all_labels)  # the labels present, not 0..max: one stray label of
+        if present.size > MAX_CLASSES:  # 3,000,000 made 3M class names and the vote table
+            raise CorpusError(
+                f"{', '.join(r for *_, r in listed)}: {present.size} distinct values in label "
+                f"column {label_column!r}, more than {MAX_CLASSES} classes; is it the right column?"
+            )
+        if names_meta is not None and (not present.size or present[-1] < len(names_meta)):
+            class_names = list(names_meta)  # ``to-parquet``'s own: the indices of its classes
         else:
-            class_names = [name_pairs.get(i, str(i)) for i in range(n_classes)]
+            meta = names_meta or []
+            class_names = [
+                meta[v] if v < len(meta) else name_pairs.get(int(v), str(int(v))) for v in present
+            ]
+            if not np.array_equal(present, np.arange(present.size)):
+                label_map = (present.tolist(), list(range(present.size)))
     return Corpus(
         "parquet",
         fs,
@@ -309,4 +464,5 @@ def _list_parquet(listed, image_column: str, label_column: str | None, limit: in
         label_column if labelled else None,
         num_images=total,
         description=", ".join(r for *_, r in listed),
+        label_map=label_map,
     )

@@ -21,6 +21,31 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.fs as pafs
+
+from pipeline.data.sources import CorpusError, resolve_filesystem
+
+
+class OutputNotEmptyError(CorpusError):
+    """``models embed``'s output folder already holds files (names it and the fix)."""
+
+
+def check_output_empty(dst: str) -> None:
+    """Refuse an output that is a file or a folder with anything in it: Ray Data adds its
+    Parquet files to what is there, and the rows counted and read back would include the old
+    ones (a rerun doubled the embeddings)."""
+    fs, path = resolve_filesystem(dst)
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.NotFound:
+        return
+    if info.type != pafs.FileType.Directory:
+        raise OutputNotEmptyError(f"output {dst!r} is a file; give a new or empty folder")
+    entries = fs.get_file_info(pafs.FileSelector(path, recursive=False))
+    if entries:
+        raise OutputNotEmptyError(
+            f"output {dst!r} is not empty ({len(entries)} entries): the embeddings would be added "
+            "to what is there; give a new or empty folder, or remove it first"
+        )
 
 
 class Embedder:
@@ -36,6 +61,7 @@ class Embedder:
         with_label: bool = False,
         class_names: list[str] | None = None,
         device: str = "cpu",
+        original_labels: list[int] | None = None,
     ):
         import cv2
         import ray
@@ -55,6 +81,8 @@ class Embedder:
         self.filesystem = filesystem
         self.with_label = with_label
         self.class_names = list(class_names or [])
+        # class index -> the label as stored (Parquet labels are read as dense class indices)
+        self.original_labels = None if original_labels is None else np.asarray(original_labels)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         import torch
@@ -75,7 +103,8 @@ class Embedder:
         }
         if self.with_label and "label" in batch:
             labels = np.asarray(batch["label"], np.int64)[keep]
-            cols["label"] = pa.array(labels, pa.int64())
+            stored = labels if self.original_labels is None else self.original_labels[labels]
+            cols["label"] = pa.array(stored, pa.int64())
             if self.class_names:
                 cols["label_name"] = pa.array(
                     [
@@ -121,6 +150,7 @@ def embed_corpus(
     from pipeline.data.sources import list_corpus
     from pipeline.ray_runtime import ensure_ray
 
+    check_output_empty(dst)  # before any Ray work
     ensure_ray(address)
     corpus = list_corpus(src, format, image_column, label_column, limit)
     source = CorpusDatasource(corpus, shuffle=False, rows_per_task=batch_size)
@@ -135,6 +165,7 @@ def embed_corpus(
             "resize": resize,
             "with_label": corpus.labelled,
             "class_names": list(corpus.class_names),
+            "original_labels": corpus.original_labels() if corpus.label_map else None,
         },
         batch_size=batch_size,
         batch_format="numpy",

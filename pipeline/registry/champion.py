@@ -23,6 +23,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from mlflow.exceptions import MlflowException
+
 CHAMPION = "champion"
 EVAL_KEY_PARAM = "eval_key"
 FIGURE_METRIC = "knn_top1"
@@ -43,8 +45,6 @@ def champion_alias(key: str) -> str:
 def comparable_entries(client, name: str) -> list[Entry]:
     """Every version of ``name`` whose source run records an eval_key param and a finite
     knn_top1 metric; versions without a run, or whose run was deleted, are left out."""
-    from mlflow.exceptions import MlflowException
-
     runs: dict[str, tuple[str | None, float | None]] = {}
     entries = []
     for mv in client.search_model_versions(f"name='{name}'"):
@@ -63,8 +63,6 @@ def comparable_entries(client, name: str) -> list[Entry]:
 
 
 def _current(client, name: str) -> int | None:
-    from mlflow.exceptions import MlflowException
-
     try:
         return int(client.get_model_version_by_alias(name, CHAMPION).version)
     except MlflowException:  # no such alias yet

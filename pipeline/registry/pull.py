@@ -11,11 +11,14 @@ the downloaded pyfunc code (``package.py`` copy) is never imported.
 
 from __future__ import annotations
 
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
 
+import mlflow
 import torch.nn as nn
+from mlflow import MlflowClient
 
 from pipeline.registry import package
 from pipeline.registry.arch import build_verified, load_verified, parse_arch
@@ -34,14 +37,10 @@ def normalize_uri(model_uri: str) -> str:
 
 def pull(model_uri: str, dst_dir: str | Path, tracking_uri: str | None = None) -> Path:
     """Download the whole MLflow model (MLmodel, pyfunc code, weights, arch.json) to ``dst_dir``."""
-    import mlflow
-
     dst = Path(dst_dir)
     dst.mkdir(parents=True, exist_ok=True)
     model_uri = normalize_uri(model_uri)
     if Path(model_uri).exists():
-        import shutil
-
         shutil.copytree(model_uri, dst, dirs_exist_ok=True)
         return dst
     with use_tracking_uri(tracking_uri or mlflow.get_tracking_uri()):
@@ -87,8 +86,6 @@ def module_from_bytes(pkg: dict[str, Any]) -> nn.Module:
 def list_models(tracking_uri: str, name: str | None = None) -> list[dict[str, Any]]:
     """One row per model version: name, version, aliases, knn_top1 (tag), eval_key, epochs,
     code_version, run."""
-    from mlflow import MlflowClient
-
     client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
     rows = []
     names = [name] if name else [m.name for m in client.search_registered_models()]

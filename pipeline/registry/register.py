@@ -12,14 +12,26 @@ The run the version is logged into keeps the evaluation record that ``champion``
 
 from __future__ import annotations
 
-import contextlib
+import logging
+import math
 import tempfile
+import time
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+import mlflow
+import numpy as np
 import torch.nn as nn
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param
+from mlflow.models import ModelSignature
+from mlflow.types.schema import Schema, TensorSpec
 
+from dino_model.backbone import is_vit, timm_name
+from dino_model.normalize import IMAGENET_MEAN, IMAGENET_STD
 from pipeline.config import DinoConfig
+from pipeline.redact import redact
 from pipeline.registry import package
 from pipeline.registry.champion import CHAMPION, EVAL_KEY_PARAM, update_champion
 from pipeline.registry.eval_key import eval_identity, eval_key
@@ -30,6 +42,8 @@ __all__ = ["CHAMPION", "EvalKeyConflictError", "register_teacher", "update_champ
 
 MODEL_ARTIFACT = "teacher_backbone"
 
+log = logging.getLogger("dino_ray.registry")
+
 
 class EvalKeyConflictError(ValueError):
     """The target run already records a different evaluation setting."""
@@ -37,9 +51,6 @@ class EvalKeyConflictError(ValueError):
 
 def arch_description(cfg: DinoConfig, embed_dim: int) -> dict[str, Any]:
     """How to rebuild the teacher backbone with timm alone (mirrors dino_model.build_backbone)."""
-    from dino_model.backbone import is_vit, timm_name
-    from dino_model.normalize import IMAGENET_MEAN, IMAGENET_STD
-
     name = timm_name(cfg.model.arch)
     kwargs: dict[str, Any] = {"num_classes": 0}
     if is_vit(name):
@@ -64,15 +75,13 @@ def arch_description(cfg: DinoConfig, embed_dim: int) -> dict[str, Any]:
             "std": list(IMAGENET_STD),
             "scale": "x / 255, then (x - mean) / std",
         },
-        "model": cfg.model.model_dump(mode="json"),
+        # where the first weights came from is no part of rebuilding the module (and a URI may
+        # hold a password): the version's init_from tag records it, redacted
+        "model": cfg.model.model_dump(mode="json", exclude={"init_from"}),
     }
 
 
 def signature(embed_dim: int):
-    import numpy as np
-    from mlflow.models import ModelSignature
-    from mlflow.types.schema import Schema, TensorSpec
-
     return ModelSignature(
         inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 3, -1, -1))]),
         outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, embed_dim))]),
@@ -81,8 +90,6 @@ def signature(embed_dim: int):
 
 def input_example(cfg: DinoConfig):
     """One normalised black image, (1, 3, S, S) float32, at the smallest resolution trained at."""
-    import numpy as np
-
     size = min(cfg.augment.global_size, cfg.augment.local_size)
     return np.zeros((1, 3, size, size), np.float32)
 
@@ -92,23 +99,28 @@ def _resolve_backbone(backbone_or_checkpoint_dir, cfg: DinoConfig | None):
         if cfg is None:
             raise ValueError("register_teacher: a module needs its DinoConfig (cfg=...)")
         return backbone_or_checkpoint_dir, cfg, {}
-    from pipeline.checkpoints import load_teacher_backbone, read_meta
+    # imported here: pipeline.checkpoints brings pipeline.data and Ray Data, 1.2 s of CPU on top
+    # of this package (measured: python -c, process_time), which `dino-ray models list` and
+    # `models pull` (they import this package, never a checkpoint) would pay for nothing
+    from pipeline.checkpoints import load_teacher_backbone, read_meta  # noqa: PLC0415
 
     backbone, ckpt_cfg = load_teacher_backbone(backbone_or_checkpoint_dir)
     meta = {}
-    with contextlib.suppress(Exception):
+    try:  # meta.json only adds the epoch and the metrics: registering goes on without it
         meta = read_meta(backbone_or_checkpoint_dir)
+    except (OSError, ValueError) as exc:  # unreadable, or not JSON
+        log.warning("register: meta.json of %s not read (%s)", backbone_or_checkpoint_dir, exc)
     return backbone, cfg or ckpt_cfg, meta
 
 
 def _pip_requirements() -> list[str]:
-    from importlib.metadata import version
-
     reqs = []
     for dist in ("torch", "timm", "safetensors", "numpy", "mlflow"):
-        with contextlib.suppress(Exception):
-            v = version(dist).split("+")[0]
-            reqs.append(f"{dist}=={v}")
+        try:
+            v = metadata.version(dist).split("+")[0]
+        except metadata.PackageNotFoundError:  # the model then names only what is installed
+            continue
+        reqs.append(f"{dist}=={v}")
     return reqs
 
 
@@ -131,13 +143,11 @@ def register_teacher(
     training checkpoint directory/URI (its config.yaml is used when ``cfg`` is None).
     ``run_id``: log into that run (e.g. the training run); None starts a run in
     ``cfg.tracking.experiment``. ``metrics``: logged as metrics of that run where it has none of
-    that name yet (a training run keeps its own); the run's k-NN metrics are copied to tags. ``set_champion``: afterwards
-    run ``update_champion`` (champion among versions evaluated like this one, on run metrics).
+    that name yet (a training run keeps its own); the run's k-NN metrics are copied to tags.
+    ``set_champion``: afterwards run ``update_champion`` (champion among versions evaluated like
+    this one, on run metrics).
     Raises ``EvalKeyConflictError`` when ``run_id`` already records another ``eval_key``.
     """
-    import mlflow
-    from mlflow import MlflowClient
-
     backbone, cfg, meta = _resolve_backbone(backbone_or_checkpoint_dir, cfg)
     metrics = dict(metrics or meta.get("metrics") or {})
     tracking_uri = tracking_uri or cfg.tracking.tracking_uri
@@ -158,6 +168,8 @@ def register_teacher(
         ),
         "code_version": code_version(),
     }
+    if cfg.model.init_from is not None:
+        tags["init_from"] = _short(redact(cfg.model.init_from))
     extra_tags = dict(extra_tags or {})
 
     with use_tracking_uri(tracking_uri), tempfile.TemporaryDirectory(prefix="dino-pkg-") as tmp:
@@ -219,11 +231,6 @@ def _check_eval_key(client, run_id: str, key: str) -> None:
 def _record_evaluation(client, run_id: str, key: str, metrics: dict[str, Any]) -> None:
     """Log the eval_key param and the numeric ``metrics`` the run does not have yet: the record
     champion is decided on (params are immutable; a training run's own metrics win)."""
-    import math
-    import time
-
-    from mlflow.entities import Metric, Param
-
     run = client.get_run(run_id)
     params = [] if EVAL_KEY_PARAM in run.data.params else [Param(EVAL_KEY_PARAM, key)]
     now = int(time.time() * 1000)

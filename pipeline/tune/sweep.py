@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pipeline.config import DinoConfig
+from pipeline.redact import redact, redact_obj
 from pipeline.tune.parent_run import ParentRun
 from pipeline.tune.placement import ReleaseTrialPlacementGroups
 from pipeline.tune.report import best_row, format_table, results_table
@@ -77,8 +78,16 @@ def run_sweep(
     parent = ParentRun(cfg, sweep)
     # trials start in their own directory: relative data paths are made absolute here
     base = absolute_local_paths(cfg).model_dump(mode="json")
+    # Tune writes the param space into the sweep's storage (experiment state, every trial's
+    # params.json/params.pkl and result.json): it holds the base config redacted, for people;
+    # the trials get the real one (and the real storage path) through the object store
     space.update(
-        {"_base": base, "_sweep": sweep, "_storage": storage, "_parent_run_id": parent.run_id}
+        {
+            "_base": redact_obj(base),
+            "_sweep": sweep,
+            "_storage": redact(storage),
+            "_parent_run_id": parent.run_id,
+        }
     )
     # max_t above the last report (epochs + the final one), so only the rungs stop trials
     scheduler = ASHAScheduler(
@@ -90,7 +99,9 @@ def run_sweep(
     tuner = tune.Tuner(
         # the trial is only the Train driver (it waits); the TorchTrainer workers and the data
         # actors it starts reserve the real CPUs/GPUs
-        tune.with_resources(train_trial, dict(DRIVER_RESOURCES)),
+        tune.with_resources(
+            tune.with_parameters(train_trial, base=base, storage=storage), dict(DRIVER_RESOURCES)
+        ),
         param_space=space,
         tune_config=tune.TuneConfig(
             metric=tc.metric,

@@ -31,15 +31,24 @@ def trial_config(
     return cfg.with_overrides(updates)
 
 
-def train_trial(params: dict[str, Any]) -> None:
-    """Tune function trainable: one DINO training run (a TorchTrainer) per trial."""
+def train_trial(
+    params: dict[str, Any], base: dict[str, Any] | None = None, storage: str | None = None
+) -> None:
+    """Tune function trainable: one DINO training run (a TorchTrainer) per trial. ``base`` and
+    ``storage`` (``tune.with_parameters``) are the real base config and storage path; the
+    ``_base``/``_storage`` in ``params`` are redacted copies that Tune stores."""
     import ray.tune
 
     from pipeline.training_run import run_training
 
     ctx = ray.tune.get_context()
     name = trial_name(params["_sweep"], ctx.get_trial_id())
-    cfg = trial_config(params["_base"], params, name, params["_storage"])
+    cfg = trial_config(
+        params["_base"] if base is None else base,
+        params,
+        name,
+        params["_storage"] if storage is None else storage,
+    )
     metric = cfg.tune.metric
     reported: list[dict] = []
 
