@@ -50,6 +50,16 @@ def check_config(cfg: DinoConfig) -> None:
                     f"{name}={size} is not a multiple of model.patch_size="
                     f"{patch}: the ViT cannot cut it into patches"
                 )
+    if not is_vit(cfg.model.arch):  # the DINOv2 pieces that work on a ViT's tokens
+        for field, used in (
+            ("ibot.enabled", cfg.ibot.enabled),
+            ("model.num_registers", cfg.model.num_registers),
+        ):
+            if used:
+                raise PreflightError(
+                    f"{field}: needs a ViT backbone (it works on patch/prefix tokens); "
+                    f"{cfg.model.arch!r} is not one"
+                )
     if cfg.model.cifar_stem and is_vit(cfg.model.arch):
         raise PreflightError(
             f"model.cifar_stem: {cfg.model.arch!r} is a ViT, the CIFAR stem is "

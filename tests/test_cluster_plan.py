@@ -115,6 +115,10 @@ def test_config_and_corpus_checks_name_the_field():
     with pytest.raises(PreflightError, match=r"train\.precision='fp16' needs a CUDA device"):
         check_config(_cfg(**{"train.precision": "fp16"}))
     check_config(_cfg(**{"train.precision": "fp16", "train.use_gpu": True}))
+    for field, value in (("ibot.enabled", True), ("model.num_registers", 4)):
+        with pytest.raises(PreflightError, match=rf"{field}: needs a ViT.*'resnet18'"):
+            check_config(_cfg(**{"model.arch": "resnet18", "model.patch_size": 16, field: value}))
+    check_config(_cfg(**{"ibot.enabled": True, "model.num_registers": 4}))  # ViT: fine
     with pytest.raises(PreflightError, match=r"train\.batch_size_per_worker.*128.*exceeds the 100"):
         check_corpus(_cfg(**{"train.batch_size_per_worker": 64, "train.num_workers": 2}), 100)
 
