@@ -179,7 +179,7 @@ def _compare(centering, separate, frozen):
         schedule=StepSchedule(
             lr=LR,
             weight_decay=WD,
-            teacher_momentum=MOMENTUM,
+            momentum_teacher=MOMENTUM,
             teacher_temp=TEACHER_TEMP,
             freeze_last_layer=frozen,
         ),

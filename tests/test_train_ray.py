@@ -11,7 +11,9 @@ import pytest
 import torch
 from fault_injection import inject_faults
 from presets import tiny_config
+from safetensors.torch import save_file
 
+from dino_model.backbone import build_backbone
 from pipeline.checkpoints import latest_checkpoint, load_state, load_teacher_backbone, read_meta
 from pipeline.preflight import PreflightError
 from pipeline.train.failures import TrainingError
@@ -28,6 +30,11 @@ def test_two_workers_survive_a_worker_death_and_log_to_mlflow(
     ray_session, digits_dir, tmp_path, mlflow_sqlite, monkeypatch
 ):
     uri = mlflow_sqlite(tmp_path / "mlflow.db")
+    # released weights (issue 21): a tiny ViT of another seed, saved as safetensors; the run
+    # starts both backbones from them and trains the head alone in its first epoch
+    torch.manual_seed(123)
+    released = build_backbone("test_vit", img_size=32, patch_size=4).state_dict()
+    save_file(released, tmp_path / "released.safetensors")
     cfg = tiny_config(
         digits_dir,
         tmp_path / "runs",
@@ -35,6 +42,8 @@ def test_two_workers_survive_a_worker_death_and_log_to_mlflow(
         train__num_workers=2,
         train__max_failures=1,
         model__head_use_bn=True,
+        model__init_from=str(tmp_path / "released.safetensors"),
+        optim__freeze_backbone_epochs=1,
         tracking__enabled=True,
         tracking__tracking_uri=uri,
     )
@@ -53,7 +62,7 @@ def test_two_workers_survive_a_worker_death_and_log_to_mlflow(
     for key in (
         "lr",
         "weight_decay",
-        "teacher_momentum",
+        "momentum_teacher",
         "teacher_temp",
         "teacher_entropy",
         "kl",
@@ -69,6 +78,17 @@ def test_two_workers_survive_a_worker_death_and_log_to_mlflow(
     assert state["global_step"] == 6 and state["epoch"] == 2 and state["iters_per_epoch"] == 3
     assert set(state) >= {"student", "teacher", "center", "optimizer", "epoch", "global_step"}
     assert read_meta(ckpt)["global_step"] == 6
+    # the first epoch (steps 1-3) trained the head alone: both backbones are the released weights
+    # at the step-3 checkpoint, and the student's backbone moved in the second epoch
+    warm = load_state(Path(ckpt).parent / "checkpoint_step_00000003")
+    for key, value in released.items():
+        assert torch.equal(warm["student"][f"backbone.{key}"], value), key
+        # the EMA of equal weights, m x + (1 - m) x, moves them by rounding only
+        torch.testing.assert_close(warm["teacher"][f"backbone.{key}"], value, rtol=1e-5, atol=1e-6)
+    assert not torch.equal(
+        warm["student"]["head.mlp.0.weight"], state["student"]["head.mlp.0.weight"]
+    )
+    assert any(not torch.equal(state["student"][f"backbone.{k}"], v) for k, v in released.items())
     backbone, ckpt_cfg = load_teacher_backbone(ckpt)
     assert not backbone.training and ckpt_cfg.model.out_dim == 256
     with torch.no_grad():
