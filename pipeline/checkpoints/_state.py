@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+import yaml
 
 from pipeline.config import DinoConfig
 
@@ -80,8 +81,6 @@ def load_state(directory: str | Path, map_location: str | torch.device = "cpu") 
 
 
 def load_config(directory: str | Path) -> DinoConfig:
-    import yaml
-
     raw = yaml.safe_load((Path(directory) / CONFIG_FILE).read_text())
     for section, names in RETIRED_FIELDS.items():
         values = raw.get(section) if isinstance(raw, dict) else None

@@ -9,6 +9,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import pyarrow.fs as pafs
+
 from pipeline.checkpoints._state import META_FILE, STATE_FILE
 from pipeline.data.sources import resolve_filesystem
 
@@ -32,8 +34,6 @@ def latest_checkpoint(storage_path: str, name: str) -> str | None:
 
 def newest_checkpoint(storage_path: str, name: str) -> tuple[int, str] | None:
     """``(global_step, path or URI)`` of the newest complete checkpoint under storage_path/name."""
-    import pyarrow.fs as pafs
-
     root = run_dir(resolve_storage_path(storage_path), name)
     fs, base = pafs.FileSystem.from_uri(root) if "://" in root else (pafs.LocalFileSystem(), root)
     try:
@@ -58,8 +58,6 @@ def _complete_step(fs, path: str) -> int | None:
     """The global step of the checkpoint directory ``path``, or None while it is incomplete.
     Ray Train persists a checkpoint file by file, so a listed ``state.pt`` may still be growing
     (a reader saw a truncated one under load); meta.json names the size of each file."""
-    import pyarrow.fs as pafs
-
     try:
         with fs.open_input_stream(path + "/" + META_FILE) as f:
             meta = json.loads(f.read().decode())
@@ -113,8 +111,6 @@ class as_local_dir:
     def __enter__(self) -> Path:
         if "://" not in self.path:
             return Path(self.path)
-        import pyarrow.fs as pafs
-
         self._tmp = tempfile.mkdtemp(prefix="dino-ckpt-")
         pafs.copy_files(self.path, self._tmp)
         return Path(self._tmp)
