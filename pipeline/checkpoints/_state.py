@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+import yaml
 
 from pipeline.config import DinoConfig
 from pipeline.data.sources import resolve_filesystem
@@ -78,8 +79,6 @@ def load_state(directory: str | Path, map_location: str | torch.device = "cpu") 
 
 
 def load_config(directory: str | Path) -> DinoConfig:
-    import yaml
-
     return DinoConfig.from_dict(yaml.safe_load((Path(directory) / CONFIG_FILE).read_text()))
 
 
