@@ -16,9 +16,15 @@ Defaults: ViT-tiny/16 (timm ``vit_tiny_patch16_224``), 2 x 224 + 8 x 96 crops, b
 K = 65536 and the official head, fp32, on CPU, past the frozen epoch. On CUDA: ViT-S/16, batch 64,
 ours in bf16 against the official fp16 with its GradScaler (``--official-precision`` to change).
 
-    python bench/step.py [--device cpu] [--arch vit_tiny] [--batch 32] [--rounds 5] [--steps 3]
-                         [--precision fp32|bf16] [--official-precision fp32|bf16|fp16]
-                         [--epoch 1] [--compile]
+``--recipe dinov2``: ``dino_model.dinov2_step.dinov2_step`` (DINO + iBOT + KoLeo, Sinkhorn-Knopp,
+shared head, layer decay 0.9, patch-embedding lr x 0.2, ``--registers`` register tokens) against
+the DINOv2 step re-created in ``tests/official_dinov2.py``, both with the same block masks of the
+global crops (DINOv2's settings: half the views masked, ratios in [0.1, 0.5]); the official pads
+its masked-patch buffers to DINOv2's ``upperbound``, as its collate does. fp32 only.
+
+    python bench/step.py [--recipe dino|dinov2] [--device cpu] [--arch vit_tiny] [--batch 32]
+                         [--rounds 5] [--steps 3] [--precision fp32|bf16]
+                         [--official-precision fp32|bf16|fp16] [--epoch 1] [--compile]
 """
 
 from __future__ import annotations
@@ -31,16 +37,23 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # the package, and the tests' official reference
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # the package, and the tests' references
 import official_dino as official  # noqa: E402
+import official_dinov2  # noqa: E402
 
 from bench._corpus import command_line, machine  # noqa: E402
+from dino_model.dinov2_step import dinov2_step  # noqa: E402
+from dino_model.ibot_loss import IBOTPatchLoss  # noqa: E402
 from dino_model.loss import DINOLoss  # noqa: E402
+from dino_model.mask_batch import MaskBatch  # noqa: E402
+from dino_model.masking import BlockMasking  # noqa: E402
 from dino_model.model import build_student_teacher  # noqa: E402
 from dino_model.optim import build_optimizer  # noqa: E402
+from dino_model.param_groups import dinov2_param_groups  # noqa: E402
 from dino_model.precision import resolve_precision  # noqa: E402
 from dino_model.schedules import build_schedules, scaled_lr  # noqa: E402
 from dino_model.step import dino_step  # noqa: E402
@@ -49,10 +62,15 @@ from dino_model.step import dino_step  # noqa: E402
 LR, MIN_LR, WARMUP_EPOCHS, WD, WD_END = 5e-4, 1e-6, 10, 0.04, 0.4
 MOMENTUM, MOMENTUM_END, TEACHER_TEMP, CLIP, FREEZE_EPOCHS = 0.996, 1.0, 0.04, 3.0, 1
 EPOCHS, IPE = 100, 1000  # schedule length; the steps timed are the first ones of ``--epoch``
+# DINOv2's ViT-S/B defaults (dinov2/configs/ssl_default_config.yaml)
+LAYER_DECAY, PATCH_EMBED_LR_MULT, IBOT_WEIGHT, KOLEO_WEIGHT = 0.9, 0.2, 1.0, 0.1
+MASK_PROBABILITY, MASK_RATIO = 0.5, (0.1, 0.5)
 
 
 def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser()
+    ap.add_argument("--recipe", choices=["dino", "dinov2"], default="dino")
+    ap.add_argument("--registers", type=int, default=4, help="dinov2: register tokens")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--arch", help="vit_tiny on CPU, vit_small on CUDA")
     ap.add_argument("--batch", type=int, help="32 on CPU, 64 on CUDA")
@@ -184,6 +202,128 @@ class Official:
         return {"loss": self.last.loss}  # read in every step already (``loss.item()``)
 
 
+def _schedules(args):
+    return build_schedules(
+        lr=scaled_lr(LR, args.batch),
+        min_lr=MIN_LR,
+        warmup_epochs=WARMUP_EPOCHS,
+        weight_decay=WD,
+        weight_decay_end=WD_END,
+        momentum=MOMENTUM,
+        momentum_end=MOMENTUM_END,
+        warmup_teacher_temp=TEACHER_TEMP,
+        teacher_temp=TEACHER_TEMP,
+        warmup_teacher_temp_epochs=0,
+        freeze_last_layer_epochs=FREEZE_EPOCHS,
+        epochs=EPOCHS,
+        iters_per_epoch=IPE,
+    )
+
+
+def make_masks(args) -> torch.Tensor:
+    """(2B, N) block masks of the global crops (DINOv2's settings), fixed like the crops."""
+    gen = BlockMasking(
+        args.global_size // args.patch,
+        mask_sample_probability=MASK_PROBABILITY,
+        mask_ratio_min_max=MASK_RATIO,
+    )
+    return torch.as_tensor(gen(np.random.default_rng(args.seed), 2 * args.batch))
+
+
+class OursV2:
+    def __init__(self, student, teacher, args, device, masks) -> None:
+        self.student, self.teacher = student, teacher
+        self.dino_loss = DINOLoss(args.out_dim, centering="sinkhorn_knopp").to(device)
+        self.ibot_loss = IBOTPatchLoss(args.out_dim, centering="sinkhorn_knopp").to(device)
+        groups = dinov2_param_groups(
+            student, layer_decay=LAYER_DECAY, patch_embed_lr_mult=PATCH_EMBED_LR_MULT
+        )
+        self.optimizer = build_optimizer(student, groups=groups)
+        self.masks = MaskBatch.from_masks(masks).to(device)  # the host work of the loop's collate
+        self.sched = _schedules(args)
+        self.it = args.epoch * IPE
+        self.last = None
+
+    def step(self, crops) -> None:
+        self.last = dinov2_step(
+            student=self.student,
+            teacher=self.teacher,
+            dino_loss=self.dino_loss,
+            ibot_loss=self.ibot_loss,
+            optimizer=self.optimizer,
+            crops=crops,
+            masks=self.masks,
+            schedule=self.sched.at(self.it),
+            clip_grad=CLIP,
+            ibot_weight=IBOT_WEIGHT,
+            koleo_weight=KOLEO_WEIGHT,
+        )
+        self.it += 1
+
+    def read(self) -> dict:
+        return self.last.metrics()
+
+
+class OfficialV2:
+    def __init__(self, student, teacher, args, device, masks) -> None:
+        def parts(net):
+            return torch.nn.ModuleDict(
+                {"backbone": official_dinov2.Backbone(net.backbone), "dino_head": net.head}
+            )
+
+        self.model = official_dinov2.SSLMetaArch(
+            parts(student),
+            parts(teacher),
+            out_dim=args.out_dim,
+            patch_out_dim=args.out_dim,
+            centering="sinkhorn_knopp",
+            ibot_separate_head=False,
+            ibot_loss_weight=IBOT_WEIGHT,
+            koleo_loss_weight=KOLEO_WEIGHT,
+        ).to(device)
+        self.model.teacher.load_state_dict(self.model.student.state_dict())
+        self.optimizer = official_dinov2.build_optimizer(
+            self.model.student, LAYER_DECAY, PATCH_EMBED_LR_MULT
+        )
+        # DINOv2's collate pads the masked-patch buffers to sum_i int(N * probs[i + 1]) over the
+        # int(2B * p) masked views, probs = linspace(lo, hi, n + 1)
+        n_masked_views = int(masks.shape[0] * MASK_PROBABILITY)
+        probs = torch.linspace(*MASK_RATIO, n_masked_views + 1)
+        upperbound = sum(int(masks.shape[1] * probs[i + 1]) for i in range(n_masked_views))
+        self.masks = masks.to(device)
+        self.pad = max(upperbound - int(masks.sum()), 0)
+        self.lr = official.cosine_scheduler(
+            scaled_lr(LR, args.batch), MIN_LR, EPOCHS, IPE, warmup_epochs=WARMUP_EPOCHS
+        )
+        self.wd = official.cosine_scheduler(WD, WD_END, EPOCHS, IPE)
+        self.momentum = official.cosine_scheduler(MOMENTUM, MOMENTUM_END, EPOCHS, IPE)
+        self.n_local = args.local_crops
+        self.it = args.epoch * IPE
+        self.last = None
+
+    def step(self, crops) -> None:
+        batch = official_dinov2.collate(
+            torch.cat(crops[:2]), torch.cat(crops[2:]), self.masks, pad=self.pad
+        )
+        frozen = self.it < FREEZE_EPOCHS * IPE
+        self.last, _ = official_dinov2.train_step(
+            self.model,
+            self.optimizer,
+            batch,
+            lr=self.lr[self.it],
+            wd=self.wd[self.it],
+            mom=self.momentum[self.it],
+            teacher_temp=TEACHER_TEMP,
+            last_layer_lr=0.0 if frozen else self.lr[self.it],
+            n_local_crops=self.n_local,
+            clip_grad=CLIP,
+        )
+        self.it += 1
+
+    def read(self) -> dict:
+        return {"loss": float(self.last["total"])}  # DINOv2 logs every loss of every step
+
+
 def timed_round(impl, crops, steps: int, device: torch.device) -> float:
     """Seconds per step over ``steps`` steps, with the device drained at the end."""
     t0 = time.perf_counter()
@@ -199,8 +339,13 @@ def main() -> None:
     args = parse_args()
     device = torch.device(args.device)
 
+    dinov2 = args.recipe == "dinov2"
+    if dinov2 and (args.precision != "fp32" or args.official_precision != "fp32"):
+        raise SystemExit("--recipe dinov2 is timed in fp32 only (--precision fp32)")
+
     def build(cls_only_last_block: bool):
         torch.manual_seed(args.seed)  # the same starting weights for both sides
+        extra = {"ibot": True, "num_registers": args.registers} if dinov2 else {}
         return build_student_teacher(
             args.arch,
             img_size=args.global_size,
@@ -210,18 +355,28 @@ def main() -> None:
             bottleneck_dim=args.bottleneck_dim,
             drop_path_rate=0.1,
             cls_only_last_block=cls_only_last_block,
+            **extra,
         )
 
     student, teacher = build(True)
     # the official ViT computes every token in its last block (``official.MultiCropWrapper``
     # takes the modules)
     official_student, official_teacher = build(False)
-    impls = {
-        "official": Official(
-            official_student.to(device), official_teacher.to(device), args, device
-        ),
-        "ours": Ours(student.to(device), teacher.to(device), args, device),
-    }
+    if dinov2:
+        masks = make_masks(args)
+        impls = {
+            "official": OfficialV2(
+                official_student.to(device), official_teacher.to(device), args, device, masks
+            ),
+            "ours": OursV2(student.to(device), teacher.to(device), args, device, masks),
+        }
+    else:
+        impls = {
+            "official": Official(
+                official_student.to(device), official_teacher.to(device), args, device
+            ),
+            "ours": Ours(student.to(device), teacher.to(device), args, device),
+        }
     crops = make_crops(args, device)
     for impl in impls.values():  # warm-up: optimiser state, allocator, (compile)
         timed_round(impl, crops, args.warmup, device)
@@ -235,8 +390,14 @@ def main() -> None:
     print(
         json.dumps(
             {
-                "benchmark": "one DINO training step: dino_model.step.dino_step vs the official "
-                "train_one_epoch step (tests/official_dino.py)",
+                "benchmark": (
+                    "one DINOv2 training step (DINO + iBOT + KoLeo, Sinkhorn-Knopp): "
+                    "dino_model.dinov2_step.dinov2_step vs the DINOv2 step re-created in "
+                    "tests/official_dinov2.py"
+                    if dinov2
+                    else "one DINO training step: dino_model.step.dino_step vs the official "
+                    "train_one_epoch step (tests/official_dino.py)"
+                ),
                 "command": command_line(),
                 "machine": {
                     **machine(),
@@ -246,6 +407,9 @@ def main() -> None:
                     "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
                 },
                 "settings": {
+                    "recipe": args.recipe,
+                    "registers": args.registers if dinov2 else 0,
+                    "masked_patches": int(impls["ours"].masks.masks.sum()) if dinov2 else None,
                     "device": str(device),
                     "arch": args.arch,
                     "patch": args.patch,

@@ -99,7 +99,8 @@ class IBOTPatchLoss(nn.Module):
         per_patch = -(targets * log_student).sum(dim=-1)  # (M,)
         loss = (per_patch * weights).sum() / max(n_rows, 1)
         with torch.no_grad():
-            entropy = -(targets * torch.log(targets + 1e-12)).sum(-1)
+            # entr: -t log t in one pass over the (M, K_p) targets (0 at t = 0), no temporaries
+            entropy = torch.special.entr(targets).sum(-1)
             mean_entropy = entropy.sum() / max(entropy.shape[0], 1)
         if update_center and self.training:
             self.update_center(teacher)
