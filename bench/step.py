@@ -18,7 +18,7 @@ ours in bf16 against the official fp16 with its GradScaler (``--official-precisi
 
 ``--recipe dinov2``: ``dino_model.dinov2_step.dinov2_step`` (DINO + iBOT + KoLeo, Sinkhorn-Knopp,
 shared head, layer decay 0.9, patch-embedding lr x 0.2, ``--registers`` register tokens) against
-the DINOv2 step re-created in ``bench/official_dinov2.py``, both with the same block masks of the
+the DINOv2 step re-created in ``tests/official_dinov2.py``, both with the same block masks of the
 global crops (DINOv2's settings: half the views masked, ratios in [0.1, 0.5]); the official pads
 its masked-patch buffers to DINOv2's ``upperbound``, as its collate does. fp32 only.
 
@@ -41,10 +41,14 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # the package, and the tests' official reference
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # the package, and the tests' references
 import official_dino as official  # noqa: E402
+import official_dinov2  # noqa: E402
 
+<<<<<<< HEAD
 from bench import official_dinov2  # noqa: E402
+=======
+>>>>>>> main
 from bench._corpus import command_line, machine  # noqa: E402
 from dino_model.dinov2_step import dinov2_step  # noqa: E402
 from dino_model.ibot_loss import IBOTPatchLoss  # noqa: E402
@@ -127,8 +131,8 @@ class Ours:
             warmup_epochs=WARMUP_EPOCHS,
             weight_decay=WD,
             weight_decay_end=WD_END,
-            momentum=MOMENTUM,
-            momentum_end=MOMENTUM_END,
+            momentum_teacher=MOMENTUM,
+            momentum_teacher_end=MOMENTUM_END,
             warmup_teacher_temp=TEACHER_TEMP,
             teacher_temp=TEACHER_TEMP,
             warmup_teacher_temp_epochs=0,
@@ -393,7 +397,7 @@ def main() -> None:
                 "benchmark": (
                     "one DINOv2 training step (DINO + iBOT + KoLeo, Sinkhorn-Knopp): "
                     "dino_model.dinov2_step.dinov2_step vs the DINOv2 step re-created in "
-                    "bench/official_dinov2.py"
+                    "tests/official_dinov2.py"
                     if dinov2
                     else "one DINO training step: dino_model.step.dino_step vs the official "
                     "train_one_epoch step (tests/official_dino.py)"

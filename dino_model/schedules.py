@@ -62,23 +62,24 @@ def teacher_temp_schedule(
 class StepSchedule:
     """The scheduled values of one optimisation step (what ``dino_step`` reads).
 
-    ``teacher_momentum`` is the EMA coefficient m of the teacher update (named apart from the
+    ``momentum_teacher`` is the EMA coefficient m of the teacher update (named apart from the
     optimiser's own momentum: ``optim.optimizer=sgd`` has one too); ``freeze_last_layer`` drops
     the prototypes' gradients in this step (the first ``freeze_last_layer_epochs`` epochs).
     """
 
     lr: float
     weight_decay: float
-    teacher_momentum: float
+    momentum_teacher: float
     teacher_temp: float
     freeze_last_layer: bool = False
+    freeze_backbone: bool = False  # the head warm-up of a run started from released weights
 
     def metrics(self) -> dict[str, float]:
-        """The logged values, under the metric names the runs have always used."""
+        """The logged values, named as the config fields that set them."""
         return {
             "lr": self.lr,
             "weight_decay": self.weight_decay,
-            "teacher_momentum": self.teacher_momentum,
+            "momentum_teacher": self.momentum_teacher,
             "teacher_temp": self.teacher_temp,
         }
 
@@ -89,10 +90,11 @@ class Schedules:
 
     lr: np.ndarray
     weight_decay: np.ndarray
-    teacher_momentum: np.ndarray
+    momentum_teacher: np.ndarray
     teacher_temp: np.ndarray
     freeze_last_layer: np.ndarray  # bool
     iters_per_epoch: int
+    freeze_backbone: np.ndarray | None = None  # bool; None: never
 
     @property
     def total(self) -> int:
@@ -104,9 +106,10 @@ class Schedules:
         return StepSchedule(
             lr=float(self.lr[i]),
             weight_decay=float(self.weight_decay[i]),
-            teacher_momentum=float(self.teacher_momentum[i]),
+            momentum_teacher=float(self.momentum_teacher[i]),
             teacher_temp=float(self.teacher_temp[i]),
             freeze_last_layer=bool(self.freeze_last_layer[i]),
+            freeze_backbone=self.freeze_backbone is not None and bool(self.freeze_backbone[i]),
         )
 
 
@@ -117,12 +120,13 @@ def build_schedules(
     warmup_epochs: float,
     weight_decay: float,
     weight_decay_end: float,
-    momentum: float,
-    momentum_end: float,
+    momentum_teacher: float,
+    momentum_teacher_end: float,
     warmup_teacher_temp: float,
     teacher_temp: float,
     warmup_teacher_temp_epochs: int,
     freeze_last_layer_epochs: int = 1,
+    freeze_backbone_epochs: int = 0,
     epochs: int,
     iters_per_epoch: int,
 ) -> Schedules:
@@ -134,10 +138,13 @@ def build_schedules(
     return Schedules(
         lr=cosine_schedule(lr, min_lr, epochs, iters_per_epoch, warmup_epochs=warmup_epochs),
         weight_decay=cosine_schedule(weight_decay, weight_decay_end, epochs, iters_per_epoch),
-        teacher_momentum=cosine_schedule(momentum, momentum_end, epochs, iters_per_epoch),
+        momentum_teacher=cosine_schedule(
+            momentum_teacher, momentum_teacher_end, epochs, iters_per_epoch
+        ),
         teacher_temp=teacher_temp_schedule(
             warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs, epochs, iters_per_epoch
         ),
         freeze_last_layer=np.arange(total) < freeze_last_layer_epochs * iters_per_epoch,
+        freeze_backbone=np.arange(total) < freeze_backbone_epochs * iters_per_epoch,
         iters_per_epoch=iters_per_epoch,
     )

@@ -31,6 +31,7 @@ import torch.nn as nn
 
 from dino_model.ema import update_teacher
 from dino_model.ibot_loss import PatchLossStats
+from dino_model.init_weights import cancel_backbone_gradients
 from dino_model.koleo import koleo_loss
 from dino_model.loss import DINOLoss, LossStats
 from dino_model.optim import apply_schedule, cancel_last_layer_gradients, clip_gradients
@@ -209,6 +210,8 @@ def update_networks(
     grad_norm = clip(student)
     if schedule.freeze_last_layer and cancel_frozen_last_layer:
         cancel_last_layer_gradients(student)
+    if schedule.freeze_backbone:  # the head warm-up: the backbone keeps its released weights
+        cancel_backbone_gradients(student)
 
     # skip the update for a non-finite loss, and (fp16) where the scaler skips it: for gradients
     # with an inf/NaN, which is when a per-parameter norm is (the same test as ``unscale_``)
@@ -221,7 +224,7 @@ def update_networks(
         scaler.update()  # S shrinks after inf gradients (found by ``unscale_``), grows otherwise
     if skips_on_device(optimizer, device):
         _step_on_device(optimizer, skip)
-        update_teacher(teacher, student, torch.where(skip, 1.0, schedule.teacher_momentum))
+        update_teacher(teacher, student, torch.where(skip, 1.0, schedule.momentum_teacher))
     else:
         skipped = bool(skip)  # the one read of the step: free on CPU
         if skipped and not torch.isfinite(loss.detach()):
@@ -229,7 +232,7 @@ def update_networks(
             raise NonFiniteLossError(f"loss is {float(loss.detach())}; stopping before the update")
         if not skipped:
             optimizer.step()
-            update_teacher(teacher, student, schedule.teacher_momentum)
+            update_teacher(teacher, student, schedule.momentum_teacher)
     return grad_norm, skip
 
 

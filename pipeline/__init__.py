@@ -7,7 +7,8 @@ ones below it (``[tool.importlinter]`` in pyproject.toml checks it, tests/test_l
     pipeline.commands                        one module per ``dino-ray`` verb
     pipeline.demo                            the main job of ``make demo``
     pipeline.tune                            Ray Tune sweeps
-    pipeline.registry | pipeline.training_run   MLflow model registry | train, then evaluate
+    pipeline.training_run                    train (from registered weights too), then evaluate
+    pipeline.registry                        MLflow model registry
     pipeline.train | pipeline.evaluate       Ray Train | Ray Data k-NN and batch inference
     pipeline.checkpoints | pipeline.tracking   checkpoints | MLflow run logging
     pipeline.data                            corpora, multi-crop and evaluation datasets

@@ -13,6 +13,10 @@ without limit).
 
 from __future__ import annotations
 
+import os
+
+from dino_model.backbone import is_known_backbone, is_vit
+from dino_model.precision import PrecisionError, resolve_precision
 from pipeline.cluster import ClusterView
 from pipeline.config import ConfigError, DinoConfig
 
@@ -27,9 +31,6 @@ def is_local_path(path: str) -> bool:
 
 
 def check_config(cfg: DinoConfig) -> None:
-    from dino_model.backbone import is_known_backbone, is_vit
-    from dino_model.precision import PrecisionError, resolve_precision
-
     try:  # fp16 training needs a GPU (and its grad scaler)
         resolve_precision(cfg.train.precision, "cuda" if cfg.train.use_gpu else "cpu")
     except PrecisionError as exc:
@@ -88,15 +89,14 @@ def absolute_local_paths(cfg: DinoConfig) -> DinoConfig:
     """A copy whose relative local paths are absolute (against this process's working directory):
     for processes that run elsewhere on this machine, like Tune trials, which start in their own
     trial directory. URIs, absolute paths and ``demo`` are kept."""
-    import os
+
+    def fix(p: str) -> str:
+        return p if p == "demo" or not is_local_path(p) or os.path.isabs(p) else os.path.abspath(p)
 
     updates: dict[str, object] = {}
     for name, _ in local_path_fields(cfg):
         section, field = name.split(".")
         value = getattr(getattr(cfg, section), field)
-        fix = lambda p: (
-            p if p == "demo" or not is_local_path(p) or os.path.isabs(p) else os.path.abspath(p)
-        )
         updates[name] = fix(value) if isinstance(value, str) else [fix(p) for p in value]
     return cfg.with_overrides(updates) if updates else cfg
 

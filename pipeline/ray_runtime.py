@@ -9,9 +9,15 @@ both sides schedulable. On a real cluster we join it as it is and cap Ray Data i
 
 from __future__ import annotations
 
+import logging
 import os
 
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+from pipeline.cluster import ClusterView
+
+log = logging.getLogger("dino_ray.ray_runtime")
 
 OVERSUBSCRIBE = 2  # logical CPUs per physical core on an embedded cluster
 
@@ -50,14 +56,20 @@ def _start_autoscaling_coordinator() -> None:
     start, which cost every training run two timeouts (~10 s). Starting it with the embedded
     cluster lets it come up while the driver lists data and opens MLflow. Internal Ray API: any
     failure only means it is created on first use, as before."""
+    # imported here: pipeline.data imports this module in every data process (each crop actor,
+    # the data state actor), where the coordinator's module would cost 0.06 s of CPU for nothing
+    # (measured after ``import pipeline.data.state``: python -c, process_time); only a driver
+    # that starts an embedded cluster calls this
     try:
-        from ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator import (
+        from ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator import (  # noqa: PLC0415
             get_or_create_autoscaling_coordinator,
         )
 
         get_or_create_autoscaling_coordinator()
-    except Exception:  # noqa: BLE001
-        pass
+    # a Ray without this internal module, or an actor that could not be created: it is then
+    # created on first use
+    except (ImportError, ray.exceptions.RayError) as exc:
+        log.debug("autoscaling coordinator not started with the cluster: %s", exc)
 
 
 def role_resources(role: str, amount: float) -> dict[str, float]:
@@ -65,8 +77,6 @@ def role_resources(role: str, amount: float) -> dict[str, float]:
     that brings it (cluster.yaml gives data nodes ``data`` and GPU nodes ``train``), else nothing,
     so a local Ray places work freely. A fresh ``ray up`` cluster is only its head: asking for the
     role anyway is what makes the autoscaler add the right node."""
-    from pipeline.cluster import ClusterView
-
     return {role: amount} if ClusterView.current().has_role(role) else {}
 
 
@@ -74,8 +84,6 @@ def on_this_node() -> dict:
     """Actor options that keep a zero-CPU bookkeeping actor (metrics queue, data state) on the
     node of the process that creates it, the job driver's (the head on a cluster), as Ray Train
     does with its controller: a train or data node that dies then takes no bookkeeping with it."""
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
     return {
         "scheduling_strategy": NodeAffinitySchedulingStrategy(
             ray.get_runtime_context().get_node_id(), soft=False

@@ -16,6 +16,7 @@ from typing import Any
 from pipeline.config import DinoConfig
 from pipeline.data.contract import TrainData
 from pipeline.evaluate.knn_eval import evaluate_knn, evaluate_test_split
+from pipeline.registry.init_from import resolve_init
 from pipeline.train.trainer import MetricsHook, TrainingResult, fit
 
 
@@ -45,6 +46,7 @@ def run_training(
     ``PreflightError`` (a ``ConfigError``) before any Ray work for a run that cannot succeed, and
     ``TrainingError`` (with ``last_checkpoint``) when training fails.
     """
+    init = resolve_init(cfg)  # before Ray: an unreadable or unfit source fails here, one line
     return fit(
         cfg,
         address=address,
@@ -54,4 +56,5 @@ def run_training(
         config_path=config_path,
         callbacks=callbacks,
         evaluation=CheckpointEvaluation(),
+        init_weights=init.to_bytes() if init is not None else None,
     )

@@ -8,16 +8,15 @@ from __future__ import annotations
 
 import os
 import subprocess
+from importlib import metadata
 from pathlib import Path
 
 
 def code_version() -> str:
     """``<package version>+g<git sha>`` ($DINO_RAY_GIT_SHA wins: jobs ship without .git)."""
     try:
-        from importlib.metadata import version
-
-        ver = version("dino-ray")
-    except Exception:  # noqa: BLE001 - not installed
+        ver = metadata.version("dino-ray")
+    except metadata.PackageNotFoundError:  # run from a checkout that was never installed
         ver = "0+unknown"
     sha = os.environ.get("DINO_RAY_GIT_SHA") or git_sha()
     return f"{ver}+g{sha}" if sha else ver

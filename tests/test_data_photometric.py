@@ -371,11 +371,23 @@ def test_rejects_wrong_layout():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_matches_cpu():
+    """The same seed gives the same crops on a CUDA device as on the CPU. cuDNN's convolutions
+    default to TF32 on Ampere and later (``torch.backends.cudnn.conv.fp32_precision``), which
+    rounds the blur kernels to 10 mantissa bits, ~0.1 of a level at 255: the comparison of the ops
+    runs in IEEE float32, where only float32 rounding ties can differ."""
     batch = torch.from_numpy(fields(32, size=48, seed=8))
     r = P.PhotometricRecipe(solarize_p=0.3, blur_p=0.7)
     cpu = P.photometric(batch, r, P.generator_for(3))
-    gpu = P.photometric(batch.cuda(), r, P.generator_for(3))
-    assert gpu.is_cuda and (gpu.cpu().int() - cpu.int()).abs().float().mean() < 0.05
+    assert (cpu != batch).float().mean() > 0.5  # the recipe changed most pixels
+    with torch.backends.cudnn.flags(enabled=True, deterministic=True, allow_tf32=False):
+        gpu = P.photometric(batch.cuda(), r, P.generator_for(3))
+        again = P.photometric(batch.cuda(), r, P.generator_for(3))
+    assert gpu.is_cuda and gpu.dtype == torch.uint8 and gpu.shape == batch.shape
+    assert torch.equal(gpu, again)  # deterministic on the device too
+    diff = (gpu.cpu().int() - cpu.int()).abs()
+    # float32 ties only: a level here and there (a contrast or saturation factor > 1 can carry
+    # one level to two), never a different recipe (which moves most pixels by many levels)
+    assert diff.float().mean() < 0.05 and diff.max() <= 2, (diff.float().mean(), diff.max())
 
 
 def test_view_recipes_follow_the_config():

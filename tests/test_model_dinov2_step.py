@@ -1,5 +1,5 @@
 """``dinov2_step`` against one iteration of the DINOv2 recipe re-created from the paper and the
-official code (``bench/official_dinov2.py``: DINO + iBOT + KoLeo, Sinkhorn-Knopp or centring,
+official code (``tests/official_dinov2.py``: DINO + iBOT + KoLeo, Sinkhorn-Knopp or centring,
 shared or separate iBOT head, layer-wise decay, per-part clipping, frozen last layer by lr 0).
 
 Only the ViT and head modules come from ``dino_model`` (both sides start from identical weights,
@@ -11,10 +11,9 @@ As ``tests/test_model_official_step.py``: the networks run in float64, the losse
 """
 
 import copy
-import sys
-from pathlib import Path
 
 import numpy as np
+import official_dinov2 as official  # noqa: E402
 import pytest
 import torch
 
@@ -27,9 +26,6 @@ from dino_model.model import build_student_teacher
 from dino_model.optim import build_optimizer
 from dino_model.param_groups import dinov2_param_groups
 from dino_model.schedules import StepSchedule
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout's root, for bench/
-from bench import official_dinov2 as official  # noqa: E402
 
 K, B, N_LOCAL, GLOBAL, LOCAL, PATCH = 64, 6, 3, 32, 16, 4
 STUDENT_TEMP, CENTER_M, TEACHER_TEMP, CLIP = 0.1, 0.9, 0.05, 500.0
@@ -179,7 +175,7 @@ def _compare(centering, separate, frozen):
         schedule=StepSchedule(
             lr=LR,
             weight_decay=WD,
-            teacher_momentum=MOMENTUM,
+            momentum_teacher=MOMENTUM,
             teacher_temp=TEACHER_TEMP,
             freeze_last_layer=frozen,
         ),

@@ -1,18 +1,13 @@
 """The iBOT patch loss and the Sinkhorn-Knopp DINO loss against DINOv2's losses re-created in
-``bench/official_dinov2.py``: values, gradients and centres."""
+``tests/official_dinov2.py``: values, gradients and centres."""
 
-import sys
-from pathlib import Path
-
+import official_dinov2 as official  # noqa: E402
 import pytest
 import torch
 
 from dino_model.ibot_loss import IBOTPatchLoss
 from dino_model.loss import DINOLoss
 from dino_model.mask_batch import MaskBatch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout's root, for bench/
-from bench import official_dinov2 as official  # noqa: E402
 
 K, TEMP, N = 24, 0.06, 16
 

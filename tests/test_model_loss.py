@@ -67,7 +67,21 @@ def test_collapsed_student_gives_log_k():
     teacher = torch.randn(2 * b, k)
     loss, stats = DINOLoss(k)(student, teacher, n_student_views=6, teacher_temp=0.04)
     assert float(loss) == pytest.approx(math.log(k), rel=1e-5)
-    assert stats.log_k == pytest.approx(math.log(k))
+    # the monitors, written out in float64: H(p_t) per sample, H of the batch-mean p_t, and
+    # KL(p_t || p_s), which a uniform student puts at ln K - H(p_t)
+    z = teacher.double() / 0.04
+    p = torch.softmax(z, dim=-1)
+    h = -(p * torch.log_softmax(z, dim=-1)).sum(-1).mean()
+    mean_p = p.mean(0)
+    assert float(stats.teacher_entropy) == pytest.approx(float(h), rel=1e-4)
+    assert float(stats.teacher_batch_entropy) == pytest.approx(
+        float(-(mean_p * mean_p.log()).sum()), rel=1e-4
+    )
+    assert float(stats.kl) == pytest.approx(math.log(k) - float(h), rel=1e-4)
+    # ln K is the entropy ceiling: a uniform teacher (equal logits) reaches it
+    _, flat = DINOLoss(k)(student, torch.zeros(2 * b, k), n_student_views=6, teacher_temp=0.04)
+    assert float(flat.teacher_entropy) == pytest.approx(stats.log_k, rel=1e-5)
+    assert float(flat.teacher_entropy) == pytest.approx(math.log(k), rel=1e-5)
 
 
 def test_teacher_targets_carry_no_gradient():

@@ -139,7 +139,7 @@ def _compare(epoch, norm_last_layer):
         schedule=StepSchedule(
             lr=sched["lr"][it],
             weight_decay=sched["wd"][it],
-            teacher_momentum=sched["momentum"][it],
+            momentum_teacher=sched["momentum"][it],
             teacher_temp=sched["temp"],
             freeze_last_layer=epoch < FREEZE_EPOCHS,
         ),

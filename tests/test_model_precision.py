@@ -14,7 +14,7 @@ from dino_model.precision import Precision, PrecisionError, resolve_precision
 from dino_model.schedules import StepSchedule
 from dino_model.step import dino_step
 
-SCHED = StepSchedule(lr=1e-3, weight_decay=0.04, teacher_momentum=0.99, teacher_temp=0.04)
+SCHED = StepSchedule(lr=1e-3, weight_decay=0.04, momentum_teacher=0.99, teacher_temp=0.04)
 NO_CUDA_WARNING = "ignore:.*CUDA is not available"  # GradScaler(device="cuda") on a CPU host
 
 

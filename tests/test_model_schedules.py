@@ -64,8 +64,8 @@ def test_build_schedules_match_the_official_schedulers(epochs, ipe, warmup, temp
         warmup_epochs=warmup,
         weight_decay=0.04,
         weight_decay_end=0.4,
-        momentum=0.996,
-        momentum_end=1.0,
+        momentum_teacher=0.996,
+        momentum_teacher_end=1.0,
         warmup_teacher_temp=0.04,
         teacher_temp=0.07,
         warmup_teacher_temp_epochs=temp_warmup,
@@ -78,7 +78,7 @@ def test_build_schedules_match_the_official_schedulers(epochs, ipe, warmup, temp
         s.weight_decay, official_cosine_scheduler(0.04, 0.4, epochs, ipe), rtol=1e-13
     )
     np.testing.assert_allclose(
-        s.teacher_momentum, official_cosine_scheduler(0.996, 1.0, epochs, ipe), rtol=1e-13
+        s.momentum_teacher, official_cosine_scheduler(0.996, 1.0, epochs, ipe), rtol=1e-13
     )
     # the official indexes its temperatures by epoch: train_one_epoch's every step uses the same
     temps = official_teacher_temps(0.04, 0.07, temp_warmup, epochs)
@@ -146,8 +146,8 @@ def test_schedules_bundle_clamps_past_the_end():
         warmup_epochs=0,
         weight_decay=0.04,
         weight_decay_end=0.4,
-        momentum=0.996,
-        momentum_end=1.0,
+        momentum_teacher=0.996,
+        momentum_teacher_end=1.0,
         warmup_teacher_temp=0.04,
         teacher_temp=0.04,
         warmup_teacher_temp_epochs=0,
@@ -156,7 +156,7 @@ def test_schedules_bundle_clamps_past_the_end():
         iters_per_epoch=3,
     )
     assert s.at(10) == s.at(5)
-    assert s.at(0).teacher_momentum == pytest.approx(0.996)
+    assert s.at(0).momentum_teacher == pytest.approx(0.996)
     # the last layer is frozen in the first epoch's 3 steps only
     assert [s.at(i).freeze_last_layer for i in range(6)] == [True] * 3 + [False] * 3
-    assert set(s.at(0).metrics()) == {"lr", "weight_decay", "teacher_momentum", "teacher_temp"}
+    assert set(s.at(0).metrics()) == {"lr", "weight_decay", "momentum_teacher", "teacher_temp"}

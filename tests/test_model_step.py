@@ -12,7 +12,7 @@ from dino_model.optim import build_optimizer, clip_gradients, param_groups
 from dino_model.schedules import StepSchedule
 from dino_model.step import NonFiniteLossError, dino_step
 
-SCHED = StepSchedule(lr=1e-3, weight_decay=0.04, teacher_momentum=0.99, teacher_temp=0.04)
+SCHED = StepSchedule(lr=1e-3, weight_decay=0.04, momentum_teacher=0.99, teacher_temp=0.04)
 
 
 def _setup(seed=0, k=64):

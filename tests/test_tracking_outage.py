@@ -132,6 +132,7 @@ class _SlowFirstCreate:
                 pass
 
             def _forward(self) -> None:
+                proxy.paths.append(self.path.split("?", 1)[0])
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0)) or None
                 req = urllib.request.Request(
                     upstream + self.path,
@@ -160,6 +161,7 @@ class _SlowFirstCreate:
             do_GET = do_POST = _forward
 
         self.delayed = False
+        self.paths: list[str] = []  # every request's path, in the order they came
         self.lock = threading.Lock()
         self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.uri = f"http://127.0.0.1:{self.server.server_address[1]}"
@@ -187,6 +189,12 @@ def test_a_create_whose_reply_was_lost_is_not_made_twice(server):
         t.finish("FINISHED", timeout_s=60)
     finally:
         proxy.close()
+    # one create, and after it the retry's look-up by start id: the client gave up on the slow
+    # reply (a client that waited for it sends no search) and did not create again
+    calls = [p.rsplit("/", 2)[-2:] for p in proxy.paths if "/runs/" in p]
+    assert calls.count(["runs", "create"]) == 1, proxy.paths
+    created = calls.index(["runs", "create"])
+    assert ["runs", "search"] in calls[created + 1 :], proxy.paths
     client = MlflowClient(tracking_uri=server.uri)
     runs = client.search_runs([client.get_experiment_by_name("slow-create").experiment_id])
     assert [r.info.run_id for r in runs] == [t.run_id]

@@ -4,14 +4,18 @@ skipped images. Tiny ViT (patch 4, 32/16 px), K=256."""
 
 from __future__ import annotations
 
+import logging
 import math
+import re
 from pathlib import Path
 
 import pytest
 import torch
 from fault_injection import inject_faults
 from presets import tiny_config
+from safetensors.torch import save_file
 
+from dino_model.backbone import build_backbone
 from pipeline.checkpoints import latest_checkpoint, load_state, load_teacher_backbone, read_meta
 from pipeline.preflight import PreflightError
 from pipeline.train.failures import TrainingError
@@ -25,9 +29,14 @@ pytestmark = [
 
 
 def test_two_workers_survive_a_worker_death_and_log_to_mlflow(
-    ray_session, digits_dir, tmp_path, mlflow_sqlite, monkeypatch
+    ray_session, digits_dir, tmp_path, mlflow_sqlite, monkeypatch, caplog, capfd
 ):
     uri = mlflow_sqlite(tmp_path / "mlflow.db")
+    # released weights (issue 21): a tiny ViT of another seed, saved as safetensors; the run
+    # starts both backbones from them and trains the head alone in its first epoch
+    torch.manual_seed(123)
+    released = build_backbone("test_vit", img_size=32, patch_size=4).state_dict()
+    save_file(released, tmp_path / "released.safetensors")
     cfg = tiny_config(
         digits_dir,
         tmp_path / "runs",
@@ -35,16 +44,38 @@ def test_two_workers_survive_a_worker_death_and_log_to_mlflow(
         train__num_workers=2,
         train__max_failures=1,
         model__head_use_bn=True,
+        model__init_from=str(tmp_path / "released.safetensors"),
+        optim__freeze_backbone_epochs=1,
         tracking__enabled=True,
         tracking__tracking_uri=uri,
     )
     steps: list[dict] = []
     epochs: list[dict] = []
+    caplog.set_level(logging.WARNING, logger="dino_ray.train")
     inject_faults(monkeypatch, fail_at_step=4)
     result = run_training(cfg, on_step_metrics=steps.append, on_epoch_metrics=epochs.append)
 
-    # rank 1 died once at step 4 (marker), the group restarted from the step-3 checkpoint
+    # rank 1 died once at step 4 (marker) ...
     assert (Path(result.run_dir) / ".fault_injected_step_4").is_file()
+    # ... the driver saw the attempt fail and restarted it once, from the step-3 checkpoint
+    restarts = [
+        r.getMessage() for r in caplog.records if "restarting from the newest" in r.getMessage()
+    ]
+    assert len(restarts) == 1, restarts
+    assert restarts[0].startswith("training attempt 1 failed")
+    restart_ckpt = re.search(r"newest checkpoint \((\S+); 1 of 1 retries\)", restarts[0])
+    assert restart_ckpt, restarts[0]
+    # ... and rank 0 of the new group loaded it: the resume line (a worker's, on the driver's
+    # stderr through Ray's log forwarding) names that checkpoint and step 3 = epoch 1's start
+    worker_lines = "".join(capfd.readouterr())
+    assert f"resuming from {restart_ckpt.group(1)} at global step 3 (epoch 1)" in worker_lines
+    assert load_state(restart_ckpt.group(1))["global_step"] == 3
+    # the step reports: one drop (the restart), after which training goes on from the step-3
+    # checkpoint (its first report is past step 3), not from step 0, and reaches the last step
+    seq = [int(s["step"]) for s in steps]
+    drops = [i for i in range(1, len(seq)) if seq[i] <= seq[i - 1]]
+    assert len(drops) == 1, seq
+    assert seq[drops[0]] > 3 and seq[-1] == 6, seq
     assert result.metrics["step"] == 6 and result.metrics["epoch"] == 1
     assert result.metrics["backend"] == "gloo" and result.metrics["world_size"] == 2
     assert result.metrics["global_batch"] == 32
@@ -53,7 +84,7 @@ def test_two_workers_survive_a_worker_death_and_log_to_mlflow(
     for key in (
         "lr",
         "weight_decay",
-        "teacher_momentum",
+        "momentum_teacher",
         "teacher_temp",
         "teacher_entropy",
         "kl",
@@ -69,6 +100,17 @@ def test_two_workers_survive_a_worker_death_and_log_to_mlflow(
     assert state["global_step"] == 6 and state["epoch"] == 2 and state["iters_per_epoch"] == 3
     assert set(state) >= {"student", "teacher", "center", "optimizer", "epoch", "global_step"}
     assert read_meta(ckpt)["global_step"] == 6
+    # the first epoch (steps 1-3) trained the head alone: both backbones are the released weights
+    # at the step-3 checkpoint, and the student's backbone moved in the second epoch
+    warm = load_state(Path(ckpt).parent / "checkpoint_step_00000003")
+    for key, value in released.items():
+        assert torch.equal(warm["student"][f"backbone.{key}"], value), key
+        # the EMA of equal weights, m x + (1 - m) x, moves them by rounding only
+        torch.testing.assert_close(warm["teacher"][f"backbone.{key}"], value, rtol=1e-5, atol=1e-6)
+    assert not torch.equal(
+        warm["student"]["head.mlp.0.weight"], state["student"]["head.mlp.0.weight"]
+    )
+    assert any(not torch.equal(state["student"][f"backbone.{k}"], v) for k, v in released.items())
     backbone, ckpt_cfg = load_teacher_backbone(ckpt)
     assert not backbone.training and ckpt_cfg.model.out_dim == 256
     with torch.no_grad():
@@ -79,6 +121,9 @@ def test_two_workers_survive_a_worker_death_and_log_to_mlflow(
 
     client = MlflowClient(tracking_uri=uri)
     run = client.get_run(result.mlflow_run_id)
+    # one restart, recorded at the step of the last finished epoch before the death
+    history = client.get_metric_history(result.mlflow_run_id, "restarts")
+    assert [(m.value, m.step) for m in history] == [(1.0, 3)]
     assert run.data.params["train.num_workers"] == "2"
     assert run.data.params["model.out_dim"] == "256"
     assert {"loss", "epoch_loss", "lr", "teacher_entropy"} <= set(run.data.metrics)

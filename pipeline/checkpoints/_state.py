@@ -24,8 +24,10 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+import yaml
 
 from pipeline.config import DinoConfig
+from pipeline.data.sources import resolve_filesystem
 
 STATE_FILE = "state.pt"
 CONFIG_FILE = "config.yaml"
@@ -81,14 +83,21 @@ def load_state(directory: str | Path, map_location: str | torch.device = "cpu") 
 
 
 def load_config(directory: str | Path) -> DinoConfig:
-    import yaml
-
     return DinoConfig.from_dict(yaml.safe_load((Path(directory) / CONFIG_FILE).read_text()))
 
 
 def read_meta(directory: str | Path) -> dict[str, Any]:
-    path = Path(directory) / META_FILE
-    return json.loads(path.read_text()) if path.is_file() else {}
+    """A checkpoint's ``meta.json`` (epoch, step, figures), local or a URI; {} when absent."""
+    directory = str(directory)
+    if "://" not in directory:
+        path = Path(directory) / META_FILE
+        return json.loads(path.read_text()) if path.is_file() else {}
+    fs, base = resolve_filesystem(directory)
+    try:
+        with fs.open_input_stream(base.rstrip("/") + "/" + META_FILE) as f:
+            return json.loads(f.read().decode())
+    except FileNotFoundError:
+        return {}
 
 
 def _cpu(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

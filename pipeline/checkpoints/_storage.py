@@ -10,6 +10,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import pyarrow.fs as pafs
+
 from pipeline.checkpoints._probe import storage_error_for_good
 from pipeline.checkpoints._state import META_FILE, STATE_FILE
 from pipeline.data.sources import resolve_filesystem
@@ -34,8 +36,6 @@ def latest_checkpoint(storage_path: str, name: str) -> str | None:
 
 def newest_checkpoint(storage_path: str, name: str) -> tuple[int, str] | None:
     """``(global_step, path or URI)`` of the newest complete checkpoint under storage_path/name."""
-    import pyarrow.fs as pafs
-
     root = run_dir(resolve_storage_path(storage_path), name)
     fs, base = pafs.FileSystem.from_uri(root) if "://" in root else (pafs.LocalFileSystem(), root)
     infos = _list_with_retries(fs, pafs.FileSelector(base, allow_not_found=True), root)
@@ -81,8 +81,6 @@ def _complete_step(fs, path: str) -> int | None:
     """The global step of the checkpoint directory ``path``, or None while it is incomplete.
     Ray Train persists a checkpoint file by file, so a listed ``state.pt`` may still be growing
     (a reader saw a truncated one under load); meta.json names the size of each file."""
-    import pyarrow.fs as pafs
-
     try:
         with fs.open_input_stream(path + "/" + META_FILE) as f:
             meta = json.loads(f.read().decode())
@@ -136,8 +134,6 @@ class as_local_dir:
     def __enter__(self) -> Path:
         if "://" not in self.path:
             return Path(self.path)
-        import pyarrow.fs as pafs
-
         self._tmp = tempfile.mkdtemp(prefix="dino-ckpt-")
         pafs.copy_files(self.path, self._tmp)
         return Path(self._tmp)

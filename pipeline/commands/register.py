@@ -80,17 +80,16 @@ def run(args: argparse.Namespace) -> int:
             raise CommandFailed(
                 f"run {args.run_name!r} has no checkpoint under {base.train.storage_path}"
             )
-    from pipeline.checkpoints import load_teacher_backbone, read_meta, read_run_file
+    import yaml
 
-    if read_run_file(checkpoint, "config.yaml") is None:
-        raise UsageError(f"no checkpoint at {checkpoint} (no config.yaml there)")
+    from pipeline.checkpoints import CONFIG_FILE, read_meta, read_run_file
 
-    backbone, ckpt_cfg = load_teacher_backbone(checkpoint)
-    if not metrics:
-        try:
-            metrics = read_meta(checkpoint).get("metrics", {})
-        except Exception:  # noqa: BLE001 - remote checkpoint without readable meta
-            metrics = {}
+    saved = read_run_file(checkpoint, CONFIG_FILE)
+    if saved is None:
+        raise UsageError(f"no checkpoint at {checkpoint} (no {CONFIG_FILE} there)")
+    ckpt_cfg = DinoConfig.from_dict(yaml.safe_load(saved))
+    # the checkpoint's own figures (local or s3://, gs://), unless the MLflow run's are used
+    metrics = metrics or read_meta(checkpoint).get("metrics", {})
     use_cfg = ckpt_cfg
     if cfg is not None:  # tracking/registry settings from the command line win
         use_cfg = ckpt_cfg.with_overrides(
@@ -98,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
         )
     try:
         version = register_teacher(
-            backbone,
+            checkpoint,  # its epoch and figures are read with it (meta.json)
             use_cfg,
             metrics=metrics,
             run_id=run_id,

@@ -4,7 +4,11 @@ A version is *comparable* when the MLflow run it came from holds
 
 * the param ``eval_key`` (``pipeline.registry.eval_key``; MLflow params cannot be changed once
   logged) and
-* a finite metric ``knn_top1`` (``client.get_run(version.run_id).data.metrics``).
+* a finite figure for that version: the metric ``registered/v<N>/knn_top1`` (``version_figure``),
+  logged once when version N was registered, from the run's ``knn_top1`` at that moment. Training
+  never writes that key, so the figure a version competes with does not move when the run is
+  continued or anyone logs ``knn_top1`` again. Versions registered before it existed compete on
+  the run's latest ``knn_top1``.
 
 Version tags are never read: anyone can edit them, and a hand-written ``knn_top1`` tag must not
 move an alias. ``update_champion`` then sets
@@ -37,15 +41,20 @@ class Entry:
     figure: float
 
 
+def version_figure(version: int | str) -> str:
+    """The run metric that holds version ``version``'s figure, fixed at its registration."""
+    return f"registered/v{int(version)}/{FIGURE_METRIC}"
+
+
 def champion_alias(key: str) -> str:
     """The per-setting alias, e.g. ``champion-3f9c0a1b2d4e``."""
     return f"{CHAMPION}-{key}"
 
 
 def comparable_entries(client, name: str) -> list[Entry]:
-    """Every version of ``name`` whose source run records an eval_key param and a finite
-    knn_top1 metric; versions without a run, or whose run was deleted, are left out."""
-    runs: dict[str, tuple[str | None, float | None]] = {}
+    """Every version of ``name`` whose source run records an eval_key param and a finite figure
+    for it; versions without a run, or whose run was deleted, are left out."""
+    runs: dict[str, tuple[str | None, dict[str, float]]] = {}
     entries = []
     for mv in client.search_model_versions(f"name='{name}'"):
         if not mv.run_id:
@@ -53,10 +62,11 @@ def comparable_entries(client, name: str) -> list[Entry]:
         if mv.run_id not in runs:
             try:
                 data = client.get_run(mv.run_id).data
-                runs[mv.run_id] = (data.params.get(EVAL_KEY_PARAM), data.metrics.get(FIGURE_METRIC))
+                runs[mv.run_id] = (data.params.get(EVAL_KEY_PARAM), dict(data.metrics))
             except MlflowException:
-                runs[mv.run_id] = (None, None)
-        key, figure = runs[mv.run_id]
+                runs[mv.run_id] = (None, {})
+        key, metrics = runs[mv.run_id]
+        figure = metrics.get(version_figure(mv.version), metrics.get(FIGURE_METRIC))
         if key and figure is not None and math.isfinite(figure):
             entries.append(Entry(int(mv.version), key, float(figure)))
     return entries

@@ -33,7 +33,13 @@ from dino_model.normalize import IMAGENET_MEAN, IMAGENET_STD
 from pipeline.config import DinoConfig
 from pipeline.redact import redact
 from pipeline.registry import package
-from pipeline.registry.champion import CHAMPION, EVAL_KEY_PARAM, update_champion
+from pipeline.registry.champion import (
+    CHAMPION,
+    EVAL_KEY_PARAM,
+    FIGURE_METRIC,
+    update_champion,
+    version_figure,
+)
 from pipeline.registry.eval_key import eval_identity, eval_key
 from pipeline.tracking.global_uri import use_tracking_uri
 from pipeline.version import code_version
@@ -205,8 +211,10 @@ def register_teacher(
             run_id = run.info.run_id
         version = int(info.registered_model_version)
         tags["run_id"] = run_id
+        run_metrics = client.get_run(run_id).data.metrics
+        _fix_figure(client, run_id, version, run_metrics)
         # the figures as the run records them (what champion compares), for people to read
-        for metric, value in client.get_run(run_id).data.metrics.items():
+        for metric, value in run_metrics.items():
             if metric.startswith("knn"):
                 tags[metric] = f"{float(value):.6g}"
         tags.update(extra_tags)
@@ -217,6 +225,14 @@ def register_teacher(
         if set_champion:
             update_champion(client, name, prefer=version)
     return version
+
+
+def _fix_figure(client, run_id: str, version: int, run_metrics: dict[str, float]) -> None:
+    """The figure this version competes with, fixed now (``champion.version_figure``): the run's
+    knn_top1 as registered, which later training or logging cannot move."""
+    figure = run_metrics.get(FIGURE_METRIC)
+    if figure is not None and math.isfinite(figure):
+        client.log_metric(run_id, version_figure(version), float(figure))
 
 
 def _check_eval_key(client, run_id: str, key: str) -> None:

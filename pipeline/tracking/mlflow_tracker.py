@@ -143,7 +143,9 @@ class Tracker:
                 if attempt == start_attempts - 1:
                     return self._disable("start a run", exc)
                 time.sleep(min(max_backoff_s, 2.0**attempt))
-            except Exception as exc:  # noqa: BLE001 - PermanentError or a malformed reply
+            # broad: tracking never kills training. A PermanentError, a malformed reply (KeyError,
+            # ValueError) or anything else only disables tracking, logged by _disable
+            except Exception as exc:  # noqa: BLE001 - a failed start only disables tracking
                 return self._disable("start a run", exc)
         self.ok = True
         self._stage = Path(tempfile.mkdtemp(prefix="dino-ray-mlflow-"))
@@ -386,6 +388,8 @@ class Tracker:
                 self.transport.log_batch(self.run_id, *batch)
             except PermanentError as exc:
                 self._on_permanent(batch, exc)
+            # broad: this thread must outlive any error, or tracking would stop without a word;
+            # _on_transient keeps the data, retries with back-off and logs the outage
             except Exception as exc:  # noqa: BLE001 - TransientError or unexpected: keep the data
                 self._on_transient(batch, exc)
             else:
@@ -498,7 +502,7 @@ class Tracker:
         for attempt in range(self.artifact_attempts):
             box: dict[str, BaseException | None] = {}
 
-            def call() -> None:
+            def call(box: dict[str, BaseException | None] = box) -> None:
                 try:
                     self.transport.log_artifact(self.run_id, path, artifact_path)
                     box["error"] = None

@@ -1,20 +1,22 @@
-"""Loss and k-NN plots (matplotlib, Agg backend) for MLflow artifacts."""
+"""Loss and k-NN plots (matplotlib) for MLflow artifacts.
+
+Figures are built with matplotlib's object API (``Figure``), not ``pyplot``: no backend to pick,
+no global figure registry to close, so importing this module changes no process-wide state.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from matplotlib.figure import Figure
+
 
 def plot_training(
     steps: list[dict], epochs: list[dict], knn: dict[str, float], path: str | Path
 ) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     curve = [e for e in epochs if "knn_top1" in e]
-    fig, axes = plt.subplots(1, 3 if curve else 2, figsize=(16 if curve else 11, 4))
+    fig = Figure(figsize=(16 if curve else 11, 4))
+    axes = fig.subplots(1, 3 if curve else 2)
     ax = axes[0]
     if steps:
         ax.plot(
@@ -71,20 +73,15 @@ def plot_training(
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=90)
-    plt.close(fig)
     return path
 
 
 def plot_attention(images, maps, path: str | Path) -> Path:
     """images: (N, S, S, 3) uint8; maps: (N, heads, h, w) -> one row per image: the image, then
     the last block's CLS attention of each head (as the official ``visualize_attention.py``)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     n, heads = maps.shape[0], maps.shape[1]
-    fig, axes = plt.subplots(n, heads + 1, figsize=(1.6 * (heads + 1), 1.6 * n), squeeze=False)
+    fig = Figure(figsize=(1.6 * (heads + 1), 1.6 * n))
+    axes = fig.subplots(n, heads + 1, squeeze=False)
     for i in range(n):
         axes[i][0].imshow(images[i])
         for h in range(heads):
@@ -96,5 +93,4 @@ def plot_attention(images, maps, path: str | Path) -> Path:
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=80)
-    plt.close(fig)
     return path

@@ -20,6 +20,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+# mlflow is imported by the calls that use it, not with this module: this package is also imported
+# by rank 0's train worker for its attention plots (``pipeline.tracking.plots``, via
+# pipeline/tracking/__init__), and mlflow there costs 2.0 s of CPU in the middle of training
+# (measured on top of pipeline.train.loop: python -c, process_time), which the other ranks wait for
+# at the next collective. A ``Tracker(enabled=False)`` never loads it either.
+
 Item = tuple[str, Any]  # (key, value) of a param or tag
 MetricItem = tuple[str, float, int, int]  # key, value, timestamp ms, step
 
@@ -50,7 +56,7 @@ class RestTransport:
     """MLflow REST API over ``http_request`` with no hidden retries and a per-call time-out."""
 
     def __init__(self, uri: str, timeout_s: float) -> None:
-        from mlflow.utils.credentials import get_default_host_creds
+        from mlflow.utils.credentials import get_default_host_creds  # noqa: PLC0415 - see the top
 
         self.uri = uri.rstrip("/")
         self.timeout_s = timeout_s
@@ -63,8 +69,8 @@ class RestTransport:
         method: str = "POST",
         timeout_s: float | None = None,
     ) -> dict[str, Any]:
-        from mlflow.exceptions import InvalidUrlException, MlflowException
-        from mlflow.utils.rest_utils import http_request
+        from mlflow.exceptions import InvalidUrlException, MlflowException  # noqa: PLC0415 - see the top
+        from mlflow.utils.rest_utils import http_request  # noqa: PLC0415 - see the top
 
         kwargs = {"params": body} if method == "GET" else {"json": body}
         try:
@@ -193,7 +199,7 @@ class ClientTransport:
     def log_batch(
         self, run_id: str, metrics: list[MetricItem], params: list[Item], tags: list[Item]
     ) -> None:
-        from mlflow.entities import Metric, Param, RunTag
+        from mlflow.entities import Metric, Param, RunTag  # noqa: PLC0415 - see the top
 
         _client_call(
             lambda c: c.log_batch(
@@ -239,8 +245,8 @@ _PERMANENT_CODES = {
 def _client_call(fn, uri: str) -> Any:
     """Run ``fn(MlflowClient(uri))``; MLflow's own refusals are permanent, the rest (a locked
     sqlite file, a full disk, a network error) transient."""
-    from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
+    from mlflow.exceptions import MlflowException  # noqa: PLC0415 - see the top
+    from mlflow.tracking import MlflowClient  # noqa: PLC0415 - see the top
 
     try:
         return fn(MlflowClient(tracking_uri=uri))
@@ -250,7 +256,10 @@ def _client_call(fn, uri: str) -> Any:
         raise TransientError(_one_line(exc)) from None
     except (OSError, TimeoutError) as exc:
         raise TransientError(_one_line(exc)) from None
-    except Exception as exc:  # noqa: BLE001 - e.g. sqlalchemy OperationalError (database locked)
+    # broad on purpose, and nothing is swallowed: the stores and artifact repositories behind
+    # MlflowClient raise their own types (sqlalchemy's OperationalError for a locked database,
+    # botocore's for a bucket, ...), and each becomes a TransientError the caller logs and retries
+    except Exception as exc:  # noqa: BLE001 - an open set of store errors, re-raised as transient
         raise TransientError(_one_line(exc)) from None
 
 

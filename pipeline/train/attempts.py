@@ -95,6 +95,7 @@ def build_trainer(
             "metrics_queue": metrics_queue,
             "run_dir": plan.run_dir,
             "control": control,
+            "init_weights": plan.init_ref,
         },
         scaling_config=ScalingConfig(
             num_workers=tc.num_workers,

@@ -82,7 +82,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         batches.start(first_epoch)
 
     # setup
-    state = setup(cfg, inputs.num_images)
+    state = setup(cfg, inputs.num_images, inputs.init_weights)
 
     # resume
     resume(state, point)

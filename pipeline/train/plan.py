@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import ray
+
 from pipeline.checkpoints import (
     StorageUnavailableError,
     latest_checkpoint,
@@ -52,6 +54,7 @@ class RunPlan:
     worker_resources: dict[str, float]
     new_tracking_run: bool = False  # continued with a changed config: a new MLflow run
     eval_ref: Any = None  # ObjectRef of the in-training evaluation sets, or None
+    init_ref: Any = None  # ObjectRef of model.init_from's backbone (safetensors bytes), or None
 
     @property
     def total_steps(self) -> int:
@@ -79,6 +82,7 @@ def plan_run(
     corpus: Corpus | None,
     train_data: TrainData | None,
     new_tracking_run: bool,
+    init_weights: bytes | None = None,
 ) -> RunPlan:
     """Size the data stage, build the dataset (unless the caller built one), find the resume
     step, ask the autoscaler for the nodes. ``corpus``: the listing preflight checked."""
@@ -136,6 +140,7 @@ def plan_run(
         eval_ref=materialize_task.remote(cfg.model_dump(mode="json"))
         if cfg.eval.every_epochs
         else None,
+        init_ref=ray.put(init_weights) if init_weights is not None else None,
     )
 
 

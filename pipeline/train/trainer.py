@@ -61,6 +61,7 @@ def fit(
     config_path: str | Path | None = None,
     callbacks: list | None = None,
     evaluation: FinalEvaluation | None = None,
+    init_weights: bytes | None = None,
 ) -> TrainingResult:
     """Train DINO on Ray Train, then (with ``evaluation``) evaluate the final checkpoint.
 
@@ -69,7 +70,9 @@ def fit(
     epoch and counter methods (default: ``pipeline.data.dataset.build_train_dataset``).
     ``callbacks``: extra Ray Train callbacks (e.g.
     ``ray.tune.integration.ray_train.TuneReportCallback()``). The hooks get every epoch's and
-    every logged step's metrics on the calling thread.
+    every logged step's metrics on the calling thread. ``init_weights``: the backbone's first
+    weights (safetensors bytes of ``model.init_from``, read and checked by the caller:
+    ``pipeline.registry.init_from``).
     Raises ``PreflightError`` (a ``ConfigError``) before any Ray work for a run that cannot
     succeed, ``TrainingError`` (with ``last_checkpoint``) when training fails and
     ``TrainingInterrupted`` when it was stopped by Ctrl-C / SIGTERM.
@@ -92,7 +95,12 @@ def fit(
         try:
             # plan
             plan = plan_run(
-                cfg, view, corpus=corpus, train_data=train_data, new_tracking_run=changed
+                cfg,
+                view,
+                corpus=corpus,
+                train_data=train_data,
+                new_tracking_run=changed,
+                init_weights=init_weights,
             )
 
             # tracking

@@ -14,9 +14,11 @@ import ray.train
 import ray.train.torch
 import torch
 import torch.distributed as dist
+from safetensors.torch import load as load_safetensors
 
 from dino_model import DINOLoss
 from dino_model.ibot_loss import IBOTPatchLoss
+from dino_model.init_weights import apply_init
 from dino_model.model import unwrap
 from dino_model.optim import build_optimizer
 from dino_model.param_groups import dinov2_param_groups
@@ -58,6 +60,7 @@ class LoopInputs:
     metrics_queue: Any  # ray.util.queue.Queue to the driver, or None
     eval_ref: Any  # ObjectRef of the in-training eval sets, or None
     control: Any  # the driver's RunControl actor (stop requests), or None
+    init_weights: Any = None  # ObjectRef of the backbone's first weights (safetensors), or None
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> LoopInputs:
@@ -70,6 +73,7 @@ class LoopInputs:
             metrics_queue=config.get("metrics_queue"),
             eval_ref=config.get("eval_ref"),
             control=config.get("control"),
+            init_weights=config.get("init_weights"),
         )
 
 
@@ -103,10 +107,12 @@ class TrainState:
 # --- setup and resume ---------------------------------------------------------------------------
 
 
-def setup(cfg: DinoConfig, num_images: int) -> TrainState:
+def setup(cfg: DinoConfig, num_images: int, init_weights=None) -> TrainState:
     """Student, teacher, loss, optimizer and schedules of this worker, on its device, at step 0.
 
-    ``num_images``: the corpus size, which with the world size sets the steps per epoch."""
+    ``num_images``: the corpus size, which with the world size sets the steps per epoch.
+    ``init_weights``: ``model.init_from``'s backbone (an ObjectRef of safetensors bytes, checked
+    on the driver), the first weights of the student's and the teacher's backbones."""
     tc = cfg.train
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -115,7 +121,7 @@ def setup(cfg: DinoConfig, num_images: int) -> TrainState:
     autocast_dtype, scaler = resolve_precision(tc.precision, device)
     if device.type == "cpu":
         torch.set_num_threads(max(1, int(tc.cpus_per_worker)))
-    student, teacher = _networks(cfg, world, device)
+    student, teacher = _networks(cfg, world, device, init_weights)
     loss_fn, ibot_loss = _losses(cfg)
     ipe = iters_per_epoch(cfg, num_images, world)
     schedules = _schedules(cfg, ipe, global_batch=tc.batch_size_per_worker * world)
@@ -180,10 +186,15 @@ def _param_groups(cfg: DinoConfig, student: torch.nn.Module) -> list[dict] | Non
 
 
 def _networks(
-    cfg: DinoConfig, world: int, device: torch.device
+    cfg: DinoConfig, world: int, device: torch.device, init_weights=None
 ) -> tuple[torch.nn.Module, torch.nn.Module]:
-    """(student, teacher), seeded with ``train.seed`` so every rank starts identical."""
+    """(student, teacher), seeded with ``train.seed`` so every rank starts identical, their
+    backbones from ``init_weights`` when given (the heads start fresh)."""
     student, teacher = build_models(cfg, seed=cfg.train.seed)
+    if init_weights is not None:
+        state = load_safetensors(ray.get(init_weights))
+        apply_init(student.backbone, state)
+        apply_init(teacher.backbone, state)
     # official DINO: with BN in the backbone or head, normalise over the global batch of all
     # workers (torch's SyncBatchNorm refuses CPU tensors: dino_model.sync_bn covers gloo)
     if world > 1 and has_batchnorm(student):
@@ -201,12 +212,13 @@ def _schedules(cfg: DinoConfig, ipe: int, *, global_batch: int) -> Schedules:
         warmup_epochs=o.warmup_epochs,
         weight_decay=o.weight_decay,
         weight_decay_end=o.weight_decay_end,
-        momentum=o.momentum_teacher,
-        momentum_end=o.momentum_teacher_end,
+        momentum_teacher=o.momentum_teacher,
+        momentum_teacher_end=o.momentum_teacher_end,
         warmup_teacher_temp=loss.warmup_teacher_temp,
         teacher_temp=loss.teacher_temp,
         warmup_teacher_temp_epochs=loss.warmup_teacher_temp_epochs,
         freeze_last_layer_epochs=o.freeze_last_layer_epochs,
+        freeze_backbone_epochs=o.freeze_backbone_epochs,
         epochs=cfg.train.epochs,
         iters_per_epoch=ipe,
     )
