@@ -45,10 +45,6 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]  # the package, and the tests' r
 import official_dino as official  # noqa: E402
 import official_dinov2  # noqa: E402
 
-<<<<<<< HEAD
-from bench import official_dinov2  # noqa: E402
-=======
->>>>>>> main
 from bench._corpus import command_line, machine  # noqa: E402
 from dino_model.dinov2_step import dinov2_step  # noqa: E402
 from dino_model.ibot_loss import IBOTPatchLoss  # noqa: E402
