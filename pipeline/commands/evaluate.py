@@ -45,15 +45,15 @@ def run(args: argparse.Namespace) -> int:
         CONFIG_FILE,
         STATE_FILE,
         as_local_dir,
-        latest_checkpoint,
         load_config,
+        newest_checkpoint_path,
     )
     from pipeline.config import ConfigError, DinoConfig, apply_override
 
     ckpt = args.checkpoint
     if "://" not in ckpt and not (Path(ckpt) / STATE_FILE).is_file():
         p = Path(ckpt)
-        found = latest_checkpoint(str(p.parent), p.name) if p.is_dir() else None
+        found = newest_checkpoint_path(str(p.parent), p.name) if p.is_dir() else None
         if found is None:
             raise UsageError(f"no checkpoint at {ckpt}")
         ckpt = found
