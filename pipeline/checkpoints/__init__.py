@@ -7,7 +7,8 @@ them; this package imports neither training nor evaluation, so both can depend o
   ``load_state``, ``load_config``, ``read_meta``;
 * where checkpoints live: ``run_dir``, ``resolve_storage_path``, ``newest_checkpoint`` (step
   and path) / ``newest_checkpoint_path``, ``checkpoint_uri``, ``as_local_dir`` and the run
-  directory's small text files (``read_run_file`` / ``write_run_file``); ``check_storage_writable`` before a run;
+  directory's small text files (``read_run_file`` / ``write_run_file``);
+  ``check_storage_writable`` before a run, ``RunLease`` while it trains;
 * the networks: ``build_models`` (the seeded student/teacher pair of a config),
   ``random_init_backbone`` (the teacher backbone as training starts) and
   ``load_teacher_backbone`` (the trained teacher's backbone of a checkpoint).
