@@ -387,7 +387,9 @@ def main() -> None:
     print(
         json.dumps(
             {
-                "benchmark": "Ray Data ingest (decode + 2x224 + 8x96 multi-crop) into iter_torch_batches",
+                "benchmark": (
+                    "Ray Data ingest (decode + 2x224 + 8x96 multi-crop) into iter_torch_batches"
+                ),
                 "command": command_line(),
                 "machine": machine(),
                 "resource_plan": plan.as_dict(),

@@ -54,7 +54,7 @@ def jpegs(n: int, seed: int) -> list[bytes]:
     from PIL import Image
 
     out = []
-    for i, arr in enumerate(crops(n, 500, seed)):
+    for arr in crops(n, 500, seed):
         buf = io.BytesIO()
         Image.fromarray(arr[:375]).save(buf, "JPEG", quality=90)
         out.append(buf.getvalue())

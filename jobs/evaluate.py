@@ -1,4 +1,5 @@
-"""Ray job entrypoint: `python jobs/evaluate.py ...` (what `ray job submit -- python jobs/evaluate.py` runs).
+"""Ray job entrypoint: `python jobs/evaluate.py ...` (what
+`ray job submit -- python jobs/evaluate.py` runs).
 
 Same arguments as `dino-ray evaluate`; the driver joins the cluster through $RAY_ADDRESS (set by Ray
 for submitted jobs), else starts an embedded Ray.

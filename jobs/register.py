@@ -1,7 +1,7 @@
 """Ray job entrypoint: `python jobs/register.py [--config FILE] [section.field=value ...]`.
 
-Submitted by `dino-ray submit register --address http://HEAD:8265 ...`; runs `dino-ray register` on the
-cluster (the driver joins it through $RAY_ADDRESS, which Ray sets for jobs).
+Submitted by `dino-ray submit register --address http://HEAD:8265 ...`; runs `dino-ray register` on
+the cluster (the driver joins it through $RAY_ADDRESS, which Ray sets for jobs).
 """
 
 import sys

@@ -1,4 +1,5 @@
-"""Ray job entrypoint: `python jobs/train.py ...` (what `ray job submit -- python jobs/train.py` runs).
+"""Ray job entrypoint: `python jobs/train.py ...` (what `ray job submit -- python jobs/train.py`
+runs).
 
 Same arguments as `dino-ray train`; the driver joins the cluster through $RAY_ADDRESS (set by Ray
 for submitted jobs), else starts an embedded Ray.

@@ -199,3 +199,26 @@ def test_a_create_whose_reply_was_lost_is_not_made_twice(server):
     runs = client.search_runs([client.get_experiment_by_name("slow-create").experiment_id])
     assert [r.info.run_id for r in runs] == [t.run_id]
     assert runs[0].info.status == "FINISHED"
+
+
+def test_a_server_down_at_the_start_only_delays_the_run(server, caplog):
+    """Issue 22 #12: an outage when the run starts no longer turns tracking off for the run."""
+    caplog.set_level(logging.WARNING, logger="dino_ray.tracking")
+    server.kill()
+    try:
+        t = Tracker(server.uri, "late-start", run_name="late", **{**FAST, "start_attempts": 1})
+        assert t.ok and t.run_id is None
+        t.log_params({"train.epochs": 3})
+        for step in range(3):
+            t.log_metrics({"loss": 1.0 / (step + 1)}, step=step)
+        t.set_tags({"phase": "started during an outage"})
+    finally:
+        server.start()
+    t.finish("FINISHED", timeout_s=120)
+
+    assert t.run_id is not None
+    run = MlflowClient(tracking_uri=server.uri).get_run(t.run_id)
+    assert run.info.status == "FINISHED" and run.data.params == {"train.epochs": "3"}
+    assert _steps(server.uri, t.run_id, "loss") == [0, 1, 2]
+    assert run.data.tags["phase"] == "started during an outage"
+    assert any("unreachable at the start" in r.getMessage() for r in caplog.records)

@@ -67,7 +67,12 @@ def test_a_checkpoint_still_being_copied_is_never_the_newest(tmp_path):
     import json
     import shutil
 
-    from pipeline.checkpoints import META_FILE, STATE_FILE, latest_checkpoint, newest_checkpoint
+    from pipeline.checkpoints import (
+        META_FILE,
+        STATE_FILE,
+        newest_checkpoint,
+        newest_checkpoint_path,
+    )
 
     cfg = tiny_config(tmp_path, tmp_path / "runs", "c")
     run = tmp_path / "runs" / "c"
@@ -78,7 +83,7 @@ def test_a_checkpoint_still_being_copied_is_never_the_newest(tmp_path):
     no_meta = _save(run, 8, cfg)  # every file but meta.json copied
     (no_meta / META_FILE).unlink()
     assert newest_checkpoint(str(tmp_path / "runs"), "c") == (4, str(whole))
-    assert latest_checkpoint(str(tmp_path / "runs"), "c") == str(whole)
+    assert newest_checkpoint_path(str(tmp_path / "runs"), "c") == str(whole)
     state, _ = resume_state(None, str(tmp_path / "runs"), "c")  # not a fresh start
     assert state["global_step"] == 4
 

@@ -16,7 +16,12 @@ from presets import tiny_config
 from safetensors.torch import save_file
 
 from dino_model.backbone import build_backbone
-from pipeline.checkpoints import latest_checkpoint, load_state, load_teacher_backbone, read_meta
+from pipeline.checkpoints import (
+    load_state,
+    load_teacher_backbone,
+    newest_checkpoint_path,
+    read_meta,
+)
 from pipeline.preflight import PreflightError
 from pipeline.train.failures import TrainingError
 from pipeline.training_run import run_training
@@ -95,7 +100,7 @@ def test_two_workers_survive_a_worker_death_and_log_to_mlflow(
     assert "epoch_images_per_s" in epochs[-1]
     ckpt = result.checkpoint_path
     assert ckpt and Path(ckpt, "state.pt").is_file()
-    assert latest_checkpoint(cfg.train.storage_path, "ft") == ckpt
+    assert newest_checkpoint_path(cfg.train.storage_path, "ft") == ckpt
     state = load_state(ckpt)
     assert state["global_step"] == 6 and state["epoch"] == 2 and state["iters_per_epoch"] == 3
     assert set(state) >= {"student", "teacher", "center", "optimizer", "epoch", "global_step"}
@@ -180,7 +185,9 @@ def test_nan_stop_keeps_a_finite_checkpoint_and_the_resumed_run_matches_an_unint
     assert "NonFiniteLossError" in msg and "nan" in msg.lower()
     assert "restart" not in msg
     good = info.value.last_checkpoint
-    assert good is not None and good == latest_checkpoint(interrupted.train.storage_path, "cut")
+    assert good is not None and good == newest_checkpoint_path(
+        interrupted.train.storage_path, "cut"
+    )
     state = load_state(good)
     assert state["global_step"] == 2
     assert all(torch.isfinite(v).all() for v in state["teacher"].values())
@@ -241,7 +248,7 @@ def test_ctrl_c_stops_with_a_checkpoint_and_a_killed_mlflow_run(
         # deadline ran out before the first checkpoint there, and the run trained all 50 epochs)
         while not done.is_set() and not sent:
             try:
-                found = latest_checkpoint(cfg.train.storage_path, "sigint")
+                found = newest_checkpoint_path(cfg.train.storage_path, "sigint")
                 if found:
                     sent.append(load_state(found)["global_step"])
                     os.kill(os.getpid(), signal.SIGINT)  # what Ctrl-C in a terminal sends
@@ -257,7 +264,7 @@ def test_ctrl_c_stops_with_a_checkpoint_and_a_killed_mlflow_run(
             run_training(cfg)
     finally:
         done.set()
-        assert not errors, errors  # latest_checkpoint named a checkpoint it could not load
+        assert not errors, errors  # newest_checkpoint_path named a checkpoint it could not load
     assert sent and "stopped by SIGINT" in str(info.value)
     good = info.value.last_checkpoint
     assert good and load_state(good)["global_step"] >= sent[0]  # it checkpointed on the way out

@@ -5,9 +5,10 @@ them; this package imports neither training nor evaluation, so both can depend o
 
 * the files of one checkpoint (``state.pt``, ``config.yaml``, ``meta.json``): ``save_checkpoint``,
   ``load_state``, ``load_config``, ``read_meta``;
-* where checkpoints live: ``run_dir``, ``resolve_storage_path``, ``newest_checkpoint`` /
-  ``latest_checkpoint``, ``checkpoint_uri``, ``as_local_dir`` and the run directory's small text
-  files (``read_run_file`` / ``write_run_file``); ``check_storage_writable`` before a run;
+* where checkpoints live: ``run_dir``, ``resolve_storage_path``, ``newest_checkpoint`` (step
+  and path) / ``newest_checkpoint_path``, ``checkpoint_uri``, ``as_local_dir`` and the run
+  directory's small text files (``read_run_file`` / ``write_run_file``);
+  ``check_storage_writable`` before a run, ``RunLease`` while it trains;
 * the networks: ``build_models`` (the seeded student/teacher pair of a config),
   ``random_init_backbone`` (the teacher backbone as training starts) and
   ``load_teacher_backbone`` (the trained teacher's backbone of a checkpoint).
@@ -29,8 +30,8 @@ from pipeline.checkpoints._storage import (
     StorageUnavailableError,
     as_local_dir,
     checkpoint_uri,
-    latest_checkpoint,
     newest_checkpoint,
+    newest_checkpoint_path,
     read_run_file,
     resolve_storage_path,
     run_dir,
@@ -48,7 +49,7 @@ __all__ = [
     "build_models",
     "check_storage_writable",
     "checkpoint_uri",
-    "latest_checkpoint",
+    "newest_checkpoint_path",
     "load_config",
     "load_state",
     "load_teacher_backbone",

@@ -28,7 +28,7 @@ def resolve_storage_path(path: str) -> str:
     return os.path.abspath(os.path.expanduser(path))
 
 
-def latest_checkpoint(storage_path: str, name: str) -> str | None:
+def newest_checkpoint_path(storage_path: str, name: str) -> str | None:
     """Path (or URI) of the checkpoint with the highest global step under storage_path/name."""
     found = newest_checkpoint(storage_path, name)
     return found[1] if found else None

@@ -43,19 +43,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from pipeline.checkpoints import (
         CONFIG_FILE,
-        STATE_FILE,
+        META_FILE,
         as_local_dir,
-        latest_checkpoint,
         load_config,
+        newest_checkpoint_path,
+        read_run_file,
     )
     from pipeline.config import ConfigError, DinoConfig, apply_override
 
-    ckpt = args.checkpoint
-    if "://" not in ckpt and not (Path(ckpt) / STATE_FILE).is_file():
-        p = Path(ckpt)
-        found = latest_checkpoint(str(p.parent), p.name) if p.is_dir() else None
+    ckpt = args.checkpoint.rstrip("/")
+    if read_run_file(ckpt, META_FILE) is None:  # a run directory (local or a URI): its newest
+        parent, _, name = ckpt.rpartition("/")  # checkpoint, found by listing, never downloaded
+        found = newest_checkpoint_path(parent or ".", name) if name else None
         if found is None:
-            raise UsageError(f"no checkpoint at {ckpt}")
+            raise UsageError(f"no checkpoint at {args.checkpoint}")
         ckpt = found
     if args.config:
         cfg = DinoConfig.load(args.config, args.overrides)

@@ -73,9 +73,9 @@ def run(args: argparse.Namespace) -> int:
             "checkpoint_path"
         )
         if not checkpoint:
-            from pipeline.checkpoints import latest_checkpoint
+            from pipeline.checkpoints import newest_checkpoint_path
 
-            checkpoint = latest_checkpoint(base.train.storage_path, args.run_name)
+            checkpoint = newest_checkpoint_path(base.train.storage_path, args.run_name)
         if not checkpoint:
             raise CommandFailed(
                 f"run {args.run_name!r} has no checkpoint under {base.train.storage_path}"

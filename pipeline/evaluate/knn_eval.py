@@ -25,8 +25,11 @@ import ray
 import torch
 
 from dino_model.features import embed, pixel_features
-from dino_model.knn import knn_metrics
+from dino_model.knn import NeighbourVotes, knn_figures, knn_metrics
 from dino_model.linear_probe import linear_metrics
+from dino_model.precision import resolve_precision
+from pipeline.checkpoints import load_teacher_backbone, random_init_backbone
+from pipeline.cluster import ClusterView
 from pipeline.config import DinoConfig
 from pipeline.data.eval_sets import EvalSets, build_eval_sets
 
@@ -50,8 +53,6 @@ class EmbedBatch:
         include_pixels: bool = False,
         probe: dict | None = None,
     ) -> None:
-        from pipeline.checkpoints import load_teacher_backbone, random_init_backbone
-
         torch.set_num_threads(1)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.backbones: dict[str, torch.nn.Module] = {}
@@ -61,8 +62,6 @@ class EmbedBatch:
             self.backbones["_init"] = random_init_backbone(DinoConfig.from_dict(cfg))
         for b in self.backbones.values():
             b.to(self.device).eval()
-        from dino_model.precision import resolve_precision
-
         # the run's own precision (fp16 on a CPU actor falls back to fp32)
         self.autocast = resolve_precision(
             DinoConfig.from_dict(cfg).train.precision, self.device, training=False
@@ -104,9 +103,10 @@ def embed_sets(
     include_pixels: bool = False,
     probe: dict | None = None,
 ) -> dict[str, Any]:
-    """One Ray Data pass over bank + val: ``{name: (bank_feats, bank_labels, val_feats, val_labels)}``
-    with names ``knn`` (checkpoint), ``knn_init``, ``knn_pixels`` (uint8, flattened) and, with
-    ``probe``, ``probe`` / ``probe_init``."""
+    """One Ray Data pass over bank + val:
+    ``{name: (bank_feats, bank_labels, val_feats, val_labels)}`` with names ``knn``
+    (checkpoint), ``knn_init``, ``knn_pixels`` (uint8, flattened) and, with ``probe``, ``probe``
+    / ``probe_init``."""
     use_gpu = eval_on_gpu(cfg)
     ds = sets.bank.map_batches(_tag, fn_kwargs={"split": 0}, batch_format="numpy").union(
         sets.val.map_batches(_tag, fn_kwargs={"split": 1}, batch_format="numpy")
@@ -264,8 +264,6 @@ def knn_streamed(
     whatever the bank size (a 50k-image bank and a 1.28M-image bank cost the same). Two passes,
     not one ordered union: Ray Data does not promise the order of a union's rows, and a bank row
     before the last val row cannot be folded."""
-    from dino_model.knn import NeighbourVotes, knn_figures
-
     e = cfg.eval
     ks = sorted(set(int(k) for k in e.k) | {int(e.headline_k)})
     use_gpu = eval_on_gpu(cfg)
@@ -326,8 +324,6 @@ def eval_on_gpu(cfg: DinoConfig) -> bool:
     used to ask for GPU actors and wait forever."""
     if not cfg.train.use_gpu:
         return False
-    from pipeline.cluster import ClusterView
-
     if ClusterView.current().max_total("GPU") >= 1:
         return True
     log.warning(

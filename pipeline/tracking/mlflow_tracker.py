@@ -110,6 +110,7 @@ class Tracker:
         self.flush_interval_s = flush_interval_s
         self.max_backoff_s = max_backoff_s
         self.finish_timeout_s = finish_timeout_s
+        self.http_timeout_s = http_timeout_s
         self.artifact_timeout_s = artifact_timeout_s
         self.artifact_attempts = max(1, artifact_attempts)
         self.dropped = 0  # metric values lost to the bound of the queue
@@ -135,13 +136,17 @@ class Tracker:
         self.transport = transport_for(self.uri, http_timeout_s)
         self._start_id = uuid.uuid4().hex  # tags the run this tracker creates (see _start)
         self._create_sent = False
+        self._start_args = (experiment, run_name, resume_run_id, tags or {})
+        self._started = threading.Event()
         for attempt in range(max(1, start_attempts)):
             try:
-                self._start(experiment, run_name, resume_run_id, tags or {})
+                self._start(*self._start_args)
+                self._started.set()
                 break
             except TransientError as exc:
-                if attempt == start_attempts - 1:
-                    return self._disable("start a run", exc)
+                if attempt == start_attempts - 1:  # an outage at the start only delays: the
+                    self._start_later(exc)  # flusher creates the run when the server answers
+                    break
                 time.sleep(min(max_backoff_s, 2.0**attempt))
             # broad: tracking never kills training. A PermanentError, a malformed reply (KeyError,
             # ValueError) or anything else only disables tracking, logged by _disable
@@ -174,6 +179,18 @@ class Tracker:
             clean[START_ID_TAG] = self._start_id
             self._create_sent = True
             self.run_id = self.transport.create_run(exp_id, run_name, clean)
+
+    def _start_later(self, exc: BaseException) -> None:
+        self._down_since = time.monotonic()
+        self._failures = 1
+        self._retry_at = time.monotonic() + 0.5
+        log.warning(
+            "MLflow: %s unreachable at the start of the run (%s); its params, metrics and "
+            "artifacts are kept and the run is created when the server answers. Training "
+            "continues.",
+            redact(self.uri),
+            redact(str(exc)),
+        )
 
     def _disable(self, what: str, exc: BaseException) -> None:
         self.ok = False
@@ -288,7 +305,10 @@ class Tracker:
             return
         self._finished = True
         atexit.unregister(self._at_exit)
-        deadline = time.monotonic() + (self.finish_timeout_s if timeout_s is None else timeout_s)
+        timeout = self.finish_timeout_s if timeout_s is None else timeout_s
+        if self.run_id is None:  # the server never answered during the run: a last try or two
+            timeout = min(timeout, 3 * self.http_timeout_s)
+        deadline = time.monotonic() + timeout
         flushed = self.flush(max(0.0, deadline - time.monotonic()))
         while self._uploads.unfinished_tasks and time.monotonic() < deadline:
             time.sleep(0.1)
@@ -327,7 +347,7 @@ class Tracker:
 
     # --- internals --------------------------------------------------------------------------------
     def _open(self) -> bool:
-        return self.ok and self.run_id is not None and not self._finished
+        return self.ok and not self._finished  # run_id is None while the start is delayed
 
     def _pending_locked(self) -> int:
         return len(self._metrics) + len(self._params) + len(self._tags) + self._inflight
@@ -383,7 +403,13 @@ class Tracker:
                     self._cond.wait(max(0.01, wait))
                 if self._stop:
                     return
-                batch = self._take_batch()
+                if self.run_id is None:  # the start was delayed by an outage
+                    batch = None
+                else:
+                    batch = self._take_batch()
+            if batch is None:
+                self._try_start()
+                continue
             try:
                 self.transport.log_batch(self.run_id, *batch)
             except PermanentError as exc:
@@ -394,6 +420,39 @@ class Tracker:
                 self._on_transient(batch, exc)
             else:
                 self._on_sent()
+
+    def _try_start(self) -> None:
+        """Create (or reopen) the run of a delayed start; back off while the server is down."""
+        try:
+            self._start(*self._start_args)
+        except TransientError as exc:
+            with self._cond:
+                self._failures += 1
+                backoff = min(self.max_backoff_s, 0.5 * 2 ** (self._failures - 1))
+                self._retry_at = time.monotonic() + backoff
+                log.debug("MLflow start still failing: %r", exc)
+                self._cond.notify_all()
+            return
+        except (PermanentError, KeyError, ValueError) as exc:  # refused for good
+            with self._cond:
+                self._disable("start a run", exc)
+                self._stop = True
+                self._cond.notify_all()
+            return
+        with self._cond:
+            self._started.set()
+            log.warning(
+                "MLflow: %s reachable after %.0f s; run %s created, sending its %d buffered "
+                "values.",
+                redact(self.uri),
+                time.monotonic() - (self._down_since or time.monotonic()),
+                self.run_id,
+                self._pending_locked(),
+            )
+            self._down_since = None
+            self._failures = 0
+            self._retry_at = 0.0
+            self._cond.notify_all()
 
     def _on_sent(self) -> None:
         with self._cond:
@@ -474,6 +533,13 @@ class Tracker:
     def _close_run(self, status: str, deadline: float) -> bool:
         """Set the terminal status, retrying transient errors until ``deadline`` (one try at
         least); False when the run could not be closed."""
+        if self.run_id is None:
+            log.warning(
+                "MLflow: %s never answered during this run: the run was not created and its "
+                "tracking is lost (the training itself is not).",
+                redact(self.uri),
+            )
+            return True  # nothing to close: the warning says what happened
         delay = 0.5
         while True:
             try:
@@ -494,6 +560,9 @@ class Tracker:
             try:
                 if job is None:
                     return
+                while not self._started.wait(0.5):  # a delayed start: upload once it is made
+                    if self._stop:
+                        return
                 self._upload(*job)
             finally:
                 self._uploads.task_done()

@@ -17,7 +17,7 @@ import ray
 
 from pipeline.checkpoints import (
     StorageUnavailableError,
-    latest_checkpoint,
+    newest_checkpoint_path,
     resolve_storage_path,
     run_dir,
 )
@@ -69,7 +69,7 @@ class RunPlan:
         """The run's newest complete checkpoint for a message about a failure: None when the
         storage does not answer (said in a warning), so the failure itself is what is raised."""
         try:
-            return latest_checkpoint(self.storage, name)
+            return newest_checkpoint_path(self.storage, name)
         except StorageUnavailableError as exc:
             progress_log.warning("%s", exc)
             return None
