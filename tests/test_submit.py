@@ -66,6 +66,16 @@ def test_submission_plan(tmp_path):
         build_submission(
             "train", ["--address", "http://h:8265", "--env", "AWS_SECRET_ACCESS_KEY=x"]
         )
+    for key in (  # other providers' names (issue 22 #14): all went through before
+        "AZURE_STORAGE_KEY",
+        "WANDB_API_KEY",
+        "AZURE_STORAGE_CONNECTION_STRING",
+        "GOOGLE_API_KEY",
+    ):
+        with pytest.raises(ValueError, match=key):
+            build_submission("train", ["--address", "http://h:8265", "--env", f"{key}=x"])
+    plan = build_submission("train", ["--address", "http://h:8265", "--env", "OMP_NUM_THREADS=2"])
+    assert plan["submit"]["runtime_env"]["env_vars"]["OMP_NUM_THREADS"] == "2"
     with pytest.raises(ValueError, match="unknown job"):
         build_submission("nope", ["--address", "http://h:8265"])
     assert main(["submit", "train", "train.epochs=1"]) == 2  # no --address

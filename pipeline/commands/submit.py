@@ -44,7 +44,6 @@ EXCLUDES = [
 ]
 TERMINAL = {"SUCCEEDED": 0, "FAILED": 1, "STOPPED": 2}
 CONFIG_VERBS = {"train", "evaluate", "tune"}
-SECRET_NAMES = ("SECRET", "PASSWORD", "TOKEN", "ACCESS_KEY", "CREDENTIAL", "PRIVATE_KEY")
 # Ray SIGKILLs a stopped job's driver RAY_JOB_STOP_WAIT_TIME_S after its SIGTERM, 3 s by default:
 # too short for the workers' stop checkpoint and the MLflow run's KILLED status (a driver on a
 # loaded 2-core test cluster needed more), so a stopped job lost its last steps and left its run
@@ -199,12 +198,12 @@ def build_submission(verb: str, rest: list[str]) -> dict[str, Any]:
 def _refuse_secrets(entry_args: list[str], env: list[str]) -> None:
     """A job's entrypoint and env vars are stored in its metadata, readable by anyone who can
     see the dashboard: a URI password or a signed-URL key there is refused, before submitting."""
-    from pipeline.redact import redact
+    from pipeline.redact import is_secret_name, redact
 
     for where, items in (("argument", entry_args), ("--env", env)):
         for item in items:
-            key = item.partition("=")[0].upper() if where == "--env" else ""
-            if redact(item) != item or any(w in key for w in SECRET_NAMES):
+            key = item.partition("=")[0] if where == "--env" else ""
+            if redact(item) != item or (key and is_secret_name(key)):
                 raise ValueError(
                     f"{where} {redact(item) if not key else key!r} carries a credential, which "
                     "the job's metadata would keep; give credentials to the cluster's nodes "
