@@ -78,7 +78,6 @@ class RunPlan:
 def plan_run(
     cfg: DinoConfig,
     view: ClusterView,
-    *,
     corpus: Corpus | None,
     train_data: TrainData | None,
     new_tracking_run: bool,
@@ -93,39 +92,11 @@ def plan_run(
         Path(rdir).mkdir(parents=True, exist_ok=True)
     resources = None
     if train_data is None:
-        # Ray Data gets the CPUs that Train and a headroom leave free (ray-project/ray#44687),
-        # counted on the cluster as the autoscaler can grow it
-        resources = plan_from_config(cfg.data, tc)
-        for note in resources.notes:
-            progress_log.info("data stage: %s", note)
-        train_data = build_train_dataset(
-            cfg.data,
-            cfg.augment,
-            seed=tc.seed,
-            plan=resources,
-            corpus=corpus,
-            indices=ssl_indices(cfg, corpus),
-            masking=masking_spec(cfg),
-        )
+        train_data, resources = _train_dataset(cfg, corpus)
     ipe = iters_per_epoch(cfg, train_data.num_images, tc.num_workers)
     start_step = resumable_step(cfg, storage, ipe)
     _request_nodes(cfg, view, resources)
-    if start_step >= tc.epochs * ipe:
-        progress_log.warning(
-            "%s: trained all %d epochs before, but its driver stopped before the end of the run: "
-            "evaluating its final checkpoint now",
-            tc.name,
-            tc.epochs,
-        )
-    progress_log.info(
-        "%s: %d epochs x %d steps of %d images on %d worker(s)%s",
-        tc.name,
-        tc.epochs,
-        ipe,
-        tc.batch_size_per_worker * tc.num_workers,
-        tc.num_workers,
-        f", continuing from step {start_step}" if start_step else "",
-    )
+    _say_plan(cfg, ipe, start_step)
     return RunPlan(
         storage=storage,
         run_dir=rdir,
@@ -141,6 +112,44 @@ def plan_run(
         if cfg.eval.every_epochs
         else None,
         init_ref=ray.put(init_weights) if init_weights is not None else None,
+    )
+
+
+def _train_dataset(cfg: DinoConfig, corpus: Corpus | None) -> tuple[TrainData, ResourcePlan]:
+    """The training dataset and its CPUs: Ray Data gets what Train and a headroom leave free
+    (ray-project/ray#44687), counted on the cluster as the autoscaler can grow it."""
+    resources = plan_from_config(cfg.data, cfg.train)
+    for note in resources.notes:
+        progress_log.info("data stage: %s", note)
+    train_data = build_train_dataset(
+        cfg.data,
+        cfg.augment,
+        seed=cfg.train.seed,
+        plan=resources,
+        corpus=corpus,
+        indices=ssl_indices(cfg, corpus),
+        masking=masking_spec(cfg),
+    )
+    return train_data, resources
+
+
+def _say_plan(cfg: DinoConfig, ipe: int, start_step: int) -> None:
+    tc = cfg.train
+    if start_step >= tc.epochs * ipe:
+        progress_log.warning(
+            "%s: trained all %d epochs before, but its driver stopped before the end of the run: "
+            "evaluating its final checkpoint now",
+            tc.name,
+            tc.epochs,
+        )
+    progress_log.info(
+        "%s: %d epochs x %d steps of %d images on %d worker(s)%s",
+        tc.name,
+        tc.epochs,
+        ipe,
+        tc.batch_size_per_worker * tc.num_workers,
+        tc.num_workers,
+        f", continuing from step {start_step}" if start_step else "",
     )
 
 

@@ -28,6 +28,7 @@ from pipeline.cluster import ClusterView, release_nodes
 from pipeline.config import DinoConfig
 from pipeline.data.contract import TrainData
 from pipeline.data.dataset import list_data
+from pipeline.data.sources import Corpus
 from pipeline.preflight import check_cluster, check_config, check_corpus
 from pipeline.ray_runtime import ensure_ray
 from pipeline.train.attempts import run_attempts
@@ -79,29 +80,16 @@ def fit(
     """
     t0 = time.monotonic()
 
-    # preflight: arch and fields, the corpus (missing, empty, smaller than a batch), a writable
-    # storage path, the rerun rules; then the name is ours (one driver per run) and, with Ray,
-    # the cluster (local paths on several nodes, workers no node can hold)
-    check_config(cfg)
-    corpus = list_data(cfg.data) if train_data is None else None
-    check_corpus(cfg, corpus.num_images if corpus is not None else train_data.num_images)
+    # preflight, then the name is ours (one driver per run), then Ray and the cluster's checks
+    cfg, corpus, changed = preflight(cfg, train_data)
     storage = resolve_storage_path(cfg.train.storage_path)
-    check_storage_writable(storage)
-    cfg, changed = rerun_policy(cfg)
     with RunLease(run_dir(storage, cfg.train.name), cfg.train.name):
         ensure_ray(address)
         view = ClusterView.current()
         check_cluster(cfg, view)
         try:
             # plan
-            plan = plan_run(
-                cfg,
-                view,
-                corpus=corpus,
-                train_data=train_data,
-                new_tracking_run=changed,
-                init_weights=init_weights,
-            )
+            plan = plan_run(cfg, view, corpus, train_data, changed, init_weights)
 
             # tracking
             tracker = open_tracking(cfg, plan, config_path)
@@ -111,21 +99,31 @@ def fit(
             collector = MetricsCollector(tracker, progress, on_epoch_metrics, on_step_metrics)
 
             # attempts (none when a rerun only has the end of the run left)
-            checkpoint = (
-                plan.newest_checkpoint(cfg.train.name)
-                if plan.trained
-                else run_attempts(cfg, plan, tracker, collector, callbacks)
-            )
+            if plan.trained:
+                checkpoint = plan.newest_checkpoint(cfg.train.name)
+            else:
+                checkpoint = run_attempts(cfg, plan, tracker, collector, callbacks)
 
             # finish
             metrics = finish_run(cfg, plan, tracker, collector, checkpoint, evaluation)
         finally:
             release_nodes(view)
+    wall = time.monotonic() - t0
     return TrainingResult(
-        checkpoint_path=checkpoint,
-        metrics=metrics,
-        mlflow_run_id=tracker.run_id,
-        run_dir=plan.run_dir,
-        history=collector.history,
-        wall_s=time.monotonic() - t0,
+        checkpoint, metrics, tracker.run_id, plan.run_dir, collector.history, wall
     )
+
+
+def preflight(
+    cfg: DinoConfig, train_data: TrainData | None
+) -> tuple[DinoConfig, Corpus | None, bool]:
+    """What can be checked before Ray: arch and fields, the corpus (missing, empty, smaller than
+    a batch), a writable storage path, the rerun rules. Returns the config in force (a
+    ``train.resume=never`` rerun gets a new name), the listed corpus and whether the run
+    continues with a changed config."""
+    check_config(cfg)
+    corpus = list_data(cfg.data) if train_data is None else None
+    check_corpus(cfg, corpus.num_images if corpus is not None else train_data.num_images)
+    check_storage_writable(resolve_storage_path(cfg.train.storage_path))
+    cfg, changed = rerun_policy(cfg)
+    return cfg, corpus, changed
