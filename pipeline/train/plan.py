@@ -95,7 +95,8 @@ def plan_run(
         train_data, resources = _train_dataset(cfg, corpus)
     ipe = iters_per_epoch(cfg, train_data.num_images, tc.num_workers)
     start_step = resumable_step(cfg, storage, ipe)
-    _request_nodes(cfg, view, resources)
+    worker = train_worker_bundle(cfg, view)  # what one Train worker asks for
+    _request_nodes(cfg, view, worker, resources)
     _say_plan(cfg, ipe, start_step)
     return RunPlan(
         storage=storage,
@@ -105,7 +106,7 @@ def plan_run(
         epochs=tc.epochs,
         iters_per_epoch=ipe,
         start_step=start_step,
-        worker_resources={k: v for k, v in train_worker_bundle(cfg, view).items() if k != "GPU"},
+        worker_resources={k: v for k, v in worker.items() if k != "GPU"},
         new_tracking_run=new_tracking_run,
         # the eval images are read by a Ray task while the workers start
         eval_ref=materialize_task.remote(cfg.model_dump(mode="json"))
@@ -153,14 +154,14 @@ def _say_plan(cfg: DinoConfig, ipe: int, start_step: int) -> None:
     )
 
 
-def _request_nodes(cfg: DinoConfig, view: ClusterView, resources: ResourcePlan | None) -> None:
+def _request_nodes(
+    cfg: DinoConfig, view: ClusterView, worker: dict, resources: ResourcePlan | None
+) -> None:
     """Ask the autoscaler for the Train workers' and the crop actors' bundles at once."""
     cpus = resources.cpus_per_actor if resources else cfg.data.cpus_per_actor
     data_bundle = {"CPU": cpus, **({"data": cpus} if view.has_role("data") else {})}
     actors = resources.num_actors if resources else cfg.data.num_actors
-    request_nodes(
-        [train_worker_bundle(cfg, view)] * cfg.train.num_workers + [data_bundle] * actors, view
-    )
+    request_nodes([worker] * cfg.train.num_workers + [data_bundle] * actors, view)
 
 
 def ssl_indices(cfg: DinoConfig, corpus: Corpus | None):
