@@ -19,18 +19,19 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import cv2
 import numpy as np
 import ray
 
+from pipeline.config import AugmentConfig, DataConfig
 from pipeline.data.augment import MultiCrop, view_specs
 from pipeline.data.datasource import CorpusDatasource, stable_hash
 from pipeline.data.decode import BadImage, read_bytes
 from pipeline.data.sources import Corpus, list_corpus
 from pipeline.data.state import DataHandle, stream_end
-from pipeline.ray_runtime import role_resources
+from pipeline.ray_runtime import ensure_ray, role_resources
 
 if TYPE_CHECKING:
-    from pipeline.config import AugmentConfig, DataConfig
     from pipeline.data.resources import ResourcePlan
 
 READ_TASK_CPUS = 0.25  # the read stage only lists/slices paths or reads encoded row groups
@@ -52,10 +53,6 @@ class MultiCropStage:
         state: DataHandle | None = None,
         with_label: bool = False,
     ):
-        import cv2
-
-        from pipeline.config import AugmentConfig
-
         cv2.setNumThreads(1)
         warnings.simplefilter("ignore")
         self.cfg = AugmentConfig.model_validate(augment)
@@ -138,8 +135,6 @@ class TrainDataset:
 
 def _ensure_ray() -> None:
     if not ray.is_initialized():
-        from pipeline.ray_runtime import ensure_ray
-
         ensure_ray()
 
 

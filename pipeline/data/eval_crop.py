@@ -7,6 +7,7 @@ place that reads, decodes and crops a batch of corpus rows for them.
 
 from __future__ import annotations
 
+import cv2
 import numpy as np
 
 from pipeline.data.decode import decode_bytes, read_bytes
@@ -18,8 +19,6 @@ def resize_center_crop(image: np.ndarray, size: int, resize: int) -> np.ndarray:
     s = resize / min(h, w)
     nh, nw = max(size, int(round(h * s))), max(size, int(round(w * s)))
     # resize_region makes squares; do the aspect-preserving resize by hand
-    import cv2
-
     region = image
     while region.shape[0] >= 2 * nh and region.shape[1] >= 2 * nw:
         region = cv2.pyrDown(region)

@@ -25,6 +25,7 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from pipeline.data.demo_corpus import build_digits_corpus
 from pipeline.data.sampling import even_sample, proportional_prefixes
 
 IMAGE_EXTENSIONS = frozenset(
@@ -186,8 +187,6 @@ def _hidden(rel: str) -> bool:
 
 def demo_path() -> str:
     """The built-in digits corpus (written once into a cache folder)."""
-    from pipeline.data.demo_corpus import build_digits_corpus
-
     root = Path(os.environ.get("DINO_RAY_CACHE", Path.home() / ".cache" / "dino-ray")) / "digits"
     return str(build_digits_corpus(root, size=32))
 
