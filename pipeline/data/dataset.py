@@ -73,11 +73,14 @@ class MultiCropStage:
             try:
                 data = batch["bytes"][i] if "bytes" in batch else read_bytes(self.fs, key)
                 crops = self.crop(data, image_rng(self.seed, int(batch["epoch"][i]), key))
+            # broad: a decoder or storage may raise anything on one bad file (cv2.error, PIL,
+            # pyarrow); it is counted and its first examples reach the run's data report
             except Exception as exc:  # noqa: BLE001 - one bad file never kills a run
                 reason = exc.reason if isinstance(exc, BadImage) else "error"
                 skipped[reason] += 1
                 if len(examples) < 3:
-                    examples.append(f"{reason}: {key}")
+                    detail = "" if isinstance(exc, BadImage) else f" ({type(exc).__name__}: {exc})"
+                    examples.append(f"{reason}: {key}{detail}")
                 continue
             for spec, crop in zip(self.specs, crops):
                 out[spec.name][i] = crop

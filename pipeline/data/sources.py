@@ -144,7 +144,9 @@ def resolve_filesystem(path: str) -> tuple[pafs.FileSystem, str]:
     if "://" in path:
         try:
             return pafs.FileSystem.from_uri(path)
-        except Exception as exc:  # noqa: BLE001
+        # what from_uri raises: ArrowInvalid (a ValueError) for a bad URI, ArrowNotImplementedError
+        # for an unknown scheme, OSError for storage/credentials
+        except (pa.ArrowException, ValueError, OSError) as exc:
             raise CorpusError(f"cannot open {path!r}: {exc}") from None
     return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(path))
 
