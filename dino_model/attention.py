@@ -21,7 +21,9 @@ def cls_attention_maps(vit: nn.Module, images: torch.Tensor) -> torch.Tensor:
     block = vit.blocks[-1]
     attn = block.attn
     captured: dict[str, torch.Tensor] = {}
-    hook = block.norm1.register_forward_hook(lambda m, i, o: captured.__setitem__("x", o))
+    hook = block.norm1.register_forward_hook(
+        lambda m, i, o: captured.__setitem__("x", o)  # noqa: ARG005 - hook(module, in, out)
+    )
     was_training = vit.training
     vit.eval()
     try:

@@ -33,7 +33,7 @@ def timm_name(name: str) -> str:
 
 def is_known_backbone(name: str) -> bool:
     """A short name or a timm model name (checked without building anything)."""
-    import timm
+    import timm  # noqa: PLC0415 - 6.5 s of CPU, see the module docstring
 
     full = timm_name(name)
     return full in timm.list_models() or full in timm.list_models(pretrained=True)
@@ -76,7 +76,7 @@ def build_backbone(
             kwargs["patch_size"] = patch_size
         if num_registers:
             kwargs["reg_tokens"] = num_registers
-    import timm
+    import timm  # noqa: PLC0415 - 6.5 s of CPU, see the module docstring
 
     model = timm.create_model(full, **kwargs)
     if cifar_stem:

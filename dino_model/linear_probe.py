@@ -67,7 +67,10 @@ def probe_features(
             f"n_last_blocks={n_last_blocks} but the backbone has {n_blocks} blocks: use at most "
             f"{n_blocks}"
         )
-    from dino_model.cls_block import all_tokens  # a ViT: timm is imported already
+    # imported here: cls_block imports timm (6.5 s of CPU, see dino_model.backbone), and
+    # dino_model/__init__ imports this module (through features) in every process that imports
+    # dino_model; a ViT reaching this line has timm imported already
+    from dino_model.cls_block import all_tokens  # noqa: PLC0415
 
     # norm=True applies the final LayerNorm to every intermediate, as DINO's
     # get_intermediate_layers; all_tokens: the last block's patch tokens too, where training has
@@ -121,10 +124,17 @@ def linear_probe(
     Returns:
         LinearProbeResult(top1 on the test set, chosen C, hold-out top-1 of that C).
     """
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.model_selection import GridSearchCV, ShuffleSplit, StratifiedShuffleSplit
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
+    # imported here: these scikit-learn modules cost 3.8 s of CPU after torch (measured: python
+    # -c, process_time), paid by every process that imports dino_model (its __init__ imports
+    # this module through features); only the evaluation that fits a probe needs them
+    from sklearn.linear_model import LogisticRegression  # noqa: PLC0415
+    from sklearn.model_selection import (  # noqa: PLC0415
+        GridSearchCV,
+        ShuffleSplit,
+        StratifiedShuffleSplit,
+    )
+    from sklearn.pipeline import make_pipeline  # noqa: PLC0415
+    from sklearn.preprocessing import StandardScaler  # noqa: PLC0415
 
     train_x, test_x = _as_numpy(train_x, np.float32), _as_numpy(test_x, np.float32)
     train_y, test_y = _as_numpy(train_y, np.int64), _as_numpy(test_y, np.int64)

@@ -57,7 +57,10 @@ def build_student_teacher(
         num_registers=num_registers,
     )
     if cls_only_last_block:
-        from dino_model.cls_block import query_cls_only  # imports timm, as build_backbone did
+        # imported here: cls_block imports timm (6.5 s of CPU, see dino_model.backbone), and
+        # dino_model/__init__ imports this module, so every process that imports dino_model
+        # would pay it (e.g. the k-NN evaluation's Ray Data tasks, which build no model)
+        from dino_model.cls_block import query_cls_only  # noqa: PLC0415
 
         query_cls_only(student_backbone)
         query_cls_only(teacher_backbone)

@@ -19,18 +19,19 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import cv2
 import numpy as np
 import ray
 
+from pipeline.config import AugmentConfig, DataConfig
 from pipeline.data.augment import GlobalMasks, MultiCrop, mask_columns, view_specs
 from pipeline.data.datasource import CorpusDatasource, stable_hash
 from pipeline.data.decode import BadImage, read_bytes
 from pipeline.data.sources import Corpus, list_corpus
 from pipeline.data.state import DataHandle, stream_end
-from pipeline.ray_runtime import role_resources
+from pipeline.ray_runtime import ensure_ray, role_resources
 
 if TYPE_CHECKING:
-    from pipeline.config import AugmentConfig, DataConfig
     from pipeline.data.resources import ResourcePlan
 
 READ_TASK_CPUS = 0.25  # the read stage only lists/slices paths or reads encoded row groups
@@ -53,10 +54,6 @@ class MultiCropStage:
         with_label: bool = False,
         masking: dict | None = None,
     ):
-        import cv2
-
-        from pipeline.config import AugmentConfig
-
         cv2.setNumThreads(1)
         warnings.simplefilter("ignore")
         self.cfg = AugmentConfig.model_validate(augment)
@@ -81,11 +78,14 @@ class MultiCropStage:
                 data = batch["bytes"][i] if "bytes" in batch else read_bytes(self.fs, key)
                 epoch = int(batch["epoch"][i])
                 crops = self.crop(data, image_rng(self.seed, epoch, key))
+            # broad: a decoder or storage may raise anything on one bad file (cv2.error, PIL,
+            # pyarrow); it is counted and its first examples reach the run's data report
             except Exception as exc:  # noqa: BLE001 - one bad file never kills a run
                 reason = exc.reason if isinstance(exc, BadImage) else "error"
                 skipped[reason] += 1
                 if len(examples) < 3:
-                    examples.append(f"{reason}: {key}")
+                    detail = "" if isinstance(exc, BadImage) else f" ({type(exc).__name__}: {exc})"
+                    examples.append(f"{reason}: {key}{detail}")
                 continue
             for spec, crop in zip(self.specs, crops):
                 out[spec.name][i] = crop
@@ -147,8 +147,6 @@ class TrainDataset:
 
 def _ensure_ray() -> None:
     if not ray.is_initialized():
-        from pipeline.ray_runtime import ensure_ray
-
         ensure_ray()
 
 

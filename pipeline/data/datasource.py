@@ -151,7 +151,10 @@ class CorpusDatasource(Datasource):
 
     # --- read tasks -----------------------------------------------------------------------------
     def get_read_tasks(
-        self, parallelism: int, per_task_row_limit: int | None = None, data_context=None
+        self,
+        parallelism: int,
+        per_task_row_limit: int | None = None,  # noqa: ARG002 - Ray Data's Datasource API
+        data_context=None,  # noqa: ARG002 - Ray Data's Datasource API
     ) -> list[ReadTask]:
         first, end, rows_per_epoch = self.current_window()
         if self.corpus.kind == "files":

@@ -7,9 +7,14 @@ place that reads, decodes and crops a batch of corpus rows for them.
 
 from __future__ import annotations
 
+import logging
+
+import cv2
 import numpy as np
 
 from pipeline.data.decode import decode_bytes, read_bytes
+
+log = logging.getLogger("dino_ray.data")
 
 
 def resize_center_crop(image: np.ndarray, size: int, resize: int) -> np.ndarray:
@@ -18,8 +23,6 @@ def resize_center_crop(image: np.ndarray, size: int, resize: int) -> np.ndarray:
     s = resize / min(h, w)
     nh, nw = max(size, int(round(h * s))), max(size, int(round(w * s)))
     # resize_region makes squares; do the aspect-preserving resize by hand
-    import cv2
-
     region = image
     while region.shape[0] >= 2 * nh and region.shape[1] >= 2 * nw:
         region = cv2.pyrDown(region)
@@ -37,6 +40,7 @@ def center_crops(
     n = len(batch["key"])
     images = np.empty((n, image_size, image_size, 3), np.uint8)
     keep = np.zeros(n, bool)
+    first_failure = None
     for i in range(n):
         try:
             data = (
@@ -46,6 +50,10 @@ def center_crops(
             )
             images[i] = resize_center_crop(decode_bytes(data), image_size, resize)
             keep[i] = True
-        except Exception:  # noqa: BLE001 - skipped like in training
-            continue
+        # broad: a decoder or storage may raise anything on one bad file (cv2.error, PIL,
+        # pyarrow); logged once per batch below
+        except Exception as exc:  # noqa: BLE001 - skipped like in training
+            first_failure = first_failure or f"{batch['key'][i]}: {type(exc).__name__}: {exc}"
+    if first_failure is not None:
+        log.warning("%d of %d images skipped, first: %s", n - int(keep.sum()), n, first_failure)
     return images, keep

@@ -14,6 +14,7 @@ import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import cv2
 import numpy as np
 import ray
 
@@ -34,8 +35,6 @@ log = logging.getLogger("dino_ray.evaluate")
 def _eval_batch(
     batch: dict[str, np.ndarray], filesystem, image_size: int, resize: int, with_label: bool
 ) -> dict[str, np.ndarray]:
-    import cv2
-
     cv2.setNumThreads(1)
     images, keep = center_crops(batch, filesystem, image_size, resize)
     out = {"image": images[keep]}

@@ -25,6 +25,7 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from pipeline.data.demo_corpus import build_digits_corpus
 from pipeline.data.sampling import even_sample, proportional_prefixes
 
 IMAGE_EXTENSIONS = frozenset(
@@ -143,7 +144,9 @@ def resolve_filesystem(path: str) -> tuple[pafs.FileSystem, str]:
     if "://" in path:
         try:
             return pafs.FileSystem.from_uri(path)
-        except Exception as exc:  # noqa: BLE001
+        # what from_uri raises: ArrowInvalid (a ValueError) for a bad URI, ArrowNotImplementedError
+        # for an unknown scheme, OSError for storage/credentials
+        except (pa.ArrowException, ValueError, OSError) as exc:
             raise CorpusError(f"cannot open {path!r}: {exc}") from None
     return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(path))
 
@@ -186,8 +189,6 @@ def _hidden(rel: str) -> bool:
 
 def demo_path() -> str:
     """The built-in digits corpus (written once into a cache folder)."""
-    from pipeline.data.demo_corpus import build_digits_corpus
-
     root = Path(os.environ.get("DINO_RAY_CACHE", Path.home() / ".cache" / "dino-ray")) / "digits"
     return str(build_digits_corpus(root, size=32))
 

@@ -26,6 +26,8 @@ from collections import Counter
 
 import ray
 
+from pipeline.ray_runtime import on_this_node
+
 MAX_EXAMPLES = 3  # skipped images named in a data-quality error
 
 
@@ -94,8 +96,6 @@ class DataHandle:
     def __init__(self, name: str | None = None, namespace: str | None = None):
         self.name = name or f"dino-ray-data-{uuid.uuid4().hex[:12]}"
         self.namespace = namespace or ray.get_runtime_context().namespace
-        from pipeline.ray_runtime import on_this_node
-
         self._actor = DataState.options(
             name=self.name, namespace=self.namespace, lifetime=None, **on_this_node()
         ).remote()

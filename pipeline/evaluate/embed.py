@@ -19,11 +19,18 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import cv2
 import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
+import ray
+import torch
 
-from pipeline.data.sources import CorpusError, resolve_filesystem
+from dino_model.normalize import normalize_uint8
+from pipeline.data.datasource import CorpusDatasource
+from pipeline.data.eval_crop import center_crops
+from pipeline.data.sources import CorpusError, list_corpus, resolve_filesystem
+from pipeline.ray_runtime import ensure_ray
 
 
 class OutputNotEmptyError(CorpusError):
@@ -63,10 +70,6 @@ class Embedder:
         device: str = "cpu",
         original_labels: list[int] | None = None,
     ):
-        import cv2
-        import ray
-        import torch
-
         cv2.setNumThreads(1)
         torch.set_num_threads(1)
         if isinstance(package, ray.ObjectRef):
@@ -85,11 +88,6 @@ class Embedder:
         self.original_labels = None if original_labels is None else np.asarray(original_labels)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
-        import torch
-
-        from dino_model.normalize import normalize_uint8
-        from pipeline.data.eval_crop import center_crops
-
         # unreadable images are skipped, as in training
         images, keep = center_crops(batch, self.filesystem, self.image_size, self.resize)
         x = normalize_uint8(torch.from_numpy(images[keep]), self.device, self.mean, self.std)
@@ -144,12 +142,6 @@ def embed_corpus(
     """Embed ``src`` (image folder tree or Parquet) into Parquet at ``dst`` with the backbone of
     ``package`` (``{"arch": dict, "weights": bytes}``), which each actor rebuilds with
     ``build_module(package)``: a module-level function, so Ray ships it by reference."""
-    import ray
-
-    from pipeline.data.datasource import CorpusDatasource
-    from pipeline.data.sources import list_corpus
-    from pipeline.ray_runtime import ensure_ray
-
     check_output_empty(dst)  # before any Ray work
     ensure_ray(address)
     corpus = list_corpus(src, format, image_column, label_column, limit)

@@ -14,6 +14,7 @@ import logging
 
 import ray
 from ray import tune
+from ray.util.placement_group import PlacementGroup, remove_placement_group
 
 log = logging.getLogger("dino_ray.tune")
 
@@ -33,24 +34,26 @@ class ReleaseTrialPlacementGroups(tune.Callback):
         self.trial_bundle = dict(trial_bundle)
         self.before: dict[str, set[str]] = {}  # trial id -> groups alive when it started
 
-    def on_trial_start(self, iteration, trials, trial, **info) -> None:
+    # iteration, trials and info: Tune's Callback signature (the hooks are called by keyword)
+    def on_trial_start(self, iteration, trials, trial, **info) -> None:  # noqa: ARG002
         self.before[trial.trial_id] = _created_groups(self.trial_bundle)
 
-    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+    def on_trial_complete(self, iteration, trials, trial, **info) -> None:  # noqa: ARG002
         self._release(trial)
 
-    def on_trial_error(self, iteration, trials, trial, **info) -> None:
+    def on_trial_error(self, iteration, trials, trial, **info) -> None:  # noqa: ARG002
         self._release(trial)
 
     def _release(self, trial) -> None:
         before = self.before.pop(trial.trial_id, None)
         if before is None or self.before:  # another trial runs: its groups cannot be told apart
             return
-        from ray.util.placement_group import PlacementGroup, remove_placement_group
-
         for pid in _created_groups(self.trial_bundle) - before:
             try:
                 remove_placement_group(PlacementGroup(ray.PlacementGroupID.from_hex(pid)))
                 log.info("released placement group %s left by trial %s", pid, trial.trial_id)
-            except Exception as exc:  # noqa: BLE001 - best effort: Ray may have removed it
+            # best effort: Ray may have removed it. A bad id or a group Ray no longer knows
+            # raises ValueError, the core worker's RPC a RayError (RaySystemError, RpcError,
+            # GetTimeoutError), its IO an OSError
+            except (ray.exceptions.RayError, ValueError, OSError) as exc:
                 log.debug("placement group %s: %s", pid, exc)

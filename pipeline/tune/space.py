@@ -6,6 +6,9 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from ray import tune
+
+from pipeline.cluster import ClusterView
 from pipeline.config import DinoConfig
 
 DATA_CPUS_ON_HEAD = 0.25  # the read tasks of the data stage (see pipeline.data.dataset)
@@ -29,8 +32,6 @@ def concurrent_trials(cfg: DinoConfig, cluster: dict[str, float] | None = None) 
     autoscaler may add, ``pipeline.cluster``), capped by ``tune.max_concurrent_trials`` and
     ``tune.num_samples`` (x the grid size)."""
     if cluster is None:
-        from pipeline.cluster import ClusterView
-
         view = ClusterView.current()
         cluster = {"CPU": view.max_total("CPU"), "GPU": view.max_total("GPU")}
     fits = max(1, int(math.floor(float(cluster.get("CPU", 1)) / trial_cpus(cfg))))
@@ -59,8 +60,6 @@ def param_space(cfg: DinoConfig) -> dict[str, Any]:
     (``backbone: [{model.arch: test_vit, model.patch_size: 4}, {model.arch: test_resnet,
     model.cifar_stem: true}]``), for fields that only make sense in combination. Every choice
     is validated here, so an unknown field or a bad value fails before any trial starts."""
-    from ray import tune
-
     space: dict[str, Any] = {}
     for key, choices in cfg.tune.search_space.items():
         for choice in choices:

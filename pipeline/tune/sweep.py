@@ -14,15 +14,26 @@ registered ones).
 
 from __future__ import annotations
 
+import shutil
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+import ray
+from ray import tune
+from ray.tune.schedulers import ASHAScheduler
+
+from pipeline.checkpoints import resolve_storage_path
 from pipeline.config import DinoConfig
+from pipeline.evaluate.knn_eval import evaluate_test_split
+from pipeline.preflight import absolute_local_paths
+from pipeline.ray_runtime import ensure_ray
 from pipeline.redact import redact, redact_obj
+from pipeline.registry.register import register_teacher
 from pipeline.tune.parent_run import ParentRun
 from pipeline.tune.placement import ReleaseTrialPlacementGroups
-from pipeline.tune.report import best_row, format_table, results_table
+from pipeline.tune.report import best_row, format_table, results_table, write_markdown
 from pipeline.tune.space import (
     DRIVER_RESOURCES,
     concurrent_trials,
@@ -54,14 +65,6 @@ def run_sweep(
     name: str | None = None,
     results_dir: str | None = None,
 ) -> SweepResult:
-    import ray
-    from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
-
-    from pipeline.checkpoints import resolve_storage_path
-    from pipeline.preflight import absolute_local_paths
-    from pipeline.ray_runtime import ensure_ray
-
     ensure_ray(address)
     tc = cfg.tune
     sweep = name or f"{cfg.train.name}-sweep-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -137,8 +140,6 @@ def run_sweep(
         and best.get("checkpoint_path")
         and cfg.tracking.enabled
     ):
-        from pipeline.registry.register import register_teacher
-
         version = register_teacher(
             best["checkpoint_path"],
             None,
@@ -177,11 +178,6 @@ def keep_results(
 ) -> None:
     """Copy the CSV and plot to ``results_dir`` and write the Markdown table beside them
     (``<sweep>.csv``, ``<sweep>.png``, ``<sweep>.md``)."""
-    import shutil
-    from pathlib import Path
-
-    from pipeline.tune.report import write_markdown
-
     out = Path(results_dir)
     out.mkdir(parents=True, exist_ok=True)
     for src, suffix in ((csv_path, ".csv"), (plot_path, ".png")):
@@ -197,8 +193,6 @@ def report_test_once(cfg: DinoConfig, best: dict[str, Any] | None) -> dict[str, 
     split or a finished best trial."""
     if cfg.eval.test_path is None or best is None or not best.get("checkpoint_path"):
         return {}
-    from pipeline.evaluate.knn_eval import evaluate_test_split
-
     best_cfg = cfg.with_overrides(
         trial_overrides({k: best[k] for k in cfg.tune.search_space if k in best})
     )

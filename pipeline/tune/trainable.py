@@ -10,7 +10,10 @@ from __future__ import annotations
 
 from typing import Any
 
+import ray.tune
+
 from pipeline.config import DinoConfig
+from pipeline.training_run import run_training
 from pipeline.tune.space import trial_overrides
 
 
@@ -37,10 +40,6 @@ def train_trial(
     """Tune function trainable: one DINO training run (a TorchTrainer) per trial. ``base`` and
     ``storage`` (``tune.with_parameters``) are the real base config and storage path; the
     ``_base``/``_storage`` in ``params`` are redacted copies that Tune stores."""
-    import ray.tune
-
-    from pipeline.training_run import run_training
-
     ctx = ray.tune.get_context()
     name = trial_name(params["_sweep"], ctx.get_trial_id())
     cfg = trial_config(
