@@ -378,7 +378,9 @@ def test_unreadable_corpus_fails_with_counts_and_examples(
     assert "restarting from the newest checkpoint" not in out  # deterministic: not retried
 
 
-def _run_until_first_checkpoint(cluster, s3, corpus, tmp_path, monkeypatch, capsys, name, epochs):
+def _run_until_first_checkpoint(
+    cluster, s3, corpus, tmp_path, monkeypatch, capsys, name, epochs, **updates
+):
     """Submit a run without waiting; return its job id and step once a checkpoint is in the
     bucket (the moment a fault is injected)."""
     # one worker: a node loss stops it as it stops two (the 2-worker restart after a worker
@@ -391,6 +393,7 @@ def _run_until_first_checkpoint(cluster, s3, corpus, tmp_path, monkeypatch, caps
         train__max_failures=3,
         eval__every_epochs=0,
         train__num_workers=1,
+        **updates,
     )
     rc, out, sid, _ = _submit(
         cluster, monkeypatch, capsys, "train", "--config", str(cfg), "--no-wait"
@@ -404,6 +407,18 @@ def _run_until_first_checkpoint(cluster, s3, corpus, tmp_path, monkeypatch, caps
     )
     assert _job_status(cluster, sid) == "RUNNING"
     return sid, _newest_step(s3, name)
+
+
+def _crop_actors(cluster, job: str, node_ids: set[str], *, alive: bool = False) -> list[dict]:
+    """The job's crop-stage actors placed on ``node_ids`` (only those alive now: ``alive``)."""
+    return [
+        a
+        for a in cluster.state("actors")
+        if a["job_id"] == job
+        and "MultiCropStage" in a["class_name"]
+        and a["node_id"] in node_ids
+        and (a["state"] == "ALIVE" or not alive)
+    ]
 
 
 def _wait_for_end(cluster, sid) -> str:
@@ -422,10 +437,14 @@ def test_train_and_data_nodes_lost_mid_run_the_job_resumes_from_s3_and_finishes(
     """One job loses a node twice, as on an autoscaled cluster: the train node's raylet dies
     after the first checkpoint and an autoscaler (here: the test) brings up another train node:
     the job resumes from S3, losing under an epoch; once the resumed run has checkpointed, the
-    data node dies and another returns 5 s later: the stream resumes and the job finishes."""
+    data node, holding the stream's crop actors, dies and another returns 5 s later: the crop
+    actors come back on it and the job finishes without a second training restart."""
     epochs = 8  # room for both faults before the end, however late a loaded poll sees a checkpoint
+    # one Ray Data execution per epoch (data.stream_rows at its minimum): each epoch starts crop
+    # actors again, so the data node can be caught holding live ones (one execution for the
+    # whole run crops its few rows early and its actors are gone before the node dies)
     sid, step_at_kill = _run_until_first_checkpoint(
-        cluster, s3, corpus, tmp_path, monkeypatch, capsys, "nodefault", epochs
+        cluster, s3, corpus, tmp_path, monkeypatch, capsys, "nodefault", epochs, data__stream_rows=1
     )
     t_kill = time.monotonic()
     victim = next(n for n in cluster.nodes if n.startswith("train"))
@@ -445,15 +464,32 @@ def test_train_and_data_nodes_lost_mid_run_the_job_resumes_from_s3_and_finishes(
     step_at_data_loss = _newest_step(s3, "nodefault")
     assert step_at_data_loss < 2 * epochs, "the run ended before the data node was lost"
     recovered_s = time.monotonic() - t_kill
+    # the data node holds the stream's crop actors when it dies (else its loss tests nothing)
+    job = _job_id(cluster, sid)
+    old_data = cluster.node_ids_with("data")
+    assert len(old_data) == 1
+    wait_for(
+        lambda: _crop_actors(cluster, job, old_data, alive=True),
+        "crop actors alive on the data node",
+        limit_s=300,
+        poll_s=0.1,
+    )
+    assert _job_status(cluster, sid) == "RUNNING"
     t_data = time.monotonic()
     victim = next(n for n in cluster.nodes if n.startswith("data"))
     cluster.kill_node(victim)
     time.sleep(5)  # the stream is without a data node for a while
     cluster.add_node("data", 2)
+    new_data = cluster.node_ids_with("data") - old_data
+    assert len(new_data) == 1
     status = _wait_for_end(cluster, sid)
     logs = _job_logs(cluster, sid)
     assert status == "SUCCEEDED", logs[-6000:]
+    # one training restart, the train node's: the data node's loss did not fail the attempt, the
+    # stream went on with crop actors on the new data node
+    assert set(re.findall(r"training attempt (\d+) failed", logs)) == {"1"}, logs[-6000:]
     assert "restarting from the newest checkpoint" in logs
+    assert _crop_actors(cluster, job, new_data)
     resumed = [
         int(x)
         for x in re.findall(
@@ -463,8 +499,9 @@ def test_train_and_data_nodes_lost_mid_run_the_job_resumes_from_s3_and_finishes(
         )
     ]
     # the first resume is the train node's: nothing checkpointed before the kill was lost, only
-    # the epoch in flight (a later resume, after the data node, is not it)
+    # the epoch in flight
     assert resumed and resumed[0] >= step_at_kill
+    assert len(set(resumed)) == 1  # a single resume: the data node's loss needed none
     assert _newest_step(s3, "nodefault") == 2 * epochs
     print(
         f"train node lost at step {step_at_kill}: resumed from step {min(resumed)}, "
