@@ -73,6 +73,7 @@ def test_a_missing_bucket_is_refused_and_a_writable_one_keeps_no_probe(s3, monke
         check_storage_writable("s3://no-such-bucket/runs", backoff_s=0.01)
 
 
+@pytest.mark.slow  # ~45 s of pyarrow's own S3 retries against the stopped server: CI runs it
 def test_a_storage_that_does_not_answer_is_never_read_as_no_checkpoint(monkeypatch, tmp_path):
     """Issue 22 #3: listing errors are retried, then fail: a rerun must not start over."""
     gone = S3Server()
