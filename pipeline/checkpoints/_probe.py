@@ -10,6 +10,8 @@ import errno
 import re
 import time
 import uuid
+from collections.abc import Callable
+from typing import TypeVar
 
 from pipeline.data.sources import resolve_filesystem
 from pipeline.preflight import PreflightError
@@ -34,6 +36,8 @@ _FOR_GOOD_TEXT = re.compile(
 )
 PROBE_TRIES = 3  # a transient error (an S3 503, a dropped connection) is tried again
 
+T = TypeVar("T")
+
 
 def storage_error_for_good(exc: BaseException) -> bool:
     """An I/O error that a retry cannot fix: permission, a missing path or bucket, a full disk or
@@ -43,22 +47,37 @@ def storage_error_for_good(exc: BaseException) -> bool:
     return exc.errno in _FOR_GOOD_ERRNOS or bool(_FOR_GOOD_TEXT.search(str(exc)))
 
 
+def retry_transient(call: Callable[[], T], *, tries: int, backoff_s: float = 1.0) -> T:
+    """``call()`` until it succeeds: a transient ``OSError`` (an S3 503, a dropped connection) is
+    tried again after ``backoff_s`` x the attempt; one no retry can fix, or the last, is raised."""
+    for attempt in range(1, tries + 1):
+        try:
+            return call()
+        except OSError as exc:
+            if storage_error_for_good(exc) or attempt == tries:
+                raise
+            time.sleep(backoff_s * attempt)
+    raise ValueError(f"tries must be >= 1, got {tries}")
+
+
+def first_line(exc: BaseException) -> str:
+    """``Type: first line of the message``: storage errors carry whole request dumps."""
+    return f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0]}"
+
+
 def check_storage_writable(storage_path: str, *, backoff_s: float = 1.0) -> None:
     """Write and delete ``<storage_path>/.dino-ray-probe-<random>``; ``PreflightError`` naming
     ``train.storage_path`` when that fails for good or ``PROBE_TRIES`` times."""
-    for attempt in range(1, PROBE_TRIES + 1):
-        try:
-            _write_and_delete_probe(storage_path)
-            return
-        except OSError as exc:
-            if storage_error_for_good(exc) or attempt == PROBE_TRIES:
-                first_line = (str(exc).strip().splitlines() or [""])[0]
-                raise PreflightError(
-                    f"train.storage_path={storage_path!r} is not writable "
-                    f"({type(exc).__name__}: {first_line}); checkpoints go there: give this "
-                    "machine and the train nodes write access, or choose another path"
-                ) from None
-            time.sleep(backoff_s * attempt)
+    try:
+        retry_transient(
+            lambda: _write_and_delete_probe(storage_path), tries=PROBE_TRIES, backoff_s=backoff_s
+        )
+    except OSError as exc:
+        raise PreflightError(
+            f"train.storage_path={storage_path!r} is not writable ({first_line(exc)}); "
+            "checkpoints go there: give this machine and the train nodes write access, or "
+            "choose another path"
+        ) from None
 
 
 def _write_and_delete_probe(storage_path: str) -> None:

@@ -7,12 +7,11 @@ import json
 import os
 import shutil
 import tempfile
-import time
 from pathlib import Path
 
 import pyarrow.fs as pafs
 
-from pipeline.checkpoints._probe import storage_error_for_good
+from pipeline.checkpoints._probe import first_line, retry_transient
 from pipeline.checkpoints._state import META_FILE, STATE_FILE
 from pipeline.data.sources import resolve_filesystem
 
@@ -61,20 +60,14 @@ class StorageUnavailableError(OSError):
 LIST_TRIES = 3  # a transient error (an S3 503, a dropped connection) is tried again
 
 
-def _list_with_retries(fs, selector, root: str, backoff_s: float = 1.0) -> list:
-    for attempt in range(1, LIST_TRIES + 1):
-        try:
-            return fs.get_file_info(selector)
-        except OSError as exc:
-            if storage_error_for_good(exc) or attempt == LIST_TRIES:
-                first_line = (str(exc).strip().splitlines() or [""])[0]
-                raise StorageUnavailableError(
-                    f"cannot list the checkpoints in {root} ({type(exc).__name__}: "
-                    f"{first_line}) after {attempt} tries; nothing was started or changed: rerun "
-                    "when the storage answers"
-                ) from exc
-            time.sleep(backoff_s * attempt)
-    raise AssertionError("unreachable")
+def _list_with_retries(fs, selector, root: str) -> list:
+    try:
+        return retry_transient(lambda: fs.get_file_info(selector), tries=LIST_TRIES)
+    except OSError as exc:
+        raise StorageUnavailableError(
+            f"cannot list the checkpoints in {root} ({first_line(exc)}; tried up to {LIST_TRIES} "
+            "times); nothing was started or changed: rerun when the storage answers"
+        ) from exc
 
 
 def _complete_step(fs, path: str) -> int | None:
