@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING
 import cv2
 import numpy as np
 
+# numpy only: ``dino_model`` imports torch lazily, so the crop actors do not load it (+3.3 s CPU)
+from dino_model.masking import BlockMasking, mask_rng
 from pipeline.data.decode import decode_rgb, open_image, orientation, oriented_size
 
 if TYPE_CHECKING:
@@ -330,10 +332,6 @@ class GlobalMasks:
     image's key), from a stream of their own: turning the masks on changes no crop."""
 
     def __init__(self, spec: dict):
-        # imported here: ``dino_model``'s package imports torch, +3.3 s of CPU in every crop
-        # actor (measured: importing this module 3.6 s -> 6.9 s user), which DINO runs need not pay
-        from dino_model.masking import BlockMasking, mask_rng  # noqa: PLC0415
-
         self.generator = BlockMasking(**spec)
         self.rng = mask_rng
 
