@@ -1,6 +1,6 @@
 """Ray Train DINO loop on the shared local Ray: 2 workers with a worker death + MLflow, a NaN stop
-and resume equivalence of the DINOv2 recipe (with an unreachable tracking server), Ctrl-C,
-skipped images. Tiny ViT (patch 4, 32/16 px), K=256."""
+and resume equivalence of the DINOv2 recipe on 2 workers (a worker death in the resumed run, an
+unreachable tracking server), Ctrl-C, skipped images. Tiny ViT (patch 4, 32/16 px), K=256."""
 
 from __future__ import annotations
 
@@ -137,12 +137,13 @@ def test_two_workers_survive_a_worker_death_and_log_to_mlflow(
     assert {"resolved_config.yaml", "training.png"} <= artifacts
 
 
-def test_nan_stop_keeps_a_finite_checkpoint_and_the_resumed_run_matches_an_uninterrupted_one(
-    ray_session, digits_dir, tmp_path, monkeypatch
+def test_nan_stop_and_a_worker_death_resume_to_the_uninterrupted_run_parameter_for_parameter(
+    ray_session, digits_dir, tmp_path, monkeypatch, caplog
 ):
-    # the DINOv2 recipe: registers, iBOT on masks from the crop actors (a separate head),
-    # Sinkhorn-Knopp centring, KoLeo, layer-wise lr decay
+    # the DINOv2 recipe on 2 workers: registers, iBOT on masks from the crop actors (a separate
+    # head), Sinkhorn-Knopp centring (all-reduced over the workers), KoLeo, layer-wise lr decay
     common = dict(
+        train__num_workers=2,
         train__epochs=2,
         train__max_steps_per_epoch=2,
         train__deterministic_data=True,
@@ -195,8 +196,16 @@ def test_nan_stop_keeps_a_finite_checkpoint_and_the_resumed_run_matches_an_unint
     changed = interrupted.with_overrides({"optim.lr": 0.01})
     with pytest.raises(PreflightError, match=r"optim\.lr 0\.001 -> 0\.01"):
         run_training(changed)  # refused before any worker starts: the checkpoint is untouched
-    resumed = run_training(interrupted)  # same name + storage: Ray Train hands back the checkpoint
-    assert resumed.metrics["step"] == 4
+    # resumed (same name + storage: Ray Train hands back the checkpoint), and rank 1 dies at
+    # step 3: the driver restarts the group from the step-2 checkpoint, which must not show
+    caplog.set_level(logging.WARNING, logger="dino_ray.train")
+    with monkeypatch.context() as patched:
+        inject_faults(patched, fail_at_step=3)
+        resumed = run_training(interrupted)
+    assert (Path(resumed.run_dir) / ".fault_injected_step_3").is_file()
+    restarts = [r.getMessage() for r in caplog.records if "restarting from" in r.getMessage()]
+    assert len(restarts) == 1 and "checkpoint_step_00000002" in restarts[0], restarts
+    assert resumed.metrics["step"] == 4 and resumed.metrics["world_size"] == 2
     assert [h["epoch"] for h in resumed.history] == [1]  # it did not start over
     with pytest.raises(PreflightError, match=r"already finished 2 epochs"):
         run_training(interrupted)  # a finished run trains nothing: refused, not a silent no-op
