@@ -120,7 +120,7 @@ def test_random_init_and_pixel_knn_on_digits_split(ray_session, digits_dir, tmp_
     )
     assert out["knn_pixels_val_size"] == len(val_y) == out["knn_init_val_size"]
     for k in (10, 20, 30):
-        assert out[f"knn_pixels_top1_k{k}"] == pytest.approx(direct[f"knn_pixels_top1_k{k}"])
+        assert out[f"knn_pixels_top1_k{k}"] == pytest.approx(direct[f"subset_knn_pixels_top1_k{k}"])
     assert 50.0 < out["knn_pixels_top1"] <= 100.0  # pixel k-NN on digits is strong
 
 
