@@ -155,9 +155,10 @@ class EvalSets:
         return out
 
 
-def build_eval_sets(cfg: DinoConfig) -> EvalSets | None:
+def build_eval_sets(cfg: DinoConfig, *, count_skips: bool = True) -> EvalSets | None:
     """bank/val datasets from eval.train_path/val_path, else a deterministic split of data.path.
-    None when the data carries no labels."""
+    None when the data carries no labels. ``count_skips``: the reads count what they decode and
+    skip into ``EvalSets.counts`` (one small actor; the in-training subset only logs them)."""
     size = cfg.augment.global_size
     e = cfg.eval
     if e.train_path is not None and e.val_path is not None:
@@ -165,7 +166,7 @@ def build_eval_sets(cfg: DinoConfig) -> EvalSets | None:
         # listed apart, each has its own class list: the queries take the bank's indices
         val_corpus = align_labels(bank_corpus, list_corpus(e.val_path, limit=e.limit))
         batch = min(e.batch_size, 256)
-        counts = DataHandle()
+        counts = DataHandle() if count_skips else None
         return EvalSets(
             _eval_from_corpus(bank_corpus, size, e.resize, None, batch, 1.0, counts),
             _eval_from_corpus(val_corpus, size, e.resize, None, batch, 1.0, counts),
@@ -173,7 +174,7 @@ def build_eval_sets(cfg: DinoConfig) -> EvalSets | None:
         )
     if cfg.data.label_column is None:
         return None
-    counts = DataHandle()
+    counts = DataHandle() if count_skips else None
     try:
         bank, val = build_eval_datasets(
             cfg.data,
@@ -208,7 +209,8 @@ def materialize_for_training(cfg_dict: dict) -> dict[str, np.ndarray] | None:
     worker group instead of delaying it."""
     cfg = DinoConfig.from_dict(cfg_dict)
     limit = min(cfg.eval.limit or cfg.eval.in_training_limit, cfg.eval.in_training_limit)
-    sets = build_eval_sets(cfg.with_overrides({"eval.limit": limit}))  # bounded, class-balanced
+    # bounded, class-balanced; skipped images are logged per batch (no counter actor here)
+    sets = build_eval_sets(cfg.with_overrides({"eval.limit": limit}), count_skips=False)
     if sets is None:
         return None
     bank_x, bank_y = materialize(sets.bank)
