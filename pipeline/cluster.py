@@ -29,6 +29,8 @@ import yaml
 from google.protobuf.message import DecodeError
 from ray._private.state import state as ray_state  # what Ray Train checks worker groups against
 
+from pipeline.node_request import make_request, withdraw_own_request
+
 log = logging.getLogger("dino_ray.cluster")
 
 CLUSTER_CONFIG_ENV = "DINO_RAY_CLUSTER_CONFIG"
@@ -191,15 +193,18 @@ def node_types_from_cluster_yaml(text: str) -> tuple[list[NodeType], str | None]
     return types, raw.get("head_node_type")
 
 
-def request_nodes(bundles: list[dict[str, float]], view: ClusterView) -> bool:
+def request_nodes(
+    bundles: list[dict[str, float]], view: ClusterView, run: str | None = None
+) -> bool:
     """Ask the autoscaler for ``bundles`` up front (``ray.autoscaler.sdk.request_resources``), so
-    a head-only cluster scales to the whole job at once instead of one pending task at a time.
-    No-op without an autoscaler. Returns whether a request was made."""
+    a head-only cluster scales to the whole job at once instead of one pending task at a time;
+    the request is recorded with this driver's job (``pipeline.node_request``), so a later driver
+    withdraws it if this one is killed. No-op without an autoscaler. Returns whether a request
+    was made."""
     if not view.autoscaling or not bundles:
         return False
     try:
-        request_resources = _autoscaler_request()
-        request_resources(bundles=[{k: v for k, v in b.items() if v > 0} for b in bundles])
+        make_request([{k: v for k, v in b.items() if v > 0} for b in bundles], run)
         return True
     # broad: the request is a hint (pending demand scales the cluster anyway), and the GCS RPC
     # behind it raises whatever its client raises; a failed hint never stops the run
@@ -208,23 +213,12 @@ def request_nodes(bundles: list[dict[str, float]], view: ClusterView) -> bool:
         return False
 
 
-def _autoscaler_request():
-    """``ray.autoscaler.sdk.request_resources``, imported on use: the module (with click, colorful
-    and prometheus_client) costs 0.16 s of CPU in every process that imports pipeline.data, which
-    imports this module through ray_runtime (each crop actor, the data state actor; measured after
-    ``import pipeline.data.state``: python -c, process_time), and only the driver asks the
-    autoscaler for nodes."""
-    from ray.autoscaler.sdk import request_resources  # noqa: PLC0415
-
-    return request_resources
-
-
 def release_nodes(view: ClusterView) -> None:
     """Withdraw the standing request of ``request_nodes`` (idle nodes may then scale down)."""
     if not view.autoscaling:
         return
-    try:
-        _autoscaler_request()(bundles=[])
+    try:  # a request another live driver made since is theirs: left standing
+        withdraw_own_request()
     # broad: this runs as the run ends (a finally), where an error would hide the run's own
     # result; the GCS RPC raises whatever its client raises
     except Exception as exc:  # noqa: BLE001 - never masks the run's result; logged

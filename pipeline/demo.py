@@ -61,8 +61,8 @@ def run_demo(workdir: str | Path, overrides: list[str] | None = None) -> int:
         f"{m.get('epoch_loss', float('nan')):.3f}"
     )
     print(
-        f"[demo] k-NN top-1 on a {cfg.eval.val_fraction:.0%} split held out of SSL training "
-        "(bank = the rest):"
+        f"[demo] k-NN top-1 at the end of the run on the whole {cfg.eval.val_fraction:.0%} split "
+        f"held out of SSL training ({int(m.get('knn_val_size', 0)):,} images; bank = the rest):"
     )
     for k in sorted(set(ks) | {cfg.eval.headline_k}):
         print(

@@ -16,6 +16,7 @@ import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from pipeline.cluster import ClusterView
+from pipeline.node_request import withdraw_orphaned_request
 
 log = logging.getLogger("dino_ray.ray_runtime")
 
@@ -32,6 +33,7 @@ def ensure_ray(
     address = address or os.environ.get("RAY_ADDRESS")
     if address:  # a submitted job already carries its runtime_env: do not merge another one
         ray.init(address=address, log_to_driver=True)
+        _withdraw_orphaned_request()
         return
     # the workers inherit this process's environment (the embedded raylet is its child); a
     # runtime_env would start every worker through Ray's setup_worker.py (0.85 s of CPU each).
@@ -48,6 +50,17 @@ def ensure_ray(
         log_to_driver=not quiet,
     )
     _start_autoscaling_coordinator()
+
+
+def _withdraw_orphaned_request() -> None:
+    """A standing autoscaler request whose driver was killed keeps its nodes up: whoever joins
+    the cluster next withdraws it (``pipeline.node_request``). Never stops the command."""
+    try:
+        withdraw_orphaned_request()
+    # broad: GCS RPCs raise whatever their client raises; a failed check leaves the request as
+    # it was (the next run replaces it)
+    except Exception as exc:  # noqa: BLE001 - a hint about other drivers never fails this one
+        log.warning("could not check for an orphaned autoscaler request: %r", exc)
 
 
 def _start_autoscaling_coordinator() -> None:

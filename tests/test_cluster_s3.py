@@ -223,7 +223,9 @@ def test_submitted_run_stops_on_ctrl_c_resumes_from_s3_evaluates_registers_and_p
         f"tracking.tracking_uri={mlflow_s3.uri}",
         "tracking.experiment=cluster",
     ]
-    cfg = _job_config(tmp_path, corpus, "s3run", train__epochs=epochs, eval__every_epochs=10)
+    cfg = _job_config(
+        tmp_path, corpus, "s3run", train__epochs=epochs, eval__every_epochs=10, eval__at_end=True
+    )
     command = ["--config", str(cfg), *track]
 
     # 1. train, checkpoints in the bucket; Ctrl-C stops the job
@@ -272,7 +274,9 @@ def test_submitted_run_stops_on_ctrl_c_resumes_from_s3_evaluates_registers_and_p
     runs = client.search_runs([experiment], "attributes.run_name = 's3run'")
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"  # the same MLflow run
     assert '"mlflow_run_id"' in out  # the job's own output, streamed back
-    assert "knn_top1" in runs[0].data.metrics  # the in-training k-NN, logged by the job
+    # the in-training k-NN (a subset) and the end-of-run one (the whole split), named apart
+    assert {"subset_knn_top1", "knn_top1", "knn_val_size"} <= set(runs[0].data.metrics)
+    assert summary["headline"].startswith("k-NN top-1 on the validation split (")
     ckpt = summary["checkpoint_path"]
 
     # register that run's teacher by its MLflow run name (what `submit register --run-name` runs)

@@ -111,6 +111,9 @@ def test_random_init_and_pixel_knn_on_digits_split(ray_session, digits_dir, tmp_
     assert set(out) >= {"knn_init_top1_k10", "knn_init_top5_k30", "knn_init_top1_k20"}
     assert out["knn_init_top1"] == out["knn_init_top1_k20"]  # eval.headline_k, not the best k
     assert "knn_top1" not in out and "linear_init_top1" not in out  # no checkpoint, no --linear
+    # the evaluation counts what it read (and would count what it skipped: none here)
+    assert out["eval_images_decoded"] == out["knn_init_bank_size"] + out["knn_init_val_size"]
+    assert not any(k.startswith("eval_skipped_") for k in out)
     # the pixel baseline of the pass equals one computed on the same images in memory
     bank_x, bank_y = materialize(sets.bank)
     val_x, val_y = materialize(sets.val)
@@ -120,7 +123,7 @@ def test_random_init_and_pixel_knn_on_digits_split(ray_session, digits_dir, tmp_
     )
     assert out["knn_pixels_val_size"] == len(val_y) == out["knn_init_val_size"]
     for k in (10, 20, 30):
-        assert out[f"knn_pixels_top1_k{k}"] == pytest.approx(direct[f"knn_pixels_top1_k{k}"])
+        assert out[f"knn_pixels_top1_k{k}"] == pytest.approx(direct[f"subset_knn_pixels_top1_k{k}"])
     assert 50.0 < out["knn_pixels_top1"] <= 100.0  # pixel k-NN on digits is strong
 
 

@@ -1,5 +1,5 @@
 """Training-loop bookkeeping that needs no cluster: which checkpoint a restart resumes from, the
-epoch meter's wall-clock fractions, when the final k-NN is not run twice, and how the batch stream
+epoch meter's wall-clock fractions, and how the batch stream
 opens its executions."""
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ from presets import tiny_config
 from ray.train import Checkpoint
 
 from pipeline.checkpoints import build_models, save_checkpoint
-from pipeline.train.finish import evaluated_in_loop
 from pipeline.train.metrics import EpochMeter
 from pipeline.train.resume_point import resume_state
 from pipeline.train.stream import BatchStream
@@ -109,13 +108,6 @@ def test_epoch_meter_counts_time_outside_wait_and_compute():
     assert s["epoch_data_wait_fraction"] < 0.3 and s["epoch_sync_fraction"] > 0.4
     total = s["epoch_data_wait_fraction"] + s["epoch_compute_fraction"] + s["epoch_sync_fraction"]
     assert abs(total - 1.0) < 1e-6
-
-
-def test_final_knn_is_not_repeated_when_the_last_epoch_has_it():
-    assert evaluated_in_loop([{"knn_init_top1": 30.0, "knn_top1": 31.0}, {"knn_top1": 40.0}])
-    assert not evaluated_in_loop([{"knn_init_top1": 30.0, "knn_top1": 31.0}, {"epoch_loss": 1.0}])
-    assert not evaluated_in_loop([{"knn_top1": 40.0}])  # random init unknown (resumed run)
-    assert not evaluated_in_loop([])
 
 
 def test_the_stream_opens_a_new_execution_where_each_window_ends():

@@ -29,9 +29,13 @@ def test_lines_say_where_the_run_is_and_how_long_is_left():
             "epoch_loss": 4.0,
             "epoch_images_per_s": 900.0,
             "epoch_data_wait_fraction": 0.0,
-            "knn_top1": 51.234,
+            "subset_knn_top1": 51.234,  # the in-training figure, on a subset of the split
+            "subset_knn_val_size": 1200,
         }
-    ) == ("epoch 3/3 done  loss 4.000  900 img/s  data wait 0%  k-NN top-1 51.23 (val, k=20)")
+    ) == (
+        "epoch 3/3 done  loss 4.000  900 img/s  data wait 0%  "
+        "k-NN top-1 51.23 (val subset 1,200, k=20)"
+    )
     assert math.isnan(Progress(1, 5, clock=lambda: 0.0).left_s(0))  # no step yet: no rate
     assert "left ?" in Progress(1, 5).step_line({"step": 0})
     assert [duration(s) for s in (42, 662, 3720)] == ["42s", "11m02s", "1h02m"]

@@ -6,63 +6,15 @@ no retry can fix."""
 
 from __future__ import annotations
 
-import errno
-import re
-import time
 import uuid
-from collections.abc import Callable
-from typing import TypeVar
 
+from pipeline.data.retry import first_line, retry_transient, storage_error_for_good
 from pipeline.data.sources import resolve_filesystem
 from pipeline.preflight import PreflightError
 
-# local errors a retry cannot fix, by errno; object stores' (pyarrow raises a plain OSError) by text
-_FOR_GOOD_ERRNOS = {
-    errno.EACCES,
-    errno.EPERM,
-    errno.ENOENT,
-    errno.ENOTDIR,
-    errno.EISDIR,
-    errno.EEXIST,
-    errno.ENOSPC,
-    errno.EDQUOT,
-    errno.EROFS,
-}
-_FOR_GOOD_TEXT = re.compile(
-    r"ACCESS_DENIED|AccessDenied|Access Denied|Forbidden|NoSuchBucket|NO_SUCH_BUCKET|"
-    r"InvalidAccessKeyId|SignatureDoesNotMatch|No space left|Disk quota|Read-only file system|"
-    r"Permission denied|Not a directory",
-    re.IGNORECASE,
-)
+__all__ = ["check_storage_writable", "first_line", "retry_transient", "storage_error_for_good"]
+
 PROBE_TRIES = 3  # a transient error (an S3 503, a dropped connection) is tried again
-
-T = TypeVar("T")
-
-
-def storage_error_for_good(exc: BaseException) -> bool:
-    """An I/O error that a retry cannot fix: permission, a missing path or bucket, a full disk or
-    quota, a read-only file system, bad credentials."""
-    if not isinstance(exc, OSError) or isinstance(exc, (ConnectionError, TimeoutError)):
-        return False
-    return exc.errno in _FOR_GOOD_ERRNOS or bool(_FOR_GOOD_TEXT.search(str(exc)))
-
-
-def retry_transient(call: Callable[[], T], *, tries: int, backoff_s: float = 1.0) -> T:
-    """``call()`` until it succeeds: a transient ``OSError`` (an S3 503, a dropped connection) is
-    tried again after ``backoff_s`` x the attempt; one no retry can fix, or the last, is raised."""
-    for attempt in range(1, tries + 1):
-        try:
-            return call()
-        except OSError as exc:
-            if storage_error_for_good(exc) or attempt == tries:
-                raise
-            time.sleep(backoff_s * attempt)
-    raise ValueError(f"tries must be >= 1, got {tries}")
-
-
-def first_line(exc: BaseException) -> str:
-    """``Type: first line of the message``: storage errors carry whole request dumps."""
-    return f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0]}"
 
 
 def check_storage_writable(storage_path: str, *, backoff_s: float = 1.0) -> None:

@@ -49,6 +49,39 @@ def find_run(tracking_uri: str, experiment: str, run_name: str):
     return runs[0] if runs else None
 
 
+def final_figures(checkpoint: str) -> dict:
+    """The end-of-run figures the run recorded (``finished.json``) when ``checkpoint`` is the
+    checkpoint it finished on; {} otherwise."""
+    import json
+
+    from pipeline.checkpoints import read_run_file
+    from pipeline.train.rerun import FINISHED_FILE
+
+    path = str(checkpoint).rstrip("/")
+    text = read_run_file(path.rsplit("/", 1)[0], FINISHED_FILE) if "/" in path else None
+    if not text:
+        return {}
+    finished = json.loads(text)
+    same = str(finished.get("checkpoint") or "").rstrip("/") == path
+    return dict(finished.get("metrics") or {}) if same else {}
+
+
+def figure_words(metrics: dict) -> str:
+    """What the printed line says of the version's figure and the set it was measured on."""
+    if "knn_top1" in metrics:
+        val = metrics.get("knn_val_size")
+        on = f", {int(val):,} images" if val else ""
+        return f"knn_top1={metrics['knn_top1']:.2f} on the whole validation split{on}"
+    if "subset_knn_top1" in metrics:
+        return (
+            f"no end-of-run knn_top1, not comparable for champion: the checkpoint has only the "
+            f"in-training subset_knn_top1={metrics['subset_knn_top1']:.2f} on "
+            f"{int(metrics.get('subset_knn_val_size', 0)):,} validation images; run "
+            "`dino-ray evaluate` on it for the whole split"
+        )
+    return "knn_top1=n/a"
+
+
 def run(args: argparse.Namespace) -> int:
     from pipeline.config import DinoConfig
     from pipeline.registry.register import EvalKeyConflictError, register_teacher
@@ -88,8 +121,10 @@ def run(args: argparse.Namespace) -> int:
     if saved is None:
         raise UsageError(f"no checkpoint at {checkpoint} (no {CONFIG_FILE} there)")
     ckpt_cfg = DinoConfig.from_dict(yaml.safe_load(saved))
-    # the checkpoint's own figures (local or s3://, gs://), unless the MLflow run's are used
-    metrics = metrics or read_meta(checkpoint).get("metrics", {})
+    # the run's end-of-run figures when this is the checkpoint it finished on, else the
+    # checkpoint's own (local or s3://, gs://: only its in-training subset_knn_*), unless the
+    # MLflow run's are used
+    metrics = metrics or final_figures(checkpoint) or read_meta(checkpoint).get("metrics", {})
     use_cfg = ckpt_cfg
     if cfg is not None:  # tracking/registry settings from the command line win
         use_cfg = ckpt_cfg.with_overrides(
@@ -109,6 +144,6 @@ def run(args: argparse.Namespace) -> int:
     except EvalKeyConflictError as exc:
         raise CommandFailed(str(exc)) from exc
     name = args.name or use_cfg.tracking.registered_model
-    print(f"registered {name} version {version} (knn_top1={metrics.get('knn_top1', 'n/a')})")
+    print(f"registered {name} version {version} ({figure_words(metrics)})")
     print(f"load it with: dino-ray models pull models:/{name}/{version} DIR")
     return 0

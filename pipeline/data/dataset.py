@@ -27,6 +27,7 @@ from pipeline.config import AugmentConfig, DataConfig
 from pipeline.data.augment import GlobalMasks, MultiCrop, mask_columns, view_specs
 from pipeline.data.datasource import CorpusDatasource, stable_hash
 from pipeline.data.decode import BadImage, read_bytes
+from pipeline.data.retry import TransientReadError
 from pipeline.data.sources import Corpus, list_corpus
 from pipeline.data.state import DataHandle, stream_end
 from pipeline.ray_runtime import ensure_ray, role_resources
@@ -78,6 +79,8 @@ class MultiCropStage:
                 data = batch["bytes"][i] if "bytes" in batch else read_bytes(self.fs, key)
                 epoch = int(batch["epoch"][i])
                 crops = self.crop(data, image_rng(self.seed, epoch, key))
+            except TransientReadError:
+                raise  # the storage did not answer: the task fails and is retried, not counted
             # broad: a decoder or storage may raise anything on one bad file (cv2.error, PIL,
             # pyarrow); it is counted and its first examples reach the run's data report
             except Exception as exc:  # noqa: BLE001 - one bad file never kills a run

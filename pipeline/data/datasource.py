@@ -35,6 +35,7 @@ import ray
 from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
+from pipeline.data.retry import read_retrying
 from pipeline.data.sources import Corpus, to_class_index
 
 
@@ -406,10 +407,12 @@ class _ParquetUnit:
             rows = np.arange(g.num_rows)
             if mask is not None:
                 rows = rows[mask[g.start : g.start + g.num_rows]]
-            with self.fs.open_input_file(g.path) as f:
-                parts.append(
-                    pq.ParquetFile(f).read_row_group(g.row_group, columns=cols).take(pa.array(rows))
-                )
+            # a transient storage error is retried; if it persists the read task fails (and the
+            # training attempt with it, which Ray Train retries): no row is ever dropped for it
+            group = read_retrying(
+                lambda g=g: self._read_group(g, cols), f"{g.path} row group {g.row_group}"
+            )
+            parts.append(group.take(pa.array(rows)))
             keys += [f"{g.path}#{g.file_offset + int(r)}" for r in rows]
         n = len(keys)
         if self.order_seed is not None:
@@ -428,6 +431,10 @@ class _ParquetUnit:
             stored = table.column(self.label_column).to_numpy().astype(np.int64)
             out["label"] = pa.array(to_class_index(self.label_map, stored))
         return [pa.table(out)]
+
+    def _read_group(self, g: _Group, cols: list[str]) -> pa.Table:
+        with self.fs.open_input_file(g.path) as f:
+            return pq.ParquetFile(f).read_row_group(g.row_group, columns=cols)
 
 
 def read_corpus(source: CorpusDatasource, read_cpus: float = 0.25) -> ray.data.Dataset:

@@ -4,7 +4,10 @@ Two steps so the caller can plan crops between them: ``open_image`` reads only t
 EXIF orientation), ``decode_rgb`` decodes, optionally at a reduced JPEG scale, applies the EXIF
 orientation and converts any mode (L, LA, P, RGBA, CMYK, 16-bit, 1-bit, float) to 8-bit RGB.
 Anything that cannot be converted raises ``BadImage`` with a short ``reason`` that is counted.
-``read_bytes`` fetches a file's encoded bytes, with an unreadable file as ``BadImage`` too.
+``read_bytes`` fetches a file's encoded bytes: a transient storage error is retried
+(``pipeline.data.retry``) and, if it persists, raises ``TransientReadError`` (the task fails and
+Ray retries it; the image is not counted); a file that is gone or denied is ``BadImage
+("unreadable")``. Only what happens to bytes actually read is a decode failure.
 
 Decompression bombs: no image is decoded at more than ``max_pixels`` (``augment.max_image_pixels``
 for training; Pillow's ``Image.MAX_IMAGE_PIXELS`` elsewhere). A larger JPEG is decoded at 1/2, 1/4
@@ -24,6 +27,8 @@ import warnings
 import cv2
 import numpy as np
 from PIL import Image, UnidentifiedImageError
+
+from pipeline.data.retry import TransientReadError, first_line, read_retrying
 
 EXIF_ORIENTATION = 0x0112
 # EXIF orientation -> PIL transpose (as PIL.ImageOps.exif_transpose)
@@ -49,12 +54,19 @@ class BadImage(Exception):
 
 
 def read_bytes(fs, path: str) -> bytes:
-    """The encoded bytes of ``path`` on the pyarrow filesystem ``fs``."""
-    try:
+    """The encoded bytes of ``path`` on the pyarrow filesystem ``fs``; transient storage errors
+    are retried, then raise ``TransientReadError``; a file gone or denied is ``BadImage``."""
+
+    def read() -> bytes:
         with fs.open_input_stream(path) as f:
             return f.read()
-    except Exception as exc:  # noqa: BLE001 - vanished / unreadable file: counted, skipped
-        raise BadImage("unreadable", f"{path}: {exc}") from None
+
+    try:
+        return read_retrying(read, path)
+    except TransientReadError:
+        raise  # not a bad image: the task fails and is retried
+    except OSError as exc:  # gone, denied, a directory: no retry can fix it; counted, skipped
+        raise BadImage("unreadable", f"{path}: {first_line(exc)}") from None
 
 
 def open_image(data: bytes) -> Image.Image:

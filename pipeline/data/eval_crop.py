@@ -8,11 +8,15 @@ place that reads, decodes and crops a batch of corpus rows for them.
 from __future__ import annotations
 
 import logging
+from collections import Counter
+from dataclasses import dataclass, field
 
 import cv2
 import numpy as np
 
-from pipeline.data.decode import decode_bytes, read_bytes
+from pipeline.data.decode import BadImage, decode_bytes, read_bytes
+from pipeline.data.retry import TransientReadError
+from pipeline.data.state import MAX_EXAMPLES
 
 log = logging.getLogger("dino_ray.data")
 
@@ -31,29 +35,44 @@ def resize_center_crop(image: np.ndarray, size: int, resize: int) -> np.ndarray:
     return np.ascontiguousarray(out[top : top + size, left : left + size])
 
 
+@dataclass
+class EvalCrops:
+    """A batch of evaluation crops: ``images`` (n, S, S, 3) uint8, ``keep`` the mask of the rows
+    that decoded (the others are uninitialised), ``skipped`` reason -> count of the others and
+    ``examples`` the first of them (``reason: key``)."""
+
+    images: np.ndarray
+    keep: np.ndarray
+    skipped: Counter = field(default_factory=Counter)
+    examples: list[str] = field(default_factory=list)
+
+
 def center_crops(
     batch: dict[str, np.ndarray], filesystem, image_size: int, resize: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """``(images, keep)`` for a batch of corpus rows (``key`` and, for Parquet, ``bytes``):
-    (n, S, S, 3) uint8 crops and the mask of the rows that decoded. Unreadable images are
-    skipped, as in training (their rows of ``images`` are left uninitialised)."""
+) -> EvalCrops:
+    """The evaluation crops of a batch of corpus rows (``key`` and, for Parquet, ``bytes``).
+    Images whose bytes do not decode (or that are gone) are skipped and counted, as in
+    training; a transient storage error that persists raises ``TransientReadError`` (the task
+    fails and is retried; nothing is counted)."""
     n = len(batch["key"])
-    images = np.empty((n, image_size, image_size, 3), np.uint8)
-    keep = np.zeros(n, bool)
+    out = EvalCrops(np.empty((n, image_size, image_size, 3), np.uint8), np.zeros(n, bool))
     first_failure = None
     for i in range(n):
+        key = str(batch["key"][i])
         try:
-            data = (
-                batch["bytes"][i]
-                if "bytes" in batch
-                else read_bytes(filesystem, str(batch["key"][i]))
-            )
-            images[i] = resize_center_crop(decode_bytes(data), image_size, resize)
-            keep[i] = True
-        # broad: a decoder or storage may raise anything on one bad file (cv2.error, PIL,
-        # pyarrow); logged once per batch below
+            data = batch["bytes"][i] if "bytes" in batch else read_bytes(filesystem, key)
+            out.images[i] = resize_center_crop(decode_bytes(data), image_size, resize)
+            out.keep[i] = True
+        except TransientReadError:
+            raise
+        # broad: a decoder may raise anything on one bad file (cv2.error, PIL); counted, and
+        # logged once per batch below
         except Exception as exc:  # noqa: BLE001 - skipped like in training
-            first_failure = first_failure or f"{batch['key'][i]}: {type(exc).__name__}: {exc}"
+            reason = exc.reason if isinstance(exc, BadImage) else "error"
+            out.skipped[reason] += 1
+            if len(out.examples) < MAX_EXAMPLES:
+                out.examples.append(f"{reason}: {key}")
+            first_failure = first_failure or f"{key}: {type(exc).__name__}: {exc}"
     if first_failure is not None:
-        log.warning("%d of %d images skipped, first: %s", n - int(keep.sum()), n, first_failure)
-    return images, keep
+        log.warning("%d of %d images skipped, first: %s", n - int(out.keep.sum()), n, first_failure)
+    return out

@@ -19,7 +19,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from pipeline.data.bounded_map import bounded_map
-from pipeline.data.decode import BadImage, decode_rgb, open_image, oriented_size
+from pipeline.data.decode import BadImage, decode_rgb, open_image, oriented_size, read_bytes
 from pipeline.data.sources import Corpus, list_corpus, to_class_index
 
 
@@ -31,10 +31,11 @@ class Unread:
         self.fs, self.path = fs, path
 
     def read(self) -> bytes | Exception:
+        """The bytes, or the ``BadImage`` of a file gone or denied (reported, not fatal); a
+        transient storage error is retried, and one that persists fails the inspection."""
         try:
-            with self.fs.open_input_stream(self.path) as f:
-                return f.read()
-        except Exception as exc:  # noqa: BLE001 - an unreadable file is reported, not fatal
+            return read_bytes(self.fs, self.path)
+        except BadImage as exc:
             return exc
 
 

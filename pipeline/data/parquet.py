@@ -42,7 +42,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from pipeline.data.bounded_map import bounded_map
-from pipeline.data.decode import BadImage, decode_bytes
+from pipeline.data.decode import BadImage, decode_bytes, read_bytes
 from pipeline.data.sources import (
     CLASS_NAMES_KEY,
     INCOMPLETE_NAME,
@@ -261,11 +261,10 @@ def _write_shards(
     src_fs = corpus.filesystem
 
     def load(i: int) -> tuple[int, bytes | None, str | None]:
-        try:
-            with src_fs.open_input_stream(paths[i]) as f:
-                data = f.read()
-        except Exception:  # noqa: BLE001 - vanished, permission, network: skipped and counted
-            return i, None, "unreadable"
+        try:  # a transient error is retried; one that persists fails the conversion
+            data = read_bytes(src_fs, paths[i])
+        except BadImage as exc:  # gone or denied: skipped and counted
+            return i, None, exc.reason
         if verify:
             try:
                 decode_bytes(data)

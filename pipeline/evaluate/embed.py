@@ -89,7 +89,8 @@ class Embedder:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         # unreadable images are skipped, as in training
-        images, keep = center_crops(batch, self.filesystem, self.image_size, self.resize)
+        crops = center_crops(batch, self.filesystem, self.image_size, self.resize)
+        images, keep = crops.images, crops.keep
         x = normalize_uint8(torch.from_numpy(images[keep]), self.device, self.mean, self.std)
         with torch.inference_mode():
             emb = self.model(x).float().cpu().numpy() if len(x) else np.zeros((0, 1), np.float32)

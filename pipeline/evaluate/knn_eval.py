@@ -170,7 +170,8 @@ def evaluate_knn(
     With ``linear``: ``linear_top1``, ``linear_init_top1``, ``linear_pixels_top1`` (plus ``_C``,
     ``_holdout_top1``), ``linear_gain_top1``, and the probe's ``linear_n_last_blocks`` /
     ``linear_avgpool`` (DINO's options; they need a timm ViT unless 1 / False).
-    Empty dict when the data carries no labels.
+    ``eval_images_decoded`` / ``eval_skipped_<reason>``: the images the evaluation read and the
+    ones it skipped (a warning names them). Empty dict when the data carries no labels.
     """
     sets = sets or build_eval_sets(cfg)
     if sets is None:
@@ -179,7 +180,7 @@ def evaluate_knn(
         out = knn_streamed(sets, cfg, checkpoint_path, include_random_init, include_pixels)
         if "knn_top1" in out and "knn_init_top1" in out:
             out["knn_gain_top1"] = out["knn_top1"] - out["knn_init_top1"]
-        return out
+        return {**out, **sets.skip_figures()}
     # the linear probe fits on every bank feature: it holds them (bound the bank with eval.limit)
     # the probe reads other features than the k-NN only with DINO's options; else it reuses them
     probe = (
@@ -227,7 +228,7 @@ def evaluate_knn(
         out["linear_n_last_blocks"], out["linear_avgpool"] = int(n_last_blocks), int(avgpool)
         if "linear_top1" in out and "linear_init_top1" in out:
             out["linear_gain_top1"] = out["linear_top1"] - out["linear_init_top1"]
-    return out
+    return {**out, **sets.skip_figures()}
 
 
 TEST_PREFIX = "test_"

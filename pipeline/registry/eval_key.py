@@ -18,8 +18,10 @@ from typing import Any
 from pipeline.config import DinoConfig
 from pipeline.redact import redact
 
-# bump when the meaning of the identity changes, so old and new keys never collide
-KEY_VERSION = "1"
+# bump when the meaning of the identity changes, so old and new keys never collide. 2: the
+# figure is always the end-of-run k-NN on the whole validation split (with key 1 a run's
+# knn_top1 could be the last epoch's in-training figure on a bounded subset)
+KEY_VERSION = "2"
 KEY_LENGTH = 12
 
 
@@ -49,6 +51,8 @@ def eval_identity(cfg: DinoConfig) -> dict[str, str]:
         "eval.split": split,
         "eval.labels": str(d.label_column),
         "eval.limit": str(e.limit or d.limit or ""),
+        # the in-training subset (subset_knn_*, what a sweep's early stopping reads)
+        "eval.in_training_limit": str(e.in_training_limit),
         "eval.headline_k": str(e.headline_k),
         "eval.temperature": f"{e.temperature:g}",
         # the same default the evaluation applies (pipeline.evaluate resize_center_crop)

@@ -217,6 +217,7 @@ def register_teacher(
         for metric, value in run_metrics.items():
             if metric.startswith("knn"):
                 tags[metric] = f"{float(value):.6g}"
+        tags.update(measured_on(run_metrics))
         tags.update(extra_tags)
         for key, value in tags.items():
             client.set_model_version_tag(name, str(version), key, value)
@@ -225,6 +226,17 @@ def register_teacher(
         if set_champion:
             update_champion(client, name, prefer=version)
     return version
+
+
+def measured_on(metrics: dict[str, Any]) -> dict[str, str]:
+    """The ``knn_measured_on`` tag: which images the version's ``knn_top1`` was measured on (the
+    end-of-run k-NN on the whole validation split; the in-training ``subset_knn_*`` figures on
+    a bounded subset are never copied to ``knn_*``)."""
+    if "knn_top1" not in metrics:
+        return {"knn_measured_on": "no end-of-run k-NN: not comparable for champion"}
+    val, bank = metrics.get("knn_val_size"), metrics.get("knn_bank_size")
+    sizes = f": {int(val):,} images, bank {int(bank):,}" if val and bank else ""
+    return {"knn_measured_on": f"end of run, whole validation split{sizes}"}
 
 
 def _fix_figure(client, run_id: str, version: int, run_metrics: dict[str, float]) -> None:

@@ -14,7 +14,7 @@ from matplotlib.figure import Figure
 def plot_training(
     steps: list[dict], epochs: list[dict], knn: dict[str, float], path: str | Path
 ) -> Path:
-    curve = [e for e in epochs if "knn_top1" in e]
+    curve = [e for e in epochs if "subset_knn_top1" in e]  # the in-training k-NN, per epoch
     fig = Figure(figsize=(16 if curve else 11, 4))
     axes = fig.subplots(1, 3 if curve else 2)
     ax = axes[0]
@@ -49,16 +49,20 @@ def plot_training(
         ax.set_xticks(list(xs), [f"k={k}" for k in ks])
         ax.set_ylabel("top-1 (%)")
         ax.legend()
-    ax.set_title("k-NN top-1")
+    ax.set_title("k-NN top-1 (end of run, whole val split)")
     if curve:  # the k-NN curve over epochs, against the two baselines
         ax = axes[2]
         ax.plot(
             [e["epoch"] for e in curve],
-            [e["knn_top1"] for e in curve],
+            [e["subset_knn_top1"] for e in curve],
             "o-",
             label="trained teacher",
         )
-        for key, label in (("knn_init_top1", "random init"), ("knn_pixels_top1", "raw pixels")):
+        # the baselines on the same subset as the curve
+        for key, label in (
+            ("subset_knn_init_top1", "random init"),
+            ("subset_knn_pixels_top1", "raw pixels"),
+        ):
             if key in knn:
                 ax.axhline(
                     knn[key],
@@ -68,7 +72,7 @@ def plot_training(
                 )
         ax.set_xlabel("epoch")
         ax.set_ylabel("k-NN top-1 (%)")
-        ax.set_title("k-NN during training")
+        ax.set_title("k-NN during training (val subset)")
         ax.legend()
     fig.tight_layout()
     path = Path(path)

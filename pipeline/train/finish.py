@@ -1,5 +1,6 @@
 """The end of a run on the driver: fail a run that trained nothing, evaluate the final checkpoint
-when the loop did not, log the figures and the training plot, close the MLflow run."""
+on the whole validation split (``eval.at_end``), log the figures and the training plot, close
+the MLflow run."""
 
 from __future__ import annotations
 
@@ -20,11 +21,14 @@ from pipeline.tracking import Tracker
 from pipeline.tracking.plots import plot_training
 from pipeline.train.collector import MetricsCollector
 from pipeline.train.errors import TrainingError
+from pipeline.train.knn import SUBSET
 from pipeline.train.metrics import finite
 from pipeline.train.plan import RunPlan
 from pipeline.train.rerun import FINISHED_FILE
 
 log = logging.getLogger("dino_ray.train")
+# the in-training baselines (measured once, on the first evaluated epoch)
+SUBSET_BASELINES = (f"{SUBSET}knn_init", f"{SUBSET}knn_pixels")
 progress_log = logging.getLogger("dino_ray.progress")
 
 
@@ -59,14 +63,14 @@ def finish_run(
     elif (collector.last_step if history else plan.start_step) <= plan.start_step:
         _fail_untrained(cfg, plan, tracker)
     metrics: dict[str, Any] = dict(history[-1]) if history else {}
-    for h in history:  # the random-init k-NN from the in-training eval rides on epoch 0
-        metrics.update({k: v for k, v in h.items() if k.startswith(("knn_init", "knn_pixels"))})
+    for h in history:  # the in-training random-init k-NN rides on the first evaluated epoch
+        metrics.update({k: v for k, v in h.items() if k.startswith(SUBSET_BASELINES)})
     step = int(metrics.get("step", 0))
 
-    # final evaluation
+    # final evaluation: always the whole validation split (the last epoch's in-training k-NN is
+    # a bounded subset, named subset_knn_*, and never stands in for it)
     if evaluation is not None and cfg.eval.at_end and checkpoint:
-        if not evaluated_in_loop(history):
-            metrics.update(_evaluate("k-NN", evaluation.knn, cfg, checkpoint, tracker, step))
+        metrics.update(_evaluate("k-NN", evaluation.knn, cfg, checkpoint, tracker, step))
         if cfg.eval.test_path is not None:
             metrics.update(
                 _evaluate("test-split", evaluation.test_split, cfg, checkpoint, tracker, step)
@@ -74,12 +78,7 @@ def finish_run(
     if "knn_top1" in metrics and "knn_init_top1" in metrics:
         metrics["knn_gain_top1"] = metrics["knn_top1"] - metrics["knn_init_top1"]
         tracker.log_metrics({"knn_gain_top1": metrics["knn_gain_top1"]}, step=step)
-        progress_log.info(
-            "k-NN top-1: trained %.2f vs random init %.2f (gain %+.2f)",
-            metrics["knn_top1"],
-            metrics["knn_init_top1"],
-            metrics["knn_gain_top1"],
-        )
+    progress_log.info(headline_line(metrics, cfg.eval.headline_k))
 
     # close the MLflow run; the run directory says the run is done (a rerun is refused)
     _log_plot(tracker, collector.steps, history, metrics)
@@ -138,12 +137,29 @@ def _evaluate(
     return out
 
 
-def evaluated_in_loop(history: list[dict]) -> bool:
-    """The last epoch already carries the k-NN of the final teacher (and the random init is
-    known): the same figures as an evaluation of the final checkpoint, so it is not repeated."""
-    return (
-        bool(history) and "knn_top1" in history[-1] and any("knn_init_top1" in h for h in history)
-    )
+def headline_line(metrics: dict[str, Any], headline_k: int) -> str:
+    """The run's headline k-NN line, naming the set it was measured on: the end-of-run figure on
+    the whole validation split, or (no end-of-run evaluation) the in-training one on a subset."""
+    if "knn_top1" in metrics:
+        line = (
+            f"k-NN top-1 on the validation split ({int(metrics.get('knn_val_size', 0)):,} "
+            f"images, bank {int(metrics.get('knn_bank_size', 0)):,}, k={headline_k}): "
+            f"trained {metrics['knn_top1']:.2f}"
+        )
+        if "knn_gain_top1" in metrics:
+            line += (
+                f" vs random init {metrics['knn_init_top1']:.2f} "
+                f"(gain {metrics['knn_gain_top1']:+.2f})"
+            )
+        return line
+    if "subset_knn_top1" in metrics:
+        return (
+            f"no end-of-run k-NN (eval.at_end=false or it failed): the in-training "
+            f"subset_knn_top1 {metrics['subset_knn_top1']:.2f} is on a subset of "
+            f"{int(metrics.get('subset_knn_val_size', 0)):,} validation images "
+            "(eval.in_training_limit), not the whole split"
+        )
+    return "no k-NN figure (unlabelled data, or eval.at_end=false and no in-training k-NN)"
 
 
 def _log_plot(tracker: Tracker, steps: list[dict], history: list[dict], metrics: dict) -> None:

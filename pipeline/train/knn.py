@@ -5,6 +5,11 @@ bounded by ``eval.in_training_limit``); the maths is ``dino_model``'s, under the
 The end-of-run evaluation of a checkpoint is ``pipeline.evaluate`` (Ray Data batch inference).
 ``InTrainingKnn`` is what the training loop calls: when to evaluate, the baselines once, and the
 attention maps sent to the driver.
+
+Its figures are named apart (``subset_knn_top1``, ``subset_knn_init_top1``, ...,
+``subset_knn_val_size``): they are measured on a bounded subset of the validation split, so they
+never stand in for the end-of-run ``knn_*`` figures on the whole split, which the registry and a
+sweep's final selection compare.
 """
 
 from __future__ import annotations
@@ -29,8 +34,18 @@ from pipeline.tracking.plots import plot_attention
 log = logging.getLogger("dino_ray.train")
 
 
+SUBSET = "subset_"  # the prefix of every in-training k-NN figure
+
+
+def in_training_name(metric: str) -> str:
+    """The in-training (subset) counterpart of an end-of-run k-NN figure: ``knn_top1`` ->
+    ``subset_knn_top1``; other metrics keep their name."""
+    return f"{SUBSET}{metric}" if metric.startswith("knn") else metric
+
+
 def knn_on_rank0(backbone, eval_data: dict, cfg: DinoConfig, device, *, prefix: str) -> dict:
-    """``{prefix}_top1``, ``{prefix}_top1_k{k}``, ... of ``backbone`` on ``eval_data``."""
+    """``{prefix}_top1``, ``{prefix}_top1_k{k}``, ... of ``backbone`` on ``eval_data``, with the
+    set sizes ``{prefix}_bank_size`` / ``{prefix}_val_size``."""
     kw = {
         "device": device,
         "batch_size": cfg.eval.batch_size,  # the training precision, no scaler
@@ -38,7 +53,7 @@ def knn_on_rank0(backbone, eval_data: dict, cfg: DinoConfig, device, *, prefix: 
     }
     bank = embed(backbone, eval_data["bank_images"], **kw)
     val = embed(backbone, eval_data["val_images"], **kw)
-    return knn_metrics(
+    out = knn_metrics(
         bank,
         eval_data["bank_labels"],
         val,
@@ -48,23 +63,33 @@ def knn_on_rank0(backbone, eval_data: dict, cfg: DinoConfig, device, *, prefix: 
         prefix=prefix,
         headline_k=cfg.eval.headline_k,
     )
+    return {**out, **_set_sizes(eval_data, prefix)}
+
+
+def _set_sizes(eval_data: dict, prefix: str) -> dict[str, int]:
+    return {
+        f"{prefix}_bank_size": len(eval_data["bank_labels"]),
+        f"{prefix}_val_size": len(eval_data["val_labels"]),
+    }
 
 
 def pixel_knn_metrics(eval_data: dict[str, np.ndarray], cfg: DinoConfig) -> dict[str, float]:
-    """``knn_pixels_*`` from in-memory eval arrays (``materialize_for_training``'s dict): the
+    """``subset_knn_pixels_*`` from in-memory eval arrays (``materialize_for_training``'s dict): the
     raw-pixel baseline for the in-training evaluation. Pixels do not change during training, so
     compute it once (with ``knn_init_*``), not every epoch."""
     e = cfg.eval
-    return knn_metrics(
+    prefix = f"{SUBSET}knn_pixels"
+    out = knn_metrics(
         pixel_features(eval_data["bank_images"]),
         eval_data["bank_labels"],
         pixel_features(eval_data["val_images"]),
         eval_data["val_labels"],
         ks=e.k,
         temperature=e.temperature,
-        prefix="knn_pixels",
+        prefix=prefix,
         headline_k=e.headline_k,
     )
+    return {**out, **_set_sizes(eval_data, prefix)}
 
 
 class InTrainingKnn:
@@ -97,7 +122,8 @@ class InTrainingKnn:
         )
 
     def evaluate(self, backbone: torch.nn.Module, epoch: int) -> dict[str, float]:
-        """``knn_*`` of ``backbone`` (plus ``knn_init_*`` and ``knn_pixels_*`` the first time);
+        """``subset_knn_*`` of ``backbone`` (plus ``subset_knn_init_*`` and
+        ``subset_knn_pixels_*`` the first time);
         the attention maps go to the driver. Empty when the eval sets cannot be read."""
         eval_data = _fetch_eval_data(self.eval_ref)
         if eval_data is None:
@@ -111,12 +137,12 @@ class InTrainingKnn:
                     eval_data,
                     self.cfg,
                     self.device,
-                    prefix="knn_init",
+                    prefix=f"{SUBSET}knn_init",
                 )
             )
             out.update(pixel_knn_metrics(eval_data, self.cfg))  # the raw-pixel baseline
             self.baselines_pending = False
-        out.update(knn_on_rank0(backbone, eval_data, self.cfg, self.device, prefix="knn"))
+        out.update(knn_on_rank0(backbone, eval_data, self.cfg, self.device, prefix=f"{SUBSET}knn"))
         _send_attention(self.metrics_queue, backbone, eval_data, self.device, epoch)
         return out
 

@@ -161,7 +161,9 @@ def _request_nodes(
     cpus = resources.cpus_per_actor if resources else cfg.data.cpus_per_actor
     data_bundle = {"CPU": cpus, **({"data": cpus} if view.has_role("data") else {})}
     actors = resources.num_actors if resources else cfg.data.num_actors
-    request_nodes([worker] * cfg.train.num_workers + [data_bundle] * actors, view)
+    request_nodes(
+        [worker] * cfg.train.num_workers + [data_bundle] * actors, view, run=cfg.train.name
+    )
 
 
 def ssl_indices(cfg: DinoConfig, corpus: Corpus | None):

@@ -5,7 +5,11 @@ from the step and epoch metrics rank 0 already sends to the driver, so printing 
 workers nothing.
 
     epoch 3/30  step 92/900  loss 4.812  1,204 img/s  data wait 1%  left 11m02s
-    epoch 3/30 done  loss 4.790  1,188 img/s  data wait 1%  k-NN top-1 48.25 (val, k=20)
+    epoch 3/30 done  loss 4.790  1,188 img/s  data wait 1%  k-NN top-1 48.25 (val subset 2,000,
+    k=20)   [one line]
+
+The epoch's k-NN is the in-training figure (``subset_knn_top1``) on a bounded subset of the
+validation split, and says so; the end-of-run figure on the whole split is a line of its own.
 """
 
 from __future__ import annotations
@@ -66,8 +70,9 @@ class Progress:
 
     def epoch_line(self, m: dict) -> str:
         knn = (
-            f"  k-NN top-1 {m['knn_top1']:.2f} (val, k={self.headline_k})"
-            if "knn_top1" in m
+            f"  k-NN top-1 {m['subset_knn_top1']:.2f} "
+            f"(val subset {int(m.get('subset_knn_val_size', 0)):,}, k={self.headline_k})"
+            if "subset_knn_top1" in m
             else ""
         )
         return (

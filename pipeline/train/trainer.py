@@ -45,7 +45,9 @@ __all__ = ["FinalEvaluation", "MetricsHook", "TrainingResult", "fit"]
 @dataclass
 class TrainingResult:
     checkpoint_path: str | None  # the final checkpoint (local path or URI)
-    metrics: dict[str, Any]  # last epoch metrics + knn_top1[_k*], knn_init_top1[_k*], knn_gain_top1
+    # last epoch metrics (its in-training k-NN as subset_knn_*, on eval.in_training_limit images)
+    # + the end-of-run knn_top1[_k*], knn_init_top1[_k*], knn_gain_top1 on the whole val split
+    metrics: dict[str, Any]
     mlflow_run_id: str | None
     run_dir: str  # <train.storage_path>/<train.name>: Ray Train's run directory
     history: list[dict[str, Any]] = field(default_factory=list)  # per-epoch metrics (rank 0)

@@ -8,19 +8,24 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import DinoConfig
+from pipeline.train.knn import in_training_name
 
 
 def results_table(grid, cfg: DinoConfig) -> list[dict[str, Any]]:
+    """One row per trial: ``tune.metric`` at the end of the run (the whole validation split,
+    what the sweep selects on) and the per-epoch in-training figure ASHA read (``subset_*``, on
+    ``eval.in_training_limit`` validation images), named apart."""
     rows = []
     metric = cfg.tune.metric
+    per_epoch = in_training_name(metric)
     for res in grid:
         params = {k: v for k, v in (res.config or {}).items() if not k.startswith("_")}
         m = res.metrics or {}
         history = res.metrics_dataframe
         epochs = int(history["epoch"].max()) if history is not None and "epoch" in history else 0
         best_metric = (
-            float(history[metric].max() if cfg.tune.mode == "max" else history[metric].min())
-            if history is not None and metric in history
+            float(history[per_epoch].max() if cfg.tune.mode == "max" else history[per_epoch].min())
+            if history is not None and per_epoch in history
             else float("nan")
         )
         rows.append(
@@ -28,10 +33,10 @@ def results_table(grid, cfg: DinoConfig) -> list[dict[str, Any]]:
                 "trial_id": str(m.get("trial_id") or (res.path or "?").rstrip("/").split("/")[-1]),
                 **params,
                 metric: float(m.get(metric, float("nan"))),
-                f"best_{metric}": best_metric,
-                f"{metric}_by_epoch": (
-                    [round(float(v), 2) for v in history[metric].dropna()]
-                    if history is not None and metric in history
+                f"best_{per_epoch}": best_metric,
+                f"{per_epoch}_by_epoch": (
+                    [round(float(v), 2) for v in history[per_epoch].dropna()]
+                    if history is not None and per_epoch in history
                     else []
                 ),
                 "epochs_reported": epochs,
@@ -43,15 +48,12 @@ def results_table(grid, cfg: DinoConfig) -> list[dict[str, Any]]:
                 **{
                     k: float(v)
                     for k, v in m.items()
-                    if k.startswith("knn") and k != metric and isinstance(v, (int, float))
+                    if k.startswith(("knn", "subset_knn"))
+                    and k not in (metric, per_epoch)
+                    and isinstance(v, (int, float))
                 },
             }
         )
-        for key in ("knn_init_top1", "knn_pixels_top1"):  # measured once, at the first epoch
-            if key not in rows[-1] and history is not None and key in history:
-                first = history[key].dropna()
-                if len(first):
-                    rows[-1][key] = float(first.iloc[0])
     return rows
 
 
@@ -76,11 +78,16 @@ def format_table(table: list[dict[str, Any]], cfg: DinoConfig) -> str:
         "status",
     ]
     cells = [[_fmt(r.get(c, "")) for c in cols] for r in table]
+    note = (
+        f"{cfg.tune.metric}: end of run, whole validation split (the selection); "
+        f"ASHA stopped trials on {in_training_name(cfg.tune.metric)} "
+        f"(in training, <= {cfg.eval.in_training_limit:,} validation images)"
+    )
     widths = [
         max(len(c), *(len(row[i]) for row in cells)) if cells else len(c)
         for i, c in enumerate(cols)
     ]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(cols, widths))]
+    lines = [note, "  ".join(c.ljust(w) for c, w in zip(cols, widths))]
     lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in cells]
     return "\n".join(lines)
 
@@ -110,7 +117,7 @@ def write_markdown(
     head = [
         "trial",
         *keys,
-        f"val {metric} by epoch",
+        f"val subset {in_training_name(metric)} by epoch",
         "random init",
         "raw pixels",
         "img/s",
@@ -122,7 +129,8 @@ def write_markdown(
         cells = [
             r["trial_id"],
             *(_fmt(r.get(k, "")) for k in keys),
-            " > ".join(f"{v:.1f}" for v in r.get(f"{metric}_by_epoch", [])) or "-",
+            " > ".join(f"{v:.1f}" for v in r.get(f"{in_training_name(metric)}_by_epoch", []))
+            or "-",
             _fmt(r.get("knn_init_top1", float("nan"))),
             _fmt(r.get("knn_pixels_top1", float("nan"))),
             f"{r.get('images_per_s', float('nan')):.0f}",
@@ -133,8 +141,9 @@ def write_markdown(
     if best is not None:
         lines += [
             "",
-            f"Best trial on the validation split: {best['trial_id']} "
-            f"({metric} {best[metric]:.2f}).",
+            f"Best trial on the whole validation split at the end of its run: "
+            f"{best['trial_id']} ({metric} {best[metric]:.2f}"
+            f"{_on_images(best.get(_size_key(metric)))}).",
         ]
     if test:
         lines += [
@@ -145,6 +154,15 @@ def write_markdown(
             f"{test.get('test_knn_pixels_top1', 0):.2f}.",
         ]
     Path(path).write_text("\n".join(lines) + "\n")
+
+
+def _size_key(metric: str) -> str:
+    """``knn_top1`` -> ``knn_val_size``: how many validation images the figure was on."""
+    return f"{metric.split('_top')[0]}_val_size"
+
+
+def _on_images(n: Any) -> str:
+    return f" on {int(n):,} images" if isinstance(n, (int, float)) and n == n else ""
 
 
 def _fmt(v: Any) -> str:

@@ -1,9 +1,11 @@
 """Hyper-parameter sweeps: Ray Tune over DINO training, in the Ray Train V2 pattern.
 
 ``Tuner(train_trial)`` runs one function trainable per trial (``pipeline.tune.trainable``), each
-building a ``TorchTrainer``; ``ASHAScheduler`` stops weak trials on the per-epoch validation k-NN
-(``tune.metric``; the validation split is carved out of the training data when
-``eval.val_path`` is unset, and excluded from SSL training). The test split
+building a ``TorchTrainer``; ``ASHAScheduler`` stops weak trials on the per-epoch in-training k-NN
+(``subset_<tune.metric>``, on ``eval.in_training_limit`` validation images) and the sweep picks
+the best finished trial on ``tune.metric`` at the end of the run, on the whole validation split
+(carved out of the training data when ``eval.val_path`` is unset, and excluded from SSL
+training). The test split
 (``eval.test_path``) is evaluated once, for the best trial, after the selection.
 
 MLflow: one parent run for the sweep (``pipeline.tune.parent_run``); each trial's training run
@@ -31,6 +33,7 @@ from pipeline.preflight import absolute_local_paths
 from pipeline.ray_runtime import ensure_ray
 from pipeline.redact import redact, redact_obj
 from pipeline.registry.register import register_teacher
+from pipeline.train.knn import in_training_name
 from pipeline.tune.parent_run import ParentRun
 from pipeline.tune.placement import ReleaseTrialPlacementGroups
 from pipeline.tune.report import best_row, format_table, results_table, write_markdown
@@ -93,7 +96,11 @@ def run_sweep(
         }
     )
     # max_t above the last report (epochs + the final one), so only the rungs stop trials
+    # ASHA reads the in-training (subset) figure every epoch; the selection (best_row) reads the
+    # end-of-run figure on the whole split, so the scheduler holds its own metric
     scheduler = ASHAScheduler(
+        metric=in_training_name(tc.metric),
+        mode=tc.mode,
         time_attr="epoch",
         max_t=cfg.train.epochs + 2,
         grace_period=tc.grace_period,
@@ -107,8 +114,6 @@ def run_sweep(
         ),
         param_space=space,
         tune_config=tune.TuneConfig(
-            metric=tc.metric,
-            mode=tc.mode,
             scheduler=scheduler,
             num_samples=tc.num_samples,
             max_concurrent_trials=concurrency,

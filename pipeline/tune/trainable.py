@@ -1,9 +1,12 @@
 """The Tune function trainable: one trial = one DINO training run (a ``TorchTrainer``).
 
 ``run_training`` hands every epoch's rank-0 metrics to ``on_epoch_metrics`` on the trial's own
-thread, where we ``ray.tune.report`` them, so ``ASHAScheduler`` sees the validation k-NN per epoch
-(``eval.every_epochs`` is forced to 1) and can stop weak trials early. Trials never see the test
-split (``eval.test_path`` is cleared): the sweep reports it once, for the best trial.
+thread, where we ``ray.tune.report`` them, so ``ASHAScheduler`` sees the in-training k-NN per epoch
+(``subset_knn_top1`` on ``eval.in_training_limit`` validation images; ``eval.every_epochs`` is
+forced to 1) and can stop weak trials early. The trial's last report carries the end-of-run
+``knn_top1`` on the whole validation split (``eval.at_end`` is forced on): the sweep selects on
+that one. Trials never see the test split (``eval.test_path`` is cleared): the sweep reports it
+once, for the best trial.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from typing import Any
 import ray.tune
 
 from pipeline.config import DinoConfig
+from pipeline.train.knn import in_training_name
 from pipeline.training_run import run_training
 from pipeline.tune.space import trial_overrides
 
@@ -26,7 +30,8 @@ def trial_config(
         {
             "train.name": trial_name,
             "train.storage_path": storage_path,
-            "eval.every_epochs": 1,  # ASHA decides on the per-epoch validation k-NN top-1
+            "eval.every_epochs": 1,  # ASHA stops trials on the per-epoch in-training k-NN
+            "eval.at_end": True,  # the sweep selects on the whole validation split
             "eval.test_path": None,  # selection never sees the test split
             "tracking.run_name": trial_name,
         }
@@ -48,7 +53,7 @@ def train_trial(
         name,
         params["_storage"] if storage is None else storage,
     )
-    metric = cfg.tune.metric
+    metric = in_training_name(cfg.tune.metric)  # what ASHA reads at every report
     reported: list[dict] = []
 
     def on_epoch(m: dict[str, Any]) -> None:
