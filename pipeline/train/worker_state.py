@@ -61,6 +61,7 @@ class LoopInputs:
     eval_ref: Any  # ObjectRef of the in-training eval sets, or None
     control: Any  # the driver's RunControl actor (stop requests), or None
     init_weights: Any = None  # ObjectRef of the backbone's first weights (safetensors), or None
+    teacher_weights: Any = None  # dino-ray distill: ObjectRef of the frozen teacher, or None
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> LoopInputs:
@@ -74,6 +75,7 @@ class LoopInputs:
             eval_ref=config.get("eval_ref"),
             control=config.get("control"),
             init_weights=config.get("init_weights"),
+            teacher_weights=config.get("teacher_weights"),
         )
 
 
@@ -98,6 +100,7 @@ class TrainState:
     backend: str  # torch.distributed backend, "none" without a process group
     start_step: int = 0  # where this attempt started: > 0 after a resume
     global_step: int = 0  # optimizer steps done
+    distill: Any = None  # dino-ray distill: pipeline.train.distill_setup.DistillParts, else None
 
     @property
     def global_batch(self) -> int:
