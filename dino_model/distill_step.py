@@ -19,7 +19,7 @@ from dino_model.init_weights import cancel_backbone_gradients
 from dino_model.optim import apply_schedule, clip_gradients
 from dino_model.precision import scale_tensor
 from dino_model.schedules import StepSchedule
-from dino_model.step import NonFiniteLossError, StepResult, _step_on_device, skips_on_device
+from dino_model.step import NonFiniteLossError, StepResult, skips_on_device, step_on_device
 
 
 def distill_step(
@@ -75,7 +75,7 @@ def distill_step(
         skip = skip | ~torch.isfinite(grad_norm)
         scaler.update()
     if skips_on_device(optimizer, device):
-        _step_on_device(optimizer, skip)
+        step_on_device(optimizer, skip)
     else:
         if bool(skip):  # the one read of the step: free on CPU
             optimizer.zero_grad(set_to_none=True)

@@ -37,10 +37,10 @@ from pipeline.config import DinoConfig
 from pipeline.train.distill_teacher import TeacherSpec, unpack
 from pipeline.train.worker_state import (
     TrainState,
-    _losses,
-    _networks,
-    _schedules,
+    build_losses,
+    build_networks,
     iters_per_epoch,
+    run_schedules,
 )
 
 
@@ -64,15 +64,15 @@ def setup_distill(cfg: DinoConfig, num_images: int, init_weights, teacher_ref) -
     autocast_dtype, scaler = resolve_precision(tc.precision, device)
     if device.type == "cpu":
         torch.set_num_threads(max(1, int(tc.cpus_per_worker)))
-    networks, carrier = _networks(cfg, world, device, init_weights)  # seeded: every rank alike
+    networks, carrier = build_networks(cfg, world, device, init_weights)  # seeded: every rank alike
     teacher, spec = unpack(ray.get(teacher_ref))
     torch.manual_seed(tc.seed + 1)  # the heads, alike on every rank
     student = DistillStudent(
         networks.backbone, spec.embed_dim, d.head_hidden_dim, patch_tokens=spec.patch_tokens
     )
-    loss_fn, _ = _losses(cfg)
+    loss_fn, _ = build_losses(cfg)
     ipe = iters_per_epoch(cfg, num_images, world)
-    schedules = _schedules(cfg, ipe, global_batch=tc.batch_size_per_worker * world)
+    schedules = run_schedules(cfg, ipe, global_batch=tc.batch_size_per_worker * world)
     student = ray.train.torch.prepare_model(student)
     carrier.backbone = unwrap(student).backbone  # the checkpoint's teacher is the student
     carrier.to(device)
