@@ -4,6 +4,7 @@ replaced by a trap: reaching it fails the test)."""
 from __future__ import annotations
 
 import pytest
+import torch
 from safetensors.torch import save_file
 
 import pipeline.distill_run
@@ -83,3 +84,34 @@ def test_train_refuses_a_distillation_config(teacher_file, capsys):
     """``distill.teacher`` under ``dino-ray train`` would be silently ignored: refused."""
     assert main(["train", *TINY, f"distill.teacher={teacher_file}"]) == 2
     assert "distil with `dino-ray distill`" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("student", "patch_tokens"), [("test_vit", True), ("test_resnet", False)])
+def test_a_safetensors_teacher_travels_to_the_workers_unchanged(
+    teacher_file, tmp_path, student, patch_tokens
+):
+    """The driver's blob rebuilds the teacher's weights bit for bit, frozen; the patch term is on
+    exactly for two ViTs of one patch size (``distill.patch_tokens=auto``)."""
+    from safetensors.torch import load_file
+
+    from pipeline.config import DinoConfig
+    from pipeline.registry.distill_teacher import resolve_teacher
+    from pipeline.train.distill_teacher import unpack
+
+    cfg = DinoConfig.load(
+        None,
+        [
+            *TINY,
+            f"model.arch={student}",
+            f"distill.teacher={teacher_file}",
+            "distill.teacher_arch=test_vit",
+            "distill.teacher_patch_size=4",
+        ],
+    )
+    teacher, spec = unpack(resolve_teacher(cfg).to_bytes())
+    assert spec.patch_tokens is patch_tokens and spec.lineage == teacher_file
+    assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+    saved = load_file(teacher_file)
+    assert teacher.state_dict().keys() == saved.keys()
+    for key, value in teacher.state_dict().items():
+        assert torch.equal(value, saved[key]), key
