@@ -223,7 +223,7 @@ def update_networks(
     if scaler is not None:
         scaler.update()  # S shrinks after inf gradients (found by ``unscale_``), grows otherwise
     if skips_on_device(optimizer, device):
-        _step_on_device(optimizer, skip)
+        step_on_device(optimizer, skip)
         update_teacher(teacher, student, torch.where(skip, 1.0, schedule.momentum_teacher))
     else:
         skipped = bool(skip)  # the one read of the step: free on CPU
@@ -242,7 +242,7 @@ def skips_on_device(optimizer: torch.optim.Optimizer, device: torch.device) -> b
     return device.type != "cpu" and getattr(optimizer, "_step_supports_amp_scaling", False)
 
 
-def _step_on_device(optimizer: torch.optim.Optimizer, skip: torch.Tensor) -> None:
+def step_on_device(optimizer: torch.optim.Optimizer, skip: torch.Tensor) -> None:
     """``optimizer.step()`` that a fused optimiser turns into a no-op on the device when ``skip``
     is set (the ``found_inf`` attribute ``GradScaler.step`` sets; the gradients are unscaled
     already, hence no ``grad_scale``)."""

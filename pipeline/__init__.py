@@ -8,6 +8,7 @@ ones below it (``[tool.importlinter]`` in pyproject.toml checks it, tests/test_l
     pipeline.demo                            the main job of ``make demo``
     pipeline.tune                            Ray Tune sweeps
     pipeline.training_run                    train (from registered weights too), then evaluate
+    pipeline.distill_run                     distil a frozen teacher into a student, then evaluate
     pipeline.registry                        MLflow model registry
     pipeline.train | pipeline.evaluate       Ray Train | Ray Data k-NN and batch inference
     pipeline.checkpoints | pipeline.tracking   checkpoints | MLflow run logging

@@ -19,6 +19,7 @@ from pipeline.train import ResumeMismatchError, TrainingError, TrainingInterrupt
 VERBS: dict[str, str] = {
     "demo": "Build the demo corpus and run the main job on embedded defaults.",
     "train": "Train DINO on Ray Train (local or cluster).",
+    "distill": "Distil a frozen teacher into a student of any timm architecture.",
     "evaluate": "k-NN evaluation of a checkpoint or registered model.",
     "tune": "Hyper-parameter sweep with Ray Tune (ASHA on k-NN top-1).",
     "register": "Register a run's teacher backbone in the MLflow model registry.",

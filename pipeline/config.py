@@ -359,6 +359,58 @@ class EvalConfig(Section):
     num_actors: int = Field(1, ge=1, description="actor pool size of the feature batch inference")
 
 
+class DistillConfig(Section):
+    """``dino-ray distill``: a frozen teacher, a student of ``model.arch`` (any timm backbone)
+    that matches the teacher's L2-normalised features through a small projection head
+    (``dino_model.distill_loss``), on the same multi-crop stream as DINO."""
+
+    teacher: str | None = Field(
+        None,
+        description="the frozen teacher: any model.init_from source (timm:NAME, a .safetensors "
+        "file or URI, models:/NAME@ALIAS or models:/NAME/VERSION, a dino-ray checkpoint or run "
+        "directory); required by dino-ray distill, refused by dino-ray train",
+    )
+    teacher_arch: str | None = Field(
+        None,
+        description="the teacher's timm architecture, for a .safetensors teacher only (a "
+        "registered model, a checkpoint and timm:NAME say theirs)",
+    )
+    teacher_patch_size: int | None = Field(
+        None, ge=1, description="a .safetensors ViT teacher's patch size (None keeps timm's)"
+    )
+    patch_tokens: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="also match the patch tokens: auto = when student and teacher are ViTs "
+        "with the same patch size (the same grid on every crop); on = required",
+    )
+    cls_weight: float = Field(1.0, ge=0, description="weight of the CLS / pooled-feature term")
+    patch_weight: float = Field(1.0, ge=0, description="weight of the patch-token term")
+    head_hidden_dim: int = Field(
+        1024, ge=1, description="hidden width of the student's projection heads"
+    )
+    linear_probe: bool = Field(
+        True, description="the end-of-run evaluation adds a linear probe to the k-NN"
+    )
+    registered_model: str | None = Field(
+        "dino-student",
+        description="register the distilled student under this name (None: not registered); "
+        "its version records the teacher as lineage",
+    )
+
+    @field_validator("patch_tokens", mode="before")
+    @classmethod
+    def _yaml_switch(cls, v: Any) -> Any:
+        # YAML reads a bare on/off (distill.patch_tokens=on) as a boolean
+        return {True: "on", False: "off"}.get(v, v) if isinstance(v, bool) else v
+
+    @field_validator("teacher")
+    @classmethod
+    def _teacher_source(cls, v: str | None) -> str | None:
+        if v is not None:
+            init_source(v)
+        return v
+
+
 class TrackingConfig(Section):
     enabled: bool = True
     tracking_uri: str = "sqlite:///mlflow.db"
@@ -404,6 +456,7 @@ class DinoConfig(Section):
     eval: EvalConfig = EvalConfig()
     tracking: TrackingConfig = TrackingConfig()
     tune: TuneConfig = TuneConfig()
+    distill: DistillConfig = DistillConfig()
 
     @model_validator(mode="after")
     def _consistent(self) -> DinoConfig:

@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import DinoConfig
+from pipeline.config import ConfigError, DinoConfig
 from pipeline.data.contract import TrainData
 from pipeline.evaluate.knn_eval import evaluate_knn, evaluate_test_split
 from pipeline.registry.init_from import resolve_init
@@ -46,6 +46,8 @@ def run_training(
     ``PreflightError`` (a ``ConfigError``) before any Ray work for a run that cannot succeed, and
     ``TrainingError`` (with ``last_checkpoint``) when training fails.
     """
+    if cfg.distill.teacher is not None:  # the workers would train DINO and ignore it
+        raise ConfigError("distill.teacher is set: distil with `dino-ray distill`, not train")
     init = resolve_init(cfg)  # before Ray: an unreadable or unfit source fails here, one line
     return fit(
         cfg,

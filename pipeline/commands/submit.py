@@ -43,7 +43,7 @@ EXCLUDES = [
     "*.egg-info",
 ]
 TERMINAL = {"SUCCEEDED": 0, "FAILED": 1, "STOPPED": 2}
-CONFIG_VERBS = {"train", "evaluate", "tune"}
+CONFIG_VERBS = {"train", "distill", "evaluate", "tune"}
 # Ray SIGKILLs a stopped job's driver RAY_JOB_STOP_WAIT_TIME_S after its SIGTERM, 3 s by default:
 # too short for the workers' stop checkpoint and the MLflow run's KILLED status (a driver on a
 # loaded 2-core test cluster needed more), so a stopped job lost its last steps and left its run

@@ -96,6 +96,7 @@ def build_trainer(
             "run_dir": plan.run_dir,
             "control": control,
             "init_weights": plan.init_ref,
+            "teacher_weights": plan.teacher_ref,
         },
         scaling_config=ScalingConfig(
             num_workers=tc.num_workers,

@@ -38,6 +38,7 @@ from pipeline.redact import install_log_redaction
 from pipeline.train.collectives import any_rank_flags
 from pipeline.train.control import StopPoller
 from pipeline.train.crops import batch_crops, batch_masks
+from pipeline.train.distill_setup import distill_train_step, setup_distill
 from pipeline.train.knn import InTrainingKnn
 from pipeline.train.metrics import EpochMeter, EpochOutcome
 from pipeline.train.reports import (
@@ -82,7 +83,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         batches.start(first_epoch)
 
     # setup
-    state = setup(cfg, inputs.num_images, inputs.init_weights)
+    if inputs.teacher_weights is not None:  # dino-ray distill: a frozen teacher, a student
+        state = setup_distill(cfg, inputs.num_images, inputs.init_weights, inputs.teacher_weights)
+    else:
+        state = setup(cfg, inputs.num_images, inputs.init_weights)
 
     # resume
     resume(state, point)
@@ -225,7 +229,9 @@ def train_step(
         scaler=state.scaler,
     )
     try:
-        if state.ibot_loss is not None:
+        if state.distill is not None:
+            result = distill_train_step(state, crops)
+        elif state.ibot_loss is not None:
             result = dinov2_step(
                 dino_loss=state.loss_fn,
                 ibot_loss=state.ibot_loss,

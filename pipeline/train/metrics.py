@@ -24,6 +24,9 @@ AVERAGED = (
     "amp_step_skipped",
     "ibot_loss",  # ibot.enabled: the iBOT patch loss and its targets' entropy
     "ibot_teacher_entropy",
+    "distill_cls_loss",  # dino-ray distill: the loss's terms (dino_model.distill_loss)
+    "distill_patch_loss",
+    "distill_cls_cos",
 )
 
 

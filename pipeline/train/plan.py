@@ -55,6 +55,7 @@ class RunPlan:
     new_tracking_run: bool = False  # continued with a changed config: a new MLflow run
     eval_ref: Any = None  # ObjectRef of the in-training evaluation sets, or None
     init_ref: Any = None  # ObjectRef of model.init_from's backbone (safetensors bytes), or None
+    teacher_ref: Any = None  # dino-ray distill: ObjectRef of the frozen teacher's blob, or None
 
     @property
     def total_steps(self) -> int:
@@ -82,6 +83,7 @@ def plan_run(
     train_data: TrainData | None,
     new_tracking_run: bool,
     init_weights: bytes | None = None,
+    teacher_weights: bytes | None = None,
 ) -> RunPlan:
     """Size the data stage, build the dataset (unless the caller built one), find the resume
     step, ask the autoscaler for the nodes. ``corpus``: the listing preflight checked."""
@@ -113,6 +115,7 @@ def plan_run(
         if cfg.eval.every_epochs
         else None,
         init_ref=ray.put(init_weights) if init_weights is not None else None,
+        teacher_ref=ray.put(teacher_weights) if teacher_weights is not None else None,
     )
 
 

@@ -65,6 +65,7 @@ def fit(
     callbacks: list | None = None,
     evaluation: FinalEvaluation | None = None,
     init_weights: bytes | None = None,
+    teacher_weights: bytes | None = None,
 ) -> TrainingResult:
     """Train DINO on Ray Train, then (with ``evaluation``) evaluate the final checkpoint.
 
@@ -75,7 +76,9 @@ def fit(
     ``ray.tune.integration.ray_train.TuneReportCallback()``). The hooks get every epoch's and
     every logged step's metrics on the calling thread. ``init_weights``: the backbone's first
     weights (safetensors bytes of ``model.init_from``, read and checked by the caller:
-    ``pipeline.registry.init_from``).
+    ``pipeline.registry.init_from``). ``teacher_weights``: ``dino-ray distill``'s frozen teacher
+    (``pipeline.train.distill_teacher.pack``; ``pipeline.distill_run``): the workers then distil
+    it into a student of ``model.arch`` instead of training DINO.
     Raises ``PreflightError`` (a ``ConfigError``) before any Ray work for a run that cannot
     succeed, ``TrainingError`` (with ``last_checkpoint``) when training fails and
     ``TrainingInterrupted`` when it was stopped by Ctrl-C / SIGTERM.
@@ -91,7 +94,7 @@ def fit(
         check_cluster(cfg, view)
         try:
             # plan
-            plan = plan_run(cfg, view, corpus, train_data, changed, init_weights)
+            plan = plan_run(cfg, view, corpus, train_data, changed, init_weights, teacher_weights)
 
             # tracking
             tracker = open_tracking(cfg, plan, config_path)

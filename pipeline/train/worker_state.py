@@ -61,6 +61,7 @@ class LoopInputs:
     eval_ref: Any  # ObjectRef of the in-training eval sets, or None
     control: Any  # the driver's RunControl actor (stop requests), or None
     init_weights: Any = None  # ObjectRef of the backbone's first weights (safetensors), or None
+    teacher_weights: Any = None  # dino-ray distill: ObjectRef of the frozen teacher, or None
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> LoopInputs:
@@ -74,6 +75,7 @@ class LoopInputs:
             eval_ref=config.get("eval_ref"),
             control=config.get("control"),
             init_weights=config.get("init_weights"),
+            teacher_weights=config.get("teacher_weights"),
         )
 
 
@@ -98,6 +100,7 @@ class TrainState:
     backend: str  # torch.distributed backend, "none" without a process group
     start_step: int = 0  # where this attempt started: > 0 after a resume
     global_step: int = 0  # optimizer steps done
+    distill: Any = None  # dino-ray distill: pipeline.train.distill_setup.DistillParts, else None
 
     @property
     def global_batch(self) -> int:
@@ -121,10 +124,10 @@ def setup(cfg: DinoConfig, num_images: int, init_weights=None) -> TrainState:
     autocast_dtype, scaler = resolve_precision(tc.precision, device)
     if device.type == "cpu":
         torch.set_num_threads(max(1, int(tc.cpus_per_worker)))
-    student, teacher = _networks(cfg, world, device, init_weights)
-    loss_fn, ibot_loss = _losses(cfg)
+    student, teacher = build_networks(cfg, world, device, init_weights)
+    loss_fn, ibot_loss = build_losses(cfg)
     ipe = iters_per_epoch(cfg, num_images, world)
-    schedules = _schedules(cfg, ipe, global_batch=tc.batch_size_per_worker * world)
+    schedules = run_schedules(cfg, ipe, global_batch=tc.batch_size_per_worker * world)
     # DDP for the student only; the EMA teacher just lives on the device
     student = ray.train.torch.prepare_model(student)
     teacher.to(device)
@@ -153,7 +156,7 @@ def setup(cfg: DinoConfig, num_images: int, init_weights=None) -> TrainState:
     )
 
 
-def _losses(cfg: DinoConfig) -> tuple[DINOLoss, IBOTPatchLoss | None]:
+def build_losses(cfg: DinoConfig) -> tuple[DINOLoss, IBOTPatchLoss | None]:
     """The DINO loss, and the iBOT patch loss with ``ibot.enabled``; both centre their teacher
     targets as ``loss.centering`` says (the EMA centre or Sinkhorn-Knopp)."""
     centring = dict(centering=cfg.loss.centering, sinkhorn_iterations=cfg.loss.sinkhorn_iterations)
@@ -185,7 +188,7 @@ def _param_groups(cfg: DinoConfig, student: torch.nn.Module) -> list[dict] | Non
     )
 
 
-def _networks(
+def build_networks(
     cfg: DinoConfig, world: int, device: torch.device, init_weights=None
 ) -> tuple[torch.nn.Module, torch.nn.Module]:
     """(student, teacher), seeded with ``train.seed`` so every rank starts identical, their
@@ -203,7 +206,7 @@ def _networks(
     return student, teacher
 
 
-def _schedules(cfg: DinoConfig, ipe: int, *, global_batch: int) -> Schedules:
+def run_schedules(cfg: DinoConfig, ipe: int, *, global_batch: int) -> Schedules:
     """The official DINO per-step schedules; the lr is scaled linearly with ``global_batch``."""
     o, loss = cfg.optim, cfg.loss
     return build_schedules(
