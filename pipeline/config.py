@@ -238,7 +238,12 @@ class IbotConfig(Section):
 
 class OptimConfig(Section):
     optimizer: Literal["adamw", "sgd"] = "adamw"
-    lr: float = Field(5e-4, gt=0, description="base lr for a global batch of 256 (scaled linearly)")
+    lr: float = Field(5e-4, gt=0, description="base lr for a global batch of 256 (see lr_scaling)")
+    lr_scaling: Literal["linear", "sqrt"] = Field(
+        "linear",
+        description="how the lr follows the global batch G (also at each elastic resize): "
+        "linear lr x G/256 (DINO), sqrt lr x sqrt(G/256)",
+    )
     min_lr: float = Field(1e-6, ge=0)
     warmup_epochs: float = Field(10, ge=0)
     weight_decay: float = Field(0.04, ge=0)

@@ -38,6 +38,7 @@ from pipeline.redact import install_log_redaction
 from pipeline.train.collectives import any_rank_flags
 from pipeline.train.control import StopPoller
 from pipeline.train.crops import batch_crops, batch_masks
+from pipeline.train.elastic import resume_step, run_clock
 from pipeline.train.knn import InTrainingKnn
 from pipeline.train.metrics import EpochMeter, EpochOutcome
 from pipeline.train.reports import (
@@ -50,7 +51,7 @@ from pipeline.train.reports import (
 from pipeline.train.resume_point import resume_point
 from pipeline.train.stopping import StopConditions
 from pipeline.train.stream import BatchStream
-from pipeline.train.worker_state import LoopInputs, TrainState, iters_per_epoch, resume, setup
+from pipeline.train.worker_state import LoopInputs, TrainState, resume, setup
 
 log = logging.getLogger("dino_ray.train")
 
@@ -65,10 +66,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     inputs = LoopInputs.from_config(config)
     cfg = inputs.cfg
     world = ray.train.get_context().get_world_size()
-    ipe = iters_per_epoch(cfg, inputs.num_images, world)
 
-    # resume point
-    point = resume_point(ray.train.get_checkpoint(), inputs.storage, cfg.train.name, ipe)
+    # resume point, and the run's images per epoch and schedules at this world size
+    point = resume_point(
+        ray.train.get_checkpoint(), inputs.storage, cfg.train.name, inputs.num_images
+    )
+    clock = run_clock(cfg, inputs.num_images, world, point.saved if point else None)
+    ipe = clock.iters_per_epoch
 
     # data: its actors start (seconds each) while the networks are built
     batches = BatchStream(
@@ -77,12 +81,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         cfg,
         rows_per_epoch=ipe * cfg.train.batch_size_per_worker * world,
     )
-    first_epoch = point.global_step // ipe if point else 0
+    first_epoch = resume_step(point.saved, clock) // ipe if point else 0
     if first_epoch < cfg.train.epochs:  # a restart after the last report trains nothing
         batches.start(first_epoch)
 
     # setup
-    state = setup(cfg, inputs.num_images, inputs.init_weights)
+    state = setup(cfg, inputs.num_images, inputs.init_weights, clock=clock)
 
     # resume
     resume(state, point)

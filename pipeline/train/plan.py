@@ -31,8 +31,8 @@ from pipeline.data.resources import ResourcePlan, plan_from_config
 from pipeline.data.sources import Corpus
 from pipeline.data.split import split_indices
 from pipeline.preflight import train_worker_bundle
+from pipeline.train.elastic import checkpoint_layout, run_clock, worker_range
 from pipeline.train.rerun import resumable_step
-from pipeline.train.worker_state import iters_per_epoch
 
 progress_log = logging.getLogger("dino_ray.progress")
 
@@ -93,7 +93,10 @@ def plan_run(
     resources = None
     if train_data is None:
         train_data, resources = _train_dataset(cfg, corpus)
-    ipe = iters_per_epoch(cfg, train_data.num_images, tc.num_workers)
+    # the run's reference layout (its steps: checkpoints, progress), carried by its checkpoints
+    layout = checkpoint_layout(storage, tc.name)
+    clock = run_clock(cfg, train_data.num_images, worker_range(cfg)[1], layout)
+    ipe = clock.ref_iters_per_epoch
     start_step = resumable_step(cfg, storage, ipe)
     worker = train_worker_bundle(cfg, view)  # what one Train worker asks for
     _request_nodes(cfg, view, worker, resources)
