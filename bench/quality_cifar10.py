@@ -81,7 +81,7 @@ def main() -> int:
         m.update(evaluate_knn(cfg, result.checkpoint_path, linear=True))
     steps = int(m.get("step", 0))
     train_s = float(m.get("wall_s", 0.0))
-    images = steps * cfg.train.batch_size_per_worker * cfg.train.num_workers
+    images = steps * cfg.train.batch_size_per_worker * cfg.train.max_workers
     out = {
         "knn_top1_trained": m.get("knn_top1"),
         "knn_top1_random_init": m.get("knn_init_top1"),

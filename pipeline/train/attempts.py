@@ -98,7 +98,8 @@ def build_trainer(
             "init_weights": plan.init_ref,
         },
         scaling_config=ScalingConfig(
-            num_workers=tc.num_workers,
+            num_workers=tc.num_workers,  # (min, max): elastic (pipeline.train.elastic)
+            elastic_resize_monitor_interval_s=tc.elastic_resize_s,
             use_gpu=tc.use_gpu,
             resources_per_worker=plan.worker_resources or {"CPU": tc.cpus_per_worker},
         ),

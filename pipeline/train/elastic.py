@@ -19,8 +19,7 @@ from pipeline.config import DinoConfig
 
 def worker_range(cfg: DinoConfig) -> tuple[int, int]:
     """``(min, max)`` Train workers of the run (a fixed size: both the same)."""
-    n = cfg.train.num_workers
-    return (int(n[0]), int(n[1])) if isinstance(n, (list, tuple)) else (int(n), int(n))
+    return cfg.train.min_workers, cfg.train.max_workers
 
 
 def reference_epoch_images(cfg: DinoConfig, num_images: int) -> tuple[int, int]:

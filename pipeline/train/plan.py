@@ -147,12 +147,14 @@ def _say_plan(cfg: DinoConfig, ipe: int, start_step: int) -> None:
             tc.epochs,
         )
     progress_log.info(
-        "%s: %d epochs x %d steps of %d images on %d worker(s)%s",
+        "%s: %d epochs x %d steps of %d images on %s worker(s)%s",
         tc.name,
         tc.epochs,
         ipe,
-        tc.batch_size_per_worker * tc.num_workers,
-        tc.num_workers,
+        tc.batch_size_per_worker * tc.max_workers,
+        tc.max_workers
+        if tc.min_workers == tc.max_workers
+        else f"{tc.min_workers} to {tc.max_workers}",
         f", continuing from step {start_step}" if start_step else "",
     )
 
@@ -164,7 +166,8 @@ def _request_nodes(
     cpus = resources.cpus_per_actor if resources else cfg.data.cpus_per_actor
     data_bundle = {"CPU": cpus, **({"data": cpus} if view.has_role("data") else {})}
     actors = resources.num_actors if resources else cfg.data.num_actors
-    request_nodes([worker] * cfg.train.num_workers + [data_bundle] * actors, view)
+    # an elastic run asks for its max: it grows onto the nodes as they come
+    request_nodes([worker] * cfg.train.max_workers + [data_bundle] * actors, view)
 
 
 def ssl_indices(cfg: DinoConfig, corpus: Corpus | None):

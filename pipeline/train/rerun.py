@@ -36,6 +36,7 @@ OPERATIONAL = {
         "shared_filesystem",
         "epochs",
         "num_workers",  # epochs and schedules count images: any size continues the run
+        "elastic_resize_s",
         "max_failures",
         "use_gpu",
         "cpus_per_worker",
