@@ -353,6 +353,12 @@ class TrainConfig(Section):
     checkpoint_every_epochs: int = Field(1, ge=1)
     keep_checkpoints: int = Field(2, ge=1)
     max_failures: int = Field(0, ge=-1)
+    max_preemptions: int = Field(
+        -1,
+        ge=-1,
+        description="restarts after a node's preemption notice (spot / preemptible VMs), "
+        "counted apart from max_failures; -1 = unlimited",
+    )
     log_every_steps: int = Field(10, ge=1)
     resume: Literal["auto", "changed", "never"] = Field(
         "auto",

@@ -41,6 +41,7 @@ from pipeline.train.crops import batch_crops, batch_masks
 from pipeline.train.elastic import resume_step, run_clock
 from pipeline.train.knn import InTrainingKnn
 from pipeline.train.metrics import EpochMeter, EpochOutcome
+from pipeline.train.preemption import PreemptionWatch
 from pipeline.train.reports import (
     check_data_quality,
     epoch_summary,
@@ -103,8 +104,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         with_baselines=state.start_step == 0,
         metrics_queue=inputs.metrics_queue,
     )
+    watch = PreemptionWatch()
     for epoch in range(state.global_step // state.ipe, cfg.train.epochs):
-        outcome = train_one_epoch(state, batches, epoch, stopping, inputs)
+        outcome = train_one_epoch(state, batches, epoch, stopping, inputs, watch)
         end_epoch(state, epoch, outcome, inputs, knn, stopping)
         if outcome.stopped or outcome.dry:
             break
@@ -119,10 +121,12 @@ def train_one_epoch(
     epoch: int,
     stopping: StopConditions,
     inputs: LoopInputs,
+    watch: PreemptionWatch | None = None,
 ) -> EpochOutcome:
     """Up to ``ipe`` DINO steps of ``epoch``, advancing ``state.global_step``; steps done before
     the checkpoint this attempt resumed from are read from the stream but not trained again.
-    Returns early, with the reason, when all ranks agree to stop."""
+    Returns early, with the reason, when all ranks agree to stop. ``watch``: a preemption
+    notice is answered with a checkpoint of the step (``pipeline.train.preemption``)."""
     tc = state.cfg.train
     batches.begin_epoch(epoch)
     torch.manual_seed(tc.seed * 100_003 + state.rank * 1009 + epoch)  # drop-path etc., per rank
@@ -159,6 +163,8 @@ def train_one_epoch(
                 metrics_queue=inputs.metrics_queue,
             )
             meter.report_s += time.perf_counter() - t_report
+        if watch is not None:
+            watch.check(state, epoch, inputs.metrics_queue)
     return EpochOutcome(meter)
 
 

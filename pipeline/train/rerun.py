@@ -38,6 +38,7 @@ OPERATIONAL = {
         "num_workers",  # epochs and schedules count images: any size continues the run
         "elastic_resize_s",
         "max_failures",
+        "max_preemptions",
         "use_gpu",
         "cpus_per_worker",
         "max_wall_seconds",
