@@ -72,7 +72,7 @@ def bench_one(config_path: str, args: argparse.Namespace) -> dict:
     from pipeline.config import DinoConfig
     from pipeline.data.dataset import list_data
     from pipeline.train.budget import plan_for_budget, probe_overrides, timing_from_probe
-    from pipeline.train.worker_state import iters_per_epoch
+    from pipeline.train.elastic import reference_epoch_images
     from pipeline.training_run import run_training
 
     work = Path(args.workdir).resolve()
@@ -108,7 +108,8 @@ def bench_one(config_path: str, args: argparse.Namespace) -> dict:
         probe = run_training(probe_cfg, config_path=config_path)
         step_s, startup_s = timing_from_probe(probe.history)
         # one pass over the corpus (or the config's train.max_steps_per_epoch) is the longest epoch
-        ipe = iters_per_epoch(base, list_data(probe_cfg.data).num_images, base.train.num_workers)
+        epoch_images, ref_batch = reference_epoch_images(base, list_data(probe_cfg.data).num_images)
+        ipe = epoch_images // ref_batch
         plan = plan_for_budget(
             budget_s,
             step_s=step_s,
@@ -132,7 +133,7 @@ def bench_one(config_path: str, args: argparse.Namespace) -> dict:
         m.update(evaluate_knn(cfg, result.checkpoint_path, linear=True))
     steps = int(m.get("step", 0))
     train_s = float(m.get("wall_s", 0.0))
-    images = steps * cfg.train.batch_size_per_worker * cfg.train.num_workers
+    images = steps * cfg.train.batch_size_per_worker * cfg.train.max_workers
     return {
         "config_path": config_path,
         "knn_top1_trained": m.get("knn_top1"),

@@ -238,7 +238,12 @@ class IbotConfig(Section):
 
 class OptimConfig(Section):
     optimizer: Literal["adamw", "sgd"] = "adamw"
-    lr: float = Field(5e-4, gt=0, description="base lr for a global batch of 256 (scaled linearly)")
+    lr: float = Field(5e-4, gt=0, description="base lr for a global batch of 256 (see lr_scaling)")
+    lr_scaling: Literal["linear", "sqrt"] = Field(
+        "linear",
+        description="how the lr follows the global batch G (also at each elastic resize): "
+        "linear lr x G/256 (DINO), sqrt lr x sqrt(G/256)",
+    )
     min_lr: float = Field(1e-6, ge=0)
     warmup_epochs: float = Field(10, ge=0)
     weight_decay: float = Field(0.04, ge=0)
@@ -265,6 +270,11 @@ class OptimConfig(Section):
     )
 
 
+def _whole(x: Any) -> bool:
+    """A whole number of workers: an int, not a bool, a float or a string."""
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
 class TrainConfig(Section):
     name: str = Field("dino", pattern=r"^[A-Za-z0-9_.\-]+$")
 
@@ -289,7 +299,47 @@ class TrainConfig(Section):
     )
     epochs: int = Field(100, ge=1)
     batch_size_per_worker: int = Field(64, ge=1)
-    num_workers: int = Field(1, ge=1)
+    num_workers: int | tuple[int, int] = Field(
+        1,
+        description="Ray Train workers: n, or [min, max] for an elastic run that starts once min "
+        "can be placed, grows to max as nodes join and shrinks to the survivors when one dies",
+    )
+
+    @field_validator("num_workers", mode="before")
+    @classmethod
+    def _count_or_pair(cls, v: Any) -> Any:
+        # one line for any other shape (the union's own errors name both of its branches)
+        pair = isinstance(v, (list, tuple)) and len(v) == 2
+        items = v if pair else [v]
+        if isinstance(v, (list, tuple)) and not pair or not all(_whole(x) for x in items):
+            raise ValueError(f"give a number of workers or [min, max] (e.g. [1, 4]), got {v!r}")
+        return tuple(int(x) for x in v) if pair else int(v)
+
+    @field_validator("num_workers")
+    @classmethod
+    def _worker_count_or_range(cls, v: int | tuple[int, int]) -> int | tuple[int, int]:
+        low, high = v if isinstance(v, tuple) else (v, v)
+        if not 1 <= low <= high:
+            raise ValueError(f"needs 1 <= min <= max workers, got {list(v) if low != high else v}")
+        return v
+
+    elastic_resize_s: float = Field(
+        60.0,
+        gt=0,
+        description="an elastic run (num_workers [min, max]) looks for room to grow every this "
+        "many seconds (Ray Train's elastic_resize_monitor_interval_s)",
+    )
+
+    @property
+    def min_workers(self) -> int:
+        return self.num_workers[0] if isinstance(self.num_workers, tuple) else self.num_workers
+
+    @property
+    def max_workers(self) -> int:
+        """The largest world size: what the autoscaler is asked for and the schedules'
+        reference global batch (``pipeline.train.elastic``)."""
+        return self.num_workers[1] if isinstance(self.num_workers, tuple) else self.num_workers
+
     use_gpu: bool = False
     cpus_per_worker: float = Field(1.0, gt=0)
     precision: Literal["fp32", "bf16", "fp16"] = Field(
@@ -303,6 +353,12 @@ class TrainConfig(Section):
     checkpoint_every_epochs: int = Field(1, ge=1)
     keep_checkpoints: int = Field(2, ge=1)
     max_failures: int = Field(0, ge=-1)
+    max_preemptions: int = Field(
+        -1,
+        ge=-1,
+        description="restarts after a node's preemption notice (spot / preemptible VMs), "
+        "counted apart from max_failures; -1 = unlimited",
+    )
     log_every_steps: int = Field(10, ge=1)
     resume: Literal["auto", "changed", "never"] = Field(
         "auto",

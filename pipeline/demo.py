@@ -57,7 +57,7 @@ def run_demo(workdir: str | Path, overrides: list[str] | None = None) -> int:
     print(
         f"[demo] trained {cfg.train.epochs} epochs x {m.get('iters_per_epoch')} steps "
         f"({cfg.model.arch}, patch {cfg.model.patch_size}, K={cfg.model.out_dim}) on "
-        f"{cfg.train.num_workers} CPU workers ({m.get('backend')}); final loss "
+        f"{cfg.train.max_workers} CPU workers ({m.get('backend')}); final loss "
         f"{m.get('epoch_loss', float('nan')):.3f}"
     )
     print(

@@ -131,7 +131,8 @@ def train_worker_bundle(cfg: DinoConfig, view: ClusterView) -> dict[str, float]:
 
 def check_train_workers(cfg: DinoConfig, view: ClusterView) -> None:
     bundle = train_worker_bundle(cfg, view)
-    missing = view.shortfall(bundle, cfg.train.num_workers)
+    # an elastic run starts once its min workers can be placed (it grows as nodes join)
+    missing = view.shortfall(bundle, cfg.train.min_workers)
     if missing is None:
         return
     field = "train.use_gpu" if "GPU" in missing and cfg.train.use_gpu else "train.num_workers"
@@ -147,10 +148,11 @@ def check_cluster(cfg: DinoConfig, view: ClusterView) -> None:
 
 
 def check_corpus(cfg: DinoConfig, num_images: int) -> None:
-    global_batch = cfg.train.batch_size_per_worker * cfg.train.num_workers
+    # the largest world size sets the run's epoch (pipeline.train.elastic)
+    global_batch = cfg.train.batch_size_per_worker * cfg.train.max_workers
     if num_images < global_batch:
         raise PreflightError(
             f"train.batch_size_per_worker: {cfg.train.batch_size_per_worker} x "
-            f"{cfg.train.num_workers} workers = {global_batch} images per step exceeds the "
+            f"{cfg.train.max_workers} workers = {global_batch} images per step exceeds the "
             f"{num_images} images of data.path: lower the batch size or add data"
         )

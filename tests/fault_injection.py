@@ -6,6 +6,8 @@ worker, wraps the loop's ``train_step`` and then runs the real loop: at ``fail_a
 (rank 1, or rank 0 alone) exits once per run directory, as a killed worker would; at
 ``nan_at_step`` that step's crops become NaN on every rank. This module is pickled by value
 (``ray.cloudpickle.register_pickle_by_value``): the workers need not import ``tests/``.
+``inject_preemption`` gives a preemption notice, then ends the noticed worker, through the seam
+``pipeline.train.preemption.preemption_info`` (Ray's own call everywhere else).
 """
 
 from __future__ import annotations
@@ -14,11 +16,14 @@ import functools
 import logging
 import os
 import sys
+import time
 
 import ray.cloudpickle
+from ray.train.v2.api.preemption import PreemptionInfo
 
 import pipeline.train.attempts
 import pipeline.train.loop
+import pipeline.train.preemption
 from pipeline.checkpoints import read_run_file, write_run_file
 
 log = logging.getLogger("dino_ray.train")
@@ -54,10 +59,13 @@ def _loop_with_faults(real_loop, fail_at_step, nan_at_step, config: dict) -> Non
         pipeline.train.loop.train_step = real_step
 
 
-def _maybe_die(rank: int, world: int, global_step: int, run_dir: str | None) -> None:
-    """``os._exit(1)`` on the chosen rank, once: a marker ``.fault_injected_step_<n>`` in the run
-    directory records the death, so the restarted group gets past it."""
-    if rank != (1 if world > 1 else 0) or run_dir is None:
+def _maybe_die(
+    rank: int, world: int, global_step: int, run_dir: str | None, always: bool = False
+) -> None:
+    """``os._exit(1)`` on the chosen rank (``always``: this one), once: a marker
+    ``.fault_injected_step_<n>`` in the run directory records the death, so the restarted group
+    gets past it."""
+    if (not always and rank != (1 if world > 1 else 0)) or run_dir is None:
         return
     marker = f".fault_injected_step_{global_step}"
     if read_run_file(run_dir, marker) is not None:
@@ -65,3 +73,50 @@ def _maybe_die(rank: int, world: int, global_step: int, run_dir: str | None) -> 
     write_run_file(run_dir, marker, f"rank {rank} died at step {global_step}\n")
     log.warning("fault injection: rank %d exits at global step %d", rank, global_step)
     os._exit(1)
+
+
+def inject_preemption(monkeypatch, *, notice_at_step: int):
+    """Every Train worker of this test's runs gets a preemption notice (what
+    ``ray.train.get_preemption_info`` returns when Ray sees a node drained) once the run reaches
+    step ``notice_at_step`` (the run's step: ``TrainState.run_step``), in the attempt that
+    started before it; the noticed rank (the last one) then exits at its next step, once per run
+    directory, as its node would be taken."""
+    real_loop = pipeline.train.loop.train_loop_per_worker
+    monkeypatch.setattr(
+        pipeline.train.attempts,
+        "train_loop_per_worker",
+        functools.partial(_loop_with_preemption, real_loop, notice_at_step),
+    )
+
+
+def _loop_with_preemption(real_loop, notice_at_step, config: dict) -> None:
+    real_step = pipeline.train.loop.train_step
+    real_info = pipeline.train.preemption.preemption_info
+    real_poll = pipeline.train.preemption.POLL_STEPS
+    run_dir = config.get("run_dir")
+    now: dict = {}  # this worker's state and whether its notice was given
+
+    def train_step(state, crops, *rest):
+        now["state"] = state
+        if now.get("noticed") and state.rank == state.world - 1:
+            _maybe_die(state.rank, state.world, state.global_step, run_dir, always=True)
+        return real_step(state, crops, *rest)
+
+    def preemption_info():
+        state = now["state"]
+        started = state.clock.run_step(state.start_step)
+        if started < notice_at_step <= state.run_step:  # every rank agrees, as Ray's broadcast
+            now["noticed"] = True
+            deadline_ms = int((time.time() + 60) * 1000)
+            return PreemptionInfo(deadline_ms, {"the-spot-node": [state.world - 1]})
+        return None
+
+    pipeline.train.loop.train_step = train_step
+    pipeline.train.preemption.preemption_info = preemption_info
+    pipeline.train.preemption.POLL_STEPS = 1
+    try:
+        real_loop(config)
+    finally:
+        pipeline.train.loop.train_step = real_step
+        pipeline.train.preemption.preemption_info = real_info
+        pipeline.train.preemption.POLL_STEPS = real_poll

@@ -35,11 +35,11 @@ def _cfg(**updates) -> DinoConfig:
 
 def test_cluster_yaml_node_types_are_what_the_planner_grows_to():
     view = _fresh_ray_up_cluster()
-    assert {t.name for t in view.addable_types} == {"cpu_data", "gpu_train"}
+    assert {t.name for t in view.addable_types} == {"cpu_data", "gpu_train", "gpu_train_spot"}
     assert view.autoscaling and view.multi_node and view.now_total("CPU") == 2
-    # head 2 + 8 data nodes x 16 + 4 train nodes x 8 (global max_workers 12 >= 8 and >= 4)
-    assert view.max_total("CPU") == 2 + 8 * 16 + 4 * 8
-    assert view.max_total("GPU") == 4 and view.has_role("data") and view.has_role("train")
+    # head 2 + 8 data nodes x 16 + 4 + 4 (spot) train nodes x 8 (global max_workers 16)
+    assert view.max_total("CPU") == 2 + 8 * 16 + 8 * 8
+    assert view.max_total("GPU") == 8 and view.has_role("data") and view.has_role("train")
     # planned from what is up now, every job was rejected before the autoscaler could act
     with pytest.raises(ResourceError):
         plan_data_resources(view.now_total("CPU"), 2, 8)

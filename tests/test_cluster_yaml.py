@@ -41,6 +41,11 @@ def test_cluster_node_types_and_resources():
     assert data["data"] == data["CPU"] and "GPU" not in data
     train = types["gpu_train"]["resources"]
     assert train["GPU"] >= 1 and train["train"] >= 1
+    # spot capacity for elastic runs: the same train worker slot, on reclaimable instances
+    spot = types["gpu_train_spot"]
+    assert spot["resources"] == train and spot["node_config"]["InstanceMarketOptions"] == {
+        "MarketType": "spot"
+    }
     assert sum(t.get("max_workers", 0) for t in types.values()) >= 2
     setup = " ".join(cfg["setup_commands"])
     assert "uv sync" in setup and "dino-ray" in setup
@@ -62,6 +67,9 @@ def test_rayjob_manifest():
     assert {"cpu-data", "gpu-train"} <= set(groups)
     gpu = groups["gpu-train"]["template"]["spec"]["containers"][0]["resources"]["limits"]
     assert int(gpu["nvidia.com/gpu"]) >= 1
+    spot = groups["gpu-train-spot"]
+    assert spot["rayStartParams"] == groups["gpu-train"]["rayStartParams"]
+    assert "spot" in str(spot["template"]["spec"]["nodeSelector"])
     assert "working_dir" in yaml.safe_load(spec["runtimeEnvYAML"])
 
 

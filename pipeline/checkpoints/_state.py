@@ -7,10 +7,11 @@ A checkpoint is a directory (persisted by Ray Train under ``<storage_path>/<name
                   ibot_center (the iBOT patch loss's centre; only with ibot.enabled),
                   optimizer (state dict), scaler (the fp16 GradScaler's state; None for fp32/bf16),
                   epoch (epoch the next step belongs to), global_step (optimiser steps done),
-                  iters_per_epoch
+                  iters_per_epoch, and where the run is in images (``position``: images_seen,
+                  epoch_images, schedule_batch; ``pipeline.train.elastic``)
     config.yaml   the full DinoConfig of the run
-    meta.json     epoch, global_step, iters_per_epoch, the metrics reported with it and the
-                  byte sizes of state.pt and config.yaml (how a reader knows the copy is whole)
+    meta.json     epoch, global_step, iters_per_epoch, the position, the metrics reported with it,
+                  the byte sizes of state.pt and config.yaml (how a reader knows the copy is whole)
 
 Resuming from ``global_step`` continues at epoch ``global_step // iters_per_epoch`` and skips
 ``global_step % iters_per_epoch`` batches of that epoch (non-zero only after a wall-clock stop).
@@ -48,6 +49,7 @@ def save_checkpoint(
     metrics: dict[str, Any] | None = None,
     scaler: torch.amp.GradScaler | None = None,
     ibot_center: torch.Tensor | None = None,
+    position: dict[str, int] | None = None,
 ) -> Path:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -60,6 +62,7 @@ def save_checkpoint(
         "epoch": int(epoch),
         "global_step": int(global_step),
         "iters_per_epoch": int(iters_per_epoch),
+        **(position or {}),
     }
     if ibot_center is not None:
         state["ibot_center"] = ibot_center.detach().cpu().clone()
@@ -69,6 +72,7 @@ def save_checkpoint(
         "epoch": int(epoch),
         "global_step": int(global_step),
         "iters_per_epoch": int(iters_per_epoch),
+        **(position or {}),
         "metrics": {k: v for k, v in (metrics or {}).items() if _jsonable(v)},
         # Ray Train persists the directory file by file (pyarrow copy_files): a reader tells
         # a finished copy from one in flight by these sizes (``newest_checkpoint``)

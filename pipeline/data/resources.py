@@ -150,7 +150,7 @@ def plan_from_config(data, train, cluster: float | None = None) -> ResourcePlan:
     """Plan from ``cfg.data`` and ``cfg.train`` on the connected cluster (or ``cluster`` CPUs)."""
     return plan_data_resources(
         cluster if cluster is not None else cluster_cpus(),
-        train.num_workers,
+        train.max_workers,  # an elastic run's Train may grow to its max: keep their CPUs free
         train.cpus_per_worker,
         num_actors=data.num_actors,
         cpus_per_actor=data.cpus_per_actor,

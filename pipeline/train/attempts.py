@@ -51,7 +51,7 @@ def run_attempts(
     metrics_queue = Queue(actor_options={"num_cpus": 0, **on_this_node()})
     control = RunControl.options(**on_this_node()).remote()
     stopping = StopOnSignals(control)
-    failures = 0
+    failures = preemptions = 0
     try:
         while True:
             trainer = build_trainer(cfg, plan, metrics_queue, callbacks, control)
@@ -62,7 +62,13 @@ def run_attempts(
             if error is None:
                 return _result_checkpoint(result) or collector.last_checkpoint
             kind = classify(error)
-            if kind == "retryable" and (tc.max_failures < 0 or failures < tc.max_failures):
+            if kind == "retryable" and collector.elastic.take_notice():
+                # the workers answered a preemption notice with a checkpoint: not a failure
+                if tc.max_preemptions < 0 or preemptions < tc.max_preemptions:
+                    preemptions += 1
+                    _log_preemption(cfg, plan, tracker, collector, error, preemptions)
+                    continue
+            elif kind == "retryable" and (tc.max_failures < 0 or failures < tc.max_failures):
                 failures += 1
                 _log_restart(cfg, plan, tracker, collector, error, failures)
                 continue
@@ -99,7 +105,8 @@ def build_trainer(
             "teacher_weights": plan.teacher_ref,
         },
         scaling_config=ScalingConfig(
-            num_workers=tc.num_workers,
+            num_workers=tc.num_workers,  # (min, max): elastic (pipeline.train.elastic)
+            elastic_resize_monitor_interval_s=tc.elastic_resize_s,
             use_gpu=tc.use_gpu,
             resources_per_worker=plan.worker_resources or {"CPU": tc.cpus_per_worker},
         ),
@@ -109,7 +116,12 @@ def build_trainer(
             checkpoint_config=CheckpointConfig(num_to_keep=tc.keep_checkpoints),
             # retries are decided by the driver (run_attempts): Ray Train would replay a NaN
             # or a config error max_failures times; start-up time-outs are bounded
-            failure_config=FailureConfig(max_failures=0, controller_failure_limit=2),
+            failure_config=FailureConfig(
+                max_failures=0,
+                controller_failure_limit=2,
+                # a node Ray saw drained: it restarts the group at the size the cluster has
+                max_preemption_failures=tc.max_preemptions,
+            ),
             callbacks=[ForwardMetrics(metrics_queue), *(callbacks or [])],
         ),
         datasets={"train": plan.train_data.dataset},
@@ -178,6 +190,25 @@ def _log_restart(
         "unlimited" if tc.max_failures < 0 else tc.max_failures,
     )
     tracker.log_metrics({"restarts": failures}, step=collector.last_step)
+
+
+def _log_preemption(
+    cfg: DinoConfig,
+    plan: RunPlan,
+    tracker: Tracker,
+    collector: MetricsCollector,
+    error: BaseException,
+    preemptions: int,
+) -> None:
+    log.warning(
+        "training attempt ended after a preemption notice (%s): restarting from the checkpoint "
+        "written for it (%s; preemption %d of %s)",
+        root_message(error),
+        plan.newest_checkpoint(cfg.train.name),
+        preemptions,
+        "unlimited" if cfg.train.max_preemptions < 0 else cfg.train.max_preemptions,
+    )
+    tracker.log_metrics({"preemptions": preemptions}, step=collector.last_step)
 
 
 def _interrupted(

@@ -22,6 +22,7 @@ from ray.util.queue import Full
 
 from pipeline.checkpoints import checkpoint_uri
 from pipeline.tracking import Tracker
+from pipeline.train.elastic_events import ElasticEvents
 from pipeline.train.progress import Progress
 
 log = logging.getLogger("dino_ray.train")
@@ -70,6 +71,7 @@ class MetricsCollector:
         self.history: list[dict[str, Any]] = []
         self.last_checkpoint: str | None = None
         self._seen_epochs: set[tuple[Any, Any]] = set()
+        self.elastic = ElasticEvents(tracker)  # resizes and preemption notices
 
     @property
     def last_step(self) -> int:
@@ -81,6 +83,7 @@ class MetricsCollector:
         if kind == "artifact":  # e.g. the attention maps drawn on rank 0
             self._log_bytes(m["data"], m["name"], m.get("artifact_path"))
             return
+        self.elastic.see(m)
         if m.get("checkpoint_path"):
             self.last_checkpoint = m["checkpoint_path"]
         if kind == "epoch":

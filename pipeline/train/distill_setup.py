@@ -29,17 +29,18 @@ import torch.distributed as dist
 from dino_model.distill_loss import FeatureDistillLoss
 from dino_model.distill_step import distill_step
 from dino_model.distill_student import DistillStudent
+from dino_model.image_clock import ImageClock
 from dino_model.model import unwrap
 from dino_model.optim import build_optimizer
 from dino_model.precision import resolve_precision
 from dino_model.step import StepResult
 from pipeline.config import DinoConfig
 from pipeline.train.distill_teacher import TeacherSpec, unpack
+from pipeline.train.elastic import run_clock
 from pipeline.train.worker_state import (
     TrainState,
     build_losses,
     build_networks,
-    iters_per_epoch,
     run_schedules,
 )
 
@@ -53,10 +54,13 @@ class DistillParts:
     loss_fn: FeatureDistillLoss
 
 
-def setup_distill(cfg: DinoConfig, num_images: int, init_weights, teacher_ref) -> TrainState:
+def setup_distill(
+    cfg: DinoConfig, num_images: int, init_weights, teacher_ref, clock: ImageClock | None = None
+) -> TrainState:
     """The worker's state at step 0 (see the module docstring). ``teacher_ref``: an ObjectRef of
     ``pipeline.train.distill_teacher.pack``'s blob; ``init_weights``: the student backbone's
-    first weights (``model.init_from``), as in ``worker_state.setup``."""
+    first weights (``model.init_from``) and ``clock`` the run's count of images, as in
+    ``worker_state.setup``."""
     tc, d = cfg.train, cfg.distill
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -71,8 +75,8 @@ def setup_distill(cfg: DinoConfig, num_images: int, init_weights, teacher_ref) -
         networks.backbone, spec.embed_dim, d.head_hidden_dim, patch_tokens=spec.patch_tokens
     )
     loss_fn, _ = build_losses(cfg)
-    ipe = iters_per_epoch(cfg, num_images, world)
-    schedules = run_schedules(cfg, ipe, global_batch=tc.batch_size_per_worker * world)
+    clock = clock or run_clock(cfg, num_images, world)
+    schedules = run_schedules(cfg, clock)
     student = ray.train.torch.prepare_model(student)
     carrier.backbone = unwrap(student).backbone  # the checkpoint's teacher is the student
     carrier.to(device)
@@ -92,8 +96,9 @@ def setup_distill(cfg: DinoConfig, num_images: int, init_weights, teacher_ref) -
         scaler=scaler,
         autocast_dtype=autocast_dtype,
         schedules=schedules,
-        ipe=ipe,
+        ipe=clock.iters_per_epoch,
         backend=dist.get_backend() if dist.is_initialized() else "none",
+        clock=clock,
         distill=DistillParts(teacher, spec, FeatureDistillLoss(d.cls_weight, d.patch_weight)),
     )
 

@@ -39,8 +39,10 @@ from pipeline.train.collectives import any_rank_flags
 from pipeline.train.control import StopPoller
 from pipeline.train.crops import batch_crops, batch_masks
 from pipeline.train.distill_setup import distill_train_step, setup_distill
+from pipeline.train.elastic import resume_step, run_clock
 from pipeline.train.knn import InTrainingKnn
 from pipeline.train.metrics import EpochMeter, EpochOutcome
+from pipeline.train.preemption import PreemptionWatch
 from pipeline.train.reports import (
     check_data_quality,
     epoch_summary,
@@ -51,7 +53,7 @@ from pipeline.train.reports import (
 from pipeline.train.resume_point import resume_point
 from pipeline.train.stopping import StopConditions
 from pipeline.train.stream import BatchStream
-from pipeline.train.worker_state import LoopInputs, TrainState, iters_per_epoch, resume, setup
+from pipeline.train.worker_state import LoopInputs, TrainState, resume, setup
 
 log = logging.getLogger("dino_ray.train")
 
@@ -66,10 +68,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     inputs = LoopInputs.from_config(config)
     cfg = inputs.cfg
     world = ray.train.get_context().get_world_size()
-    ipe = iters_per_epoch(cfg, inputs.num_images, world)
 
-    # resume point
-    point = resume_point(ray.train.get_checkpoint(), inputs.storage, cfg.train.name, ipe)
+    # resume point, and the run's images per epoch and schedules at this world size
+    point = resume_point(
+        ray.train.get_checkpoint(), inputs.storage, cfg.train.name, inputs.num_images
+    )
+    clock = run_clock(cfg, inputs.num_images, world, point.saved if point else None)
+    ipe = clock.iters_per_epoch
 
     # data: its actors start (seconds each) while the networks are built
     batches = BatchStream(
@@ -78,15 +83,17 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         cfg,
         rows_per_epoch=ipe * cfg.train.batch_size_per_worker * world,
     )
-    first_epoch = point.global_step // ipe if point else 0
+    first_epoch = resume_step(point.saved, clock) // ipe if point else 0
     if first_epoch < cfg.train.epochs:  # a restart after the last report trains nothing
         batches.start(first_epoch)
 
     # setup
     if inputs.teacher_weights is not None:  # dino-ray distill: a frozen teacher, a student
-        state = setup_distill(cfg, inputs.num_images, inputs.init_weights, inputs.teacher_weights)
+        state = setup_distill(
+            cfg, inputs.num_images, inputs.init_weights, inputs.teacher_weights, clock=clock
+        )
     else:
-        state = setup(cfg, inputs.num_images, inputs.init_weights)
+        state = setup(cfg, inputs.num_images, inputs.init_weights, clock=clock)
 
     # resume
     resume(state, point)
@@ -103,8 +110,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         with_baselines=state.start_step == 0,
         metrics_queue=inputs.metrics_queue,
     )
+    watch = PreemptionWatch()
     for epoch in range(state.global_step // state.ipe, cfg.train.epochs):
-        outcome = train_one_epoch(state, batches, epoch, stopping, inputs)
+        outcome = train_one_epoch(state, batches, epoch, stopping, inputs, watch)
         end_epoch(state, epoch, outcome, inputs, knn, stopping)
         if outcome.stopped or outcome.dry:
             break
@@ -119,10 +127,12 @@ def train_one_epoch(
     epoch: int,
     stopping: StopConditions,
     inputs: LoopInputs,
+    watch: PreemptionWatch | None = None,
 ) -> EpochOutcome:
     """Up to ``ipe`` DINO steps of ``epoch``, advancing ``state.global_step``; steps done before
     the checkpoint this attempt resumed from are read from the stream but not trained again.
-    Returns early, with the reason, when all ranks agree to stop."""
+    Returns early, with the reason, when all ranks agree to stop. ``watch``: a preemption
+    notice is answered with a checkpoint of the step (``pipeline.train.preemption``)."""
     tc = state.cfg.train
     batches.begin_epoch(epoch)
     torch.manual_seed(tc.seed * 100_003 + state.rank * 1009 + epoch)  # drop-path etc., per rank
@@ -159,6 +169,8 @@ def train_one_epoch(
                 metrics_queue=inputs.metrics_queue,
             )
             meter.report_s += time.perf_counter() - t_report
+        if watch is not None:
+            watch.check(state, epoch, inputs.metrics_queue)
     return EpochOutcome(meter)
 
 

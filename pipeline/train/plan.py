@@ -31,8 +31,8 @@ from pipeline.data.resources import ResourcePlan, plan_from_config
 from pipeline.data.sources import Corpus
 from pipeline.data.split import split_indices
 from pipeline.preflight import train_worker_bundle
+from pipeline.train.elastic import checkpoint_layout, run_clock, worker_range
 from pipeline.train.rerun import resumable_step
-from pipeline.train.worker_state import iters_per_epoch
 
 progress_log = logging.getLogger("dino_ray.progress")
 
@@ -95,7 +95,10 @@ def plan_run(
     resources = None
     if train_data is None:
         train_data, resources = _train_dataset(cfg, corpus)
-    ipe = iters_per_epoch(cfg, train_data.num_images, tc.num_workers)
+    # the run's reference layout (its steps: checkpoints, progress), carried by its checkpoints
+    layout = checkpoint_layout(storage, tc.name)
+    clock = run_clock(cfg, train_data.num_images, worker_range(cfg)[1], layout)
+    ipe = clock.ref_iters_per_epoch
     start_step = resumable_step(cfg, storage, ipe)
     worker = train_worker_bundle(cfg, view)  # what one Train worker asks for
     _request_nodes(cfg, view, worker, resources)
@@ -147,12 +150,14 @@ def _say_plan(cfg: DinoConfig, ipe: int, start_step: int) -> None:
             tc.epochs,
         )
     progress_log.info(
-        "%s: %d epochs x %d steps of %d images on %d worker(s)%s",
+        "%s: %d epochs x %d steps of %d images on %s worker(s)%s",
         tc.name,
         tc.epochs,
         ipe,
-        tc.batch_size_per_worker * tc.num_workers,
-        tc.num_workers,
+        tc.batch_size_per_worker * tc.max_workers,
+        tc.max_workers
+        if tc.min_workers == tc.max_workers
+        else f"{tc.min_workers} to {tc.max_workers}",
         f", continuing from step {start_step}" if start_step else "",
     )
 
@@ -164,8 +169,9 @@ def _request_nodes(
     cpus = resources.cpus_per_actor if resources else cfg.data.cpus_per_actor
     data_bundle = {"CPU": cpus, **({"data": cpus} if view.has_role("data") else {})}
     actors = resources.num_actors if resources else cfg.data.num_actors
+    # an elastic run asks for its max: it grows onto the nodes as they come
     request_nodes(
-        [worker] * cfg.train.num_workers + [data_bundle] * actors, view, run=cfg.train.name
+        [worker] * cfg.train.max_workers + [data_bundle] * actors, view, run=cfg.train.name
     )
 
 

@@ -43,13 +43,13 @@ def report_step(
     m = mean_over_ranks({k: step_metrics[k] for k in AVERAGED if k in step_metrics})
     if state.rank != 0:
         return
-    mode = collapse_check(result.stats, where=f"step {state.global_step}")
+    mode = collapse_check(result.stats, where=f"step {state.run_step}")
     m.update(state.schedules.at(state.global_step - 1).metrics())
     step_s = max(wait_s + compute_s, 1e-9)
     m.update(
         kind="step",
         epoch=epoch,
-        step=state.global_step,
+        step=state.run_step,
         collapse=mode or "none",
         images_per_s=images * state.world / step_s,
         data_wait_fraction=wait_s / step_s,
@@ -65,7 +65,8 @@ def epoch_summary(
     summary.update(
         kind="epoch",
         epoch=epoch,
-        step=state.global_step,
+        step=state.run_step,
+        images_seen=state.clock.images_at(state.global_step) if state.clock else None,
         backend=state.backend,
         world_size=state.world,
         iters_per_epoch=state.ipe,
@@ -98,17 +99,18 @@ def report_epoch(
             center=state.loss_fn.center,
             optimizer=state.optimizer,
             epoch=state.global_step // state.ipe,
-            global_step=state.global_step,
-            iters_per_epoch=state.ipe,
+            global_step=state.run_step,  # the reference layout's: in order at every size
+            iters_per_epoch=state.clock.ref_iters_per_epoch if state.clock else state.ipe,
             cfg=state.cfg,
             metrics=summary,
             scaler=state.scaler,
             ibot_center=state.ibot_loss.center if state.ibot_loss is not None else None,
+            position=state.clock.position(state.global_step) if state.clock else None,
         )
         ray.train.report(
             summary,
             checkpoint=ray.train.Checkpoint.from_directory(d),
-            checkpoint_dir_name=f"checkpoint_step_{state.global_step:08d}",
+            checkpoint_dir_name=f"checkpoint_step_{state.run_step:08d}",
         )
 
 

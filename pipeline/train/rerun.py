@@ -35,7 +35,10 @@ OPERATIONAL = {
         "storage_path",
         "shared_filesystem",
         "epochs",
+        "num_workers",  # epochs and schedules count images: any size continues the run
+        "elastic_resize_s",
         "max_failures",
+        "max_preemptions",
         "use_gpu",
         "cpus_per_worker",
         "max_wall_seconds",
@@ -123,7 +126,8 @@ FINISHED_FILE = "finished.json"  # in the run directory: the end of the run (eva
 
 def resumable_step(cfg: DinoConfig, storage: str, ipe: int) -> int:
     """The global step a rerun continues from (0 for a new run). A run directory whose newest
-    checkpoint has another iterations-per-epoch, or that already finished ``train.epochs`` and
+    checkpoint (one written before epochs were counted in images) has another
+    iterations-per-epoch, or that already finished ``train.epochs`` and
     its end-of-run evaluation, is refused here: the workers would fail on it (or train nothing).
     A run that trained all its epochs but whose driver died before the end of the run (the final
     evaluation, the closed MLflow run) continues at its last step: only that end is done."""

@@ -25,17 +25,18 @@ class ResumePoint:
         return int(self.saved["global_step"])
 
 
-def resume_point(ckpt, storage: str | None, name: str, ipe: int) -> ResumePoint | None:
+def resume_point(ckpt, storage: str | None, name: str, num_images: int) -> ResumePoint | None:
     """The newest checkpoint of the run (``resume_state``), or None for a new run;
-    ``ResumeMismatchError`` when it had other steps per epoch than ``ipe``."""
+    ``ResumeMismatchError`` when its epochs hold more images than the corpus has now. The world
+    size may differ: the run's epochs and schedules are counted in images
+    (``pipeline.train.elastic``)."""
     saved, source = resume_state(ckpt, storage, name)
     if saved is None:
         return None
-    if int(saved["iters_per_epoch"]) != ipe:
+    if int(saved.get("epoch_images", 0)) > num_images:
         raise ResumeMismatchError(
-            f"checkpoint has {saved['iters_per_epoch']} iterations per "
-            f"epoch, this run {ipe}: resume with the same batch size, "
-            "workers and data"
+            f"checkpoint has epochs of {saved['epoch_images']} images, the corpus now "
+            f"{num_images}: resume with the same data"
         )
     return ResumePoint(saved, source)
 

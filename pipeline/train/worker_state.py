@@ -18,34 +18,21 @@ from safetensors.torch import load as load_safetensors
 
 from dino_model import DINOLoss
 from dino_model.ibot_loss import IBOTPatchLoss
+from dino_model.image_clock import ImageClock, ImageSchedules, batch_lr
 from dino_model.init_weights import apply_init
 from dino_model.model import unwrap
 from dino_model.optim import build_optimizer
 from dino_model.param_groups import dinov2_param_groups
 from dino_model.precision import resolve_precision
-from dino_model.schedules import Schedules, build_schedules, scaled_lr
+from dino_model.schedules import build_schedules
 from dino_model.sync_bn import convert_sync_batchnorm, has_batchnorm
 from pipeline.checkpoints import build_models
 from pipeline.config import DinoConfig
 from pipeline.data.contract import TrainData
+from pipeline.train.elastic import resume_step, run_clock
 from pipeline.train.resume_point import ResumePoint
 
 log = logging.getLogger("dino_ray.train")
-
-
-def iters_per_epoch(cfg: DinoConfig, num_images: int, world_size: int) -> int:
-    """Steps per epoch: the full global batches in ``num_images`` (at most
-    ``train.max_steps_per_epoch``); ValueError when not one fits."""
-    global_batch = cfg.train.batch_size_per_worker * world_size
-    iters = num_images // global_batch
-    if cfg.train.max_steps_per_epoch:
-        iters = min(iters, cfg.train.max_steps_per_epoch)
-    if iters < 1:
-        raise ValueError(
-            f"train.batch_size_per_worker x num_workers = {global_batch} exceeds the "
-            f"{num_images} images of the corpus: no full step per epoch"
-        )
-    return iters
 
 
 @dataclass
@@ -95,12 +82,19 @@ class TrainState:
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler | None  # fp16 only
     autocast_dtype: torch.dtype | None  # None: the forward runs in fp32
-    schedules: Schedules  # lr, weight decay, teacher momentum and temperature per global step
+    schedules: ImageSchedules  # lr, wd, teacher momentum and temperature per global step
     ipe: int  # iterations (steps) per epoch
     backend: str  # torch.distributed backend, "none" without a process group
     start_step: int = 0  # where this attempt started: > 0 after a resume
-    global_step: int = 0  # optimizer steps done
+    global_step: int = 0  # optimizer steps done (at this world size: see ``clock``)
+    clock: ImageClock | None = None  # steps <-> images seen (None: only in hand-built states)
     distill: Any = None  # dino-ray distill: pipeline.train.distill_setup.DistillParts, else None
+
+    @property
+    def run_step(self) -> int:
+        """``global_step`` on the run's reference layout (checkpoints, metrics): the same at
+        every world size for the same images seen."""
+        return self.clock.run_step(self.global_step) if self.clock else self.global_step
 
     @property
     def global_batch(self) -> int:
@@ -110,10 +104,13 @@ class TrainState:
 # --- setup and resume ---------------------------------------------------------------------------
 
 
-def setup(cfg: DinoConfig, num_images: int, init_weights=None) -> TrainState:
+def setup(
+    cfg: DinoConfig, num_images: int, init_weights=None, clock: ImageClock | None = None
+) -> TrainState:
     """Student, teacher, loss, optimizer and schedules of this worker, on its device, at step 0.
 
-    ``num_images``: the corpus size, which with the world size sets the steps per epoch.
+    ``num_images``: the corpus size, which with the world size sets the steps per epoch;
+    ``clock``: the run's epoch and schedules counted in images (default: a new run's).
     ``init_weights``: ``model.init_from``'s backbone (an ObjectRef of safetensors bytes, checked
     on the driver), the first weights of the student's and the teacher's backbones."""
     tc = cfg.train
@@ -126,8 +123,9 @@ def setup(cfg: DinoConfig, num_images: int, init_weights=None) -> TrainState:
         torch.set_num_threads(max(1, int(tc.cpus_per_worker)))
     student, teacher = build_networks(cfg, world, device, init_weights)
     loss_fn, ibot_loss = build_losses(cfg)
-    ipe = iters_per_epoch(cfg, num_images, world)
-    schedules = run_schedules(cfg, ipe, global_batch=tc.batch_size_per_worker * world)
+    clock = clock or run_clock(cfg, num_images, world)
+    ipe = clock.iters_per_epoch
+    schedules = run_schedules(cfg, clock)
     # DDP for the student only; the EMA teacher just lives on the device
     student = ray.train.torch.prepare_model(student)
     teacher.to(device)
@@ -153,6 +151,7 @@ def setup(cfg: DinoConfig, num_images: int, init_weights=None) -> TrainState:
         schedules=schedules,
         ipe=ipe,
         backend=backend,
+        clock=clock,
     )
 
 
@@ -206,11 +205,13 @@ def build_networks(
     return student, teacher
 
 
-def run_schedules(cfg: DinoConfig, ipe: int, *, global_batch: int) -> Schedules:
-    """The official DINO per-step schedules; the lr is scaled linearly with ``global_batch``."""
+def run_schedules(cfg: DinoConfig, clock: ImageClock) -> ImageSchedules:
+    """The official DINO per-step schedules laid out for the clock's reference global batch and
+    read by images seen; the lr follows this size's global batch by ``optim.lr_scaling``."""
     o, loss = cfg.optim, cfg.loss
-    return build_schedules(
-        lr=scaled_lr(o.lr, global_batch),
+    ref_lr = batch_lr(o.lr_scaling, o.lr, clock.ref_batch)
+    ref = build_schedules(
+        lr=ref_lr,
         min_lr=o.min_lr,
         warmup_epochs=o.warmup_epochs,
         weight_decay=o.weight_decay,
@@ -223,8 +224,10 @@ def run_schedules(cfg: DinoConfig, ipe: int, *, global_batch: int) -> Schedules:
         freeze_last_layer_epochs=o.freeze_last_layer_epochs,
         freeze_backbone_epochs=o.freeze_backbone_epochs,
         epochs=cfg.train.epochs,
-        iters_per_epoch=ipe,
+        iters_per_epoch=clock.ref_iters_per_epoch,
     )
+    lr = batch_lr(o.lr_scaling, o.lr, clock.global_batch)
+    return ImageSchedules(ref, clock, 1.0 if lr == ref_lr else lr / ref_lr)
 
 
 def resume(state: TrainState, point: ResumePoint | None) -> None:
@@ -242,7 +245,7 @@ def resume(state: TrainState, point: ResumePoint | None) -> None:
     state.optimizer.load_state_dict(saved["optimizer"])
     if state.scaler is not None and saved.get("scaler"):  # {} / None: saved without fp16
         state.scaler.load_state_dict(saved["scaler"])
-    state.start_step = state.global_step = point.global_step
+    state.start_step = state.global_step = resume_step(saved, state.clock)
     if state.rank == 0:
         log.warning(
             "resuming from %s at global step %d (epoch %d)",

@@ -17,10 +17,11 @@ DRIVER_RESOURCES = {"CPU": 0.1}  # one Tune trial = one Ray Train driver process
 
 def trial_cpus(cfg: DinoConfig) -> float:
     """CPUs one trial holds: its train workers + its data actors + the read tasks, plus the
-    trial driver itself (0: it only waits)."""
+    trial driver itself (0: it only waits). An elastic trial counts its min workers: it starts
+    with them and grows into what finished trials leave free."""
     t, d = cfg.train, cfg.data
     return (
-        t.num_workers * t.cpus_per_worker
+        t.min_workers * t.cpus_per_worker
         + d.num_actors * d.cpus_per_actor
         + DATA_CPUS_ON_HEAD
         + DRIVER_RESOURCES["CPU"]
@@ -36,7 +37,7 @@ def concurrent_trials(cfg: DinoConfig, cluster: dict[str, float] | None = None) 
         cluster = {"CPU": view.max_total("CPU"), "GPU": view.max_total("GPU")}
     fits = max(1, int(math.floor(float(cluster.get("CPU", 1)) / trial_cpus(cfg))))
     if cfg.train.use_gpu:
-        fits = min(fits, max(1, int(float(cluster.get("GPU", 0)) // cfg.train.num_workers)))
+        fits = min(fits, max(1, int(float(cluster.get("GPU", 0)) // cfg.train.min_workers)))
     if cfg.tune.max_concurrent_trials:
         fits = min(fits, cfg.tune.max_concurrent_trials)
     return max(1, min(fits, total_trials(cfg)))
