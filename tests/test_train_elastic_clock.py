@@ -14,7 +14,7 @@ from pipeline.checkpoints import save_checkpoint
 from pipeline.config import ConfigError, DinoConfig
 from pipeline.train.elastic import checkpoint_layout, resume_step, run_clock
 from pipeline.train.rerun import check_rerun, resumable_step
-from pipeline.train.worker_state import _schedules
+from pipeline.train.worker_state import run_schedules
 
 # a run whose every schedule moves: warm-ups, freeze, teacher temperature ramp; 100 images do
 # not divide into global batches of 8 (a remainder is dropped) and max_steps_per_epoch is unset
@@ -51,8 +51,8 @@ def _values(schedules, step: int) -> dict:
 @pytest.mark.parametrize("rule,ratio", [("linear", 0.5), ("sqrt", math.sqrt(0.5))])
 def test_schedules_at_the_same_image_count_are_equal_for_1_and_2_workers(rule, ratio):
     cfg = _cfg(**{"train.num_workers": 2, "optim.lr_scaling": rule})
-    two = _schedules(cfg, run_clock(cfg, NUM_IMAGES, 2))
-    one = _schedules(cfg, run_clock(cfg, NUM_IMAGES, 1))
+    two = run_schedules(cfg, run_clock(cfg, NUM_IMAGES, 2))
+    one = run_schedules(cfg, run_clock(cfg, NUM_IMAGES, 1))
     c1, c2 = one.clock, two.clock
     assert c1.epoch_images == c2.epoch_images == 96  # 12 steps of 8 / 24 steps of 4
     assert c1.iters_per_epoch == 2 * c2.iters_per_epoch
@@ -71,7 +71,7 @@ def test_schedules_at_the_same_image_count_are_equal_for_1_and_2_workers(rule, r
 
 def test_a_fixed_size_run_reads_the_per_step_schedules_it_always_had():
     cfg = _cfg(**{"train.num_workers": 2})
-    s = _schedules(cfg, run_clock(cfg, NUM_IMAGES, 2))
+    s = run_schedules(cfg, run_clock(cfg, NUM_IMAGES, 2))
     ipe = NUM_IMAGES // 8
     o, loss = cfg.optim, cfg.loss
     before = build_schedules(
@@ -97,11 +97,11 @@ def test_a_fixed_size_run_reads_the_per_step_schedules_it_always_had():
 
 def test_a_run_resized_mid_way_ends_its_schedule_at_the_same_image_count():
     cfg = _cfg(**{"train.num_workers": 2})
-    two = _schedules(cfg, run_clock(cfg, NUM_IMAGES, 2))
+    two = run_schedules(cfg, run_clock(cfg, NUM_IMAGES, 2))
     # two epochs on 2 workers, a checkpoint, the rest on 1 worker
     c2 = two.clock
     saved = {"global_step": c2.run_step(2 * c2.iters_per_epoch), **c2.position(2 * 12)}
-    one = _schedules(cfg, run_clock(cfg, NUM_IMAGES, 1, saved))
+    one = run_schedules(cfg, run_clock(cfg, NUM_IMAGES, 1, saved))
     c1 = one.clock
     start = resume_step(saved, c1)
     assert start == 2 * c1.iters_per_epoch  # epoch 2, step 0 at the new size

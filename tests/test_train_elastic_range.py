@@ -64,7 +64,9 @@ def test_the_data_plan_keeps_the_max_workers_cpus_and_a_sweep_counts_the_min():
 
 def test_the_autoscaler_is_asked_for_the_max(monkeypatch):
     asked = []
-    monkeypatch.setattr(plan_module, "request_nodes", lambda bundles, view: asked.append(bundles))
+    monkeypatch.setattr(
+        plan_module, "request_nodes", lambda bundles, view, run=None: asked.append(bundles)
+    )
     view = ClusterView.from_nodes([HEAD], [NodeType("train", {"CPU": 8.0, "train": 1.0}, 4)])
     worker = {"CPU": 1.0, "train": 1.0}
     plan_module._request_nodes(
