@@ -60,7 +60,11 @@ def main() -> int:
     from pipeline.ray_runtime import ensure_ray
 
     ensure_ray()
-    runs = [bench_one(path, args) for path in configs]
+    runs = []
+    for path in configs:
+        runs.append(bench_one(path, args))
+        if len(configs) > 1:  # each recipe's figures as soon as they exist (a later one may fail)
+            print(json.dumps({"partial": runs[-1]}, default=str), flush=True)
     out = runs[0] if len(runs) == 1 else {"runs": runs, "machine": _machine()}
     out["command"] = command_line()
     print(json.dumps(out, default=str))
