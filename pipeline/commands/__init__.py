@@ -24,6 +24,15 @@ class CommandFailed(RuntimeError):
     """The command ran and did not succeed (exit 1): the message says what happened."""
 
 
+def add_address_argument(parser: argparse.ArgumentParser) -> None:
+    """``--address``: the Ray cluster a command that runs Ray work joins."""
+    parser.add_argument(
+        "--address",
+        default=None,
+        help="Ray cluster to join (default: $RAY_ADDRESS, else an embedded Ray)",
+    )
+
+
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", "-c", help="YAML config file (see configs/)")
     parser.add_argument(

@@ -3,16 +3,12 @@
 import argparse
 import json
 
-from pipeline.commands import add_config_arguments
+from pipeline.commands import add_address_argument, add_config_arguments
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(parser)
-    parser.add_argument(
-        "--address",
-        default=None,
-        help="Ray cluster to join (default: $RAY_ADDRESS, else an embedded Ray)",
-    )
+    add_address_argument(parser)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -10,16 +10,12 @@ from __future__ import annotations
 
 import argparse
 
-from pipeline.commands import CommandFailed, add_config_arguments
+from pipeline.commands import CommandFailed, add_address_argument, add_config_arguments
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(parser)
-    parser.add_argument(
-        "--address",
-        default=None,
-        help="Ray cluster to join (default: $RAY_ADDRESS, else an embedded Ray)",
-    )
+    add_address_argument(parser)
     parser.add_argument("--name", help="sweep name (default <train.name>-sweep-<time>)")
     parser.add_argument(
         "--results-dir", help="also write <sweep>.csv/.png/.md here (e.g. bench/results)"
