@@ -8,6 +8,7 @@ from pipeline.demo import run_demo
 
 
 @pytest.mark.ray
+@pytest.mark.slow  # one Ray Train run with evaluation and registry: ~110 s of `make test`'s 8 min
 def test_demo_runs_end_to_end(ray_session, tmp_path, capsys, mlflow_sqlite):
     # the demo's SQLite store, its schema copied (conftest.mlflow_sqlite), not migrated: 5-12 s
     uri = mlflow_sqlite(tmp_path / "mlflow.db")
