@@ -4,10 +4,13 @@ same student trained from scratch by DINO for the same wall-clock time.
     python bench/distill.py --teacher-minutes 4 --minutes 3 \
         [--train ../shared/data/cifar10/train --test ../shared/data/cifar10/test] \
         [--student-arch test_vit --student-patch 4] [--eval-limit 5000] [--out FILE]
+        [--teacher CHECKPOINT]
 
 Three legs, one after the other on the same machine:
 
-1. teacher: DINO with ``configs/cifar10_cpu.yaml`` (timm's test_resnet) for ``--teacher-minutes``;
+1. teacher: DINO with ``configs/cifar10_cpu.yaml`` (timm's test_resnet) for ``--teacher-minutes``,
+   or the final checkpoint of such a run given as ``--teacher`` (for example the DINO leg of
+   ``bench/quality_cifar10.py``), which is then only evaluated;
 2. distilled: ``dino-ray distill`` of that teacher's final checkpoint into the student for
    ``--minutes`` (``pipeline.distill_run.run_distillation``);
 3. scratch: DINO with the same recipe on the same student for the same ``--minutes``.
@@ -37,6 +40,7 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--teacher-minutes", type=float, default=4.0)
     ap.add_argument("--minutes", type=float, default=3.0, help="each student leg's budget")
+    ap.add_argument("--teacher", help="a trained DINO checkpoint: skips training the teacher")
     ap.add_argument("--config", default=str(ROOT / "configs/cifar10_cpu.yaml"))
     ap.add_argument("--train", help="train split (default: the config's data.path)")
     ap.add_argument("--test", help="test split (default: the config's eval.test_path)")
@@ -120,7 +124,12 @@ def main() -> int:
     ensure_ray()
     load_before = os.getloadavg()
     teacher_cfg = cfg("teacher", args.teacher_minutes, ["tracking.registered_model=null"])
-    teacher = leg(run_training, teacher_cfg)
+    if args.teacher:
+        teacher = {"checkpoint": os.path.relpath(args.teacher), "trained_by": "given (--teacher)"}
+        teacher.update(figures(teacher_cfg, args.teacher))
+        teacher["checkpoint_abs"] = str(Path(args.teacher).resolve())
+    else:
+        teacher = leg(run_training, teacher_cfg)
     distill_cfg = cfg(
         "distilled", args.minutes, [*student, f"distill.teacher={teacher['checkpoint_abs']}"]
     )
@@ -138,7 +147,7 @@ def main() -> int:
             if distilled.get(k) is not None and scratch.get(k) is not None
         },
         "budget": {
-            "teacher_minutes": args.teacher_minutes,
+            "teacher_minutes": None if args.teacher else args.teacher_minutes,
             "student_minutes_each": args.minutes,
             "eval_limit_per_set": args.eval_limit,
             "headline_k": teacher_cfg.eval.headline_k,

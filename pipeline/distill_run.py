@@ -30,6 +30,7 @@ from pipeline.preflight import check_config
 from pipeline.registry.distill_teacher import resolve_teacher
 from pipeline.registry.init_from import resolve_init
 from pipeline.registry.register import register_teacher
+from pipeline.train.distill_teacher import DIGEST_KEY, weights_digest
 from pipeline.train.trainer import MetricsHook, TrainingResult, fit
 
 log = logging.getLogger("dino_ray.distill")
@@ -90,6 +91,7 @@ def run_distillation(
     init = resolve_init(cfg)  # the student may start from released weights too
     teacher = resolve_teacher(cfg)
     lineage = teacher.spec.lineage
+    digest = weights_digest(teacher.state)
     log.info(
         "distilling %s (%s, %d-d) into %s%s",
         teacher.spec.source,
@@ -112,7 +114,7 @@ def run_distillation(
     )
     version = None
     if cfg.tracking.enabled and result.mlflow_run_id is not None:
-        _log_lineage(cfg, result.mlflow_run_id, lineage)
+        _log_lineage(cfg, result.mlflow_run_id, {LINEAGE_PARAM: lineage, DIGEST_KEY: digest})
         if cfg.distill.registered_model and result.checkpoint_path:
             version = register_teacher(
                 result.checkpoint_path,
@@ -120,7 +122,11 @@ def run_distillation(
                 metrics=result.metrics,
                 run_id=result.mlflow_run_id,
                 name=cfg.distill.registered_model,
-                extra_tags={LINEAGE_PARAM: lineage, SOURCE_TAG: teacher.spec.source},
+                extra_tags={
+                    LINEAGE_PARAM: lineage,
+                    SOURCE_TAG: teacher.spec.source,
+                    DIGEST_KEY: digest,
+                },
             )
             log.info(
                 "registered the student as %s version %d (teacher: %s)",
@@ -131,12 +137,15 @@ def run_distillation(
     return DistillResult(result, lineage, version)
 
 
-def _log_lineage(cfg: DinoConfig, run_id: str, lineage: str) -> None:
-    """The teacher's version as a param of the run (``distill.teacher`` is one already, as
-    given: an alias moves, the version it meant today does not)."""
+def _log_lineage(cfg: DinoConfig, run_id: str, params: dict[str, str]) -> None:
+    """The teacher's version and the digest of the weights shipped as params of the run
+    (``distill.teacher`` is one already, as given: an alias moves, the version it meant today
+    does not; each checkpoint's meta holds the digest of the teacher the workers held)."""
     client = MlflowClient(tracking_uri=cfg.tracking.tracking_uri)
     try:
-        if LINEAGE_PARAM not in client.get_run(run_id).data.params:  # a rerun logged it
-            client.log_param(run_id, LINEAGE_PARAM, lineage)
+        logged = client.get_run(run_id).data.params
+        for key, value in params.items():
+            if key not in logged:  # a rerun logged it
+                client.log_param(run_id, key, value)
     except MlflowException as exc:  # the lineage is on the registered version's tags too
-        log.warning("could not log %s=%s: %s", LINEAGE_PARAM, lineage, exc)
+        log.warning("could not log %s: %s", params, exc)

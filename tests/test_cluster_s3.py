@@ -512,3 +512,102 @@ def test_train_and_data_nodes_lost_mid_run_the_job_resumes_from_s3_and_finishes(
         f"checkpointing again {recovered_s:.1f} s after the kill; data node lost at step "
         f"{step_at_data_loss}: job finished {time.monotonic() - t_data:.1f} s after that kill"
     )
+
+
+def test_distillation_submitted_to_the_cluster_survives_a_worker_death(
+    cluster, s3, corpus, mlflow_s3, tmp_path, monkeypatch, capsys
+):
+    """`dino-ray submit distill`: a tiny ViT registered on the MLflow server (artifacts in the
+    bucket) distilled into a `test_resnet` student by two Train workers on the train node; one
+    worker process is SIGKILLed once the first checkpoint is in the bucket and the job resumes
+    from it. Every checkpoint records the digest of the teacher the workers held, equal to the
+    registered weights' (the frozen teacher never moved); the student's k-NN beats its random
+    init; the student's run and registry version name the teacher's version."""
+    import signal
+
+    import torch
+    from mlflow import MlflowClient
+
+    from dino_model.backbone import build_backbone
+    from pipeline.checkpoints import read_meta
+    from pipeline.distill_run import LINEAGE_PARAM
+    from pipeline.registry import register_teacher
+    from pipeline.train.distill_teacher import DIGEST_KEY, weights_digest
+
+    # random weights of another seed stand for a trained teacher: the student learns them as well
+    torch.manual_seed(7)
+    teacher = build_backbone("test_vit", img_size=32, patch_size=4).eval()
+    version = register_teacher(
+        teacher,
+        tiny_config(corpus, "s3://dino/runs", "teacher"),
+        tracking_uri=mlflow_s3.uri,
+        name="tiny-teacher",
+        aliases=["prod"],
+    )
+    name, epochs = "distil", 4
+    cfg = _job_config(
+        tmp_path,
+        corpus,
+        name,
+        model__arch="test_resnet",
+        model__cifar_stem=True,
+        distill__teacher="models:/tiny-teacher@prod",
+        train__epochs=epochs,
+        train__max_steps_per_epoch=2,
+        train__max_failures=1,
+        data__limit=320,
+        eval__every_epochs=0,
+        eval__at_end=True,
+        eval__limit=None,
+        tracking__enabled=True,
+        tracking__tracking_uri=mlflow_s3.uri,
+        tracking__experiment="cluster-distill",
+    )
+    rc, out, sid, _ = _submit(
+        cluster, monkeypatch, capsys, "distill", "--config", str(cfg), "--no-wait"
+    )
+    assert rc == 0, out
+    wait_for(
+        lambda: _newest_step(s3, name) >= 2 or _job_status(cluster, sid) != "RUNNING",
+        "first checkpoint",
+        limit_s=600,
+        poll_s=0.5,
+    )
+    assert _job_status(cluster, sid) == "RUNNING", _job_logs(cluster, sid)[-6000:]
+    step_at_kill = _newest_step(s3, name)
+    job = _job_id(cluster, sid)
+    workers = [
+        a
+        for a in cluster.state("actors")
+        if a["job_id"] == job and a["class_name"] == "RayTrainWorker" and a["state"] == "ALIVE"
+    ]
+    assert len(workers) == 2, workers
+    os.kill(int(workers[0]["pid"]), signal.SIGKILL)  # a worker process dies, its node lives
+    status = _wait_for_end(cluster, sid)
+    logs = _job_logs(cluster, sid)
+    assert status == "SUCCEEDED", logs[-6000:]
+    assert set(re.findall(r"training attempt (\d+) failed", logs)) == {"1"}, logs[-6000:]
+    resumed = re.findall(rf"resuming from s3://dino/runs/{name}/checkpoint_step_(\d+)", logs)
+    assert resumed and int(resumed[0]) >= step_at_kill, logs[-6000:]
+    assert _newest_step(s3, name) == 2 * epochs
+
+    # the frozen teacher: at every checkpoint, before and after the death, the registered weights
+    shipped = weights_digest(teacher.state_dict())
+    checkpoints = _checkpoints(s3, name)
+    assert len(checkpoints) >= 2
+    for c in checkpoints:
+        assert read_meta(f"s3://dino/runs/{name}/{c}")[DIGEST_KEY] == shipped, c
+
+    # the student beats its random init; its run and version name the teacher's version
+    client = MlflowClient(tracking_uri=mlflow_s3.uri, registry_uri=mlflow_s3.uri)
+    experiment = client.get_experiment_by_name("cluster-distill").experiment_id
+    (run,) = client.search_runs([experiment], f"attributes.run_name = '{name}'")
+    m = run.data.metrics
+    assert m["knn_top1"] > m["knn_init_top1"], m
+    assert "linear_top1" in m and "linear_init_top1" in m
+    lineage = f"models:/tiny-teacher/{version}"
+    assert run.data.params[LINEAGE_PARAM] == lineage
+    assert run.data.params[DIGEST_KEY] == shipped
+    (student,) = client.search_model_versions("name = 'dino-student'")
+    assert student.run_id == run.info.run_id
+    assert student.tags[LINEAGE_PARAM] == lineage and student.tags["arch"] == "test_resnet"

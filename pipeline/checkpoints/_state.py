@@ -50,7 +50,10 @@ def save_checkpoint(
     scaler: torch.amp.GradScaler | None = None,
     ibot_center: torch.Tensor | None = None,
     position: dict[str, int] | None = None,
+    extra_meta: dict[str, Any] | None = None,
 ) -> Path:
+    """``state.pt`` (what resume reads), ``config.yaml`` (secrets masked) and ``meta.json``
+    (steps, figures, ``extra_meta``, the file sizes that tell a whole copy)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     state = {
@@ -74,6 +77,7 @@ def save_checkpoint(
         "iters_per_epoch": int(iters_per_epoch),
         **(position or {}),
         "metrics": {k: v for k, v in (metrics or {}).items() if _jsonable(v)},
+        **(extra_meta or {}),
         # Ray Train persists the directory file by file (pyarrow copy_files): a reader tells
         # a finished copy from one in flight by these sizes (``newest_checkpoint``)
         "file_sizes": {f: (directory / f).stat().st_size for f in (STATE_FILE, CONFIG_FILE)},

@@ -8,6 +8,7 @@ loaded strictly: nothing is unpickled (safetensors only), so a blob cannot run c
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import asdict, dataclass
 
@@ -19,6 +20,7 @@ from safetensors.torch import save as save_safetensors
 from dino_model.backbone import build_backbone
 
 SPEC_KEY = "distill_teacher"
+DIGEST_KEY = "distill_teacher_sha256"  # the run's param, each checkpoint's meta, the version's tag
 
 
 @dataclass(frozen=True)
@@ -60,6 +62,18 @@ def unpack(blob: bytes) -> tuple[nn.Module, TeacherSpec]:
     for p in backbone.parameters():
         p.requires_grad = False
     return backbone, spec
+
+
+def weights_digest(state: dict[str, torch.Tensor]) -> str:
+    """sha256 of a state dict (names, dtypes, shapes and bytes, in name order): the driver logs
+    the teacher's as it ships it, each checkpoint records the teacher's the workers hold at that
+    step, so anyone can check that the frozen teacher never moved. Hashes ~1 GB/s of weights."""
+    h = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name].detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def _metadata(blob: bytes) -> dict[str, str]:

@@ -20,6 +20,7 @@ from pipeline.config import DinoConfig
 from pipeline.data.contract import DataStatistics, SkipCounting, TrainData
 from pipeline.data.quality import check_skip_share
 from pipeline.train.collectives import mean_over_ranks
+from pipeline.train.distill_teacher import DIGEST_KEY, weights_digest
 from pipeline.train.metrics import AVERAGED, EpochOutcome, collapse_check, finite
 from pipeline.train.worker_state import TrainState
 
@@ -106,6 +107,7 @@ def report_epoch(
             scaler=state.scaler,
             ibot_center=state.ibot_loss.center if state.ibot_loss is not None else None,
             position=state.clock.position(state.global_step) if state.clock else None,
+            extra_meta=_distill_meta(state),
         )
         ray.train.report(
             summary,
@@ -143,3 +145,11 @@ def send_to_driver(q, metrics: dict) -> None:
         q.put_nowait(metrics)
     except (Full, RayError) as exc:  # a full or gone queue never stalls training
         log.warning("step %s metrics not sent to the driver: %r", metrics.get("step"), exc)
+
+
+def _distill_meta(state: TrainState) -> dict[str, Any] | None:
+    """A distillation's checkpoint records the digest of the frozen teacher the workers hold at
+    that step: equal to the one the driver shipped (the run's MLflow param) when it never moved."""
+    if state.distill is None:
+        return None
+    return {DIGEST_KEY: weights_digest(state.distill.teacher.state_dict())}
