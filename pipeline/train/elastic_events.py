@@ -1,6 +1,11 @@
 """What the driver makes of an elastic run's metrics: each resize (the world size of an epoch
 report differs from the last one's) and each preemption notice, logged and sent to MLflow at the
-run's step (``resizes``, ``world_size_from``, ``world_size_to``; ``preemption_notices``)."""
+run's step (``resizes``, ``world_size_from``, ``world_size_to``, ``images_lost``;
+``preemption_notices``).
+
+The images lost at a resize are those the old worker group trained after the checkpoint the new
+one resumed from (trained again): the highest image count the old group reported, step or epoch,
+less the new group's ``attempt_start_images``."""
 
 from __future__ import annotations
 
@@ -21,6 +26,7 @@ class ElasticEvents:
         self.tracker = tracker
         self.world: int | None = None  # the world size of the last epoch or notice seen
         self.resizes = 0
+        self.reached: dict[int, int] = {}  # per world size: the most images a report counted
         self.notices: set[Any] = set()  # steps with a notice (each one arrives twice)
         self.notice_until: float | None = None  # monotonic time until which a death is the
         # noticed node's end (a notice's deadline + a grace), None: no notice
@@ -31,6 +37,9 @@ class ElasticEvents:
             self._notice(m)
         elif kind == "epoch" and "world_size" in m:
             self._epoch(m)
+        if m.get("world_size") is not None and m.get("images_seen") is not None:
+            world = int(m["world_size"])
+            self.reached[world] = max(self.reached.get(world, 0), int(m["images_seen"]))
 
     def take_notice(self) -> bool:
         """Whether the attempt that just ended had a preemption notice whose deadline (and a
@@ -60,11 +69,14 @@ class ElasticEvents:
         world = int(m["world_size"])
         if self.world is not None and world != self.world:
             self.resizes += 1
+            lost = self._images_lost(m)
             log.warning(
-                "resized from %d to %d worker(s) (resize %d): global batch %s, lr %s",
+                "resized from %d to %d worker(s) (resize %d): %s images trained again, "
+                "global batch %s, lr %s",
                 self.world,
                 world,
                 self.resizes,
+                "?" if lost is None else lost,
                 m.get("global_batch"),
                 m.get("sched_lr"),
             )
@@ -73,7 +85,16 @@ class ElasticEvents:
                     "resizes": self.resizes,
                     "world_size_from": self.world,
                     "world_size_to": world,
+                    **({"images_lost": lost} if lost is not None else {}),
                 },
                 step=m.get("step"),
             )
         self.world = world
+
+    def _images_lost(self, m: dict[str, Any]) -> int | None:
+        """What the old group trained past the new group's starting point (None: a report
+        without image counts, from a run older than them)."""
+        start = m.get("attempt_start_images")
+        if start is None or self.world not in self.reached:
+            return None
+        return max(0, self.reached[self.world] - int(start))

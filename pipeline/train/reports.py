@@ -54,6 +54,8 @@ def report_step(
         collapse=mode or "none",
         images_per_s=images * state.world / step_s,
         data_wait_fraction=wait_s / step_s,
+        world_size=state.world,
+        images_seen=state.clock.images_at(state.global_step) if state.clock else None,
     )
     send_to_driver(metrics_queue, finite(m))
 
@@ -68,6 +70,8 @@ def epoch_summary(
         epoch=epoch,
         step=state.run_step,
         images_seen=state.clock.images_at(state.global_step) if state.clock else None,
+        # where this attempt began: the driver counts what a resize made the run train again
+        attempt_start_images=state.clock.images_at(state.start_step) if state.clock else None,
         backend=state.backend,
         world_size=state.world,
         iters_per_epoch=state.ipe,
