@@ -67,7 +67,9 @@ def unpack(blob: bytes) -> tuple[nn.Module, TeacherSpec]:
 def weights_digest(state: dict[str, torch.Tensor]) -> str:
     """sha256 of a state dict (names, dtypes, shapes and bytes, in name order): the driver logs
     the teacher's as it ships it, each checkpoint records the teacher's the workers hold at that
-    step, so anyone can check that the frozen teacher never moved. Hashes ~1 GB/s of weights."""
+    step, so anyone can check that the frozen teacher never moved. It hashes 0.6 GB/s on one CPU
+    core (measured on 256 MB of fp32): ~0.15 s for a ViT-S teacher's 88 MB at each checkpoint,
+    ~7 s for a ViT-g's 4.4 GB."""
     h = hashlib.sha256()
     for name in sorted(state):
         t = state[name].detach().cpu().contiguous()
