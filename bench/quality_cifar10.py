@@ -35,6 +35,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench._corpus import command_line  # noqa: E402
 
 
+def _without_machine_paths(result: dict) -> str:
+    """The JSON with this working directory's prefix dropped: the storage path and checkpoints
+    are absolute for the Ray workers (their working directory differs), not for the reader."""
+    return json.dumps(result, default=str).replace(os.getcwd() + os.sep, "")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--minutes", type=float, required=True, help="training wall-clock budget")
@@ -64,10 +70,10 @@ def main() -> int:
     for path in configs:
         runs.append(bench_one(path, args))
         if len(configs) > 1:  # each recipe's figures as soon as they exist (a later one may fail)
-            print(json.dumps({"partial": runs[-1]}, default=str), flush=True)
+            print(_without_machine_paths({"partial": runs[-1]}), flush=True)
     out = runs[0] if len(runs) == 1 else {"runs": runs, "machine": _machine()}
     out["command"] = command_line()
-    print(json.dumps(out, default=str))
+    print(_without_machine_paths(out))
     return 0
 
 
