@@ -75,12 +75,25 @@ def _maybe_die(
     os._exit(1)
 
 
-def inject_preemption(monkeypatch, *, notice_at_step: int):
+def inject_preemption(monkeypatch, *, notice_at_step: int, restart_workers: int | None = None):
     """Every Train worker of this test's runs gets a preemption notice (what
     ``ray.train.get_preemption_info`` returns when Ray sees a node drained) once the run reaches
     step ``notice_at_step`` (the run's step: ``TrainState.run_step``), in the attempt that
     started before it; the noticed rank (the last one) then exits at its next step, once per run
-    directory, as its node would be taken."""
+    directory, as its node would be taken. ``restart_workers``: the attempts after the first get
+    that many workers, as Ray's elastic restart does when the taken node's slot is gone (the
+    shared local Ray would place the old size again)."""
+    if restart_workers is not None:
+        real_build = pipeline.train.attempts.build_trainer
+        built = []
+
+        def build_trainer(cfg, *args, **kwargs):
+            if built:
+                cfg = cfg.with_overrides({"train.num_workers": restart_workers})
+            built.append(cfg)
+            return real_build(cfg, *args, **kwargs)
+
+        monkeypatch.setattr(pipeline.train.attempts, "build_trainer", build_trainer)
     real_loop = pipeline.train.loop.train_loop_per_worker
     monkeypatch.setattr(
         pipeline.train.attempts,

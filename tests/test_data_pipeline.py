@@ -14,7 +14,7 @@ from polling import wait_for
 
 from pipeline.config import AugmentConfig, DataConfig
 from pipeline.data.dataset import MultiCropStage, build_train_dataset
-from pipeline.data.datasource import CorpusDatasource
+from pipeline.data.datasource import CorpusDatasource, _ParquetUnit, image_ids
 from pipeline.data.eval_sets import build_eval_datasets
 from pipeline.data.sources import CorpusError, list_corpus
 from pipeline.data.state import DataHandle, stream_end
@@ -74,7 +74,8 @@ def test_every_good_image_once_per_epoch_and_bad_ones_counted(mixed_td):
     assert td.num_images == 60 + n_conv + n_bad and td.class_names == ["a", "b"]
     for epoch in (0, 1):
         out = _epoch(td, epoch)
-        assert set(out) == {"global_0", "global_1", "local_0", "label"}
+        assert set(out) == {"global_0", "global_1", "local_0", "label", "image_id", "epoch"}
+        assert (out["epoch"] == epoch).all()
         assert out["global_0"].shape == (60 + n_conv, 8, 8, 3) and out["global_0"].dtype == np.uint8
         assert out["local_0"].shape[1:] == (4, 4, 3) and out["label"].dtype == np.int64
         ids = [COLOR_TO_ID.get(tuple(int(v) for v in px)) for px in out["global_0"][:, 0, 0]]
@@ -109,6 +110,69 @@ def _signature(out: dict[str, np.ndarray]) -> list[str]:
         hashlib.md5(g0.tobytes() + l0.tobytes()).hexdigest()
         for g0, l0 in zip(out["global_0"], out["local_0"])
     )
+
+
+def test_a_resume_excludes_the_images_its_checkpoint_trained_from_those_epochs_only(
+    ray_session, mixed_tree, tmp_path, monkeypatch
+):
+    """``exclude_trained``: an epoch with records is cut to the run's whole epoch and streams
+    the rest of it, in its own order; other epochs are untouched; {} clears it. Files and
+    Parquet (whose tasks read no row group every row of which was trained)."""
+    handle = DataHandle()
+
+    def rows(src) -> list[tuple[int, str]]:
+        return [
+            (e, k)
+            for t in src.get_read_tasks(4)
+            for b in t()
+            for e, k in zip(b.column("epoch").to_pylist(), b.column("key").to_pylist())
+        ]
+
+    for src, epoch_images, cut in (
+        (
+            CorpusDatasource(list_corpus(str(mixed_tree)), seed=5, state=handle, rows_per_task=8),
+            40,
+            24,
+        ),
+        (
+            CorpusDatasource(
+                list_corpus(str(write_parquet(tmp_path / "pq", n_files=3, rows=10, row_group=4))),
+                seed=1,
+                state=handle,
+            ),
+            20,
+            16,
+        ),
+    ):
+        handle.exclude_trained(0, None)
+        handle.set_epoch(2, until=4)
+        whole = rows(src)
+        order = {e: [k for s, k in whole if s == e] for e in (2, 3)}
+        trained = (
+            order[2][:7] + order[2][30:33]
+        )  # a worker's first images, another's beyond the cut
+        ahead = order[3][:2]  # a worker already in the next epoch
+        handle.exclude_trained(epoch_images, {2: image_ids(trained), 3: image_ids(ahead)})
+        handle.set_epoch(2, until=5, rows_per_epoch=cut)
+        window = rows(src)
+        got = {e: [k for s, k in window if s == e] for e in (2, 3, 4)}
+        assert got[2] == [k for k in order[2][:epoch_images] if k not in trained]
+        assert got[3] == [k for k in order[3][:epoch_images] if k not in ahead]
+        handle.set_epoch(4)
+        assert got[4] == [k for _, k in rows(src)][:cut]  # no records: the size's cut
+        handle.exclude_trained(epoch_images, {2: image_ids(order[2])})  # all of it trained
+        handle.set_epoch(2)
+        reads = []
+        real_read = _ParquetUnit._read_group
+        monkeypatch.setattr(
+            _ParquetUnit,
+            "_read_group",
+            lambda self, g, cols: reads.append(g) or real_read(self, g, cols),
+        )
+        assert rows(src) == [] and reads == []
+        monkeypatch.undo()
+        handle.exclude_trained(epoch_images, {})
+        assert [k for _, k in rows(src)] == order[2]
 
 
 def test_crops_depend_on_seed_and_epoch_only(ray_session, digits_dir):
@@ -301,13 +365,16 @@ def test_missing_path_fails_before_any_worker(ray_session, tmp_path):
 
 
 class _Window:
-    """A stand-in for ``DataHandle``: a fixed epoch window."""
+    """A stand-in for ``DataHandle``: a fixed epoch window, nothing excluded."""
 
     def __init__(self, first: int, end: int) -> None:
         self.first, self.end = first, end
 
     def window(self) -> tuple[int, int, None]:
         return self.first, self.end, None
+
+    def exclusion(self) -> tuple[int, dict]:
+        return 0, {}
 
 
 def test_planning_is_lazy_and_the_listing_travels_by_reference(ray_session):

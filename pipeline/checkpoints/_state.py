@@ -23,6 +23,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn as nn
 import yaml
@@ -51,9 +52,11 @@ def save_checkpoint(
     ibot_center: torch.Tensor | None = None,
     position: dict[str, int] | None = None,
     extra_meta: dict[str, Any] | None = None,
+    trained_images: dict[int, np.ndarray] | None = None,
 ) -> Path:
     """``state.pt`` (what resume reads), ``config.yaml`` (secrets masked) and ``meta.json``
-    (steps, figures, ``extra_meta``, the file sizes that tell a whole copy)."""
+    (steps, figures, ``extra_meta``, the file sizes that tell a whole copy). ``trained_images``:
+    epoch -> the ids of the images trained in it (``pipeline.train.trained_images``)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     state = {
@@ -69,6 +72,10 @@ def save_checkpoint(
     }
     if ibot_center is not None:
         state["ibot_center"] = ibot_center.detach().cpu().clone()
+    if trained_images is not None:
+        state["trained_images"] = {
+            int(e): torch.from_numpy(np.asarray(ids, np.int64)) for e, ids in trained_images.items()
+        }
     torch.save(state, directory / STATE_FILE)
     (directory / CONFIG_FILE).write_text(cfg.to_yaml(redact=True))  # no secrets at rest
     meta = {

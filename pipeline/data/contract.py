@@ -44,6 +44,17 @@ class EpochStreaming(Protocol):
 
 
 @runtime_checkable
+class TrainedExcluding(Protocol):
+    """Exact resumes: the crops carry ``image_id`` and ``epoch`` columns, and
+    ``exclude_trained(epoch_images, {epoch: ids})`` makes the next iterations leave out of those
+    epochs the images a checkpoint had trained (each such epoch cut to ``epoch_images`` rows
+    first); None clears it."""
+
+    def exclude_trained(self, epoch_images: int, trained: dict[int, Any] | None) -> None:
+        """Exclude ``trained[e]`` (int64 image ids) from epoch ``e`` of the next iterations."""
+
+
+@runtime_checkable
 class SkipCounting(Protocol):
     """Counts of the images the data stage could not use."""
 

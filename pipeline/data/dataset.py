@@ -4,7 +4,9 @@ Train: ``CorpusDatasource`` (paths or encoded bytes, epoch-stamped, order permut
 -> ``map_batches(MultiCropStage)`` on a fixed ``ActorPoolStrategy`` pool, ``cpus_per_actor`` each.
 The actor reads/decodes/crops in one step, so only encoded bytes go in and only the small uint8
 crops come out of the object store. Output columns: ``global_0``, ``global_1``, ``local_0..``
-(uint8 NHWC) and ``label`` (int64) when the corpus is labelled.
+(uint8 NHWC), ``image_id`` and ``epoch`` (int64: which image of which epoch, what a checkpoint
+records of the images trained, ``pipeline.train.trained_images``) and ``label`` (int64) when the
+corpus is labelled.
 
 Randomness: the generator for an image is ``default_rng([seed, epoch, stable_hash(key)])``; the
 epoch comes from the row (see ``pipeline.data.state``), so crops are identical for the same
@@ -25,7 +27,7 @@ import ray
 
 from pipeline.config import AugmentConfig, DataConfig
 from pipeline.data.augment import GlobalMasks, MultiCrop, mask_columns, view_specs
-from pipeline.data.datasource import CorpusDatasource, stable_hash
+from pipeline.data.datasource import CorpusDatasource, image_ids, stable_hash
 from pipeline.data.decode import BadImage, read_bytes
 from pipeline.data.retry import TransientReadError
 from pipeline.data.sources import Corpus, list_corpus
@@ -104,6 +106,8 @@ class MultiCropStage:
             self.state.add(int(keep.sum()), dict(skipped), dict(converted), examples, wait=False)
         if self.masks is not None:
             out.update(zip(mask_columns(), masks))
+        out["image_id"] = image_ids(keys)
+        out["epoch"] = np.asarray(batch["epoch"], np.int64)
         if not keep.all():
             out = {k: v[keep] for k, v in out.items()}
         if self.with_label:
@@ -138,6 +142,11 @@ class TrainDataset:
         end = stream_end(epoch, until, rows_per_epoch or self.num_images, self.stream_rows)
         self.handle.set_epoch(epoch, end, rows_per_epoch)
         return end
+
+    def exclude_trained(self, epoch_images: int, trained: dict[int, np.ndarray] | None) -> None:
+        """From the next execution on, leave out of each epoch ``e`` of ``trained`` the images
+        trained before (``DataHandle.exclude_trained``); None clears it."""
+        self.handle.exclude_trained(epoch_images, trained)
 
     def skip_counts(self) -> dict[str, int]:
         """Cumulative reason -> number of images skipped since the dataset was built."""

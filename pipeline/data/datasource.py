@@ -14,6 +14,10 @@ The listing (and the train/val subset) go to the object store once and travel by
 pickling the datasource (``datasets=``, ``train_loop_config``) ships a reference, not the ~90 MB
 listing of ImageNet to every worker on every restart.
 
+A resumed run may exclude the images its checkpoint had trained (``DataState.exclude_trained``):
+such an epoch is cut to the run's whole epoch and its tasks drop the excluded keys before reading
+anything (``image_ids``).
+
 Rows carry no pixels: for image files a row is (path, label?, key, epoch) and the crop actor reads
 the bytes itself; for Parquet a read task reads a window of row groups' encoded bytes and labels
 and emits their rows interleaved in a seeded order. Full-resolution decoded images therefore never
@@ -42,6 +46,12 @@ from pipeline.data.sources import Corpus, to_class_index
 def stable_hash(key: str) -> int:
     """A process-independent 63-bit hash (Python's ``hash`` is salted per process)."""
     return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little") >> 1
+
+
+def image_ids(keys) -> np.ndarray:
+    """The ``stable_hash`` of each key as int64: an image's id in the crops (``image_id``) and in
+    the trained images a checkpoint records."""
+    return np.fromiter((stable_hash(str(k)) for k in keys), np.int64, count=len(keys))
 
 
 def epoch_order(n: int, seed: int, epoch: int, shuffle: bool = True) -> np.ndarray:
@@ -150,6 +160,16 @@ class CorpusDatasource(Datasource):
             return self.state.window()
         return self.fixed_epoch, self.fixed_epoch + 1, None
 
+    def epoch_cuts(self, first: int, end: int, rows_per_epoch: int | None):
+        """Per epoch of the window: ``(rows it is cut to, the ids it excludes or None)``. An
+        epoch with excluded images is cut to the run's whole epoch (every world size's cut is
+        a prefix of it, so every image trained before is inside)."""
+        epoch_images, excluded = self.state.exclusion() if self.state is not None else (0, {})
+        return {
+            e: (epoch_images, _Shared(excluded[e])) if e in excluded else (rows_per_epoch, None)
+            for e in range(first, end)
+        }
+
     # --- read tasks -----------------------------------------------------------------------------
     def get_read_tasks(
         self,
@@ -157,20 +177,18 @@ class CorpusDatasource(Datasource):
         per_task_row_limit: int | None = None,  # noqa: ARG002 - Ray Data's Datasource API
         data_context=None,  # noqa: ARG002 - Ray Data's Datasource API
     ) -> list[ReadTask]:
-        first, end, rows_per_epoch = self.current_window()
+        cuts = self.epoch_cuts(*self.current_window())
         if self.corpus.kind == "files":
-            return [
-                t
-                for e in range(first, end)
-                for t in self._file_tasks(parallelism, e, rows_per_epoch)
-            ]
+            return [t for e, cut in cuts.items() for t in self._file_tasks(parallelism, e, *cut)]
         layout = _ParquetLayout.of(self.entries, self._indices)
-        return [
-            t for e in range(first, end) for t in self._parquet_tasks(layout, e, rows_per_epoch)
-        ]
+        return [t for e, cut in cuts.items() for t in self._parquet_tasks(layout, e, *cut)]
 
     def _file_tasks(
-        self, parallelism: int, epoch: int, rows_per_epoch: int | None
+        self,
+        parallelism: int,
+        epoch: int,
+        rows_per_epoch: int | None,
+        excluded: _Shared | None = None,
     ) -> list[ReadTask]:
         n = min(self._num_rows, rows_per_epoch if rows_per_epoch is not None else self._num_rows)
         # at least one map batch per task (few tiny tasks), at most 64 (streaming granularity)
@@ -184,16 +202,20 @@ class CorpusDatasource(Datasource):
         for start in range(0, n, per_task):
             stop = min(n, start + per_task)
             meta = BlockMetadata(
-                num_rows=stop - start,
+                num_rows=stop - start if excluded is None else None,  # unknown before the read
                 size_bytes=(stop - start) * 100,
                 input_files=None,
                 exec_stats=None,
             )
-            tasks.append(ReadTask(_FileUnit(self._entries, order, start, stop), meta))
+            tasks.append(ReadTask(_FileUnit(self._entries, order, start, stop, excluded), meta))
         return tasks
 
     def _parquet_tasks(
-        self, layout: _ParquetLayout, epoch: int, rows_per_epoch: int | None
+        self,
+        layout: _ParquetLayout,
+        epoch: int,
+        rows_per_epoch: int | None,
+        excluded: _Shared | None = None,
     ) -> list[ReadTask]:
         """One read task per *window* of ``shuffle_window`` row groups drawn at random from all
         files (a fresh draw every epoch); the task reads its groups and emits the union of their
@@ -220,7 +242,7 @@ class CorpusDatasource(Datasource):
                 layout.unit_bytes[u] * layout.selected[u] / max(1, layout.counts[u]) for u in units
             )
             meta = BlockMetadata(
-                num_rows=take,
+                num_rows=take if excluded is None else None,  # unknown before the read
                 size_bytes=int(size * take / max(1, n)),
                 input_files=sorted({layout.paths[u] for u in units}),
                 exec_stats=None,
@@ -252,6 +274,7 @@ class CorpusDatasource(Datasource):
                         self.corpus.image_column,
                         self.corpus.label_column,
                         self.corpus.label_map,
+                        excluded,
                     ),
                     meta,
                 )
@@ -281,14 +304,25 @@ class _FileOrder:
 
 class _FileUnit:
     """Read function for image files: positions ``[start, stop)`` of the epoch's order over the
-    shared listing (no pixels: the crop actor reads the file)."""
+    shared listing, less the ``excluded`` ids (no pixels: the crop actor reads the file)."""
 
-    def __init__(self, entries: _Shared, order: _FileOrder, start: int, stop: int):
+    def __init__(
+        self,
+        entries: _Shared,
+        order: _FileOrder,
+        start: int,
+        stop: int,
+        excluded: _Shared | None = None,
+    ):
         self.entries, self.order, self.start, self.stop = entries, order, start, stop
+        self.excluded = excluded
 
     def __call__(self):
         table = self.entries.get()
         chunk = table.take(pa.array(self.order.rows()[self.start : self.stop]))
+        if self.excluded is not None:
+            trained = np.isin(image_ids(chunk.column("path").to_pylist()), self.excluded.get())
+            chunk = chunk.filter(pa.array(~trained))
         out = {
             "path": chunk.column("path"),
             "key": chunk.column("path"),
@@ -380,7 +414,9 @@ class _Group:
 class _ParquetUnit:
     """Read a window of row groups and emit ``take`` of their (subset) rows, in a seeded order
     drawn from ``order_seed`` (positions in the concatenation of the groups' rows; file order
-    when None): encoded bytes, label, stable key ``path#row``, epoch."""
+    when None), less the ``excluded`` ids: encoded bytes, label, stable key ``path#row``, epoch.
+    The rows are chosen from the keys before any read: a group none of whose rows is left is
+    not read."""
 
     def __init__(
         self,
@@ -393,26 +429,22 @@ class _ParquetUnit:
         image_column: str,
         label_column: str | None,
         label_map: tuple[list[int], list[int]] | None = None,
+        excluded: _Shared | None = None,
     ):
         self.fs, self.groups, self.subset, self.take = fs, groups, subset, take
         self.order_seed, self.epoch = order_seed, epoch
         self.image_column, self.label_column = image_column, label_column
         self.label_map = label_map  # stored label -> class index (Corpus.label_map)
+        self.excluded = excluded
 
     def __call__(self):
-        cols = [self.image_column] + ([self.label_column] if self.label_column else [])
         mask = None if self.subset is None else self.subset.mask()
-        parts, keys = [], []
+        rows_of, keys = [], []
         for g in self.groups:
             rows = np.arange(g.num_rows)
             if mask is not None:
                 rows = rows[mask[g.start : g.start + g.num_rows]]
-            # a transient storage error is retried; if it persists the read task fails (and the
-            # training attempt with it, which Ray Train retries): no row is ever dropped for it
-            group = read_retrying(
-                lambda g=g: self._read_group(g, cols), f"{g.path} row group {g.row_group}"
-            )
-            parts.append(group.take(pa.array(rows)))
+            rows_of.append(rows)
             keys += [f"{g.path}#{g.file_offset + int(r)}" for r in rows]
         n = len(keys)
         if self.order_seed is not None:
@@ -421,7 +453,15 @@ class _ParquetUnit:
         else:
             order = np.arange(n)
         order = order[: self.take]
-        table = pa.concat_tables(parts).take(pa.array(order))
+        if self.excluded is not None:
+            order = order[~np.isin(image_ids([keys[int(i)] for i in order]), self.excluded.get())]
+        if not order.size:  # every row of the window trained before: nothing is read
+            out = {"bytes": pa.array([], pa.large_binary()), "key": pa.array([], pa.string())}
+            out["epoch"] = pa.array([], pa.int64())
+            if self.label_column:
+                out["label"] = pa.array([], pa.int64())
+            return [pa.table(out)]
+        table = self._read_rows(rows_of, order)
         out = {
             "bytes": table.column(self.image_column).combine_chunks().cast(pa.large_binary()),
             "key": pa.array([keys[int(i)] for i in order], pa.string()),
@@ -429,8 +469,26 @@ class _ParquetUnit:
         }
         if self.label_column:
             stored = table.column(self.label_column).to_numpy().astype(np.int64)
-            out["label"] = pa.array(to_class_index(self.label_map, stored))
+            out["label"] = pa.array(to_class_index(self.label_map, stored), pa.int64())
         return [pa.table(out)]
+
+    def _read_rows(self, rows_of: list[np.ndarray], order: np.ndarray) -> pa.Table:
+        """The rows at positions ``order`` of the groups' concatenated rows, reading only the
+        groups they fall in. A transient storage error is retried; if it persists the read task
+        fails (and the training attempt with it, which Ray Train retries): no row is ever
+        dropped for it."""
+        cols = [self.image_column] + ([self.label_column] if self.label_column else [])
+        bounds = np.cumsum([0] + [r.size for r in rows_of])
+        group_of = np.searchsorted(bounds, order, side="right") - 1
+        parts, offsets, at = [], np.zeros(len(self.groups), np.int64), 0
+        for gi in np.unique(group_of):
+            g = self.groups[gi]
+            group = read_retrying(
+                lambda g=g: self._read_group(g, cols), f"{g.path} row group {g.row_group}"
+            )
+            parts.append(group.take(pa.array(rows_of[gi])))
+            offsets[gi], at = at, at + rows_of[gi].size
+        return pa.concat_tables(parts).take(pa.array(offsets[group_of] + order - bounds[group_of]))
 
     def _read_group(self, g: _Group, cols: list[str]) -> pa.Table:
         with self.fs.open_input_file(g.path) as f:

@@ -12,6 +12,10 @@ crop actor pool starts again every epoch), or ``set_epoch(e, until=E)`` once and
 execution that streams epochs ``e .. E-1`` back to back (the training loop: the actor pool stays
 warm and the next epoch's crops are ready while the last steps of this one run).
 
+A resumed run hands it the images its checkpoint had trained (``exclude_trained``): the epochs
+they belong to are cut to the run's whole epoch and stream only the others, so a resume at any
+world size trains each image of an epoch once (``pipeline.train.trained_images``).
+
 The same actor accumulates what the decode+crop actors skipped (reason -> count), so the counts
 are readable from the driver and from any train worker. The crop actors send their counts without
 waiting for the reply (one small message per batch of 128+ images: ~80 a second for a cluster
@@ -24,6 +28,7 @@ from __future__ import annotations
 import uuid
 from collections import Counter
 
+import numpy as np
 import ray
 
 from pipeline.ray_runtime import on_this_node
@@ -37,6 +42,8 @@ class DataState:
         self.epoch = 0
         self.until: int | None = None  # exclusive end of the window; None = one epoch
         self.rows_per_epoch: int | None = None  # None = every image once per epoch
+        self.excluded: dict[int, np.ndarray] = {}  # epoch -> sorted ids of images trained
+        self.epoch_images = 0  # the rows an epoch with excluded images is cut to
         self.skipped: Counter[str] = Counter()
         self.decoded = 0
         self.converted: Counter[str] = Counter()
@@ -55,6 +62,13 @@ class DataState:
 
     def window(self) -> tuple[int, int, int | None]:
         return self.epoch, self.until or self.epoch + 1, self.rows_per_epoch
+
+    def exclude_trained(self, epoch_images: int, trained: dict[int, np.ndarray]) -> None:
+        self.epoch_images = int(epoch_images)
+        self.excluded = {int(e): np.unique(np.asarray(ids, np.int64)) for e, ids in trained.items()}
+
+    def exclusion(self) -> tuple[int, dict[int, np.ndarray]]:
+        return self.epoch_images, self.excluded
 
     def add(
         self,
@@ -124,6 +138,16 @@ class DataHandle:
     def window(self) -> tuple[int, int, int | None]:
         """``(first epoch, end epoch exclusive, rows per epoch or None)`` of the next execution."""
         return tuple(ray.get(self._actor.window.remote()))
+
+    def exclude_trained(self, epoch_images: int, trained: dict[int, np.ndarray] | None) -> None:
+        """From the next execution on, epoch ``e`` of ``trained`` (epoch -> image ids, the
+        ``image_id`` column) is cut to its first ``epoch_images`` rows and streams those not in
+        ``trained[e]``; None or {} clears it. Idempotent, from any process."""
+        ray.get(self._actor.exclude_trained.remote(epoch_images, trained or {}))
+
+    def exclusion(self) -> tuple[int, dict[int, np.ndarray]]:
+        """``(epoch_images, epoch -> sorted ids)`` that ``exclude_trained`` set."""
+        return tuple(ray.get(self._actor.exclusion.remote()))
 
     def add(
         self,

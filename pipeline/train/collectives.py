@@ -1,7 +1,10 @@
-"""The two collectives the training loop adds to DDP's: flags OR-ed and metrics averaged over the
-ranks, one all-reduce each (a no-op without a process group or with one rank)."""
+"""The collectives the training loop adds to DDP's: flags OR-ed and metrics averaged over the
+ranks (one all-reduce each), objects gathered at a checkpoint; each a no-op without a process
+group or with one rank."""
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -33,3 +36,12 @@ def mean_over_ranks(values: dict[str, float]) -> dict[str, float]:
     dist.all_reduce(t)
     t /= dist.get_world_size()
     return dict(zip(keys, t.tolist()))
+
+
+def gather_objects(obj: Any) -> list[Any]:
+    """Every rank's ``obj`` (picklable), in rank order, on every rank (one all-gather)."""
+    if not _distributed():
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out

@@ -53,6 +53,7 @@ from pipeline.train.reports import (
 from pipeline.train.resume_point import resume_point
 from pipeline.train.stopping import StopConditions
 from pipeline.train.stream import BatchStream
+from pipeline.train.trained_images import TrainedImages, resumed_records
 from pipeline.train.worker_state import LoopInputs, TrainState, resume, setup
 
 log = logging.getLogger("dino_ray.train")
@@ -84,8 +85,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         rows_per_epoch=ipe * cfg.train.batch_size_per_worker * world,
     )
     first_epoch = resume_step(point.saved, clock) // ipe if point else 0
+    trained = resumed_records(point.saved if point else None)  # the images trained before
     if first_epoch < cfg.train.epochs:  # a restart after the last report trains nothing
-        batches.start(first_epoch)
+        batches.start(first_epoch, trained, clock.epoch_images)
 
     # setup
     if inputs.teacher_weights is not None:  # dino-ray distill: a frozen teacher, a student
@@ -97,6 +99,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     # resume
     resume(state, point)
+    state.trained = TrainedImages(trained if state.rank == 0 else None)  # gathered at checkpoints
     del point  # the checkpoint's tensors (networks and optimizer state) are in the state now
 
     # epochs
@@ -130,15 +133,18 @@ def train_one_epoch(
     watch: PreemptionWatch | None = None,
 ) -> EpochOutcome:
     """Up to ``ipe`` DINO steps of ``epoch``, advancing ``state.global_step``; steps done before
-    the checkpoint this attempt resumed from are read from the stream but not trained again.
+    the checkpoint this attempt resumed from are not trained again (an exact stream has left
+    their images out; any other is read and dropped for them).
     Returns early, with the reason, when all ranks agree to stop. ``watch``: a preemption
     notice is answered with a checkpoint of the step (``pipeline.train.preemption``)."""
     tc = state.cfg.train
     batches.begin_epoch(epoch)
     torch.manual_seed(tc.seed * 100_003 + state.rank * 1009 + epoch)  # drop-path etc., per rank
     done_before = state.global_step - epoch * state.ipe  # > 0 only after a mid-epoch resume
+    if state.trained is not None:
+        state.trained.forget_before(epoch - 1)
     meter = EpochMeter()
-    for i in range(state.ipe):
+    for i in range(done_before if batches.exact else 0, state.ipe):
         fetched = next_batch(state, batches, stopping, epoch, i)
         meter.agree_s += fetched.agree_s
         if fetched.any_dry or fetched.stop:
@@ -154,6 +160,8 @@ def train_one_epoch(
         t_compute = time.perf_counter()
         result = train_step(state, crops, masks)
         compute_s = time.perf_counter() - t_compute
+        if state.trained is not None:
+            state.trained.add(fetched.batch)
         images = crops[0].shape[0]
         meter.add(result.tensors(), images=images, wait_s=fetched.wait_s, compute_s=compute_s)
         state.global_step += 1

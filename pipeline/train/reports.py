@@ -91,6 +91,10 @@ def report_epoch(
     """``ray.train.report`` of ``summary`` from every rank, rank 0's with a checkpoint of
     ``state`` when ``with_checkpoint``; rank 0 also sends ``summary`` straight to the driver."""
     summary = finite(summary)
+    # every rank's trained images, for an exact resume (a collective: before rank 0 goes on)
+    trained = None
+    if with_checkpoint and state.trained is not None:
+        trained = state.trained.gather(state.global_step // state.ipe - 1)
     if state.rank == 0:  # straight to the driver too: a report the controller has not polled
         send_to_driver(metrics_queue, summary)  # yet is lost if a worker dies (driver dedupes)
     if not (with_checkpoint and state.rank == 0):
@@ -112,6 +116,7 @@ def report_epoch(
             ibot_center=state.ibot_loss.center if state.ibot_loss is not None else None,
             position=state.clock.position(state.global_step) if state.clock else None,
             extra_meta=_distill_meta(state),
+            trained_images=trained,
         )
         ray.train.report(
             summary,

@@ -89,6 +89,7 @@ class TrainState:
     global_step: int = 0  # optimizer steps done (at this world size: see ``clock``)
     clock: ImageClock | None = None  # steps <-> images seen (None: only in hand-built states)
     distill: Any = None  # dino-ray distill: pipeline.train.distill_setup.DistillParts, else None
+    trained: Any = None  # pipeline.train.trained_images.TrainedImages (the loop's), else None
 
     @property
     def run_step(self) -> int:
