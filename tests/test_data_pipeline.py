@@ -3,13 +3,16 @@ skipped and counted, crops a function of (seed, epoch, image), per-epoch file or
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import io
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import ray
 from data_images import bad_files, converted_files, id_color, solid_png, write, write_parquet
+from PIL import Image
 from polling import wait_for
 
 from pipeline.config import AugmentConfig, DataConfig
@@ -113,20 +116,26 @@ def _signature(out: dict[str, np.ndarray]) -> list[str]:
 
 
 def test_a_resume_excludes_the_images_its_checkpoint_trained_from_those_epochs_only(
-    ray_session, mixed_tree, tmp_path, monkeypatch
+    ray_session, mixed_tree, mixed_td, tmp_path, monkeypatch
 ):
     """``exclude_trained``: an epoch with records is cut to the run's whole epoch and streams
     the rest of it, in its own order; other epochs are untouched; {} clears it. Files and
-    Parquet (whose tasks read no row group every row of which was trained)."""
+    Parquet (whose tasks read no row group every row of which was trained, and keep each row's
+    bytes with its key). ``at_least`` stretches a window that ``data.stream_rows`` bounds."""
     handle = DataHandle()
 
     def rows(src) -> list[tuple[int, str]]:
-        return [
-            (e, k)
-            for t in src.get_read_tasks(4)
-            for b in t()
-            for e, k in zip(b.column("epoch").to_pylist(), b.column("key").to_pylist())
-        ]
+        out = []
+        for t in src.get_read_tasks(4):
+            for b in t():
+                if "bytes" in b.column_names:  # Parquet: row k of part-f is id_color(10 f + k)
+                    for key, data in zip(b.column("key").to_pylist(), b.column("bytes")):
+                        path, row = key.rsplit("#", 1)
+                        k = 10 * int(path[-13:-8]) + int(row)
+                        pixel = Image.open(io.BytesIO(data.as_py())).convert("RGB").getpixel((0, 0))
+                        assert COLOR_TO_ID[pixel] == k, key
+                out += zip(b.column("epoch").to_pylist(), b.column("key").to_pylist())
+        return out
 
     for src, epoch_images, cut in (
         (
@@ -148,9 +157,8 @@ def test_a_resume_excludes_the_images_its_checkpoint_trained_from_those_epochs_o
         handle.set_epoch(2, until=4)
         whole = rows(src)
         order = {e: [k for s, k in whole if s == e] for e in (2, 3)}
-        trained = (
-            order[2][:7] + order[2][30:33]
-        )  # a worker's first images, another's beyond the cut
+        # a worker's first images, and images beyond this size's cut that a larger size trained
+        trained = order[2][:7] + order[2][cut : cut + 3]
         ahead = order[3][:2]  # a worker already in the next epoch
         handle.exclude_trained(epoch_images, {2: image_ids(trained), 3: image_ids(ahead)})
         handle.set_epoch(2, until=5, rows_per_epoch=cut)
@@ -173,6 +181,11 @@ def test_a_resume_excludes_the_images_its_checkpoint_trained_from_those_epochs_o
         monkeypatch.undo()
         handle.exclude_trained(epoch_images, {})
         assert [k for _, k in rows(src)] == order[2]
+
+    one_epoch_windows = dataclasses.replace(mixed_td, stream_rows=10)
+    assert one_epoch_windows.set_epoch(2, until=5, rows_per_epoch=10) == 3
+    assert one_epoch_windows.set_epoch(2, until=5, rows_per_epoch=10, at_least=4) == 4
+    assert one_epoch_windows.set_epoch(2, until=5, rows_per_epoch=10, at_least=9) == 5
 
 
 def test_crops_depend_on_seed_and_epoch_only(ray_session, digits_dir):

@@ -53,10 +53,12 @@ def save_checkpoint(
     position: dict[str, int] | None = None,
     extra_meta: dict[str, Any] | None = None,
     trained_images: dict[int, np.ndarray] | None = None,
+    trained_cut: int = 0,
 ) -> Path:
     """``state.pt`` (what resume reads), ``config.yaml`` (secrets masked) and ``meta.json``
     (steps, figures, ``extra_meta``, the file sizes that tell a whole copy). ``trained_images``:
-    epoch -> the ids of the images trained in it (``pipeline.train.trained_images``)."""
+    epoch -> the ids of the images trained in it, ``trained_cut`` the images of an epoch at the
+    writer's size (``pipeline.train.trained_images``)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     state = {
@@ -76,6 +78,7 @@ def save_checkpoint(
         state["trained_images"] = {
             int(e): torch.from_numpy(np.asarray(ids, np.int64)) for e, ids in trained_images.items()
         }
+        state["trained_images_cut"] = int(trained_cut)
     torch.save(state, directory / STATE_FILE)
     (directory / CONFIG_FILE).write_text(cfg.to_yaml(redact=True))  # no secrets at rest
     meta = {

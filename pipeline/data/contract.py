@@ -48,7 +48,9 @@ class TrainedExcluding(Protocol):
     """Exact resumes: the crops carry ``image_id`` and ``epoch`` columns, and
     ``exclude_trained(epoch_images, {epoch: ids})`` makes the next iterations leave out of those
     epochs the images a checkpoint had trained (each such epoch cut to ``epoch_images`` rows
-    first); None clears it."""
+    first); None clears it. Its ``set_epoch`` also takes ``at_least=E``: the window then reaches
+    epoch ``E - 1`` whatever ``data.stream_rows`` bounds it to (every epoch whose images were
+    traded between workers must be in the window that resumes, or it runs short)."""
 
     def exclude_trained(self, epoch_images: int, trained: dict[int, Any] | None) -> None:
         """Exclude ``trained[e]`` (int64 image ids) from epoch ``e`` of the next iterations."""

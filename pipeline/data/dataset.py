@@ -133,13 +133,20 @@ class TrainDataset:
         return len(self.class_names)
 
     def set_epoch(
-        self, epoch: int, until: int | None = None, rows_per_epoch: int | None = None
+        self,
+        epoch: int,
+        until: int | None = None,
+        rows_per_epoch: int | None = None,
+        at_least: int | None = None,
     ) -> int:
         """Idempotent, from any process: the next execution (iteration) streams epochs
         ``epoch .. end-1``, each cut to its first ``rows_per_epoch`` images (see
         ``pipeline.data.state``), and returns ``end``: ``until`` (``epoch + 1`` when None) cut to
-        the whole epochs that fit in ``stream_rows``. Iterate again from ``end`` when it ends."""
+        the whole epochs that fit in ``stream_rows``, but not below ``at_least`` (a resume's
+        window: ``pipeline.train.stream``). Iterate again from ``end`` when it ends."""
         end = stream_end(epoch, until, rows_per_epoch or self.num_images, self.stream_rows)
+        if at_least is not None:
+            end = max(end, min(int(at_least), until if until is not None else end))
         self.handle.set_epoch(epoch, end, rows_per_epoch)
         return end
 

@@ -99,7 +99,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     # resume
     resume(state, point)
-    state.trained = TrainedImages(trained if state.rank == 0 else None)  # gathered at checkpoints
+    # what this attempt trains, gathered into each checkpoint (rank 0 carries the resumed part)
+    state.trained = TrainedImages(
+        trained if state.rank == 0 else None,
+        complete_from=0 if trained is not None else first_epoch + 1,
+    )
     del point  # the checkpoint's tensors (networks and optimizer state) are in the state now
 
     # epochs

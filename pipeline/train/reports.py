@@ -94,7 +94,9 @@ def report_epoch(
     # every rank's trained images, for an exact resume (a collective: before rank 0 goes on)
     trained = None
     if with_checkpoint and state.trained is not None:
-        trained = state.trained.gather(state.global_step // state.ipe - 1)
+        trained = state.trained.gather(
+            state.global_step // state.ipe - 1, cut=state.ipe * state.global_batch
+        )
     if state.rank == 0:  # straight to the driver too: a report the controller has not polled
         send_to_driver(metrics_queue, summary)  # yet is lost if a worker dies (driver dedupes)
     if not (with_checkpoint and state.rank == 0):
@@ -116,7 +118,8 @@ def report_epoch(
             ibot_center=state.ibot_loss.center if state.ibot_loss is not None else None,
             position=state.clock.position(state.global_step) if state.clock else None,
             extra_meta=_distill_meta(state),
-            trained_images=trained,
+            trained_images=trained.epochs if trained else None,
+            trained_cut=trained.cut if trained else 0,
         )
         ray.train.report(
             summary,

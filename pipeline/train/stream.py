@@ -5,11 +5,11 @@ from __future__ import annotations
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 
-import numpy as np
 import torch
 
 from pipeline.config import DinoConfig
 from pipeline.data.contract import EpochSetting, TrainData, TrainedExcluding, streams_epochs
+from pipeline.train.trained_images import TrainedRecords
 
 
 class BatchStream:
@@ -37,7 +37,7 @@ class BatchStream:
     def start(
         self,
         epoch: int,
-        trained: dict[int, np.ndarray] | None = None,
+        trained: TrainedRecords | None = None,
         epoch_images: int = 0,
     ) -> None:
         """Open ``epoch`` (the first of this attempt) and fetch its first batch on a thread:
@@ -45,20 +45,22 @@ class BatchStream:
         that batch over (or raises what fetching it raised).
 
         ``trained``: the images the checkpoint had trained (``pipeline.train.trained_images``;
-        ``{}`` for a new run, None when the checkpoint has no records). A dataset that can
-        exclude them streams only the others, from the epoch before ``epoch`` when fewer than
-        ``epoch_images`` of that epoch were trained (a lagging worker's), and ``exact`` is set:
-        the loop skips no batch. Otherwise the loop reads and drops as many batches as were
-        trained."""
+        empty for a new run, None when the checkpoint has no records). A dataset that can
+        exclude them streams only the others, from the epoch before ``epoch`` when that epoch
+        has fewer than its cut recorded (a lagging worker's images), through the last epoch
+        with records, and ``exact`` is set: the loop skips no batch. Otherwise the loop reads
+        and drops as many batches as were trained."""
         excluding = isinstance(self.data, TrainedExcluding)
         self.exact = excluding and trained is not None
+        nearby = {e: ids for e, ids in trained.epochs.items() if e >= epoch - 1} if trained else {}
         if excluding:  # also clears what an earlier attempt of this run excluded
-            nearby = {e: ids for e, ids in (trained or {}).items() if e >= epoch - 1}
             self.data.exclude_trained(epoch_images, nearby)
-        # the epoch before: only when some of its images were left (a lagging worker's)
-        if self.exact and self.one_stream and _partial(trained, epoch - 1, epoch_images):
+        if self.exact and self.one_stream:
+            # the epoch before only when some of its images were left; through every epoch
+            # with records: a window without one of them runs short of the loop's steps
+            first = epoch - 1 if trained.partial(epoch - 1) else epoch
             self.opened_epoch = epoch
-            self.reopen(epoch, first=epoch - 1)
+            self.reopen(epoch, first=first, at_least=max([epoch, *nearby]) + 1)
         else:
             self.begin_epoch(epoch)
         pool = ThreadPoolExecutor(1, thread_name_prefix="dino-ray-first-batch")
@@ -80,18 +82,18 @@ class BatchStream:
             self.data.set_epoch(epoch)
         self.batches = _iter_batches(self.shard, self.cfg, epoch)
 
-    def reopen(self, epoch: int, first: int | None = None) -> None:
+    def reopen(self, epoch: int, first: int | None = None, at_least: int | None = None) -> None:
         """The single stream: a new execution of epochs ``epoch .. train.epochs - 1``, or of the
         window of them the dataset bounds; ``first``: an earlier epoch to start the execution at
-        (what is left of it), unless the window would then end before ``epoch`` has run."""
-        first = epoch if first is None else first
+        (what is left of it); ``at_least``: the window's end is not below it (an exact resume's
+        dataset takes it: ``TrainedExcluding``)."""
+        window = {} if at_least is None else {"at_least": at_least}
         end = self.data.set_epoch(
-            first, until=self.cfg.train.epochs, rows_per_epoch=self.rows_per_epoch
+            epoch if first is None else first,
+            until=self.cfg.train.epochs,
+            rows_per_epoch=self.rows_per_epoch,
+            **window,
         )
-        if first < epoch and isinstance(end, int) and end <= epoch:
-            end = self.data.set_epoch(
-                epoch, until=self.cfg.train.epochs, rows_per_epoch=self.rows_per_epoch
-            )
         self.window_end = int(end) if isinstance(end, int) else self.cfg.train.epochs
         self.batches = _iter_batches(self.shard, self.cfg, epoch)
 
@@ -101,11 +103,6 @@ class BatchStream:
             first, self.first = self.first, None
             return first.result()
         return next(self.batches, None)
-
-
-def _partial(trained: dict[int, np.ndarray], epoch: int, epoch_images: int) -> bool:
-    """Whether ``trained`` records ``epoch`` with fewer than ``epoch_images`` images."""
-    return epoch in trained and np.unique(trained[epoch]).size < epoch_images
 
 
 def _iter_batches(shard, cfg: DinoConfig, epoch: int) -> Iterator[dict[str, torch.Tensor]]:
