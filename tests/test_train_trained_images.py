@@ -66,11 +66,11 @@ def test_records_by_epoch_gathered_undeduplicated_and_a_checkpoint_read_back():
     assert _ids(resumed_records(saved)) == {2: [4, 1]} and resumed_records(saved).cut == 32
 
 
-def _started(trained, epoch=2):
+def _started(trained, epoch=2, lead=True):
     data = _Excluding()
     cfg = tiny_config("unused", "unused", "t", train__epochs=5)
     stream = BatchStream(data, _Shard(), cfg, rows_per_epoch=3)
-    stream.start(epoch, trained, epoch_images=5)
+    stream.start(epoch, trained, epoch_images=5, lead=lead)
     stream.next()
     return stream, data.calls
 
@@ -82,6 +82,9 @@ def test_the_resumed_window_starts_early_for_a_lagging_worker_and_spans_every_re
     stream, calls = _started(lagging)
     assert stream.exact and stream.window_end == 4
     assert calls == [("exclude", 5, {1: [1, 2, 3], 2: [5], 3: [6]}), ("window", 1, 4)]
+    # the other ranks open the same window and leave the records to rank 0
+    other, calls = _started(lagging, lead=False)
+    assert other.exact and calls == [("window", 1, 4)]
     # the epoch before whole at its cut: the window starts at the resumed epoch
     _, calls = _started(TrainedRecords({1: np.array([1, 2, 3, 4]), 2: np.array([5])}, cut=4))
     assert calls[1:] == [("window", 2, 3)]

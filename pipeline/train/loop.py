@@ -68,7 +68,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     install_log_redaction()  # worker log lines reach the job's logs too
     inputs = LoopInputs.from_config(config)
     cfg = inputs.cfg
-    world = ray.train.get_context().get_world_size()
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
 
     # resume point, and the run's images per epoch and schedules at this world size
     point = resume_point(
@@ -87,7 +88,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     first_epoch = resume_step(point.saved, clock) // ipe if point else 0
     trained = resumed_records(point.saved if point else None)  # the images trained before
     if first_epoch < cfg.train.epochs:  # a restart after the last report trains nothing
-        batches.start(first_epoch, trained, clock.epoch_images)
+        batches.start(first_epoch, trained, clock.epoch_images, lead=rank == 0)
 
     # setup
     if inputs.teacher_weights is not None:  # dino-ray distill: a frozen teacher, a student

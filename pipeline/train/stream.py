@@ -39,6 +39,7 @@ class BatchStream:
         epoch: int,
         trained: TrainedRecords | None = None,
         epoch_images: int = 0,
+        lead: bool = True,
     ) -> None:
         """Open ``epoch`` (the first of this attempt) and fetch its first batch on a thread:
         the execution's actors start while the caller builds the networks, and ``next`` hands
@@ -49,11 +50,13 @@ class BatchStream:
         exclude them streams only the others, from the epoch before ``epoch`` when that epoch
         has fewer than its cut recorded (a lagging worker's images), through the last epoch
         with records, and ``exact`` is set: the loop skips no batch. Otherwise the loop reads
-        and drops as many batches as were trained."""
+        and drops as many batches as were trained. ``lead``: this worker hands the records to
+        the dataset (rank 0: Ray Data's split starts an execution only when every worker has
+        asked for it, so the others need not send the same megabytes)."""
         excluding = isinstance(self.data, TrainedExcluding)
         self.exact = excluding and trained is not None
         nearby = {e: ids for e, ids in trained.epochs.items() if e >= epoch - 1} if trained else {}
-        if excluding:  # also clears what an earlier attempt of this run excluded
+        if excluding and lead:  # also clears what an earlier attempt of this run excluded
             self.data.exclude_trained(epoch_images, nearby)
         if self.exact and self.one_stream:
             # the epoch before only when some of its images were left; through every epoch
