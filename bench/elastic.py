@@ -42,6 +42,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))  # the local cluster of the cluster tests
+from polling import wait_for  # noqa: E402
+
 from bench._corpus import command_line, machine  # noqa: E402
 
 STEP_LIMIT_S = 600  # a step that does not come in this long: the benchmark fails
@@ -143,17 +145,20 @@ class Run:
         return [(t, w) for t, w, _ in sorted(out, key=lambda x: x[2])]
 
     def wait_steps(self, done, what: str) -> list[tuple[float, int]]:
-        deadline = time.monotonic() + STEP_LIMIT_S
-        while time.monotonic() < deadline:
-            status = self.cluster.get(f"/api/jobs/{self.sid}")["status"]
+        """The steps once ``done(steps)`` holds; RuntimeError with the job's log if the job
+        ended before."""
+
+        def read() -> list[tuple[float, int]]:
+            status = self._status()
             if status not in ("PENDING", "RUNNING"):
                 logs = self.cluster.get(f"/api/jobs/{self.sid}/logs")["logs"]
                 raise RuntimeError(f"{self.name}: {status} before {what}:\n{logs[-4000:]}")
-            steps = self.steps()
-            if done(steps):
-                return steps
-            time.sleep(0.5)
-        raise TimeoutError(f"{self.name}: no {what} in {STEP_LIMIT_S} s")
+            return self.steps()
+
+        return wait_for(read, f"{self.name}: {what}", done, limit_s=STEP_LIMIT_S, poll_s=0.5)
+
+    def _status(self) -> str:
+        return self.cluster.get(f"/api/jobs/{self.sid}")["status"]
 
     def event(self, t_event: float, size: int, settle: int = 3) -> dict:
         """The first step at ``size`` after ``t_event`` (wall clock) and ``settle`` more."""
@@ -231,11 +236,13 @@ class Run:
             env=self.cluster.env,
             capture_output=True,
         )
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            if self.cluster.get(f"/api/jobs/{self.sid}")["status"] not in ("PENDING", "RUNNING"):
-                return
-            time.sleep(1)
+        wait_for(
+            self._status,
+            f"{self.name} stopped",
+            lambda s: s not in ("PENDING", "RUNNING"),
+            limit_s=120,
+            poll_s=1,
+        )
 
 
 def _a_train_node(cluster) -> str:

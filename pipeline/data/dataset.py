@@ -67,6 +67,7 @@ class MultiCropStage:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         keys = batch["key"]
+        ids = image_ids(keys)  # the images' stable hashes: their masks' seeds and ``image_id``
         n = len(keys)
         out = {s.name: np.empty((n, s.size, s.size, 3), np.uint8) for s in self.specs}
         if self.masks is not None:
@@ -95,7 +96,7 @@ class MultiCropStage:
             for spec, crop in zip(self.specs, crops):
                 out[spec.name][i] = crop
             if self.masks is not None:
-                masks[:, i] = self.masks(self.seed, epoch, stable_hash(key))
+                masks[:, i] = self.masks(self.seed, epoch, int(ids[i]))
             keep[i] = True
             if self.crop.last_mode != "RGB":
                 converted[f"mode_{self.crop.last_mode}"] += 1
@@ -106,7 +107,7 @@ class MultiCropStage:
             self.state.add(int(keep.sum()), dict(skipped), dict(converted), examples, wait=False)
         if self.masks is not None:
             out.update(zip(mask_columns(), masks))
-        out["image_id"] = image_ids(keys)
+        out["image_id"] = ids
         out["epoch"] = np.asarray(batch["epoch"], np.int64)
         if not keep.all():
             out = {k: v[keep] for k, v in out.items()}
